@@ -1,0 +1,389 @@
+// CPU backend of rejection_sample. Same phases as the CUDA backend and the
+// same numerics (dspark/rejection.h), so the two agree bit for bit:
+//   1. chunk statistics of every target row and every draft row (parallel
+//      over row x chunk; each chunk is converted to float once and kept in a
+//      stack buffer for its max pass and its sum pass);
+//   2. row statistics (parallel over rows), then the left-to-right decisions
+//      of every request (parallel over requests);
+//   3. the residual or bonus race of each request and, on request, the soft
+//      acceptance sums (parallel over row x chunk);
+//   4. the outputs.
+// The inner loops are written so that GCC vectorises them; the hot ones are
+// compiled twice (AVX2 and baseline) and picked at load time.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "dspark/dtype_load.h"
+#include "dspark/ops.h"
+#include "dspark/rejection.h"
+#include "parallel.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DSPARK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DSPARK_CPU_CLONES
+#endif
+
+namespace dspark::cpu {
+namespace {
+
+using namespace rejection;
+
+constexpr int64_t kChunksPerTask = 4;    // grain of the row x chunk loops
+constexpr int64_t kRequestsPerTask = 8;  // grain of the per-request loops
+
+// ------------------------------------------------------- vectorised loops
+
+DSPARK_CPU_CLONES void convert_chunk(const void* src, DType dtype, int64_t n, float* dst) {
+  if (dtype == DType::kFloat32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+  } else if (dtype == DType::kBFloat16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]);
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = fp16_bits_to_float(s[i]);
+  }
+}
+
+// z <- sanitize(l * scale); returns the largest orderable(z).
+DSPARK_CPU_CLONES uint32_t scale_and_max(float* z, int64_t n, float scale) {
+  uint32_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = scaled_logit(z[i], scale);
+    z[i] = v;
+    const uint32_t o = num::orderable(v);
+    best = o > best ? o : best;
+  }
+  return best;
+}
+
+DSPARK_CPU_CLONES uint32_t prob_max(const float* q, int64_t n) {
+  uint32_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t o = num::orderable(num::sanitize_prob(q[i]));
+    best = o > best ? o : best;
+  }
+  return best;
+}
+
+DSPARK_CPU_CLONES uint64_t logit_sum(const float* z, int64_t n, float chunk_max) {
+  uint64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += logit_term(z[i], chunk_max);
+  return s;
+}
+
+DSPARK_CPU_CLONES uint64_t prob_sum(const float* q, int64_t n) {
+  uint64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += prob_term(q[i]);
+  return s;
+}
+
+int64_t first_index_of(const float* z, int64_t n, uint32_t ordered, bool probs) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = probs ? num::sanitize_prob(z[i]) : z[i];
+    if (num::orderable(v) == ordered) return i;
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------- phases
+
+struct Rows {
+  // Per global row: its request (target rows first, then draft rows).
+  std::vector<int32_t> target_request, draft_request;
+};
+
+Rows map_rows(const Problem& p) {
+  Rows m;
+  m.target_request.assign(static_cast<size_t>(p.num_target_rows), 0);
+  m.draft_request.assign(static_cast<size_t>(p.num_draft_rows), 0);
+  for (int32_t r = 0; r < p.num_requests; ++r) {
+    const Span s = request_span(p, r);
+    if (!s.valid) continue;
+    const int64_t n_all = p.cu_num_draft[r + 1] - p.cu_num_draft[r];
+    for (int64_t k = 0; k <= n_all && s.target_begin + k < p.num_target_rows; ++k)
+      m.target_request[static_cast<size_t>(s.target_begin + k)] = r;
+    for (int64_t k = 0; k < n_all && s.draft_begin + k < p.num_draft_rows; ++k)
+      m.draft_request[static_cast<size_t>(s.draft_begin + k)] = r;
+  }
+  return m;
+}
+
+ChunkStats chunk_stats(const void* row, DType dtype, int64_t begin, int64_t end, float scale,
+                       bool probs) {
+  alignas(64) float buf[kChunk];
+  const int64_t n = end - begin;
+  convert_chunk(static_cast<const char*>(row) + begin * static_cast<int64_t>(dtype_size(dtype)),
+                dtype, n, buf);
+  ChunkStats c;
+  if (probs) {
+    const uint32_t best = prob_max(buf, n);
+    c.max_arg = num::pack_arg(best, static_cast<uint32_t>(begin + first_index_of(buf, n, best, true)));
+    c.sum = prob_sum(buf, n);
+  } else {
+    const uint32_t best = scale_and_max(buf, n, scale);
+    c.max_arg = num::pack_arg(best, static_cast<uint32_t>(begin + first_index_of(buf, n, best, false)));
+    c.sum = logit_sum(buf, n, num::from_orderable(best));
+  }
+  return c;
+}
+
+RowStats row_stats(const ChunkStats* chunks, int64_t count, bool logits) {
+  uint64_t max_arg = 0;
+  for (int64_t c = 0; c < count; ++c) max_arg = std::max(max_arg, chunks[c].max_arg);
+  const float row_max = num::from_orderable(num::packed_value(max_arg));
+  uint64_t total = 0;
+  for (int64_t c = 0; c < count; ++c) total += chunk_share(chunks[c], row_max, logits);
+  return finish_row(max_arg, total);
+}
+
+struct RaceBest {
+  uint64_t residual = 0, target = 0;
+};
+
+// Probabilities of a chunk of a logit row, in place: z <- p(z).
+DSPARK_CPU_CLONES void logit_probs(float* x, int64_t n, float scale, RowStats s) {
+  for (int64_t i = 0; i < n; ++i) x[i] = logit_prob(scaled_logit(x[i], scale), s);
+}
+
+DSPARK_CPU_CLONES void given_probs(float* x, int64_t n, RowStats s) {
+  for (int64_t i = 0; i < n; ++i) x[i] = given_prob(x[i], s);
+}
+
+// w <- max(0, pt - pd) flushed, in place over pd.
+DSPARK_CPU_CLONES void residual_weights(const float* pt, float* pd, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) pd[i] = pt[i] > pd[i] ? num::flush_weight(num::sub(pt[i], pd[i])) : 0.0f;
+}
+
+// The Philox words of columns [4 * g0, 4 * (g0 + groups)), split by lane.
+DSPARK_CPU_CLONES void race_words(RandomStream s, uint32_t position, uint32_t g0, int64_t groups,
+                                  uint32_t* DSPARK_RESTRICT w0, uint32_t* DSPARK_RESTRICT w1,
+                                  uint32_t* DSPARK_RESTRICT w2, uint32_t* DSPARK_RESTRICT w3) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const Philox4x32 b = s.block(Purpose::kRace, position, g0 + static_cast<uint32_t>(g));
+    w0[g] = b.v[0];
+    w1[g] = b.v[1];
+    w2[g] = b.v[2];
+    w3[g] = b.v[3];
+  }
+}
+
+// key_i = w_i / E_i as float bits (keys are >= 0, so the bits order like the floats).
+DSPARK_CPU_CLONES void race_keys(const float* w, const uint32_t* bits, int64_t n, uint32_t* keys) {
+  for (int64_t i = 0; i < n; ++i) keys[i] = num::float_bits(num::div(w[i], num::exponential(bits[i])));
+}
+
+DSPARK_CPU_CLONES uint32_t max_u32(const uint32_t* x, int64_t n) {
+  uint32_t best = 0;
+  for (int64_t i = 0; i < n; ++i) best = x[i] > best ? x[i] : best;
+  return best;
+}
+
+uint64_t best_key(const uint32_t* keys, int64_t n, int64_t begin) {
+  const uint32_t best = max_u32(keys, n);
+  int64_t i = 0;
+  while (keys[i] != best) ++i;
+  return num::pack_arg(best, static_cast<uint32_t>(begin + i));
+}
+
+const void* row_at(const void* base, DType dtype, int64_t stride, int64_t row) {
+  return static_cast<const char*>(base) + row * stride * static_cast<int64_t>(dtype_size(dtype));
+}
+
+const void* column_at(const void* row, DType dtype, int64_t column) {
+  return static_cast<const char*>(row) + column * static_cast<int64_t>(dtype_size(dtype));
+}
+
+// Target (and draft) probabilities of one chunk into pt (and pd).
+void chunk_probs(const Problem& p, int64_t trow, int64_t drow, float scale, const RowStats& ts,
+                 const RowStats& ds, int64_t begin, int64_t n, float* pt, float* pd) {
+  convert_chunk(column_at(row_at(p.target, p.target_dtype, p.target_stride, trow), p.target_dtype, begin),
+                p.target_dtype, n, pt);
+  logit_probs(pt, n, scale, ts);
+  if (pd == nullptr) return;
+  convert_chunk(column_at(row_at(p.draft, p.draft_dtype, p.draft_stride, drow), p.draft_dtype, begin),
+                p.draft_dtype, n, pd);
+  if (p.mode == DraftMode::kLogits) logit_probs(pd, n, scale, ds);
+  else given_probs(pd, n, ds);
+}
+
+RaceBest race_chunk(const Problem& p, const RaceRow& rr, const RowStats& ts, const RowStats& ds,
+                    int64_t begin, int64_t end) {
+  alignas(64) float pt[kChunk], w[kChunk];
+  alignas(64) uint32_t bits[kChunk], keys[kChunk];
+  alignas(64) uint32_t lane[4][kChunk / 4];
+  const int64_t n = end - begin;
+  const bool draft_residual = rr.kind == RaceKind::kResidual && p.mode != DraftMode::kOneHot;
+  chunk_probs(p, rr.target_row, rr.draft_row, rr.scale, ts, ds, begin, n, pt, draft_residual ? w : nullptr);
+  if (draft_residual) {
+    residual_weights(pt, w, n);
+  } else if (rr.kind == RaceKind::kResidual) {  // one-hot drafter: p_t without the rejected token
+    std::memcpy(w, pt, static_cast<size_t>(n) * sizeof(float));
+    if (rr.rejected >= begin && rr.rejected < end) w[rr.rejected - begin] = 0.0f;
+  }
+  // begin is a multiple of kChunk, hence of 4.
+  const int64_t groups = (n + 3) / 4;
+  race_words(rr.stream, rr.position, static_cast<uint32_t>(begin / 4), groups, lane[0], lane[1], lane[2], lane[3]);
+  for (int64_t i = 0; i < n; ++i) bits[i] = lane[i & 3][i >> 2];
+  RaceBest best;
+  if (rr.kind == RaceKind::kResidual) {
+    race_keys(w, bits, n, keys);
+    best.residual = best_key(keys, n, begin);
+  }
+  race_keys(pt, bits, n, keys);
+  best.target = best_key(keys, n, begin);
+  return best;
+}
+
+DSPARK_CPU_CLONES uint64_t soft_sum(const float* pt, const float* pd, int64_t n) {
+  uint64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += soft_term(pt[i], pd[i]);
+  return s;
+}
+
+uint64_t soft_chunk(const Problem& p, int64_t trow, int64_t drow, float scale, const RowStats& ts,
+                    const RowStats& ds, int64_t begin, int64_t end) {
+  alignas(64) float pt[kChunk], pd[kChunk];
+  const int64_t n = end - begin;
+  chunk_probs(p, trow, drow, scale, ts, ds, begin, n, pt, pd);
+  return soft_sum(pt, pd, n);
+}
+
+}  // namespace
+
+void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
+  const int32_t R = p.num_requests;
+  int32_t* out_tokens = args.output_tokens.ptr<int32_t>();
+  int32_t* out_accepted = args.num_accepted.ptr<int32_t>();
+  float* out_soft = args.soft_acceptance.defined() ? args.soft_acceptance.ptr<float>() : nullptr;
+  const int64_t out_width = static_cast<int64_t>(p.max_num_draft) + 1;
+  const int64_t out_stride = args.output_tokens.stride(0);
+  if (R == 0) return;
+
+  const int64_t V = p.vocab;
+  const int64_t chunks = (V + kChunk - 1) / kChunk;
+  const bool draft_rows = p.mode != DraftMode::kOneHot;
+  const int64_t nt = p.num_target_rows;
+  const int64_t nd = draft_rows ? p.num_draft_rows : 0;
+  const Rows rows = map_rows(p);
+
+  // 1. chunk statistics
+  std::vector<ChunkStats> stats(static_cast<size_t>((nt + nd) * chunks));
+  parallel_for((nt + nd) * chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t row = job / chunks, c = job % chunks;
+      const bool is_target = row < nt;
+      const int64_t local = is_target ? row : row - nt;
+      const int32_t r = is_target ? rows.target_request[static_cast<size_t>(local)]
+                                  : rows.draft_request[static_cast<size_t>(local)];
+      const float scale = logit_scale(request_temperature(p, r));
+      const void* base = is_target ? p.target : p.draft;
+      const DType dtype = is_target ? p.target_dtype : p.draft_dtype;
+      const int64_t stride = is_target ? p.target_stride : p.draft_stride;
+      const void* row_ptr = static_cast<const char*>(base) +
+                            local * stride * static_cast<int64_t>(dtype_size(dtype));
+      const bool probs = !is_target && p.mode == DraftMode::kProbs;
+      stats[static_cast<size_t>(job)] =
+          chunk_stats(row_ptr, dtype, c * kChunk, std::min(V, (c + 1) * kChunk), scale, probs);
+    }
+  });
+
+  // 2. row statistics, decisions
+  std::vector<RowStats> row(static_cast<size_t>(nt + nd));
+  parallel_for(nt + nd, kRequestsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const bool logits = i < nt || p.mode == DraftMode::kLogits;
+      row[static_cast<size_t>(i)] = row_stats(&stats[static_cast<size_t>(i * chunks)], chunks, logits);
+    }
+  });
+  const RowStats* target_stats = row.data();
+  const RowStats* draft_stats = draft_rows ? row.data() + nt : nullptr;
+  std::vector<Decision> decision(static_cast<size_t>(R));
+  parallel_for(R, kRequestsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      decision[static_cast<size_t>(r)] = decide(p, static_cast<int32_t>(r), target_stats, draft_stats);
+  });
+
+  // 3. races
+  std::vector<RaceBest> race(static_cast<size_t>(R * chunks));
+  parallel_for(R * chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int32_t r = static_cast<int32_t>(job / chunks);
+      const int64_t c = job % chunks;
+      const Decision& d = decision[static_cast<size_t>(r)];
+      if (d.kind == RaceKind::kNone) continue;
+      const RaceRow rr = race_row(p, r, d);
+      const RowStats ds = rr.draft_row >= 0 && draft_stats ? draft_stats[rr.draft_row] : RowStats{};
+      race[static_cast<size_t>(job)] =
+          race_chunk(p, rr, target_stats[rr.target_row], ds, c * kChunk, std::min(V, (c + 1) * kChunk));
+    }
+  });
+
+  // 3b. soft acceptance
+  if (out_soft) {
+    std::vector<uint64_t> soft(static_cast<size_t>(p.num_draft_rows * chunks), 0);
+    std::vector<uint8_t> direct(static_cast<size_t>(p.num_draft_rows), 0);
+    parallel_for(R, kRequestsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const Span s = request_span(p, static_cast<int32_t>(r));
+        if (!s.valid) continue;
+        for (int32_t k = 0; k < s.num_draft; ++k) {
+          float value;
+          if (soft_acceptance_direct(p, static_cast<int32_t>(r), k, target_stats, draft_stats, value)) {
+            out_soft[s.draft_begin + k] = value;
+            direct[static_cast<size_t>(s.draft_begin + k)] = 1;
+          }
+        }
+      }
+    });
+    parallel_for(p.num_draft_rows * chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t drow = job / chunks, c = job % chunks;
+        if (direct[static_cast<size_t>(drow)]) continue;
+        const int32_t r = rows.draft_request[static_cast<size_t>(drow)];
+        const Span s = request_span(p, r);
+        if (!s.valid || drow - s.draft_begin >= s.num_draft) continue;
+        const int64_t trow = s.target_begin + (drow - s.draft_begin);
+        soft[static_cast<size_t>(job)] =
+            soft_chunk(p, trow, drow, logit_scale(request_temperature(p, r)), target_stats[trow],
+                       draft_stats[drow], c * kChunk, std::min(V, (c + 1) * kChunk));
+      }
+    });
+    for (int64_t drow = 0; drow < p.num_draft_rows; ++drow) {
+      if (direct[static_cast<size_t>(drow)]) continue;
+      uint64_t total = 0;
+      for (int64_t c = 0; c < chunks; ++c) total += soft[static_cast<size_t>(drow * chunks + c)];
+      out_soft[drow] = soft_from_fixed(total);
+    }
+  }
+
+  // 4. outputs
+  for (int32_t r = 0; r < R; ++r) {
+    const Span s = request_span(p, r);
+    const Decision& d = decision[static_cast<size_t>(r)];
+    int32_t* out = out_tokens + r * out_stride;
+    for (int64_t i = 0; i < out_width; ++i) out[i] = -1;
+    if (!s.valid) {
+      out_accepted[r] = 0;
+      continue;
+    }
+    for (int32_t k = 0; k < d.accepted; ++k)
+      out[k] = static_cast<int32_t>(load_index(p.tokens, p.token_dtype, s.draft_begin + k));
+    int32_t final_token = d.token;
+    if (d.kind != RaceKind::kNone) {
+      RaceBest best;
+      for (int64_t c = 0; c < chunks; ++c) {
+        best.residual = std::max(best.residual, race[static_cast<size_t>(r * chunks + c)].residual);
+        best.target = std::max(best.target, race[static_cast<size_t>(r * chunks + c)].target);
+      }
+      final_token = race_winner(best.residual, best.target);
+    }
+    out[d.accepted] = final_token;
+    out_accepted[r] = d.accepted;
+  }
+}
+
+}  // namespace dspark::cpu

@@ -1,0 +1,216 @@
+// Argument validation and dispatch of rejection_sample.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "dspark/ops.h"
+#include "dspark/rejection.h"
+#include "workspace.h"
+
+namespace dspark {
+namespace {
+
+constexpr const char* kOp = "rejection_sample";
+
+void check_float_matrix(const char* name, const TensorView& t, const Device& device) {
+  check::ndim(kOp, name, t, 2);
+  check::dtype_in(kOp, name, t, {DType::kFloat32, DType::kFloat16, DType::kBFloat16});
+  check::same_device(kOp, name, t, device);
+  check::inner_contiguous(kOp, name, t);
+}
+
+void check_int64_vector(const char* name, const TensorView& t, const Device& device, int64_t R) {
+  check::ndim(kOp, name, t, 1);
+  check::dtype_in(kOp, name, t, {DType::kInt64});
+  check::same_device(kOp, name, t, device);
+  check::contiguous(kOp, name, t);
+  DSPARK_CHECK_VALUE(t.size(0) == 1 || t.size(0) == R, kOp, ": argument '", name,
+                     "' must have 1 or R = ", R, " elements, got shape ", t.shape_str());
+}
+
+// Value checks that need the data; done here for CPU tensors (for CUDA
+// tensors the Python layer does them, since they need a host synchronisation).
+void check_values_on_host(const RejectionSampleArgs& a, int64_t R, int64_t n_draft, int64_t V) {
+  const int32_t* cu = a.cu_num_draft.ptr<int32_t>();
+  DSPARK_CHECK_VALUE(cu[0] == 0, kOp, ": argument 'cu_num_draft' must start at 0, got ", cu[0]);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = static_cast<int64_t>(cu[r + 1]) - cu[r];
+    DSPARK_CHECK_VALUE(n >= 0, kOp, ": argument 'cu_num_draft' must be non-decreasing, got ",
+                       cu[r], " then ", cu[r + 1], " at request ", r);
+    DSPARK_CHECK_VALUE(n <= a.max_num_draft, kOp, ": request ", r, " has ", n,
+                       " draft tokens, more than max_num_draft = ", a.max_num_draft);
+  }
+  DSPARK_CHECK_VALUE(cu[R] == n_draft, kOp, ": argument 'cu_num_draft' must end at the number of ",
+                     "draft tokens ", n_draft, ", got ", cu[R]);
+  for (int64_t j = 0; j < n_draft; ++j) {
+    const int64_t x = load_index(a.draft_tokens.data, a.draft_tokens.dtype, j);
+    DSPARK_CHECK_VALUE(x >= 0 && x < V, kOp, ": argument 'draft_tokens' holds token id ", x,
+                       " at index ", j, ", outside the vocabulary [0, ", V, ")");
+  }
+  if (a.temperatures.defined()) {
+    const float* t = a.temperatures.ptr<float>();
+    for (int64_t r = 0; r < R; ++r)
+      DSPARK_CHECK_VALUE(t[r] >= 0.0f, kOp, ": argument 'temperature' must be >= 0, got ", t[r],
+                         " for request ", r);
+  }
+  if (a.offsets.defined()) {
+    const int64_t* o = a.offsets.ptr<int64_t>();
+    for (int64_t i = 0; i < a.offsets.size(0); ++i)
+      DSPARK_CHECK_VALUE(o[i] >= 0 && o[i] < kMaxOffset, kOp,
+                         ": argument 'offset' must be in [0, 2^32), got ", o[i]);
+  }
+}
+
+}  // namespace
+
+size_t rejection_sample_workspace_bytes(int64_t num_requests, int64_t num_draft_rows,
+                                        int64_t vocab, bool draft_rows, bool soft_acceptance) {
+  return RejectionWorkspace::layout(num_requests, num_draft_rows, vocab, draft_rows,
+                                    soft_acceptance)
+      .bytes;
+}
+
+void rejection_sample(const RejectionSampleArgs& a) {
+  check::defined(kOp, "target_logits", a.target_logits);
+  const Device device = a.target_logits.device;
+  check_float_matrix("target_logits", a.target_logits, device);
+  const int64_t V = a.target_logits.size(1);
+  DSPARK_CHECK_VALUE(V >= 1, kOp, ": argument 'target_logits' must have a vocabulary of at least ",
+                     "1 column, got shape ", a.target_logits.shape_str());
+  DSPARK_CHECK_VALUE(V < kMaxColumns, kOp, ": vocabulary size ", V, " exceeds the limit ",
+                     kMaxColumns);
+
+  check::defined(kOp, "draft_tokens", a.draft_tokens);
+  check::ndim(kOp, "draft_tokens", a.draft_tokens, 1);
+  check::dtype_in(kOp, "draft_tokens", a.draft_tokens, {DType::kInt32, DType::kInt64});
+  check::same_device(kOp, "draft_tokens", a.draft_tokens, device);
+  check::contiguous(kOp, "draft_tokens", a.draft_tokens);
+  const int64_t n_draft = a.draft_tokens.size(0);
+
+  check::defined(kOp, "cu_num_draft", a.cu_num_draft);
+  check::ndim(kOp, "cu_num_draft", a.cu_num_draft, 1);
+  check::dtype_in(kOp, "cu_num_draft", a.cu_num_draft, {DType::kInt32});
+  check::same_device(kOp, "cu_num_draft", a.cu_num_draft, device);
+  check::contiguous(kOp, "cu_num_draft", a.cu_num_draft);
+  DSPARK_CHECK_VALUE(a.cu_num_draft.size(0) >= 1, kOp,
+                     ": argument 'cu_num_draft' must have R + 1 >= 1 elements, got shape ",
+                     a.cu_num_draft.shape_str());
+  const int64_t R = a.cu_num_draft.size(0) - 1;
+  DSPARK_CHECK_VALUE(n_draft < std::numeric_limits<int32_t>::max() &&
+                         R < std::numeric_limits<int32_t>::max(),
+                     kOp, ": too many draft tokens or requests for int32 offsets");
+  DSPARK_CHECK_VALUE(a.target_logits.size(0) == n_draft + R, kOp,
+                     ": argument 'target_logits' must have N_draft + R = ", n_draft, " + ", R,
+                     " = ", n_draft + R, " rows (one per draft token and one bonus row per ",
+                     "request), got shape ", a.target_logits.shape_str());
+  DSPARK_CHECK_VALUE(a.max_num_draft >= 0, kOp, ": argument 'max_num_draft' must be >= 0, got ",
+                     a.max_num_draft);
+
+  DSPARK_CHECK_VALUE(!(a.draft_logits.defined() && a.draft_probs.defined()), kOp,
+                     ": give at most one of 'draft_logits' and 'draft_probs'");
+  rejection::DraftMode mode = rejection::DraftMode::kOneHot;
+  const TensorView* draft = nullptr;
+  if (a.draft_logits.defined()) {
+    mode = rejection::DraftMode::kLogits;
+    draft = &a.draft_logits;
+    check_float_matrix("draft_logits", a.draft_logits, device);
+  } else if (a.draft_probs.defined()) {
+    mode = rejection::DraftMode::kProbs;
+    draft = &a.draft_probs;
+    check_float_matrix("draft_probs", a.draft_probs, device);
+  }
+  if (draft) {
+    const char* name = mode == rejection::DraftMode::kLogits ? "draft_logits" : "draft_probs";
+    DSPARK_CHECK_VALUE(draft->size(0) == n_draft && draft->size(1) == V, kOp, ": argument '",
+                       name, "' must have shape [N_draft, V] = [", n_draft, ", ", V, "], got ",
+                       draft->shape_str());
+  }
+
+  if (a.temperatures.defined()) {
+    check::ndim(kOp, "temperature", a.temperatures, 1);
+    check::dtype_in(kOp, "temperature", a.temperatures, {DType::kFloat32});
+    check::same_device(kOp, "temperature", a.temperatures, device);
+    check::contiguous(kOp, "temperature", a.temperatures);
+    check::dim_size(kOp, "temperature", a.temperatures, 0, R, "R");
+  } else {
+    DSPARK_CHECK_VALUE(a.temperature >= 0.0f, kOp, ": argument 'temperature' must be >= 0, got ",
+                       a.temperature);
+  }
+  if (a.seeds.defined()) check_int64_vector("seed", a.seeds, device, R);
+  if (a.offsets.defined()) {
+    check_int64_vector("offset", a.offsets, device, R);
+  } else {
+    DSPARK_CHECK_VALUE(a.offset < static_cast<uint64_t>(kMaxOffset), kOp,
+                       ": argument 'offset' must be in [0, 2^32), got ", a.offset);
+  }
+
+  check::defined(kOp, "output_tokens", a.output_tokens);
+  check::ndim(kOp, "output_tokens", a.output_tokens, 2);
+  check::dtype_in(kOp, "output_tokens", a.output_tokens, {DType::kInt32});
+  check::same_device(kOp, "output_tokens", a.output_tokens, device);
+  check::inner_contiguous(kOp, "output_tokens", a.output_tokens);
+  DSPARK_CHECK_VALUE(a.output_tokens.size(0) == R && a.output_tokens.size(1) == a.max_num_draft + 1,
+                     kOp, ": argument 'output_tokens' must have shape [R, max_num_draft + 1] = [", R,
+                     ", ", a.max_num_draft + 1, "], got ", a.output_tokens.shape_str());
+  check::defined(kOp, "num_accepted", a.num_accepted);
+  check::ndim(kOp, "num_accepted", a.num_accepted, 1);
+  check::dtype_in(kOp, "num_accepted", a.num_accepted, {DType::kInt32});
+  check::same_device(kOp, "num_accepted", a.num_accepted, device);
+  check::contiguous(kOp, "num_accepted", a.num_accepted);
+  check::dim_size(kOp, "num_accepted", a.num_accepted, 0, R, "R");
+  if (a.soft_acceptance.defined()) {
+    check::ndim(kOp, "soft_acceptance", a.soft_acceptance, 1);
+    check::dtype_in(kOp, "soft_acceptance", a.soft_acceptance, {DType::kFloat32});
+    check::same_device(kOp, "soft_acceptance", a.soft_acceptance, device);
+    check::contiguous(kOp, "soft_acceptance", a.soft_acceptance);
+    check::dim_size(kOp, "soft_acceptance", a.soft_acceptance, 0, n_draft, "N_draft");
+  }
+
+  rejection::Problem p{};
+  p.target = a.target_logits.data;
+  p.target_dtype = a.target_logits.dtype;
+  p.target_stride = a.target_logits.stride(0);
+  p.draft = draft ? draft->data : nullptr;
+  p.draft_dtype = draft ? draft->dtype : DType::kFloat32;
+  p.draft_stride = draft ? draft->stride(0) : 0;
+  p.mode = mode;
+  p.tokens = a.draft_tokens.data;
+  p.token_dtype = a.draft_tokens.dtype;
+  p.cu_num_draft = a.cu_num_draft.ptr<int32_t>();
+  p.num_requests = static_cast<int32_t>(R);
+  p.max_num_draft = a.max_num_draft;
+  p.vocab = V;
+  p.num_target_rows = n_draft + R;
+  p.num_draft_rows = n_draft;
+  p.temperature = a.temperature;
+  p.temperatures = a.temperatures.defined() ? a.temperatures.ptr<float>() : nullptr;
+  p.seed = a.seed;
+  p.seeds = a.seeds.defined() ? a.seeds.ptr<int64_t>() : nullptr;
+  p.num_seeds = a.seeds.defined() ? a.seeds.size(0) : 0;
+  p.offset = a.offset;
+  p.offsets = a.offsets.defined() ? a.offsets.ptr<int64_t>() : nullptr;
+  p.num_offsets = a.offsets.defined() ? a.offsets.size(0) : 0;
+
+  if (device.type == DeviceType::kCPU) {
+    check_values_on_host(a, R, n_draft, V);
+    cpu::rejection_sample(p, a);
+    return;
+  }
+#if defined(DSPARK_WITH_CUDA)
+  const size_t need = rejection_sample_workspace_bytes(R, n_draft, V, draft != nullptr,
+                                                       a.soft_acceptance.defined());
+  check::defined(kOp, "workspace", a.workspace);
+  check::dtype_in(kOp, "workspace", a.workspace, {DType::kUInt8});
+  check::same_device(kOp, "workspace", a.workspace, device);
+  DSPARK_CHECK_VALUE(static_cast<size_t>(a.workspace.numel()) >= need, kOp,
+                     ": argument 'workspace' must hold at least ", need, " bytes, got ",
+                     a.workspace.numel());
+  cuda::rejection_sample(p, a);
+#else
+  DSPARK_CHECK_VALUE(false, kOp, ": tensors are on ", device_name(device),
+                     " but this build of dspark has no CUDA backend (rebuild with nvcc available "
+                     "or DSPARK_CUDA=on)");
+#endif
+}
+
+}  // namespace dspark
