@@ -1,0 +1,147 @@
+// The pybind11 module dspark._C: the only file that knows about Python.
+// Tensors arrive as plain tuples (data_ptr, dtype code, device type, device
+// index, shape, strides) built by python/dspark/_tensor.py, or None.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+
+#include "dspark/ops.h"
+#include "dspark/philox.h"
+#include "dspark/numerics.h"
+
+namespace py = pybind11;
+
+namespace pybind11::detail {
+
+template <>
+struct type_caster<dspark::TensorView> {
+  PYBIND11_TYPE_CASTER(dspark::TensorView, const_name("TensorView"));
+
+  bool load(handle src, bool) {
+    if (src.is_none()) {
+      value = dspark::TensorView{};
+      return true;
+    }
+    if (!py::isinstance<py::tuple>(src)) return false;
+    const auto t = reinterpret_borrow<py::tuple>(src);
+    if (t.size() != 6) return false;
+    dspark::TensorView v;
+    v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
+    v.dtype = static_cast<dspark::DType>(t[1].cast<int32_t>());
+    v.device.type = static_cast<dspark::DeviceType>(t[2].cast<int32_t>());
+    v.device.index = t[3].cast<int32_t>();
+    const auto shape = t[4].cast<py::tuple>();
+    const auto strides = t[5].cast<py::tuple>();
+    if (shape.size() > dspark::TensorView::kMaxDims || strides.size() != shape.size())
+      throw dspark::ValueError("tensor with more than 6 dimensions or mismatched strides");
+    v.ndim = static_cast<int32_t>(shape.size());
+    for (int i = 0; i < v.ndim; ++i) {
+      v.shape[i] = shape[i].cast<int64_t>();
+      v.strides[i] = strides[i].cast<int64_t>();
+    }
+    v.present = true;
+    value = v;
+    return true;
+  }
+
+  static handle cast(const dspark::TensorView&, return_value_policy, handle) {
+    return py::none().release();
+  }
+};
+
+}  // namespace pybind11::detail
+
+namespace {
+
+using dspark::TensorView;
+
+void rejection_sample(TensorView target_logits, TensorView draft_tokens, TensorView cu_num_draft,
+                      TensorView draft_logits, TensorView draft_probs, double temperature,
+                      TensorView temperatures, int64_t seed, TensorView seeds, int64_t offset,
+                      TensorView offsets, int64_t max_num_draft, TensorView output_tokens,
+                      TensorView num_accepted, TensorView soft_acceptance, TensorView workspace,
+                      uintptr_t stream) {
+  dspark::RejectionSampleArgs a;
+  a.target_logits = target_logits;
+  a.draft_tokens = draft_tokens;
+  a.cu_num_draft = cu_num_draft;
+  a.draft_logits = draft_logits;
+  a.draft_probs = draft_probs;
+  a.temperature = static_cast<float>(temperature);
+  a.temperatures = temperatures;
+  a.seed = static_cast<uint64_t>(seed);  // any 64-bit pattern
+  a.seeds = seeds;
+  if (offset < 0) throw dspark::ValueError("rejection_sample: argument 'offset' must be in [0, 2^32), got " + std::to_string(offset));
+  a.offset = static_cast<uint64_t>(offset);
+  a.offsets = offsets;
+  if (max_num_draft < 0 || max_num_draft > INT32_MAX)
+    throw dspark::ValueError("rejection_sample: argument 'max_num_draft' must be in [0, 2^31)");
+  a.max_num_draft = static_cast<int32_t>(max_num_draft);
+  a.output_tokens = output_tokens;
+  a.num_accepted = num_accepted;
+  a.soft_acceptance = soft_acceptance;
+  a.workspace = workspace;
+  a.stream = reinterpret_cast<void*>(stream);
+  dspark::rejection_sample(a);
+}
+
+py::tuple philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  const dspark::Philox4x32 r = dspark::philox4x32_10(c0, c1, c2, c3, k0, k1);
+  return py::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dspark kernels (CPU and CUDA backends)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const dspark::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const dspark::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const dspark::CudaError& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  m.def("build_info", [] {
+    const dspark::BuildInfo b = dspark::build_info();
+    py::dict d;
+    d["cuda_compiled"] = b.cuda_compiled;
+    d["cuda_archs"] = b.cuda_archs;
+    d["cuda_runtime_version"] = b.cuda_runtime_version;
+    d["compiler"] = b.compiler;
+    return d;
+  });
+  m.def("cuda_device_count", [] {
+    std::string reason;
+    const int n = dspark::cuda_device_count(&reason);
+    return py::make_tuple(n, reason);
+  });
+  m.def("num_threads", &dspark::cpu_num_threads);
+  m.def("set_num_threads", &dspark::set_cpu_num_threads, py::arg("n"));
+
+  m.def("rejection_sample_workspace_bytes", &dspark::rejection_sample_workspace_bytes,
+        py::arg("num_requests"), py::arg("num_draft_rows"), py::arg("vocab"),
+        py::arg("draft_rows"), py::arg("soft_acceptance"));
+  m.def("rejection_sample", &rejection_sample, py::arg("target_logits"), py::arg("draft_tokens"),
+        py::arg("cu_num_draft"), py::arg("draft_logits"), py::arg("draft_probs"),
+        py::arg("temperature"), py::arg("temperatures"), py::arg("seed"), py::arg("seeds"),
+        py::arg("offset"), py::arg("offsets"), py::arg("max_num_draft"), py::arg("output_tokens"),
+        py::arg("num_accepted"), py::arg("soft_acceptance"), py::arg("workspace"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  // Shared numerics, exposed so that tests can compare them with the reference.
+  py::module_ t = m.def_submodule("numerics", "the shared __host__ __device__ numerics");
+  t.def("philox4x32_10", &philox4x32_10);
+  t.def("exp2", [](float x) { return dspark::num::exp2(x); });
+  t.def("log2", [](float x) { return dspark::num::log2(x); });
+  t.def("exponential", [](uint32_t bits) { return dspark::num::exponential(bits); });
+  t.def("uniform", [](uint32_t bits) { return dspark::num::uniform(bits); });
+  t.def("to_fixed", [](float w) { return dspark::num::to_fixed(w); });
+}

@@ -1,0 +1,15 @@
+"""dspark: fast, exactly lossless DSpark speculative decoding for PyTorch.
+
+- ``dspark.ops``: the kernels (CPU and CUDA backends) as torch.library custom ops.
+- ``dspark.reference``: plain PyTorch oracles of every op.
+- ``dspark.backends()``: what this build compiled and what is usable now.
+"""
+
+from __future__ import annotations
+
+from . import ops, reference
+from ._backends import backends, num_threads, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "num_threads", "ops", "reference", "set_num_threads", "__version__"]

@@ -1,0 +1,265 @@
+"""Plain PyTorch oracles of dspark's ops.
+
+They implement each op's definition directly, in float64, one request at a
+time, with the same counter-based random numbers as the kernels (Philox4x32-10
+addressed by seed, offset, request, position, purpose and column; see
+csrc/include/dspark/random.h), so a backend and its oracle make the same
+decisions except where a decision sits within float32 rounding of its
+threshold; ``return_margins=True`` reports how close each request came.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional, Union
+
+import torch
+
+__all__ = [
+    "PURPOSE_ACCEPT",
+    "PURPOSE_RACE",
+    "exponential",
+    "philox4x32_10",
+    "random_bits",
+    "rejection_sample",
+    "uniform",
+]
+
+_MASK32 = 0xFFFFFFFF
+_MUL0, _MUL1 = 0xD2511F53, 0xCD9E8D57
+_WEYL0, _WEYL1 = 0x9E3779B9, 0xBB67AE85
+
+PURPOSE_ACCEPT = 1
+PURPOSE_RACE = 2
+
+_FLOAT_MAX = float(torch.finfo(torch.float32).max)
+_MIN_WEIGHT = 2.0**-100
+_LOG2E_F32 = torch.tensor(1.0 / math.log(2.0), dtype=torch.float32)
+_ONE_MINUS_ULP = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))
+
+
+# ---------------------------------------------------------------- Philox
+
+
+def _mulhilo(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit words of a * b for a constant a < 2^32 and int64 b in [0, 2^32)."""
+    lo_part = a * (b & 0xFFFF)  # < 2^48
+    hi_part = a * (b >> 16)  # < 2^48
+    low_sum = lo_part + ((hi_part & 0xFFFF) << 16)
+    return ((hi_part >> 16) + (low_sum >> 32)) & _MASK32, low_sum & _MASK32
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 of int64 tensors holding 32-bit words: counter ``[..., 4]``,
+    key ``[..., 2]`` (broadcast) -> ``[..., 4]``."""
+    c0, c1, c2, c3 = (w.to(torch.int64) & _MASK32 for w in counter.unbind(-1))
+    k0, k1 = (w.to(torch.int64) & _MASK32 for w in key.unbind(-1))
+    for rnd in range(10):
+        if rnd > 0:
+            k0 = (k0 + _WEYL0) & _MASK32
+            k1 = (k1 + _WEYL1) & _MASK32
+        hi0, lo0 = _mulhilo(_MUL0, c0)
+        hi1, lo1 = _mulhilo(_MUL1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return torch.stack(torch.broadcast_tensors(c0, c1, c2, c3), dim=-1)
+
+
+def random_bits(
+    seed: int, offset: int, request: int, position: int, purpose: int, columns: torch.Tensor
+) -> torch.Tensor:
+    """The 32-bit words (as int64) the kernels draw at these addresses."""
+    seed &= (1 << 64) - 1
+    columns = columns.to(torch.int64)
+    counter = torch.stack(
+        [
+            (columns >> 2) | (purpose << 24),
+            torch.full_like(columns, position),
+            torch.full_like(columns, request),
+            torch.full_like(columns, offset),
+        ],
+        dim=-1,
+    )
+    key = torch.tensor([seed & _MASK32, seed >> 32], dtype=torch.int64)
+    words = philox4x32_10(counter, key)
+    return words.gather(-1, (columns & 3).unsqueeze(-1)).squeeze(-1)
+
+
+def uniform(bits: torch.Tensor) -> torch.Tensor:
+    """Uniform in [0, 1) with 24 bits (acceptance tests)."""
+    return (bits >> 8).to(torch.float64) * 2.0**-24
+
+
+def exponential(bits: torch.Tensor) -> torch.Tensor:
+    """-log2(1 - t), t = bits 2^-32 + 2^-33 rounded to float32: an exponential
+    variate over ln 2 (races compare ratios, so the factor does not matter)."""
+    t = bits.to(torch.float32) * 2.0**-32 + 2.0**-33
+    t = torch.clamp(t, max=_ONE_MINUS_ULP).to(torch.float64)
+    return -torch.log1p(-t) / math.log(2.0)
+
+
+# ------------------------------------------------------------ distributions
+
+
+def _sanitize_logits(z: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(z, nan=-_FLOAT_MAX, posinf=_FLOAT_MAX, neginf=-_FLOAT_MAX)
+
+
+def _scale(temperature: float) -> torch.Tensor:
+    return _LOG2E_F32 / torch.tensor(temperature, dtype=torch.float32)
+
+
+def _softmax2(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T) as the kernels define it: z = sanitize(l * (log2(e) / T))
+    in float32, then 2^(z - max z) normalised, in float64."""
+    z = _sanitize_logits(logits.to(torch.float32) * _scale(temperature)).to(torch.float64)
+    w = torch.exp2(z - z.max())
+    p = w / w.sum()
+    return torch.where(p >= _MIN_WEIGHT, p, torch.zeros_like(p))
+
+
+def _given_probs(q: torch.Tensor) -> torch.Tensor:
+    q = q.to(torch.float32)
+    q = torch.where(q >= _MIN_WEIGHT, q, torch.zeros_like(q))  # NaN and negatives -> 0
+    q = torch.clamp(q, max=1.0).to(torch.float64)
+    total = q.sum()
+    p = q / total if total > 0 else q
+    return torch.where(p >= _MIN_WEIGHT, p, torch.zeros_like(p))
+
+
+def _greedy_argmax(logits: torch.Tensor) -> int:
+    return int(torch.argmax(_sanitize_logits(logits.to(torch.float32))))
+
+
+class ReferenceOutput(NamedTuple):
+    output_tokens: torch.Tensor
+    num_accepted: torch.Tensor
+    soft_acceptance: Optional[torch.Tensor]
+    margins: Optional[torch.Tensor]
+
+
+def _race(weights: torch.Tensor, bits: torch.Tensor):
+    keys = weights / exponential(bits)
+    best = int(torch.argmax(keys))
+    top = torch.topk(keys, min(2, keys.numel())).values
+    margin = float((top[0] - top[1]) / top[0]) if top.numel() > 1 and top[0] > 0 else math.inf
+    return best, float(keys[best]), margin
+
+
+def rejection_sample(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    cu_num_draft: torch.Tensor,
+    *,
+    draft_logits: Optional[torch.Tensor] = None,
+    draft_probs: Optional[torch.Tensor] = None,
+    temperature: Union[float, torch.Tensor] = 1.0,
+    seed: Union[int, torch.Tensor] = 0,
+    offset: Union[int, torch.Tensor] = 0,
+    max_num_draft: Optional[int] = None,
+    return_soft_acceptance: bool = False,
+    return_margins: bool = False,
+) -> ReferenceOutput:
+    """The oracle of :func:`dspark.ops.rejection_sample` (same arguments, explicit
+    seeds only). ``margins[r]`` is the smallest relative distance of request r's
+    decisions from their thresholds (inf when all were exact comparisons)."""
+    target_logits = target_logits.cpu()
+    draft_tokens = draft_tokens.cpu().to(torch.int64)
+    cu = [int(x) for x in cu_num_draft.cpu()]
+    num_requests = len(cu) - 1
+    vocab = target_logits.shape[1]
+    if max_num_draft is None:
+        max_num_draft = max([cu[r + 1] - cu[r] for r in range(num_requests)], default=0)
+    temps = (
+        [float(t) for t in temperature.cpu()] if isinstance(temperature, torch.Tensor) else [float(temperature)] * num_requests
+    )
+    seeds = [int(s) for s in seed.cpu()] if isinstance(seed, torch.Tensor) else [int(seed)]
+    offsets = [int(o) for o in offset.cpu()] if isinstance(offset, torch.Tensor) else [int(offset)]
+    per_request_seed = len(seeds) > 1
+    draft = draft_logits if draft_logits is not None else draft_probs
+    draft = draft.cpu() if draft is not None else None
+    columns = torch.arange(vocab, dtype=torch.int64)
+
+    output = torch.full((num_requests, max_num_draft + 1), -1, dtype=torch.int32)
+    accepted = torch.zeros(num_requests, dtype=torch.int32)
+    soft = torch.zeros(draft_tokens.shape[0], dtype=torch.float32)
+    margins = torch.full((num_requests,), math.inf, dtype=torch.float64)
+
+    for r in range(num_requests):
+        begin, n = cu[r], cu[r + 1] - cu[r]
+        T = temps[r]
+        greedy = not T > 0
+        seed_r = seeds[r if per_request_seed else 0]
+        offset_r = offsets[r if len(offsets) > 1 else 0]
+        request = 0 if per_request_seed else r
+
+        def target_dist(k: int) -> torch.Tensor:
+            return _softmax2(target_logits[begin + r + k], T)
+
+        def draft_dist(k: int) -> torch.Tensor:
+            if draft_logits is not None:
+                return _softmax2(draft[begin + k], T)
+            return _given_probs(draft[begin + k])
+
+        if return_soft_acceptance:
+            for k in range(n):
+                x = int(draft_tokens[begin + k])
+                if greedy:
+                    best = _greedy_argmax(target_logits[begin + r + k])
+                    if draft is None:
+                        value = float(x == best)
+                    elif draft_logits is not None:
+                        value = float(_greedy_argmax(draft[begin + k]) == best)
+                    else:
+                        value = float(_given_probs(draft[begin + k])[best])
+                elif draft is None:
+                    value = float(target_dist(k)[x])
+                else:
+                    value = float(torch.minimum(target_dist(k), draft_dist(k)).sum().clamp(max=1.0))
+                soft[begin + k] = value
+
+        tokens = []
+        final = None
+        for k in range(n):
+            x = int(draft_tokens[begin + k])
+            if greedy:
+                best = _greedy_argmax(target_logits[begin + r + k])
+                if x == best:
+                    tokens.append(x)
+                    continue
+                final = best
+                break
+            pt_row = target_dist(k)
+            pt = float(pt_row[x])
+            pd_row = draft_dist(k) if draft is not None else None
+            pd = float(pd_row[x]) if pd_row is not None else 1.0
+            u = float(uniform(random_bits(seed_r, offset_r, request, k, PURPOSE_ACCEPT, torch.tensor([0])))[0])
+            if pd > 0:
+                margins[r] = min(float(margins[r]), abs(u - pt / pd))
+            if u * pd < pt:
+                tokens.append(x)
+                continue
+            if pd_row is None:
+                residual = pt_row.clone()
+                residual[x] = 0.0
+            else:
+                residual = torch.clamp(pt_row - pd_row, min=0.0)
+                residual = torch.where(residual >= _MIN_WEIGHT, residual, torch.zeros_like(residual))
+            bits = random_bits(seed_r, offset_r, request, k, PURPOSE_RACE, columns)
+            weights = residual if residual.max() > 0 else pt_row
+            final, _, margin = _race(weights, bits)
+            margins[r] = min(float(margins[r]), margin)
+            break
+        if final is None:
+            if greedy:
+                final = _greedy_argmax(target_logits[begin + r + n])
+            else:
+                bits = random_bits(seed_r, offset_r, request, n, PURPOSE_RACE, columns)
+                final, _, margin = _race(target_dist(n), bits)
+                margins[r] = min(float(margins[r]), margin)
+        accepted[r] = len(tokens)
+        row = tokens + [final]
+        output[r, : len(row)] = torch.tensor(row, dtype=torch.int32)
+
+    return ReferenceOutput(
+        output, accepted, soft if return_soft_acceptance else None, margins if return_margins else None
+    )
