@@ -1,0 +1,226 @@
+// rejection_sample on the CPU and, when built with CUDA and a GPU is present,
+// on CUDA (timed with events, manual time).
+//
+// Grid (--dspark_grid=full): requests {1, 8, 64, 256, 512} x drafts per
+// request {1, 5, 7, 16} x vocabulary {32000, 129280, 151936}, bfloat16 logits,
+// draft_logits mode (the drafter's rows are read too). --dspark_grid=tiny runs
+// a handful of small shapes in all three draft modes (CI smoke test).
+//
+// Bytes that must move: target logits (N + R) V b, draft rows N V b (logits and
+// probs modes), draft tokens 8 N, cu_num_draft 4 (R + 1), outputs 4 R (n + 2).
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bench_common.h"
+#include "dspark/ops.h"
+
+#if defined(DSPARK_BENCH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+namespace dspark_bench {
+namespace {
+
+using dspark::DType;
+using dspark::Device;
+using dspark::DeviceType;
+using dspark::TensorView;
+
+enum Mode { kOneHot = 0, kLogits = 1, kProbs = 2 };
+const char* mode_name(int m) { return m == kOneHot ? "onehot" : m == kLogits ? "logits" : "probs"; }
+
+struct Shape {
+  int64_t requests, drafts, vocab;
+  DType dtype;
+  Mode mode;
+};
+
+// Host-side inputs of one shape: target = N(0, 3); draft = target + N(0, 1).
+struct Inputs {
+  Shape s;
+  int64_t n_draft;
+  std::vector<uint8_t> target, draft;
+  std::vector<int64_t> tokens;
+  std::vector<int32_t> cu;
+
+  explicit Inputs(const Shape& shape) : s(shape) {
+    n_draft = s.requests * s.drafts;
+    std::vector<float> t = normal_floats(static_cast<size_t>((n_draft + s.requests) * s.vocab), 3.0f, 1);
+    std::vector<float> d(static_cast<size_t>(n_draft * s.vocab));
+    const std::vector<float> noise = normal_floats(d.size(), 1.0f, 2);
+    // draft row j of request r pairs with target row j + r
+    for (int64_t r = 0, j = 0; r < s.requests; ++r)
+      for (int64_t k = 0; k < s.drafts; ++k, ++j)
+        for (int64_t v = 0; v < s.vocab; ++v)
+          d[j * s.vocab + v] = t[(j + r) * s.vocab + v] + noise[j * s.vocab + v];
+    if (s.mode == kProbs) {  // softmax rows
+      for (int64_t j = 0; j < n_draft; ++j) {
+        float* row = &d[j * s.vocab];
+        float m = row[0], z = 0;
+        for (int64_t v = 0; v < s.vocab; ++v) m = std::max(m, row[v]);
+        for (int64_t v = 0; v < s.vocab; ++v) z += (row[v] = std::exp(row[v] - m));
+        for (int64_t v = 0; v < s.vocab; ++v) row[v] /= z;
+      }
+    }
+    target = encode(t, s.dtype);
+    if (s.mode != kOneHot) draft = encode(d, s.mode == kProbs ? DType::kFloat32 : s.dtype);
+    // draft token: the draft row's argmax (accepted often, not always)
+    tokens.resize(static_cast<size_t>(n_draft));
+    for (int64_t j = 0; j < n_draft; ++j) {
+      int64_t best = 0;
+      for (int64_t v = 1; v < s.vocab; ++v)
+        if (d[j * s.vocab + v] > d[j * s.vocab + best]) best = v;
+      tokens[static_cast<size_t>(j)] = best;
+    }
+    cu.resize(static_cast<size_t>(s.requests + 1));
+    for (int64_t r = 0; r <= s.requests; ++r) cu[static_cast<size_t>(r)] = static_cast<int32_t>(r * s.drafts);
+  }
+
+  double bytes() const {
+    const double b = static_cast<double>(dspark::dtype_size(s.dtype));
+    double total = static_cast<double>((n_draft + s.requests) * s.vocab) * b;
+    if (s.mode == kLogits) total += static_cast<double>(n_draft * s.vocab) * b;
+    if (s.mode == kProbs) total += static_cast<double>(n_draft * s.vocab) * 4.0;
+    total += 8.0 * n_draft + 4.0 * (s.requests + 1) + 4.0 * s.requests * (s.drafts + 2);
+    return total;
+  }
+};
+
+// Views of the inputs at the given addresses (host or device copies).
+dspark::RejectionSampleArgs make_args(const Inputs& in, Device dev, void* target, void* draft,
+                                      void* tokens, void* cu, void* out, void* accepted) {
+  const Shape& s = in.s;
+  dspark::RejectionSampleArgs a;
+  a.target_logits = TensorView::contiguous(target, s.dtype, dev, {in.n_draft + s.requests, s.vocab});
+  if (s.mode == kLogits) a.draft_logits = TensorView::contiguous(draft, s.dtype, dev, {in.n_draft, s.vocab});
+  if (s.mode == kProbs) a.draft_probs = TensorView::contiguous(draft, DType::kFloat32, dev, {in.n_draft, s.vocab});
+  a.draft_tokens = TensorView::contiguous(tokens, DType::kInt64, dev, {in.n_draft});
+  a.cu_num_draft = TensorView::contiguous(cu, DType::kInt32, dev, {s.requests + 1});
+  a.temperature = 1.0f;
+  a.seed = 1234;
+  a.max_num_draft = static_cast<int32_t>(s.drafts);
+  a.output_tokens = TensorView::contiguous(out, DType::kInt32, dev, {s.requests, s.drafts + 1});
+  a.num_accepted = TensorView::contiguous(accepted, DType::kInt32, dev, {s.requests});
+  return a;
+}
+
+void bench_cpu(benchmark::State& state, Shape shape) {
+  Inputs in(shape);
+  std::vector<int32_t> out(static_cast<size_t>(shape.requests * (shape.drafts + 1))), accepted(static_cast<size_t>(shape.requests));
+  dspark::RejectionSampleArgs a = make_args(in, Device{}, in.target.data(), in.draft.data(), in.tokens.data(),
+                                            in.cu.data(), out.data(), accepted.data());
+  double seconds = 0;
+  for (auto _ : state) {
+    a.offset = static_cast<uint64_t>(state.iterations()) & 0xffffffffu;
+    const auto t0 = std::chrono::steady_clock::now();
+    dspark::rejection_sample(a);
+    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    benchmark::DoNotOptimize(out.data());
+  }
+  report(state, in.bytes(), seconds, cpu_copy_bandwidth());
+}
+
+#if defined(DSPARK_BENCH_CUDA)
+void check(cudaError_t e) {
+  if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
+}
+
+template <typename T>
+void* upload(const std::vector<T>& host) {
+  void* p = nullptr;
+  check(cudaMalloc(&p, std::max<size_t>(host.size() * sizeof(T), 1)));
+  if (!host.empty()) check(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+void bench_cuda(benchmark::State& state, Shape shape) {
+  Inputs in(shape);
+  int device = 0;
+  check(cudaGetDevice(&device));
+  const Device dev{DeviceType::kCUDA, device};
+  void* target = upload(in.target);
+  void* draft = upload(in.draft);
+  void* tokens = upload(in.tokens);
+  void* cu = upload(in.cu);
+  void *out = nullptr, *accepted = nullptr, *workspace = nullptr;
+  check(cudaMalloc(&out, static_cast<size_t>(shape.requests * (shape.drafts + 1)) * 4));
+  check(cudaMalloc(&accepted, static_cast<size_t>(shape.requests) * 4));
+  const size_t ws = dspark::rejection_sample_workspace_bytes(shape.requests, in.n_draft, shape.vocab,
+                                                             shape.mode != kOneHot, false);
+  check(cudaMalloc(&workspace, ws));
+  dspark::RejectionSampleArgs a = make_args(in, dev, target, draft, tokens, cu, out, accepted);
+  a.workspace = TensorView::contiguous(workspace, DType::kUInt8, dev, {static_cast<int64_t>(ws)});
+  cudaStream_t stream;
+  check(cudaStreamCreate(&stream));
+  a.stream = stream;
+  cudaEvent_t start, stop;
+  check(cudaEventCreate(&start));
+  check(cudaEventCreate(&stop));
+  for (int i = 0; i < 3; ++i) dspark::rejection_sample(a);  // warm-up
+  double seconds = 0;
+  for (auto _ : state) {
+    a.offset = static_cast<uint64_t>(state.iterations()) & 0xffffffffu;
+    check(cudaEventRecord(start, stream));
+    dspark::rejection_sample(a);
+    check(cudaEventRecord(stop, stream));
+    check(cudaEventSynchronize(stop));
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, start, stop));
+    state.SetIterationTime(ms * 1e-3);
+    seconds += ms * 1e-3;
+  }
+  report(state, in.bytes(), seconds, cuda_copy_bandwidth());
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+  for (void* p : {target, draft, tokens, cu, out, accepted, workspace}) cudaFree(p);
+}
+#endif
+
+std::string name(const char* backend, const Shape& s) {
+  return std::string("rejection_sample/") + backend + "/" + mode_name(s.mode) + "/" + dspark::dtype_name(s.dtype) +
+         "/R=" + std::to_string(s.requests) + "/n=" + std::to_string(s.drafts) + "/V=" + std::to_string(s.vocab);
+}
+
+std::vector<Shape> grid() {
+  std::vector<Shape> shapes;
+  if (options().tiny) {
+    for (int m : {kOneHot, kLogits, kProbs})
+      for (DType t : {DType::kFloat32, DType::kBFloat16}) shapes.push_back({4, 3, 4099, t, static_cast<Mode>(m)});
+    shapes.push_back({8, 5, 32000, DType::kBFloat16, kLogits});
+    return shapes;
+  }
+  for (int64_t v : {32000, 129280, 151936})
+    for (int64_t n : {1, 5, 7, 16})
+      for (int64_t r : {1, 8, 64, 256, 512}) shapes.push_back({r, n, v, DType::kBFloat16, kLogits});
+  return shapes;
+}
+
+}  // namespace
+
+void register_rejection_sample() {
+  for (const Shape& s : grid()) {
+    if (options().cpu) {
+      const double b = static_cast<double>(dspark::dtype_size(s.dtype)) *
+                       static_cast<double>((s.requests * s.drafts * 2 + s.requests) * s.vocab);
+      if (b <= options().cpu_max_gbytes * 1e9)
+        benchmark::RegisterBenchmark(name("cpu", s).c_str(), bench_cpu, s)->Unit(benchmark::kMillisecond)->UseRealTime();
+    }
+#if defined(DSPARK_BENCH_CUDA)
+    if (options().cuda && cuda_available())
+      benchmark::RegisterBenchmark(name("cuda", s).c_str(), bench_cuda, s)
+          ->Unit(benchmark::kMicrosecond)
+          ->UseManualTime();
+#endif
+  }
+}
+
+}  // namespace dspark_bench
