@@ -162,7 +162,14 @@ def naive_sampler(residual: str) -> Sampler:
         R = cu_num_draft.shape[0] - 1
         V = target_logits.shape[1]
         n = (cu_num_draft[1:] - cu_num_draft[:-1]).long()
-        t = temperature.double().unsqueeze(-1)
+        greedy = temperature <= 0
+        t = torch.where(greedy, torch.ones_like(temperature), temperature).double().unsqueeze(-1)
+
+        def target_probs(logits, rows):
+            p = torch.softmax(logits.double() / t[rows], -1)
+            hot = torch.nn.functional.one_hot(logits.argmax(-1), V).double()
+            return torch.where(greedy[rows].unsqueeze(-1), hot, p)
+
         out = torch.full((R, max_num_draft + 1), -1, dtype=torch.int32)
         accepted = torch.zeros(R, dtype=torch.int64)
         alive = torch.ones(R, dtype=torch.bool)
@@ -171,7 +178,7 @@ def naive_sampler(residual: str) -> Sampler:
             if rows.numel() == 0:
                 break
             trow = cu_num_draft[rows].long() + rows + k
-            pt = torch.softmax(target_logits[trow].double() / t[rows], -1)
+            pt = target_probs(target_logits[trow], rows)
             has_draft = k < n[rows]
             # bonus rows
             bonus = rows[~has_draft]
@@ -190,6 +197,8 @@ def naive_sampler(residual: str) -> Sampler:
                 pd = pd / pd.sum(-1, keepdim=True)
             else:
                 pd = torch.nn.functional.one_hot(x, V).double()
+            # greedy: accept iff x is the target argmax, correct to the argmax
+            pd = torch.where(greedy[rows].unsqueeze(-1), torch.nn.functional.one_hot(x, V).double(), pd)
             ratio = pt.gather(-1, x[:, None]).squeeze(-1) / pd.gather(-1, x[:, None]).squeeze(-1)
             u = torch.rand(rows.numel(), generator=g, dtype=torch.float64)
             ok = u < ratio
