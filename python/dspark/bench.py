@@ -1,0 +1,145 @@
+"""Python-side benchmarks (``python -m dspark bench ...``).
+
+Each prints a table of median times with ratios against baselines measured in
+the same run on the same inputs:
+  reference: dspark.reference (the float64 oracle, one request at a time);
+  eager:     a batched float32 PyTorch implementation of the same round the
+             way engines write it (softmax of every row, gather, compare, a
+             recovered token for every position, bonus), on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import ops, reference
+from ._backends import backends
+
+
+def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds per call (CUDA timed with events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def eager_rejection_sample(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_num_draft: torch.Tensor,
+                           draft_logits: torch.Tensor, temperature: float,
+                           generator: Optional[torch.Generator] = None):
+    """A batched float32 PyTorch rejection sampler, as engines write it."""
+    device = target_logits.device
+    R = cu_num_draft.numel() - 1
+    n = (cu_num_draft[1:] - cu_num_draft[:-1]).long()
+    N = draft_tokens.numel()
+    request = torch.repeat_interleave(torch.arange(R, device=device), n)
+    target_row = torch.arange(N, device=device) + request
+    bonus_row = cu_num_draft[1:].long() + torch.arange(R, device=device)
+    pt = torch.softmax(target_logits.float() / temperature, -1)
+    pd = torch.softmax(draft_logits.float() / temperature, -1)
+    x = draft_tokens.long()
+    ratio = pt[target_row, x] / pd[torch.arange(N, device=device), x]
+    u = torch.rand(N, device=device, generator=generator)
+    accept = u < ratio
+    residual = torch.clamp(pt[target_row] - pd, min=0)
+    q = torch.empty_like(residual).exponential_(generator=generator)
+    recovered = (residual / q).argmax(-1)
+    q_bonus = torch.empty(R, pt.shape[1], device=device).exponential_(generator=generator)
+    bonus = (pt[bonus_row] / q_bonus).argmax(-1)
+    # accepted prefix length per request
+    width = int(n.max()) if R else 0
+    padded = torch.ones(R, width + 1, dtype=torch.bool, device=device)
+    position = torch.arange(N, device=device) - cu_num_draft[:-1].long()[request]
+    padded[request, position] = accept
+    padded[:, width] = False
+    num_accepted = padded.long().cumprod(-1).sum(-1)
+    out = torch.full((R, width + 1), -1, dtype=torch.int32, device=device)
+    keep = position < num_accepted[request]
+    out[request[keep], position[keep]] = x[keep].int()
+    rejected_at = cu_num_draft[:-1].long() + num_accepted
+    final = torch.where(num_accepted < n, recovered[rejected_at.clamp(max=max(N - 1, 0))] if N else bonus, bonus)
+    out[torch.arange(R, device=device), num_accepted] = final.int()
+    return out, num_accepted.int()
+
+
+def _sampling_cases(quick: bool) -> List[Dict[str, int]]:
+    if quick:
+        return [dict(R=4, n=5, V=32000), dict(R=16, n=7, V=32000)]
+    return [dict(R=1, n=7, V=151936), dict(R=8, n=5, V=32000), dict(R=8, n=7, V=129280),
+            dict(R=64, n=5, V=32000), dict(R=64, n=7, V=151936)]
+
+
+def _make_batch(R: int, n: int, V: int, device: torch.device, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(R * 1000 + n * 10 + V)
+    target = torch.randn(R * (n + 1), V, generator=g) * 3
+    rows = torch.cat([torch.arange(r * (n + 1), r * (n + 1) + n) for r in range(R)])
+    draft = target[rows] + torch.randn(R * n, V, generator=g)
+    tokens = torch.multinomial(torch.softmax(draft, -1), 1, generator=g).squeeze(-1)
+    cu = torch.arange(0, R * n + 1, n, dtype=torch.int32)
+    return (target.to(device, dtype), tokens.to(device), cu.to(device), draft.to(device, dtype))
+
+
+def sampling(quick: bool = False, devices: Optional[Sequence[str]] = None) -> List[dict]:
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if backends()["cuda"]["usable"] and torch.cuda.is_available() else [])
+    rows = []
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        repeats = 3 if device.type == "cpu" else 20
+        for case in _sampling_cases(quick):
+            for dtype in (torch.float32, torch.bfloat16):
+                target, tokens, cu, draft = _make_batch(case["R"], case["n"], case["V"], device, dtype)
+                dspark_s = _time(lambda: ops.rejection_sample(target, tokens, cu, draft_logits=draft, seed=1,
+                                                              max_num_draft=case["n"]), device, repeats)
+                eager_s = _time(lambda: eager_rejection_sample(target, tokens, cu, draft, 1.0), device, repeats)
+                ref_s = None
+                if device.type == "cpu" or quick:
+                    ref_s = _time(lambda: reference.rejection_sample(target, tokens, cu, draft_logits=draft, seed=1),
+                                  device, 1, warmup=0)
+                rows.append(dict(device=dev_name, dtype=str(dtype).replace("torch.", ""), **case,
+                                 dspark_ms=dspark_s * 1e3, eager_ms=eager_s * 1e3,
+                                 reference_ms=None if ref_s is None else ref_s * 1e3,
+                                 speedup_vs_eager=eager_s / dspark_s,
+                                 speedup_vs_reference=None if ref_s is None else ref_s / dspark_s))
+    return rows
+
+
+def _print_table(rows: List[dict]) -> None:
+    header = f"{'device':6} {'dtype':8} {'R':>4} {'n':>3} {'V':>7} {'dspark ms':>10} {'eager ms':>10} " \
+             f"{'x eager':>8} {'reference ms':>13} {'x reference':>12}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ref = f"{r['reference_ms']:13.2f} {r['speedup_vs_reference']:12.1f}" if r["reference_ms"] else f"{'-':>13} {'-':>12}"
+        print(f"{r['device']:6} {r['dtype']:8} {r['R']:4d} {r['n']:3d} {r['V']:7d} {r['dspark_ms']:10.3f} "
+              f"{r['eager_ms']:10.3f} {r['speedup_vs_eager']:8.2f} {ref}")
+
+
+def run(suite: str, quick: bool = False, json_path: Optional[str] = None, devices: Optional[Sequence[str]] = None) -> int:
+    if suite != "sampling":
+        raise ValueError(f"unknown benchmark suite {suite!r}")
+    print("rejection_sample (draft_logits mode, temperature 1): median time per call;")
+    print("x eager / x reference = how many times faster dspark is than that baseline in this run")
+    rows = sampling(quick=quick, devices=devices)
+    _print_table(rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"suite": suite, "backends": backends(), "results": rows}, f, indent=2)
+    return 0
