@@ -21,6 +21,8 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 ARCHS="${DSPARK_CUDA_ARCHS:-90}"
 JOBS="$(nproc)"
+CMAKE="$(dirname "$(command -v "$PY")")/cmake"
+[ -x "$CMAKE" ] || CMAKE=cmake
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -62,9 +64,9 @@ if ls .deps/libbenchmark-dev_*.deb >/dev/null 2>&1; then
   rm -rf .deps/root && mkdir -p .deps/root
   for deb in .deps/*.deb; do dpkg -x "$deb" .deps/root; done
   export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
-  stage bench_build 240 bash -c "cmake -S . -B build-gpu -G Ninja -DDSPARK_CUDA=on -DDSPARK_CUDA_ARCHS='$ARCHS' \
+  stage bench_build 240 bash -c "'$CMAKE' -S . -B build-gpu -G Ninja -DDSPARK_CUDA=on -DDSPARK_CUDA_ARCHS='$ARCHS' \
       -DDSPARK_BUILD_BENCHMARKS=on -Dbenchmark_DIR='$PWD/.deps/root/usr/lib/x86_64-linux-gnu/cmake/benchmark' \
-      && cmake --build build-gpu -j '$JOBS' --target dspark_bench dspark_cpp_tests"
+      && '$CMAKE' --build build-gpu -j '$JOBS' --target dspark_bench dspark_cpp_tests"
   stage cpp_tests 60 ./build-gpu/dspark_cpp_tests
   stage bench_cpp 180 ./build-gpu/dspark_bench --dspark_backends=cuda --benchmark_min_time=0.1 \
     --benchmark_out="$OUT/bench_cpp.json" --benchmark_out_format=json
