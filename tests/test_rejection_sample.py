@@ -194,6 +194,28 @@ def test_greedy_uses_raw_argmax_with_first_index_ties_and_nan_as_lowest():
     assert out.output_tokens.tolist() == [[2, -1]]
 
 
+def test_draft_probs_are_clamped_and_normalised():
+    """NaN and negative draft probabilities count as 0, values above 1 (and
+    +inf) as 1, and each row is normalised: [nan, 0.5, inf, -1] is
+    p_d = [0, 1/3, 2/3, 0]. Token 1 (p_t = 1/2) is then accepted with
+    probability min(1, (1/2) / (1/3)) = 1, token 2 (p_t = 1/4) with 3/8."""
+    R = 240000
+    target = torch.log(torch.tensor([[0.25, 0.5, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]])).repeat(R, 1)
+    probs = torch.tensor([[float("nan"), 0.5, float("inf"), -1.0]]).repeat(R, 1)
+    cu = torch.arange(R + 1, dtype=torch.int32)
+    ones = torch.ones(R, dtype=torch.int64)
+    out = ops.rejection_sample(target, ones, cu, draft_probs=probs, seed=2, return_soft_acceptance=True)
+    assert (out.num_accepted == 1).all()
+    # soft acceptance = sum min(p_t, p_d) = 0 + 1/3 + 1/4 + 0
+    assert float(out.soft_acceptance[0]) == pytest.approx(7 / 12, abs=1e-6)
+    out = ops.rejection_sample(target, 2 * ones, cu, draft_probs=probs, seed=2)
+    accepted = out.num_accepted.long()
+    assert_fits(accepted, torch.tensor([5 / 8, 3 / 8], dtype=torch.float64), "accept token 2")
+    # residual max(0, p_t - p_d) = [1/4, 1/6, 0, 0] -> corrections 0 or 1 in ratio 3 : 2
+    corrections = out.output_tokens[accepted == 0, 0].long()
+    assert_fits(corrections, torch.tensor([0.6, 0.4, 0.0, 0.0], dtype=torch.float64), "residual")
+
+
 def test_draft_token_with_zero_draft_probability():
     """p_d(x) = 0: accepted iff p_t(x) > 0."""
     R = 500
