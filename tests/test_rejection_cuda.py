@@ -44,15 +44,54 @@ def test_cuda_equals_cpu(mode, dtype, vocab):
     _assert_same(cpu, gpu)
 
 
-def test_cuda_equals_cpu_unaligned_rows_and_per_request_seeds():
-    """Rows that are not 16-byte aligned take the scalar load path."""
-    b = random_batch(33, 1001, 5, seed=1, dtype=torch.bfloat16)
-    wide = torch.zeros(b.target_logits.shape[0], 1003, dtype=torch.bfloat16)
-    wide[:, 1:1002] = b.target_logits
-    b.target_logits = wide[:, 1:1002]  # row stride 1003, odd offset
+@pytest.mark.parametrize("vocab", [1001, 4096])
+def test_cuda_equals_cpu_unaligned_rows_and_per_request_seeds(vocab):
+    """Rows that are not 16-byte aligned (odd base offset, odd row stride) take
+    the scalar load path; 4096 columns would otherwise be all full chunks."""
+    b = random_batch(33, vocab, 5, seed=1, dtype=torch.bfloat16)
     seeds = torch.randint(0, 2**62, (33,))
-    cpu, gpu = _both(b, "logits", temperature=0.9, seed=seeds)
+    cpu = ops.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, draft_logits=b.draft_logits,
+                               temperature=0.9, seed=seeds, return_soft_acceptance=True)
+    g = b.to(CUDA)
+    wide = torch.zeros(g.target_logits.shape[0], vocab + 3, dtype=torch.bfloat16, device=CUDA)
+    wide[:, 1:vocab + 1] = g.target_logits
+    target = wide[:, 1:vocab + 1]  # on the device: row stride vocab + 3, base offset 2 bytes
+    assert target.data_ptr() % 16 != 0
+    gpu = ops.rejection_sample(target, g.draft_tokens, g.cu_num_draft, draft_logits=g.draft_logits,
+                               temperature=0.9, seed=seeds.to(CUDA), return_soft_acceptance=True)
     _assert_same(cpu, gpu)
+
+
+@pytest.mark.parametrize("target_dtype,draft_dtype,mode", [
+    (torch.bfloat16, torch.float32, "logits"),
+    (torch.float32, torch.float16, "logits"),
+    (torch.bfloat16, torch.float16, "probs"),
+])
+def test_cuda_equals_cpu_mixed_dtypes(target_dtype, draft_dtype, mode):
+    b = random_batch(24, 5000, 6, seed=12, spread=2.0)
+    b.target_logits = b.target_logits.to(target_dtype)
+    b.draft_logits = b.draft_logits.to(draft_dtype)
+    b.draft_probs = b.draft_probs.to(draft_dtype)
+    cpu, gpu = _both(b, mode, temperature=torch.linspace(0, 1.5, 24), seed=8)
+    _assert_same(cpu, gpu)
+
+
+def test_cuda_malformed_layout_without_validation_is_safe_and_deterministic():
+    """What validation would reject (here a request with more drafts than
+    max_num_draft and offsets not starting at 0), run with validate=False as
+    under graph capture: no crash, same result twice, and soft labels of rows
+    outside the verified drafts are 0."""
+    b = random_batch(6, 300, 4, seed=13).to(CUDA)
+    cu = b.cu_num_draft.clone()
+    cu[0] = 1
+    runs = [ops.rejection_sample(b.target_logits, b.draft_tokens, cu, draft_logits=b.draft_logits, seed=2,
+                                 max_num_draft=2, validate=False, return_soft_acceptance=True) for _ in range(2)]
+    torch.cuda.synchronize()
+    assert torch.equal(runs[0].output_tokens, runs[1].output_tokens)
+    assert torch.equal(runs[0].soft_acceptance, runs[1].soft_acceptance)
+    assert (runs[0].num_accepted <= 2).all()
+    assert not torch.isnan(runs[0].soft_acceptance).any()
+    assert float(runs[0].soft_acceptance[0]) == 0.0  # row 0 belongs to no request now
 
 
 def test_cuda_matches_reference():

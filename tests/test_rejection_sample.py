@@ -194,6 +194,50 @@ def test_greedy_uses_raw_argmax_with_first_index_ties_and_nan_as_lowest():
     assert out.output_tokens.tolist() == [[2, -1]]
 
 
+@pytest.mark.parametrize("target_dtype,draft_dtype,mode", [
+    (torch.bfloat16, torch.float32, "logits"),
+    (torch.float32, torch.float16, "logits"),
+    (torch.bfloat16, torch.float16, "probs"),
+    (torch.float16, torch.float32, "probs"),
+])
+def test_mixed_target_and_draft_dtypes(target_dtype, draft_dtype, mode):
+    b = random_batch(20, 3001, 5, seed=77, spread=2.0)
+    kw = {"draft_logits": b.draft_logits.to(draft_dtype)} if mode == "logits" else \
+        {"draft_probs": b.draft_probs.to(draft_dtype)}
+    target = b.target_logits.to(target_dtype)
+    out = ops.rejection_sample(target, b.draft_tokens, b.cu_num_draft, temperature=0.8, seed=4,
+                               return_soft_acceptance=True, **kw)
+    ref = reference.rejection_sample(target, b.draft_tokens, b.cu_num_draft, temperature=0.8, seed=4,
+                                     return_soft_acceptance=True, return_margins=True, **kw)
+    assert_matches_reference(out, ref, f"{target_dtype}/{draft_dtype}")
+    torch.testing.assert_close(out.soft_acceptance, ref.soft_acceptance, atol=2e-6, rtol=0)
+
+
+def test_subnormal_logits_are_read_exactly_even_with_flush_denormal():
+    """The CPU backend computes with IEEE subnormals (as CUDA does), also when
+    the caller turned flush-to-zero on: 1e-40 > 0 decides a greedy argmax."""
+    target = torch.tensor([[0.0, 1e-40, 0.0, -1e-41]])
+    no_drafts = (torch.zeros(0, dtype=torch.int64), torch.zeros(2, dtype=torch.int32))
+    assert ops.rejection_sample(target, *no_drafts, temperature=0.0).output_tokens.tolist() == [[1]]
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        flushed = ops.rejection_sample(target, *no_drafts, temperature=0.0)
+    finally:
+        torch.set_flush_denormal(False)
+    assert flushed.output_tokens.tolist() == [[1]]
+
+
+def test_vocabulary_limit():
+    """Normalisers are 64-bit fixed-point sums: the vocabulary must stay below 2^24."""
+    no_drafts = (torch.zeros(0, dtype=torch.int64), torch.zeros(2, dtype=torch.int32))
+    V = 1 << 24
+    with pytest.raises(ValueError, match="vocabulary"):
+        ops.rejection_sample(torch.zeros(1, V), *no_drafts)
+    ok = ops.rejection_sample(torch.zeros(1, V - 1), *no_drafts, seed=3)
+    assert 0 <= int(ok.output_tokens[0, 0]) < V - 1
+
+
 def test_draft_probs_are_clamped_and_normalised():
     """NaN and negative draft probabilities count as 0, values above 1 (and
     +inf) as 1, and each row is normalised: [nan, 0.5, inf, -1] is

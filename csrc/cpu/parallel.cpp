@@ -1,5 +1,7 @@
 #include "parallel.h"
 
+#include "fp_env.h"
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -68,6 +70,7 @@ class ThreadPool {
   void drain() {
     const bool was_in_region = t_in_parallel_region;
     t_in_parallel_region = true;
+    const IeeeDenormals ieee;  // workers may have inherited flush-to-zero
     for (int64_t i = next_.fetch_add(1); i < count_; i = next_.fetch_add(1)) {
       try {
         (*task_)(i);

@@ -18,6 +18,7 @@
 #include "dspark/dtype_load.h"
 #include "dspark/ops.h"
 #include "dspark/rejection.h"
+#include "fp_env.h"
 #include "parallel.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -255,6 +256,7 @@ uint64_t soft_chunk(const Problem& p, int64_t trow, int64_t drow, float scale, c
 }  // namespace
 
 void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
+  const IeeeDenormals ieee;
   const int32_t R = p.num_requests;
   int32_t* out_tokens = args.output_tokens.ptr<int32_t>();
   int32_t* out_accepted = args.num_accepted.ptr<int32_t>();
@@ -345,7 +347,7 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
         if (direct[static_cast<size_t>(drow)]) continue;
         const int32_t r = rows.draft_request[static_cast<size_t>(drow)];
         const Span s = request_span(p, r);
-        if (!s.valid || drow - s.draft_begin >= s.num_draft) continue;
+        if (!draft_row_in_span(s, drow)) continue;
         const int64_t trow = s.target_begin + (drow - s.draft_begin);
         soft[static_cast<size_t>(job)] =
             soft_chunk(p, trow, drow, logit_scale(request_temperature(p, r)), target_stats[trow],

@@ -53,4 +53,12 @@ __device__ __forceinline__ uint64_t warp_sum_u64(uint64_t v) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A 1-D grid of `blocks` blocks, or ValueError when the problem is too large.
+inline unsigned grid_size(int64_t blocks, const char* op) {
+  if (blocks > 0x7fffffff)
+    throw ValueError(std::string(op) + ": problem too large for one launch (" +
+                     std::to_string(blocks) + " blocks)");
+  return static_cast<unsigned>(blocks);
+}
+
 }  // namespace dspark::cuda

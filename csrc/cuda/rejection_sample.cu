@@ -40,7 +40,7 @@ template <typename Key>
 __device__ __forceinline__ int32_t find_request(int32_t R, int64_t i, Key key) {
   int32_t lo = 0, hi = R - 1;
   while (lo < hi) {
-    const int32_t mid = (lo + hi + 1) >> 1;
+    const int32_t mid = lo + (hi - lo + 1) / 2;
     if (key(mid) <= i) lo = mid; else hi = mid - 1;
   }
   return lo;
@@ -303,7 +303,7 @@ race_kernel(Problem p, int64_t chunks, bool draft_rows, bool soft,
   const int64_t chunk = soft_job % chunks;
   const int32_t r = request_of_draft_row(p, drow);
   const Span span = request_span(p, r);
-  if (!span.valid || !soft_needs_pass(p, r) || drow - span.draft_begin >= span.num_draft) return;
+  if (!draft_row_in_span(span, drow) || !soft_needs_pass(p, r)) return;
   const int64_t trow = span.target_begin + (drow - span.draft_begin);
   const float scale = logit_scale(request_temperature(p, r));
   const RowStats ts = target_stats[trow];
@@ -334,8 +334,10 @@ finalize_kernel(Problem p, bool soft, const Decision* __restrict__ decisions,
   if (soft && i < p.num_draft_rows) {
     const int32_t r = request_of_draft_row(p, i);
     const Span span = request_span(p, r);
-    if (span.valid && soft_needs_pass(p, r) && i - span.draft_begin < span.num_draft)
-      out_soft[i] = soft_from_fixed(soft_sums[i]);
+    if (!draft_row_in_span(span, i))
+      out_soft[i] = 0.0f;
+    else if (soft_needs_pass(p, r))
+      out_soft[i] = soft_from_fixed(soft_sums[i]);  // direct labels were written by kernel 2
   }
 }
 
@@ -348,7 +350,7 @@ template <DType kTarget, DType kDraft>
 void launch_chunk_stats(const Problem& p, int64_t rows, int64_t chunks, bool vt, bool vd,
                         ChunkStats* out, cudaStream_t stream) {
   const int64_t blocks = ceil_div(rows * chunks, kWarpsPerBlock);
-  chunk_stats_kernel<kTarget, kDraft><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  chunk_stats_kernel<kTarget, kDraft><<<grid_size(blocks, kOp), kThreads, 0, stream>>>(
       p, rows, chunks, vt, vd, out);
 }
 
@@ -399,12 +401,12 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
   check(cudaGetLastError(), kOp, "decide_kernel launch");
 
   const int64_t race_jobs = int64_t{p.num_requests} * chunks + (soft ? p.num_draft_rows * chunks : 0);
-  race_kernel<<<static_cast<unsigned>(ceil_div(race_jobs, kWarpsPerBlock)), kThreads, 0, stream>>>(
+  race_kernel<<<grid_size(ceil_div(race_jobs, kWarpsPerBlock), kOp), kThreads, 0, stream>>>(
       p, chunks, draft_rows, soft, row_stats, decisions, race_best, soft_sums);
   check(cudaGetLastError(), kOp, "race_kernel launch");
 
   const int64_t finalize_items = std::max<int64_t>(p.num_requests, soft ? p.num_draft_rows : 0);
-  finalize_kernel<<<static_cast<unsigned>(ceil_div(finalize_items, kFinalizeThreads)),
+  finalize_kernel<<<grid_size(ceil_div(finalize_items, kFinalizeThreads), kOp),
                     kFinalizeThreads, 0, stream>>>(p, soft, decisions, race_best, soft_sums,
                                                    out_tokens, out_stride, out_soft);
   check(cudaGetLastError(), kOp, "finalize_kernel launch");

@@ -77,8 +77,8 @@ void rejection_sample(const RejectionSampleArgs& a) {
   const int64_t V = a.target_logits.size(1);
   DSPARK_CHECK_VALUE(V >= 1, kOp, ": argument 'target_logits' must have a vocabulary of at least ",
                      "1 column, got shape ", a.target_logits.shape_str());
-  DSPARK_CHECK_VALUE(V < kMaxColumns, kOp, ": vocabulary size ", V, " exceeds the limit ",
-                     kMaxColumns);
+  DSPARK_CHECK_VALUE(V <= rejection::kMaxVocab, kOp, ": vocabulary size ", V,
+                     " exceeds the limit ", rejection::kMaxVocab);
 
   check::defined(kOp, "draft_tokens", a.draft_tokens);
   check::ndim(kOp, "draft_tokens", a.draft_tokens, 1);
@@ -202,6 +202,9 @@ void rejection_sample(const RejectionSampleArgs& a) {
   check::defined(kOp, "workspace", a.workspace);
   check::dtype_in(kOp, "workspace", a.workspace, {DType::kUInt8});
   check::same_device(kOp, "workspace", a.workspace, device);
+  DSPARK_CHECK_VALUE(reinterpret_cast<uintptr_t>(a.workspace.data) % RejectionWorkspace::kAlign == 0,
+                     kOp, ": argument 'workspace' must be ", RejectionWorkspace::kAlign,
+                     "-byte aligned");
   DSPARK_CHECK_VALUE(static_cast<size_t>(a.workspace.numel()) >= need, kOp,
                      ": argument 'workspace' must hold at least ", need, " bytes, got ",
                      a.workspace.numel());

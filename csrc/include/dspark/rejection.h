@@ -35,6 +35,9 @@
 namespace dspark::rejection {
 
 constexpr int64_t kChunk = 2048;  // columns per chunk of the canonical reduction
+// A row's fixed-point normaliser is below vocab * 2^kFixedFracBits, which must
+// stay below 2^64.
+constexpr int64_t kMaxVocab = (int64_t{1} << (64 - num::kFixedFracBits)) - 1;
 
 enum class DraftMode : int32_t { kOneHot = 0, kLogits = 1, kProbs = 2 };
 enum class RaceKind : int32_t { kNone = 0, kResidual = 1, kBonus = 2 };
@@ -326,6 +329,13 @@ DSPARK_HD inline bool soft_acceptance_direct(const Problem& p, int32_t r, int32_
     return true;
   }
   return false;
+}
+
+// Whether draft row j is one of request r's first span.num_draft drafts
+// (the rows that get a soft acceptance label; any other row gets 0, which
+// only happens for layouts that validation rejects).
+DSPARK_HD DSPARK_INLINE bool draft_row_in_span(const Span& span, int64_t j) {
+  return span.valid && j >= span.draft_begin && j - span.draft_begin < span.num_draft;
 }
 
 // Whether request r's soft acceptance labels need a pass over the vocabulary.
