@@ -71,9 +71,12 @@ def chi_square(observed_outcomes: torch.Tensor, expected_probs: torch.Tensor) ->
     return GoodnessOfFit(statistic, df, p_value, int(n), power_against_tv(int(n), df + 1))
 
 
-def assert_fits(observed_outcomes: torch.Tensor, expected_probs: torch.Tensor, label: str = "") -> GoodnessOfFit:
+def assert_fits(observed_outcomes: torch.Tensor, expected_probs: torch.Tensor, label: str = "",
+                epsilon: float = EPSILON) -> GoodnessOfFit:
+    """Asserts the fit, after asserting power >= MIN_POWER against TV = epsilon."""
     fit = chi_square(observed_outcomes, expected_probs)
-    assert fit.power >= MIN_POWER, f"{label}: test underpowered: {fit}"
+    power = power_against_tv(fit.num_samples, fit.df + 1, epsilon)
+    assert power >= MIN_POWER, f"{label}: test underpowered at TV={epsilon}: power {power:.4f}, {fit}"
     assert fit.p_value > ALPHA, f"{label}: distribution differs from the target: {fit}"
     return fit
 

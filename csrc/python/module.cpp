@@ -87,6 +87,26 @@ void rejection_sample(TensorView target_logits, TensorView draft_tokens, TensorV
   dspark::rejection_sample(a);
 }
 
+void schedule_prefix(TensorView conf, TensorView cap, int32_t mode, TensorView sps, int64_t budget,
+                     TensorView budgets, double threshold, TensorView lengths, TensorView throughput,
+                     TensorView capacity, uintptr_t stream) {
+  if (mode < 0 || mode > static_cast<int32_t>(dspark::schedule::Mode::kFixed))
+    throw dspark::ValueError("schedule_prefix: unknown mode " + std::to_string(mode));
+  dspark::SchedulePrefixArgs a;
+  a.conf = conf;
+  a.cap = cap;
+  a.mode = static_cast<dspark::schedule::Mode>(mode);
+  a.sps = sps;
+  a.budget = budget;
+  a.budgets = budgets;
+  a.threshold = static_cast<float>(threshold);
+  a.lengths = lengths;
+  a.throughput = throughput;
+  a.capacity = capacity;
+  a.stream = reinterpret_cast<void*>(stream);
+  dspark::schedule_prefix(a);
+}
+
 py::tuple philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   const dspark::Philox4x32 r = dspark::philox4x32_10(c0, c1, c2, c3, k0, k1);
   return py::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
@@ -135,6 +155,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("offset"), py::arg("offsets"), py::arg("max_num_draft"), py::arg("output_tokens"),
         py::arg("num_accepted"), py::arg("soft_acceptance"), py::arg("workspace"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("schedule_prefix", &schedule_prefix, py::arg("conf"), py::arg("cap"), py::arg("mode"),
+        py::arg("sps"), py::arg("budget"), py::arg("budgets"), py::arg("threshold"),
+        py::arg("lengths"), py::arg("throughput"), py::arg("capacity"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.attr("schedule_max_candidates_cuda") = dspark::kScheduleMaxCandidatesCuda;
 
   // Shared numerics, exposed so that tests can compare them with the reference.
   py::module_ t = m.def_submodule("numerics", "the shared __host__ __device__ numerics");

@@ -22,6 +22,7 @@ __all__ = [
     "philox4x32_10",
     "random_bits",
     "rejection_sample",
+    "schedule_prefix",
     "uniform",
 ]
 
@@ -263,3 +264,88 @@ def rejection_sample(
     return ReferenceOutput(
         output, accepted, soft if return_soft_acceptance else None, margins if return_margins else None
     )
+
+
+# ---------------------------------------------------------------- scheduler
+
+
+class ScheduleReference(NamedTuple):
+    lengths: torch.Tensor
+    throughput: float
+    capacity: int
+    thetas: list  # theta_0, theta_1, ... of the steps the search evaluated
+
+
+def _survivals(conf_row: torch.Tensor, limit: int):
+    """a_1..a_limit as float32 products, left to right (c clamped to [0, 1])."""
+    c = torch.nan_to_num(conf_row.to(torch.float32), nan=0.0).clamp(0.0, 1.0)
+    out, a = [], torch.tensor(1.0, dtype=torch.float32)
+    for j in range(limit):
+        a = a * c[j]
+        out.append(float(a))
+    return out
+
+
+def schedule_prefix(
+    conf: torch.Tensor,
+    *,
+    mode: str = "causal",
+    sps: Optional[torch.Tensor] = None,
+    budget: Optional[int] = None,
+    threshold: Optional[float] = None,
+    cap: Optional[torch.Tensor] = None,
+) -> ScheduleReference:
+    """The oracle of :func:`dspark.ops.schedule_prefix`: Algorithm 1 of the paper
+    written out as in DSPARK.md, in float64."""
+    conf = conf.cpu()
+    R, gamma = conf.shape
+    limits = [gamma if cap is None else max(0, min(gamma, int(cap[r]))) for r in range(R)]
+    table = [float(x) for x in sps.cpu()] if sps is not None else []
+
+    def theta(tokens: float, batch: int) -> float:
+        return tokens * table[batch] if batch < len(table) else 0.0
+
+    lengths = [0] * R
+    thetas: list = []
+    if mode == "fixed":
+        lengths = list(limits)
+    elif mode == "threshold":
+        for r in range(R):
+            c = torch.nan_to_num(conf[r].float(), nan=0.0).clamp(0, 1)
+            while lengths[r] < limits[r] and float(c[lengths[r]]) >= threshold:
+                lengths[r] += 1
+    else:
+        candidates = []
+        for r in range(R):
+            for j, a in enumerate(_survivals(conf[r], limits[r]), start=1):
+                if a > 0:
+                    candidates.append((a, j, r))
+        candidates.sort(key=lambda x: (-x[0], x[1], x[2]))
+        if mode == "budget":
+            chosen = candidates[: max(0, min(int(budget), len(candidates)))]
+        else:
+            chosen = []
+            if R < len(table):
+                tau, batch = float(R), R
+                best = theta(tau, batch)
+                thetas.append(best)
+                current = []
+                for a, j, r in candidates:
+                    if batch + 1 >= len(table):
+                        break
+                    current.append((a, j, r))
+                    tau += a
+                    batch += 1
+                    value = theta(tau, batch)
+                    thetas.append(value)
+                    if value > best:
+                        best = value
+                        chosen = list(current)
+                    elif mode == "causal":
+                        break
+        for _, j, r in chosen:
+            lengths[r] = max(lengths[r], j)
+    tokens = float(R) + sum(sum(_survivals(conf[r], lengths[r])) for r in range(R))
+    total = sum(lengths)
+    return ScheduleReference(torch.tensor(lengths, dtype=torch.int32), theta(tokens, R + total) if table else 0.0,
+                             total, thetas)

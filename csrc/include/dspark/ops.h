@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "dspark/rejection.h"
+#include "dspark/schedule.h"
 #include "dspark/tensor.h"
 
 namespace dspark {
@@ -63,11 +64,35 @@ size_t rejection_sample_workspace_bytes(int64_t num_requests, int64_t num_draft_
 // cu_num_draft, the draft tokens and the temperatures.
 void rejection_sample(const RejectionSampleArgs& args);
 
+// --------------------------------------------------------- schedule_prefix
+
+struct SchedulePrefixArgs {
+  TensorView conf;  // [R, gamma] float32, conditional confidences (calibrated, not multiplied)
+  TensorView cap;   // optional [R] int32: most positions each request may verify
+  schedule::Mode mode = schedule::Mode::kCausal;
+  TensorView sps;       // [B_max + 1] float32: forward steps per second at B batch tokens
+  int64_t budget = 0;   // budget mode, when `budgets` is absent
+  TensorView budgets;   // optional [1] int32 / int64 (a value computed on the device)
+  float threshold = 0;  // threshold mode
+  // outputs
+  TensorView lengths;     // [R] int32
+  TensorView throughput;  // [1] float32: expected tokens per second of the lengths (0 without sps)
+  TensorView capacity;    // [1] int32: draft tokens admitted in total
+  void* stream = nullptr;
+};
+
+// The most candidates (R * gamma) one CUDA launch handles.
+constexpr int64_t kScheduleMaxCandidatesCuda = 16384;
+
+void schedule_prefix(const SchedulePrefixArgs& args);
+
 namespace cpu {
 void rejection_sample(const rejection::Problem& problem, const RejectionSampleArgs& args);
-}
+void schedule_prefix(const SchedulePrefixArgs& args);
+}  // namespace cpu
 namespace cuda {
 void rejection_sample(const rejection::Problem& problem, const RejectionSampleArgs& args);
-}
+void schedule_prefix(const SchedulePrefixArgs& args);
+}  // namespace cuda
 
 }  // namespace dspark
