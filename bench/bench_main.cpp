@@ -28,6 +28,7 @@
 namespace dspark_bench {
 
 void register_rejection_sample();
+void register_schedule_prefix();
 
 Options& options() {
   static Options o;
@@ -182,6 +183,7 @@ int main(int argc, char** argv) {
 #endif
   std::printf("\n");
   dspark_bench::register_rejection_sample();
+  dspark_bench::register_schedule_prefix();
   benchmark::Initialize(&rest_argc, rest.data());
   if (benchmark::ReportUnrecognizedArguments(rest_argc, rest.data())) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -134,14 +134,136 @@ def _print_table(rows: List[dict]) -> None:
               f"{r['eager_ms']:10.3f} {r['speedup_vs_eager']:8.2f} {ref}")
 
 
+# --------------------------------------------------------------------------
+# scheduler
+
+
+def eager_causal_schedule(conf: torch.Tensor, sps: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 with PyTorch tensor ops (sort, cumsum, first non-improving
+    step), the way one would write it without a kernel."""
+    R, gamma = conf.shape
+    survival = torch.cumprod(conf.clamp(0, 1), dim=1)
+    j = torch.arange(1, gamma + 1, device=conf.device).expand(R, gamma)
+    r = torch.arange(R, device=conf.device).unsqueeze(1).expand(R, gamma)
+    a, jj, rr = survival.flatten(), j.flatten(), r.flatten()
+    order = torch.argsort(jj * R + rr)  # (j, r) order, then a stable sort by a descending
+    order = order[torch.argsort(-a[order], stable=True)]
+    a, rr = a[order], rr[order]
+    t = torch.arange(1, a.numel() + 1, device=conf.device)
+    batch = (R + t).clamp(max=sps.numel() - 1)
+    theta = (R + torch.cumsum(a.double(), 0)) * sps[batch].double()
+    theta = torch.where((R + t < sps.numel()) & (a > 0), theta, torch.zeros_like(theta))
+    previous = torch.cat([(R * sps[min(R, sps.numel() - 1)]).double().reshape(1), theta[:-1]])
+    stops = torch.nonzero(theta <= previous)
+    admitted = int(stops[0]) if stops.numel() else a.numel()
+    return torch.bincount(rr[:admitted], minlength=R).to(torch.int32)
+
+
+def _schedule_inputs(R: int, gamma: int, device: torch.device):
+    g = torch.Generator().manual_seed(R * 100 + gamma)
+    conf = torch.sigmoid(1.5 + torch.randn(R, gamma, generator=g))
+    b = torch.arange(R * (gamma + 1) + 1, dtype=torch.float32)
+    sps = 1.0 / (1.0 + 0.002 * b + 0.05 * torch.div(b, 64, rounding_mode="floor"))
+    return conf.to(device), sps.to(device)
+
+
+def scheduler_timing(quick: bool = False, devices: Optional[Sequence[str]] = None) -> List[dict]:
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if backends()["cuda"]["usable"] and torch.cuda.is_available() else [])
+    shapes = [(1, 7), (64, 7), (256, 7)] if quick else [(1, 5), (64, 7), (256, 7), (1024, 7), (1024, 16)]
+    rows = []
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        for R, gamma in shapes:
+            conf, sps = _schedule_inputs(R, gamma, device)
+            repeats = 20 if device.type == "cpu" else 100
+            dspark_s = _time(lambda: ops.schedule_prefix(conf, mode="causal", sps=sps), device, repeats, warmup=3)
+            eager_s = _time(lambda: eager_causal_schedule(conf, sps), device, repeats, warmup=3)
+            ref_s = _time(lambda: reference.schedule_prefix(conf, mode="causal", sps=sps), torch.device("cpu"), 3)
+            rows.append(dict(device=dev_name, R=R, gamma=gamma, dspark_us=dspark_s * 1e6, eager_us=eager_s * 1e6,
+                             reference_us=ref_s * 1e6, speedup_vs_eager=eager_s / dspark_s,
+                             speedup_vs_reference=ref_s / dspark_s))
+    return rows
+
+
+# A synthetic serving scenario: confidences per domain and a jagged SPS curve.
+DOMAINS = {"code": (8.0, 1.2), "chat": (3.0, 2.0)}  # Beta(alpha, beta) of the conditional confidences
+
+
+def _jagged_sps(max_tokens: int) -> torch.Tensor:
+    """Steps per second of a memory-bound target: flat until the batch fills the
+    GPU, then slower per token, with a cliff every 128 tokens (tile/graph buckets)."""
+    b = torch.arange(max_tokens + 1, dtype=torch.float64)
+    seconds = 0.02 + 0.00004 * b + 0.0015 * torch.div(b, 128, rounding_mode="floor") + 0.000004 * b.clamp(min=256)
+    return (1.0 / seconds).float()
+
+
+def scheduler_simulation(quick: bool = False, gamma: int = 7, draws: int = 8) -> List[dict]:
+    from .scheduler import AsyncHardwareAware, Fixed, HardwareAware, Threshold
+
+    concurrency = [1, 8, 64, 256] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    sps = _jagged_sps(512 * (gamma + 1))
+    rows = []
+    for domain, (alpha, beta) in DOMAINS.items():
+        dist = torch.distributions.Beta(alpha, beta)
+        for R in concurrency:
+            policies = [Fixed(1), Fixed(gamma), Threshold(0.6), HardwareAware(sps), AsyncHardwareAware(sps)]
+            totals = {p.name: [0.0, 0.0] for p in policies}
+            torch.manual_seed(R)
+            for _ in range(draws):
+                conf = dist.sample((R, gamma))
+                survival = torch.cumprod(conf, 1)
+                for p in policies:
+                    lengths = p(conf)
+                    admitted = torch.arange(1, gamma + 1).unsqueeze(0) <= lengths.long().unsqueeze(1)
+                    tokens = R + float((survival * admitted).sum())
+                    batch = R + int(lengths.sum())
+                    totals[p.name][0] += tokens * float(sps[batch]) / draws
+                    totals[p.name][1] += int(lengths.sum()) / R / draws
+            for name, (tps, budget) in totals.items():
+                rows.append(dict(domain=domain, R=R, policy=name, tokens_per_s=tps, per_user_tokens_per_s=tps / R,
+                                 verified_per_request=budget))
+    return rows
+
+
+def _print_scheduler(timing: List[dict], simulation: List[dict]) -> None:
+    print("schedule_prefix (causal): median time per call; x = times faster than that baseline in this run")
+    header = f"{'device':6} {'R':>5} {'gamma':>5} {'dspark us':>10} {'eager us':>10} {'x eager':>8} {'reference us':>13} {'x reference':>12}"
+    print(header)
+    print("-" * len(header))
+    for r in timing:
+        print(f"{r['device']:6} {r['R']:5d} {r['gamma']:5d} {r['dspark_us']:10.1f} {r['eager_us']:10.1f} "
+              f"{r['speedup_vs_eager']:8.1f} {r['reference_us']:13.1f} {r['speedup_vs_reference']:12.1f}")
+    print()
+    print("Simulation: expected tokens/s by policy as concurrency grows (gamma = 7, jagged SPS curve);")
+    print("in parentheses: draft tokens verified per request")
+    policies = list(dict.fromkeys(r["policy"] for r in simulation))
+    for domain in DOMAINS:
+        print(f"\n[{domain}]")
+        print(f"{'R':>5} " + " ".join(f"{p:>24}" for p in policies))
+        for R in sorted({r["R"] for r in simulation}):
+            cells = []
+            for p in policies:
+                row = next(x for x in simulation if x["domain"] == domain and x["R"] == R and x["policy"] == p)
+                cells.append(f"{row['tokens_per_s']:15.0f} ({row['verified_per_request']:4.2f})")
+            print(f"{R:5d} " + " ".join(f"{c:>24}" for c in cells))
+
+
 def run(suite: str, quick: bool = False, json_path: Optional[str] = None, devices: Optional[Sequence[str]] = None) -> int:
-    if suite != "sampling":
+    if suite == "sampling":
+        print("rejection_sample (draft_logits mode, temperature 1): median time per call;")
+        print("x eager / x reference = how many times faster dspark is than that baseline in this run")
+        rows = sampling(quick=quick, devices=devices)
+        _print_table(rows)
+        results: object = rows
+    elif suite == "scheduler":
+        timing = scheduler_timing(quick=quick, devices=devices)
+        simulation = scheduler_simulation(quick=quick)
+        _print_scheduler(timing, simulation)
+        results = {"timing": timing, "simulation": simulation}
+    else:
         raise ValueError(f"unknown benchmark suite {suite!r}")
-    print("rejection_sample (draft_logits mode, temperature 1): median time per call;")
-    print("x eager / x reference = how many times faster dspark is than that baseline in this run")
-    rows = sampling(quick=quick, devices=devices)
-    _print_table(rows)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"suite": suite, "backends": backends(), "results": rows}, f, indent=2)
+            json.dump({"suite": suite, "backends": backends(), "results": results}, f, indent=2)
     return 0
