@@ -5,6 +5,7 @@
 
 #include "dspark/ops.h"
 #include "dspark/rejection.h"
+#include "request_params.h"
 #include "workspace.h"
 
 namespace dspark {
@@ -17,15 +18,6 @@ void check_float_matrix(const char* name, const TensorView& t, const Device& dev
   check::dtype_in(kOp, name, t, {DType::kFloat32, DType::kFloat16, DType::kBFloat16});
   check::same_device(kOp, name, t, device);
   check::inner_contiguous(kOp, name, t);
-}
-
-void check_int64_vector(const char* name, const TensorView& t, const Device& device, int64_t R) {
-  check::ndim(kOp, name, t, 1);
-  check::dtype_in(kOp, name, t, {DType::kInt64});
-  check::same_device(kOp, name, t, device);
-  check::contiguous(kOp, name, t);
-  DSPARK_CHECK_VALUE(t.size(0) == 1 || t.size(0) == R, kOp, ": argument '", name,
-                     "' must have 1 or R = ", R, " elements, got shape ", t.shape_str());
 }
 
 // Value checks that need the data; done here for CPU tensors (for CUDA
@@ -47,18 +39,7 @@ void check_values_on_host(const RejectionSampleArgs& a, int64_t R, int64_t n_dra
     DSPARK_CHECK_VALUE(x >= 0 && x < V, kOp, ": argument 'draft_tokens' holds token id ", x,
                        " at index ", j, ", outside the vocabulary [0, ", V, ")");
   }
-  if (a.temperatures.defined()) {
-    const float* t = a.temperatures.ptr<float>();
-    for (int64_t r = 0; r < R; ++r)
-      DSPARK_CHECK_VALUE(t[r] >= 0.0f, kOp, ": argument 'temperature' must be >= 0, got ", t[r],
-                         " for request ", r);
-  }
-  if (a.offsets.defined()) {
-    const int64_t* o = a.offsets.ptr<int64_t>();
-    for (int64_t i = 0; i < a.offsets.size(0); ++i)
-      DSPARK_CHECK_VALUE(o[i] >= 0 && o[i] < kMaxOffset, kOp,
-                         ": argument 'offset' must be in [0, 2^32), got ", o[i]);
-  }
+  check_request_values_on_host(kOp, R, a.temperatures, a.offsets);
 }
 
 }  // namespace
@@ -126,23 +107,7 @@ void rejection_sample(const RejectionSampleArgs& a) {
                        draft->shape_str());
   }
 
-  if (a.temperatures.defined()) {
-    check::ndim(kOp, "temperature", a.temperatures, 1);
-    check::dtype_in(kOp, "temperature", a.temperatures, {DType::kFloat32});
-    check::same_device(kOp, "temperature", a.temperatures, device);
-    check::contiguous(kOp, "temperature", a.temperatures);
-    check::dim_size(kOp, "temperature", a.temperatures, 0, R, "R");
-  } else {
-    DSPARK_CHECK_VALUE(a.temperature >= 0.0f, kOp, ": argument 'temperature' must be >= 0, got ",
-                       a.temperature);
-  }
-  if (a.seeds.defined()) check_int64_vector("seed", a.seeds, device, R);
-  if (a.offsets.defined()) {
-    check_int64_vector("offset", a.offsets, device, R);
-  } else {
-    DSPARK_CHECK_VALUE(a.offset < static_cast<uint64_t>(kMaxOffset), kOp,
-                       ": argument 'offset' must be in [0, 2^32), got ", a.offset);
-  }
+  check_request_params(kOp, device, R, a.temperature, a.temperatures, a.seeds, a.offset, a.offsets);
 
   check::defined(kOp, "output_tokens", a.output_tokens);
   check::ndim(kOp, "output_tokens", a.output_tokens, 2);
@@ -182,14 +147,7 @@ void rejection_sample(const RejectionSampleArgs& a) {
   p.vocab = V;
   p.num_target_rows = n_draft + R;
   p.num_draft_rows = n_draft;
-  p.temperature = a.temperature;
-  p.temperatures = a.temperatures.defined() ? a.temperatures.ptr<float>() : nullptr;
-  p.seed = a.seed;
-  p.seeds = a.seeds.defined() ? a.seeds.ptr<int64_t>() : nullptr;
-  p.num_seeds = a.seeds.defined() ? a.seeds.size(0) : 0;
-  p.offset = a.offset;
-  p.offsets = a.offsets.defined() ? a.offsets.ptr<int64_t>() : nullptr;
-  p.num_offsets = a.offsets.defined() ? a.offsets.size(0) : 0;
+  p.params = request_params(a.temperature, a.temperatures, a.seed, a.seeds, a.offset, a.offsets);
 
   if (device.type == DeviceType::kCPU) {
     check_values_on_host(a, R, n_draft, V);

@@ -23,6 +23,7 @@ namespace dspark {
 enum class Purpose : uint32_t {
   kAccept = 1,  // the uniform of an acceptance test (column 0)
   kRace = 2,    // the exponentials of a residual or bonus race (column = token)
+  kDraft = 3,   // the exponentials of a draft position's race (markov_sample)
 };
 
 constexpr int64_t kMaxColumns = int64_t{1} << 26;

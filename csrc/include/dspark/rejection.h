@@ -30,6 +30,7 @@
 #include "dspark/macros.h"
 #include "dspark/numerics.h"
 #include "dspark/random.h"
+#include "dspark/sampling.h"
 #include "dspark/tensor.h"
 
 namespace dspark::rejection {
@@ -78,14 +79,7 @@ struct Problem {
   int64_t vocab;
   int64_t num_target_rows;
   int64_t num_draft_rows;
-  float temperature;          // used when temperatures is null
-  const float* temperatures;  // [num_requests] or null
-  uint64_t seed;              // used when seeds is null
-  const int64_t* seeds;       // [1] (one stream, requests by index) or [num_requests]
-  int64_t num_seeds;
-  uint64_t offset;
-  const int64_t* offsets;  // [1] or [num_requests], or null
-  int64_t num_offsets;
+  RequestParams params;  // temperatures and random streams
 };
 
 // ------------------------------------------------------------- per request
@@ -110,32 +104,14 @@ DSPARK_HD DSPARK_INLINE Span request_span(const Problem& p, int32_t r) {
 }
 
 DSPARK_HD DSPARK_INLINE float request_temperature(const Problem& p, int32_t r) {
-  return p.temperatures ? p.temperatures[r] : p.temperature;
-}
-
-DSPARK_HD DSPARK_INLINE bool is_greedy(float temperature) { return !(temperature > 0.0f); }
-
-// The factor that turns a logit into a base-2 logit at this temperature.
-// Greedy rows use 1 so that their argmax is the argmax of the raw logits.
-DSPARK_HD DSPARK_INLINE float logit_scale(float temperature) {
-  return is_greedy(temperature) ? 1.0f : num::div(num::kLog2e, temperature);
+  return p.params.temperature_of(r);
 }
 
 DSPARK_HD DSPARK_INLINE RandomStream request_stream(const Problem& p, int32_t r) {
-  const bool per_request = p.seeds != nullptr && p.num_seeds > 1;
-  const uint64_t seed =
-      p.seeds ? static_cast<uint64_t>(p.seeds[p.num_seeds > 1 ? r : 0]) : p.seed;
-  const uint64_t offset =
-      p.offsets ? static_cast<uint64_t>(p.offsets[p.num_offsets > 1 ? r : 0]) : p.offset;
-  return RandomStream::make(seed, per_request ? 0u : static_cast<uint32_t>(r),
-                            static_cast<uint32_t>(offset));
+  return p.params.stream_of(r);
 }
 
 // ----------------------------------------------------------- per element
-
-DSPARK_HD DSPARK_INLINE float scaled_logit(float logit, float scale) {
-  return num::sanitize_logit(num::mul(logit, scale));
-}
 
 DSPARK_HD DSPARK_INLINE float logit_prob(float z, const RowStats& s) {
   return num::flush_weight(num::mul(num::exp2(num::sub(z, s.max)), s.inv_sum));

@@ -1,0 +1,91 @@
+// The sequential stage of the DSpark drafter (DSPARK.md, section 2), written
+// once for both backends: the Markov heads, the per-position sampling rule and
+// the canonical reduction of a corrected row.
+//
+// Position k (0-based) of request r samples from softmax((U_k + B_k) / T):
+//   e = W1[x_{k-1}] (x_{-1} is the anchor), W1 [V, rank];
+//   vanilla: a = e
+//   gated:   a = sigmoid(Wg [h_k ; e] + bg) * e,       Wg [rank, d + rank]
+//   rnn:     y = Wj [s_{k-1} ; e ; h_k] + bj,          Wj [3 rank, 2 rank + d]
+//            gate, cand, out = y[0:rank], y[rank:2 rank], y[2 rank:3 rank]
+//            s_k = sig(gate) s_{k-1} + (1 - sig(gate)) tanh(cand), s_{-1} = 0
+//            a = tanh(out)
+//   B_k[v] = sum_i a_i W2[v, i],  W2 [V, rank] (a linear layer's weight).
+// The corrected logit c = U + B is a float32. At T > 0, z = sanitize(c log2(e)/T)
+// (numerics.h) and the token is the winner of an exponential race over 2^z
+// (random numbers: Purpose::kDraft, position k, column v). The row's log-sum-
+// exp comes from a fixed-point sum, so it does not depend on summation order.
+//
+// The canonical reduction cuts a row into kMarkovChunk columns (the vocabulary
+// tile of the CUDA kernel). Chunk c keeps its maximum m_c, S_c = sum
+// fixed(2^(z - m_c)), and its race winner with key 2^(z - m_c) / E. Across
+// chunks, M = max m_c, S = sum round(S_c 2^(m_c - M)), and the winner has the
+// largest key * 2^(m_c - M) (ties: smallest column). Reported (natural log):
+// lse = ln 2 (M + log2(S 2^-40)), logprob = ln 2 (z_x - M - log2(S 2^-40)).
+// Greedy (T <= 0): the token is the first argmax of c, logprob = 0, lse = max c.
+//
+// Matrix products are not part of the shared numerics: the CUDA backend uses
+// tensor cores, the CPU backend FMA loops, so the two agree on tokens except
+// where two race keys (or two greedy logits) are within rounding of each other.
+#pragma once
+
+#include <cstdint>
+
+#include "dspark/macros.h"
+#include "dspark/numerics.h"
+#include "dspark/random.h"
+
+namespace dspark::markov {
+
+enum class Head : int32_t { kVanilla = 0, kGated = 1, kRnn = 2 };
+
+constexpr int64_t kMarkovChunk = 256;  // columns per chunk of the canonical reduction
+constexpr float kLn2 = 0x1.62e430p-1f;
+
+DSPARK_HD DSPARK_INLINE float sigmoid(float x) {
+  // 1 / (1 + 2^(-x log2 e)), with the shared exp2 (no libm, same on both backends).
+  const float t = num::exp2(num::mul(-x, num::kLog2e));
+  return num::div(1.0f, num::add(1.0f, t));
+}
+
+DSPARK_HD DSPARK_INLINE float tanh_(float x) {
+  // tanh(x) = 2 sigmoid(2x) - 1
+  return num::sub(num::mul(2.0f, sigmoid(num::mul(2.0f, x))), 1.0f);
+}
+
+// Per-chunk state of a sampled row.
+struct ChunkState {
+  float max;       // m_c
+  uint64_t sum;    // S_c
+  float best_key;  // 2^(z - m_c) / E of the chunk's race winner
+  int32_t best;    // its column
+};
+
+// Combines the chunks of a row into (M, S, winner). Chunks may be visited in
+// any order: max is exact, S an integer sum, and the winner is the largest
+// rescaled key with the smallest column on ties.
+struct RowState {
+  float max = -num::kFloatMax;
+  uint64_t sum = 0;
+  float best_key = -1.0f;
+  int32_t best = 0;
+};
+
+DSPARK_HD DSPARK_INLINE float rescaled_key(const ChunkState& c, float row_max) {
+  return num::mul(c.best_key, num::exp2(num::sub(c.max, row_max)));
+}
+
+DSPARK_HD DSPARK_INLINE bool better(float key, int32_t column, float best_key, int32_t best) {
+  return key > best_key || (key == best_key && column < best);
+}
+
+// The natural-log lse and the sampled token's log-probability of a row.
+DSPARK_HD DSPARK_INLINE float row_lse(float row_max, uint64_t sum) {
+  return num::mul(kLn2, num::add(row_max, num::log2(num::from_fixed(sum))));
+}
+
+DSPARK_HD DSPARK_INLINE float token_logprob(float z, float row_max, uint64_t sum) {
+  return num::mul(kLn2, num::sub(num::sub(z, row_max), num::log2(num::from_fixed(sum))));
+}
+
+}  // namespace dspark::markov
