@@ -20,6 +20,7 @@
 #include "dspark/rejection.h"
 #include "fp_env.h"
 #include "parallel.h"
+#include "vec.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DSPARK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
@@ -37,30 +38,6 @@ constexpr int64_t kRequestsPerTask = 8;  // grain of the per-request loops
 
 // ------------------------------------------------------- vectorised loops
 
-DSPARK_CPU_CLONES void convert_chunk(const void* src, DType dtype, int64_t n, float* dst) {
-  if (dtype == DType::kFloat32) {
-    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
-  } else if (dtype == DType::kBFloat16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]);
-  } else {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < n; ++i) dst[i] = fp16_bits_to_float(s[i]);
-  }
-}
-
-// z <- sanitize(l * scale); returns the largest orderable(z).
-DSPARK_CPU_CLONES uint32_t scale_and_max(float* z, int64_t n, float scale) {
-  uint32_t best = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = scaled_logit(z[i], scale);
-    z[i] = v;
-    const uint32_t o = num::orderable(v);
-    best = o > best ? o : best;
-  }
-  return best;
-}
-
 DSPARK_CPU_CLONES uint32_t prob_max(const float* q, int64_t n) {
   uint32_t best = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -70,23 +47,15 @@ DSPARK_CPU_CLONES uint32_t prob_max(const float* q, int64_t n) {
   return best;
 }
 
-DSPARK_CPU_CLONES uint64_t logit_sum(const float* z, int64_t n, float chunk_max) {
-  uint64_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += logit_term(z[i], chunk_max);
-  return s;
-}
-
 DSPARK_CPU_CLONES uint64_t prob_sum(const float* q, int64_t n) {
   uint64_t s = 0;
   for (int64_t i = 0; i < n; ++i) s += prob_term(q[i]);
   return s;
 }
 
-int64_t first_index_of(const float* z, int64_t n, uint32_t ordered, bool probs) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = probs ? num::sanitize_prob(z[i]) : z[i];
-    if (num::orderable(v) == ordered) return i;
-  }
+int64_t first_prob_index_of(const float* q, int64_t n, uint32_t ordered) {
+  for (int64_t i = 0; i < n; ++i)
+    if (num::orderable(num::sanitize_prob(q[i])) == ordered) return i;
   return 0;
 }
 
@@ -117,16 +86,16 @@ ChunkStats chunk_stats(const void* row, DType dtype, int64_t begin, int64_t end,
                        bool probs) {
   alignas(64) float buf[kChunk];
   const int64_t n = end - begin;
-  convert_chunk(static_cast<const char*>(row) + begin * static_cast<int64_t>(dtype_size(dtype)),
-                dtype, n, buf);
+  convert_to_float(static_cast<const char*>(row) + begin * static_cast<int64_t>(dtype_size(dtype)),
+                   dtype, n, buf);
   ChunkStats c;
   if (probs) {
     const uint32_t best = prob_max(buf, n);
-    c.max_arg = num::pack_arg(best, static_cast<uint32_t>(begin + first_index_of(buf, n, best, true)));
+    c.max_arg = num::pack_arg(best, static_cast<uint32_t>(begin + first_prob_index_of(buf, n, best)));
     c.sum = prob_sum(buf, n);
   } else {
     const uint32_t best = scale_and_max(buf, n, scale);
-    c.max_arg = num::pack_arg(best, static_cast<uint32_t>(begin + first_index_of(buf, n, best, false)));
+    c.max_arg = num::pack_arg(best, static_cast<uint32_t>(begin + first_index_of(buf, n, best)));
     c.sum = logit_sum(buf, n, num::from_orderable(best));
   }
   return c;
@@ -159,37 +128,6 @@ DSPARK_CPU_CLONES void residual_weights(const float* pt, float* pd, int64_t n) {
   for (int64_t i = 0; i < n; ++i) pd[i] = pt[i] > pd[i] ? num::flush_weight(num::sub(pt[i], pd[i])) : 0.0f;
 }
 
-// The Philox words of columns [4 * g0, 4 * (g0 + groups)), split by lane.
-DSPARK_CPU_CLONES void race_words(RandomStream s, uint32_t position, uint32_t g0, int64_t groups,
-                                  uint32_t* DSPARK_RESTRICT w0, uint32_t* DSPARK_RESTRICT w1,
-                                  uint32_t* DSPARK_RESTRICT w2, uint32_t* DSPARK_RESTRICT w3) {
-  for (int64_t g = 0; g < groups; ++g) {
-    const Philox4x32 b = s.block(Purpose::kRace, position, g0 + static_cast<uint32_t>(g));
-    w0[g] = b.v[0];
-    w1[g] = b.v[1];
-    w2[g] = b.v[2];
-    w3[g] = b.v[3];
-  }
-}
-
-// key_i = w_i / E_i as float bits (keys are >= 0, so the bits order like the floats).
-DSPARK_CPU_CLONES void race_keys(const float* w, const uint32_t* bits, int64_t n, uint32_t* keys) {
-  for (int64_t i = 0; i < n; ++i) keys[i] = num::float_bits(num::div(w[i], num::exponential(bits[i])));
-}
-
-DSPARK_CPU_CLONES uint32_t max_u32(const uint32_t* x, int64_t n) {
-  uint32_t best = 0;
-  for (int64_t i = 0; i < n; ++i) best = x[i] > best ? x[i] : best;
-  return best;
-}
-
-uint64_t best_key(const uint32_t* keys, int64_t n, int64_t begin) {
-  const uint32_t best = max_u32(keys, n);
-  int64_t i = 0;
-  while (keys[i] != best) ++i;
-  return num::pack_arg(best, static_cast<uint32_t>(begin + i));
-}
-
 const void* row_at(const void* base, DType dtype, int64_t stride, int64_t row) {
   return static_cast<const char*>(base) + row * stride * static_cast<int64_t>(dtype_size(dtype));
 }
@@ -201,12 +139,12 @@ const void* column_at(const void* row, DType dtype, int64_t column) {
 // Target (and draft) probabilities of one chunk into pt (and pd).
 void chunk_probs(const Problem& p, int64_t trow, int64_t drow, float scale, const RowStats& ts,
                  const RowStats& ds, int64_t begin, int64_t n, float* pt, float* pd) {
-  convert_chunk(column_at(row_at(p.target, p.target_dtype, p.target_stride, trow), p.target_dtype, begin),
-                p.target_dtype, n, pt);
+  convert_to_float(column_at(row_at(p.target, p.target_dtype, p.target_stride, trow), p.target_dtype, begin),
+                   p.target_dtype, n, pt);
   logit_probs(pt, n, scale, ts);
   if (pd == nullptr) return;
-  convert_chunk(column_at(row_at(p.draft, p.draft_dtype, p.draft_stride, drow), p.draft_dtype, begin),
-                p.draft_dtype, n, pd);
+  convert_to_float(column_at(row_at(p.draft, p.draft_dtype, p.draft_stride, drow), p.draft_dtype, begin),
+                   p.draft_dtype, n, pd);
   if (p.mode == DraftMode::kLogits) logit_probs(pd, n, scale, ds);
   else given_probs(pd, n, ds);
 }
@@ -215,7 +153,6 @@ RaceBest race_chunk(const Problem& p, const RaceRow& rr, const RowStats& ts, con
                     int64_t begin, int64_t end) {
   alignas(64) float pt[kChunk], w[kChunk];
   alignas(64) uint32_t bits[kChunk], keys[kChunk];
-  alignas(64) uint32_t lane[4][kChunk / 4];
   const int64_t n = end - begin;
   const bool draft_residual = rr.kind == RaceKind::kResidual && p.mode != DraftMode::kOneHot;
   chunk_probs(p, rr.target_row, rr.draft_row, rr.scale, ts, ds, begin, n, pt, draft_residual ? w : nullptr);
@@ -227,8 +164,7 @@ RaceBest race_chunk(const Problem& p, const RaceRow& rr, const RowStats& ts, con
   }
   // begin is a multiple of kChunk, hence of 4.
   const int64_t groups = (n + 3) / 4;
-  race_words(rr.stream, rr.position, static_cast<uint32_t>(begin / 4), groups, lane[0], lane[1], lane[2], lane[3]);
-  for (int64_t i = 0; i < n; ++i) bits[i] = lane[i & 3][i >> 2];
+  random_words(rr.stream, Purpose::kRace, rr.position, static_cast<uint32_t>(begin / 4), groups, bits);
   RaceBest best;
   if (rr.kind == RaceKind::kResidual) {
     race_keys(w, bits, n, keys);

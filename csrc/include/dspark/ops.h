@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "dspark/markov.h"
 #include "dspark/rejection.h"
 #include "dspark/schedule.h"
 #include "dspark/tensor.h"
@@ -86,13 +87,66 @@ constexpr int64_t kScheduleMaxCandidatesCuda = 16384;
 
 void schedule_prefix(const SchedulePrefixArgs& args);
 
+// ----------------------------------------------------------- markov_sample
+
+struct MarkovSampleArgs {
+  TensorView base_logits;    // [R, gamma, V] float32 / float16 / bfloat16
+  TensorView anchor_tokens;  // [R] int32 / int64
+  TensorView w1;             // [V, rank] embedding table
+  TensorView w2;             // [V, rank] projection (a linear layer's weight)
+  markov::Head head = markov::Head::kVanilla;
+  TensorView gate_weight, gate_bias;    // gated: [rank, d + rank], [rank]
+  TensorView joint_weight, joint_bias;  // rnn: [3 rank, 2 rank + d], [3 rank]
+  TensorView hidden;                    // [R, gamma, d] (gated, rnn)
+  float temperature = 1.0f;
+  TensorView temperatures;  // optional [R] float32
+  uint64_t seed = 0;
+  TensorView seeds;  // optional [1] or [R] int64
+  uint64_t offset = 0;
+  TensorView offsets;  // optional [1] or [R] int64
+  // outputs
+  TensorView draft_tokens;  // [R, gamma] int64
+  TensorView logprobs;      // [R, gamma] float32: log p_d of each sampled token
+  TensorView lse;           // [R, gamma] float32: log-sum-exp of (U + B) / T
+  TensorView corrected;     // optional [R, gamma, V] float32: U + B
+  TensorView workspace;     // uint8, markov_sample_workspace_bytes (CUDA only)
+  void* stream = nullptr;
+};
+
+size_t markov_sample_workspace_bytes(int64_t num_requests, int64_t gamma, int64_t vocab, int64_t rank,
+                                     int64_t hidden_size, markov::Head head);
+void markov_sample(const MarkovSampleArgs& args);
+
+// -------------------------------------------------------------- confidence
+
+struct ConfidenceArgs {
+  TensorView hidden;         // [R, gamma, d]
+  TensorView w1;             // [V, rank]
+  TensorView anchor_tokens;  // [R]
+  TensorView draft_tokens;   // [R, gamma]: position k uses the token before it
+  TensorView weight;         // [1, d + rank]
+  TensorView bias;           // [1]
+  TensorView temperatures;   // optional [gamma] STS temperatures
+  // outputs
+  TensorView logits;    // [R, gamma] float32, raw (before STS)
+  TensorView conf;      // [R, gamma] float32, conditional confidences
+  TensorView survival;  // [R, gamma] float32, cumulative products
+  void* stream = nullptr;
+};
+
+void confidence(const ConfidenceArgs& args);
+
 namespace cpu {
 void rejection_sample(const rejection::Problem& problem, const RejectionSampleArgs& args);
 void schedule_prefix(const SchedulePrefixArgs& args);
+void markov_sample(const MarkovSampleArgs& args);
+void confidence(const ConfidenceArgs& args);
 }  // namespace cpu
 namespace cuda {
 void rejection_sample(const rejection::Problem& problem, const RejectionSampleArgs& args);
 void schedule_prefix(const SchedulePrefixArgs& args);
+void markov_sample(const MarkovSampleArgs& args);
+void confidence(const ConfidenceArgs& args);
 }  // namespace cuda
 
 }  // namespace dspark
