@@ -75,6 +75,7 @@ def simulate(
     start: int,
     seed: int,
     device: torch.device = torch.device("cpu"),
+    drafter: Optional[Callable[..., tuple]] = None,
 ) -> torch.Tensor:
     """The first `num_tokens` committed tokens of each request, [R, num_tokens].
 
@@ -82,6 +83,10 @@ def simulate(
     draft chain (at its temperature in `logits` mode, as the op assumes; from
     the untempered chain in `probs` and `onehot` mode), builds the target rows
     of its prefixes, and calls `sampler` once for the whole batch.
+
+    `drafter(anchors [Ra], temperatures [Ra], gamma, seed)`, when given, replaces
+    the draft chain: it returns the drafts [Ra, gamma] and their distributions
+    [Ra, gamma, V] (logits in `logits` mode, probabilities in `probs` mode).
     """
     assert mode in MODES
     g = torch.Generator().manual_seed(seed)
@@ -99,7 +104,11 @@ def simulate(
         # draft chain: x_k ~ q(. | x_{k-1})
         prev = anchor[active]
         drafts = torch.empty(Ra, gamma, dtype=torch.int64)
-        for k in range(gamma):
+        rows = None
+        if drafter is not None:
+            drafts, rows = drafter(prev, temps, gamma, int(torch.randint(0, 2**62, (1,), generator=g)))
+            drafts, rows = drafts.cpu().long(), rows.cpu()
+        for k in range(gamma if drafter is None else 0):
             if mode == "logits":
                 t = torch.where(temps > 0, temps, torch.ones_like(temps)).double().unsqueeze(-1)
                 q = torch.softmax(chains.draft_logits[prev].double() / t, -1)
@@ -117,7 +126,9 @@ def simulate(
         cu = torch.zeros(Ra + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(n, 0).to(torch.int32)
         kwargs = {}
-        if mode == "logits":
+        if rows is not None:
+            kwargs["draft_logits" if mode == "logits" else "draft_probs"] = rows[:, :gamma][draft_mask].float().to(device)
+        elif mode == "logits":
             kwargs["draft_logits"] = chains.draft_logits[draft_prev].to(device)
         elif mode == "probs":
             kwargs["draft_probs"] = draft_probs_table[draft_prev].float().to(device)

@@ -9,6 +9,7 @@
 
 #include "dspark/ops.h"
 #include "dspark/philox.h"
+#include "dspark/dtype_load.h"
 #include "dspark/numerics.h"
 
 namespace py = pybind11;
@@ -107,6 +108,59 @@ void schedule_prefix(TensorView conf, TensorView cap, int32_t mode, TensorView s
   dspark::schedule_prefix(a);
 }
 
+void markov_sample(TensorView base_logits, TensorView anchor_tokens, TensorView w1, TensorView w2,
+                   int32_t head, TensorView gate_weight, TensorView gate_bias, TensorView joint_weight,
+                   TensorView joint_bias, TensorView hidden, double temperature, TensorView temperatures,
+                   int64_t seed, TensorView seeds, int64_t offset, TensorView offsets,
+                   TensorView draft_tokens, TensorView logprobs, TensorView lse, TensorView corrected,
+                   TensorView workspace, uintptr_t stream) {
+  if (head < 0 || head > static_cast<int32_t>(dspark::markov::Head::kRnn))
+    throw dspark::ValueError("markov_sample: unknown head " + std::to_string(head));
+  if (offset < 0) throw dspark::ValueError("markov_sample: argument 'offset' must be in [0, 2^32)");
+  dspark::MarkovSampleArgs a;
+  a.base_logits = base_logits;
+  a.anchor_tokens = anchor_tokens;
+  a.w1 = w1;
+  a.w2 = w2;
+  a.head = static_cast<dspark::markov::Head>(head);
+  a.gate_weight = gate_weight;
+  a.gate_bias = gate_bias;
+  a.joint_weight = joint_weight;
+  a.joint_bias = joint_bias;
+  a.hidden = hidden;
+  a.temperature = static_cast<float>(temperature);
+  a.temperatures = temperatures;
+  a.seed = static_cast<uint64_t>(seed);
+  a.seeds = seeds;
+  a.offset = static_cast<uint64_t>(offset);
+  a.offsets = offsets;
+  a.draft_tokens = draft_tokens;
+  a.logprobs = logprobs;
+  a.lse = lse;
+  a.corrected = corrected;
+  a.workspace = workspace;
+  a.stream = reinterpret_cast<void*>(stream);
+  dspark::markov_sample(a);
+}
+
+void confidence(TensorView hidden, TensorView w1, TensorView anchor_tokens, TensorView draft_tokens,
+                TensorView weight, TensorView bias, TensorView temperatures, TensorView logits,
+                TensorView conf, TensorView survival, uintptr_t stream) {
+  dspark::ConfidenceArgs a;
+  a.hidden = hidden;
+  a.w1 = w1;
+  a.anchor_tokens = anchor_tokens;
+  a.draft_tokens = draft_tokens;
+  a.weight = weight;
+  a.bias = bias;
+  a.temperatures = temperatures;
+  a.logits = logits;
+  a.conf = conf;
+  a.survival = survival;
+  a.stream = reinterpret_cast<void*>(stream);
+  dspark::confidence(a);
+}
+
 py::tuple philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   const dspark::Philox4x32 r = dspark::philox4x32_10(c0, c1, c2, c3, k0, k1);
   return py::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
@@ -162,6 +216,22 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.attr("schedule_max_candidates_cuda") = dspark::kScheduleMaxCandidatesCuda;
 
+  m.def("markov_sample_workspace_bytes",
+        [](int64_t R, int64_t gamma, int64_t V, int64_t rank, int64_t d, int32_t head) {
+          return dspark::markov_sample_workspace_bytes(R, gamma, V, rank, d, static_cast<dspark::markov::Head>(head));
+        },
+        py::arg("num_requests"),
+        py::arg("gamma"), py::arg("vocab"), py::arg("rank"), py::arg("hidden_size"), py::arg("head"));
+  m.def("markov_sample", &markov_sample, py::arg("base_logits"), py::arg("anchor_tokens"), py::arg("w1"),
+        py::arg("w2"), py::arg("head"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("joint_weight"),
+        py::arg("joint_bias"), py::arg("hidden"), py::arg("temperature"), py::arg("temperatures"),
+        py::arg("seed"), py::arg("seeds"), py::arg("offset"), py::arg("offsets"), py::arg("draft_tokens"),
+        py::arg("logprobs"), py::arg("lse"), py::arg("corrected"), py::arg("workspace"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("confidence", &confidence, py::arg("hidden"), py::arg("w1"), py::arg("anchor_tokens"),
+        py::arg("draft_tokens"), py::arg("weight"), py::arg("bias"), py::arg("temperatures"), py::arg("logits"),
+        py::arg("conf"), py::arg("survival"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
   // Shared numerics, exposed so that tests can compare them with the reference.
   py::module_ t = m.def_submodule("numerics", "the shared __host__ __device__ numerics");
   t.def("philox4x32_10", &philox4x32_10);
@@ -170,4 +240,6 @@ PYBIND11_MODULE(_C, m) {
   t.def("exponential", [](uint32_t bits) { return dspark::num::exponential(bits); });
   t.def("uniform", [](uint32_t bits) { return dspark::num::uniform(bits); });
   t.def("to_fixed", [](float w) { return dspark::num::to_fixed(w); });
+  t.def("round_to_bf16", [](float x) { return dspark::round_to_bf16(x); });
+  t.def("round_to_fp16", [](float x) { return dspark::round_to_fp16(x); });
 }

@@ -17,8 +17,11 @@ import torch
 
 __all__ = [
     "PURPOSE_ACCEPT",
+    "PURPOSE_DRAFT",
     "PURPOSE_RACE",
+    "confidence",
     "exponential",
+    "markov_sample",
     "philox4x32_10",
     "random_bits",
     "rejection_sample",
@@ -349,3 +352,124 @@ def schedule_prefix(
     total = sum(lengths)
     return ScheduleReference(torch.tensor(lengths, dtype=torch.int32), theta(tokens, R + total) if table else 0.0,
                              total, thetas)
+
+
+# ------------------------------------------------------------ Markov head
+
+PURPOSE_DRAFT = 3
+MARKOV_CHUNK = 256
+
+
+class MarkovReference(NamedTuple):
+    draft_tokens: torch.Tensor
+    logprobs: torch.Tensor
+    lse: torch.Tensor
+    corrected_logits: torch.Tensor
+    margins: torch.Tensor  # [R, gamma]: relative gap of the two best race keys (inf when greedy ties are exact)
+
+
+def _round_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype).to(torch.float64) if dtype in (torch.bfloat16, torch.float16) else x
+
+
+def markov_sample(
+    base_logits: torch.Tensor,
+    anchor_tokens: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    head: str = "vanilla",
+    gate_weight: Optional[torch.Tensor] = None,
+    gate_bias: Optional[torch.Tensor] = None,
+    joint_weight: Optional[torch.Tensor] = None,
+    joint_bias: Optional[torch.Tensor] = None,
+    hidden: Optional[torch.Tensor] = None,
+    temperature: Union[float, torch.Tensor] = 1.0,
+    seed: Union[int, torch.Tensor] = 0,
+    offset: Union[int, torch.Tensor] = 0,
+) -> MarkovReference:
+    """The oracle of :func:`dspark.ops.markov_sample`: the DeepSpec-style loop
+    (one position at a time, the head as written in DSPARK.md) in float64, with
+    the project's random numbers: the token of position k is
+    ``argmax_v 2^(z_v) / E_v``, ``z = sanitize(c log2(e) / T)`` from the float32
+    corrected logits ``c`` (computed here in float64 and rounded), E from
+    Philox (purpose 3, position k, column v)."""
+    base_logits = base_logits.cpu()
+    R, gamma, V = base_logits.shape
+    w1d, w2d = w1.cpu().double(), w2.cpu().double()
+    rank = w1.shape[1]
+    temps = ([float(t) for t in temperature.cpu()] if isinstance(temperature, torch.Tensor)
+             else [float(temperature)] * R)
+    seeds = [int(s) for s in seed.cpu()] if isinstance(seed, torch.Tensor) else [int(seed)]
+    offsets = [int(o) for o in offset.cpu()] if isinstance(offset, torch.Tensor) else [int(offset)]
+    per_request_seed = len(seeds) > 1
+    columns = torch.arange(V, dtype=torch.int64)
+    tokens = torch.zeros(R, gamma, dtype=torch.int64)
+    logprobs = torch.zeros(R, gamma, dtype=torch.float32)
+    lse = torch.zeros(R, gamma, dtype=torch.float32)
+    corrected = torch.zeros(R, gamma, V, dtype=torch.float32)
+    margins = torch.full((R, gamma), math.inf, dtype=torch.float64)
+    for r in range(R):
+        prev = int(anchor_tokens[r])
+        state = torch.zeros(rank, dtype=torch.float64)
+        for k in range(gamma):
+            e = w1d[prev]
+            if head == "gated":
+                x = torch.cat([hidden[r, k].cpu().double(), e])
+                g = torch.sigmoid(gate_weight.cpu().double() @ x + gate_bias.cpu().double())
+                a = g * e
+            elif head == "rnn":
+                x = torch.cat([state, e, hidden[r, k].cpu().double()])
+                y = joint_weight.cpu().double() @ x + joint_bias.cpu().double()
+                gate, cand, out = y[:rank], y[rank:2 * rank], y[2 * rank:]
+                state = torch.sigmoid(gate) * state + (1 - torch.sigmoid(gate)) * torch.tanh(cand)
+                a = torch.tanh(out)
+            else:
+                a = e
+            a = _round_like(a, w2.dtype)  # 16-bit inputs to the product (markov.h)
+            c = (base_logits[r, k].double() + w2d @ a).to(torch.float32)
+            corrected[r, k] = c
+            T = temps[r]
+            if not T > 0:
+                clean = _sanitize_logits(c)
+                token = int(torch.argmax(clean))
+                top = torch.topk(clean.double(), min(2, V)).values
+                if top.numel() > 1:
+                    margins[r, k] = float((top[0] - top[1]) / max(1.0, abs(float(top[0]))))
+                tokens[r, k] = token
+                lse[r, k] = float(clean.max())
+            else:
+                z = _sanitize_logits(c * _scale(T)).to(torch.float64)
+                m = z.max()
+                w = torch.exp2(z - m)
+                s = w.sum()
+                bits = random_bits(seeds[r if per_request_seed else 0], offsets[r if len(offsets) > 1 else 0],
+                                   0 if per_request_seed else r, k, PURPOSE_DRAFT, columns)
+                token, _, margin = _race(w, bits)
+                margins[r, k] = margin
+                tokens[r, k] = token
+                lse[r, k] = float(math.log(2.0) * (m + torch.log2(s)))
+                logprobs[r, k] = float(math.log(2.0) * (z[token] - m - torch.log2(s)))
+            prev = int(tokens[r, k])
+    return MarkovReference(tokens, logprobs, lse, corrected, margins)
+
+
+def confidence(
+    hidden: torch.Tensor,
+    w1: torch.Tensor,
+    anchor_tokens: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    temperatures: Optional[torch.Tensor] = None,
+):
+    """The oracle of :func:`dspark.ops.confidence` in float64: (logits, conf, survival)."""
+    hidden = hidden.cpu().double()
+    R, gamma, _ = hidden.shape
+    prev = torch.cat([anchor_tokens.cpu().reshape(R, 1).long(), draft_tokens.cpu().long()[:, : gamma - 1]], dim=1)
+    x = torch.cat([hidden, w1.cpu().double()[prev]], dim=-1)
+    logits = x @ weight.cpu().double().reshape(-1) + bias.cpu().double().reshape(())
+    t = temperatures.cpu().double() if temperatures is not None else torch.ones(gamma, dtype=torch.float64)
+    conf = torch.sigmoid(logits / t)
+    return logits.float(), conf.float(), torch.cumprod(conf, dim=1).float()

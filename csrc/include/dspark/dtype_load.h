@@ -25,6 +25,35 @@ DSPARK_HD DSPARK_INLINE float fp16_bits_to_float(uint16_t h) {
   return num::bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
+// Round to nearest even, to bfloat16 and to float16 (as __float2bfloat16_rn and
+// __float2half_rn do), returned widened back to float.
+DSPARK_HD DSPARK_INLINE float round_to_bf16(float f) {
+  uint32_t u = num::float_bits(f);
+  if ((u & 0x7f800000u) == 0x7f800000u) return f;  // inf, NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return num::bits_float(u & 0xffff0000u);
+}
+
+DSPARK_HD DSPARK_INLINE float round_to_fp16(float f) {
+  const uint32_t u = num::float_bits(f);
+  const uint32_t sign = u & 0x80000000u;
+  const float a = num::bits_float(u & 0x7fffffffu);
+  if (!(a < 65520.0f)) {  // overflow to inf (NaN stays NaN)
+    return a != a ? f : num::bits_float(sign | 0x7f800000u);
+  }
+  if (a < 0x1p-14f) {  // fp16 subnormals: multiples of 2^-24
+    const float q = num::sub(num::add(a, 0x1p-1f), 0x1p-1f);  // the ulp of 1/2 is 2^-24
+    return num::bits_float(sign | num::float_bits(q));
+  }
+  uint32_t m = u & 0x7fffffffu;
+  m += 0xfffu + ((m >> 13) & 1u);  // round the 23-bit mantissa to 10 bits
+  return num::bits_float(sign | (m & 0xffffe000u));
+}
+
+DSPARK_HD DSPARK_INLINE float round_to(float f, DType dtype) {
+  return dtype == DType::kBFloat16 ? round_to_bf16(f) : dtype == DType::kFloat16 ? round_to_fp16(f) : f;
+}
+
 // Element `index` of a float tensor of the given dtype.
 DSPARK_HD DSPARK_INLINE float load_float(const void* base, DType dtype, int64_t index) {
   switch (dtype) {

@@ -24,6 +24,9 @@
 // lse = ln 2 (M + log2(S 2^-40)), logprob = ln 2 (z_x - M - log2(S 2^-40)).
 // Greedy (T <= 0): the token is the first argmax of c, logprob = 0, lse = max c.
 //
+// When W2 is 16-bit, the A rows are rounded to W2's dtype before the product
+// (round to nearest even), so both backends multiply the same 16-bit values
+// with float32 accumulation ("bf16 in, fp32 accumulate").
 // Matrix products are not part of the shared numerics: the CUDA backend uses
 // tensor cores, the CPU backend FMA loops, so the two agree on tokens except
 // where two race keys (or two greedy logits) are within rounding of each other.
@@ -54,21 +57,13 @@ DSPARK_HD DSPARK_INLINE float tanh_(float x) {
 }
 
 // Per-chunk state of a sampled row.
+// Greedy rows keep only max (of the sanitized corrected logits) and best.
 struct ChunkState {
-  float max;       // m_c
   uint64_t sum;    // S_c
+  float max;       // m_c
   float best_key;  // 2^(z - m_c) / E of the chunk's race winner
-  int32_t best;    // its column
-};
-
-// Combines the chunks of a row into (M, S, winner). Chunks may be visited in
-// any order: max is exact, S an integer sum, and the winner is the largest
-// rescaled key with the smallest column on ties.
-struct RowState {
-  float max = -num::kFloatMax;
-  uint64_t sum = 0;
-  float best_key = -1.0f;
-  int32_t best = 0;
+  float best_z;    // the winner's z
+  int32_t best;    // the winner's column
 };
 
 DSPARK_HD DSPARK_INLINE float rescaled_key(const ChunkState& c, float row_max) {
@@ -79,13 +74,43 @@ DSPARK_HD DSPARK_INLINE bool better(float key, int32_t column, float best_key, i
   return key > best_key || (key == best_key && column < best);
 }
 
-// The natural-log lse and the sampled token's log-probability of a row.
-DSPARK_HD DSPARK_INLINE float row_lse(float row_max, uint64_t sum) {
-  return num::mul(kLn2, num::add(row_max, num::log2(num::from_fixed(sum))));
-}
+struct RowResult {
+  int32_t token;
+  float logprob;
+  float lse;
+};
 
-DSPARK_HD DSPARK_INLINE float token_logprob(float z, float row_max, uint64_t sum) {
-  return num::mul(kLn2, num::sub(num::sub(z, row_max), num::log2(num::from_fixed(sum))));
+// Combines a row's chunks. The operations (max, integer sum, `better`) do not
+// depend on the visiting order, so a parallel combination gives the same.
+DSPARK_HD inline RowResult combine_chunks(const ChunkState* chunks, int64_t count, bool greedy) {
+  float row_max = -num::kFloatMax;
+  for (int64_t c = 0; c < count; ++c) row_max = num::fmax(row_max, chunks[c].max);
+  RowResult out{0, 0.0f, row_max};
+  if (greedy) {  // the first chunk holding the maximum holds the first argmax
+    for (int64_t c = 0; c < count; ++c)
+      if (chunks[c].max == row_max) {
+        out.token = chunks[c].best;
+        break;
+      }
+    return out;
+  }
+  uint64_t sum = 0;
+  float best_key = -1.0f, best_z = 0.0f;
+  int32_t best = 0;
+  for (int64_t c = 0; c < count; ++c) {
+    sum += num::rescale_fixed(chunks[c].sum, num::exp2(num::sub(chunks[c].max, row_max)));
+    const float key = rescaled_key(chunks[c], row_max);
+    if (better(key, chunks[c].best, best_key, best)) {
+      best_key = key;
+      best = chunks[c].best;
+      best_z = chunks[c].best_z;
+    }
+  }
+  const float log2_sum = num::log2(num::from_fixed(sum));
+  out.token = best;
+  out.lse = num::mul(kLn2, num::add(row_max, log2_sum));
+  out.logprob = num::mul(kLn2, num::sub(num::sub(best_z, row_max), log2_sum));
+  return out;
 }
 
 }  // namespace dspark::markov

@@ -1,0 +1,339 @@
+"""markov_sample and confidence: agreement with the PyTorch reference, the
+joint distribution of a drafted block, losslessness of a full round with
+rejection_sample, invariance, bad input, torch integration, and CUDA."""
+
+import math
+
+import pytest
+import torch
+
+from dspark import ops, reference
+from markov import Chains, encode, sequence_probs, simulate, tempered
+from stats import assert_fits, samples_for_power
+
+HEADS = ("vanilla", "gated", "rnn")
+MARGIN = 1e-4
+
+
+def make_drafter(V, rank, d, gamma, R, seed, dtype=torch.float32, spread=2.0, scale=0.6):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        U=(torch.randn(R, gamma, V, generator=g) * spread),
+        anchor=torch.randint(0, V, (R,), generator=g),
+        w1=(torch.randn(V, rank, generator=g) * scale).to(dtype),
+        w2=(torch.randn(V, rank, generator=g) * scale).to(dtype),
+        hidden=torch.randn(R, gamma, d, generator=g),
+        gate_weight=(torch.randn(rank, d + rank, generator=g) * 0.2).to(dtype),
+        gate_bias=(torch.randn(rank, generator=g) * 0.2).to(dtype),
+        joint_weight=(torch.randn(3 * rank, 2 * rank + d, generator=g) * 0.2).to(dtype),
+        joint_bias=(torch.randn(3 * rank, generator=g) * 0.2).to(dtype),
+    )
+
+
+def head_kwargs(p, head):
+    kw = dict(head=head)
+    if head == "gated":
+        kw.update(gate_weight=p["gate_weight"], gate_bias=p["gate_bias"], hidden=p["hidden"])
+    if head == "rnn":
+        kw.update(joint_weight=p["joint_weight"], joint_bias=p["joint_bias"], hidden=p["hidden"])
+    return kw
+
+
+def tolerance(head, dtype):
+    """With 16-bit weights the gated and RNN heads round their computed A rows
+    to 16 bits (markov.h); a float32 difference at a rounding boundary moves a
+    coordinate by one 16-bit ulp, so the logits agree to that precision only."""
+    if dtype != torch.float32 and head != "vanilla":
+        return dict(margin=5e-3, atol=1e-2)
+    return dict(margin=MARGIN, atol=2e-4)
+
+
+def assert_matches(out, ref, label, margin=MARGIN, atol=2e-4):
+    """Tokens equal; a request is exempt from the position of its first
+    near-tie on (its later positions depend on that token)."""
+    close = ref.margins < margin
+    exempt = torch.cumsum(close.long(), dim=1) > 0
+    diff = (out.draft_tokens.cpu() != ref.draft_tokens) & ~exempt
+    assert not diff.any(), f"{label}: tokens differ at {torch.nonzero(diff)[:5].tolist()}"
+    assert int(exempt[:, 0].sum()) <= max(2, exempt.shape[0] // 4), f"{label}: too many near-ties"
+    keep = ~exempt
+    torch.testing.assert_close(out.logprobs.cpu()[keep], ref.logprobs[keep], atol=atol, rtol=1e-5)
+    torch.testing.assert_close(out.lse.cpu()[keep], ref.lse[keep], atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_matches_reference(head, dtype, temperature):
+    p = make_drafter(1000, 32, 24, 6, 12, seed=hash((head, temperature)) % 1000, dtype=dtype)
+    kw = head_kwargs(p, head)
+    temps = torch.full((12,), temperature)
+    out = ops.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], temperature=temps, seed=5, offset=1,
+                            return_corrected_logits=True, **kw)
+    ref = reference.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], temperature=temps, seed=5, offset=1, **kw)
+    tol = tolerance(head, dtype)
+    assert_matches(out, ref, f"{head} {dtype} T={temperature}", **tol)
+    torch.testing.assert_close(out.corrected_logits, ref.corrected_logits, atol=tol["atol"] / 2, rtol=1e-5)
+    assert out.draft_tokens.dtype == torch.int64
+    if temperature == 0.0:
+        assert (out.logprobs == 0).all()
+        torch.testing.assert_close(out.lse, out.corrected_logits.amax(-1))
+
+
+@pytest.mark.parametrize("vocab,rank,gamma", [(49152, 256, 2), (151936, 128, 2), (257, 16, 16), (3, 8, 1)])
+def test_matches_reference_shapes(vocab, rank, gamma):
+    p = make_drafter(vocab, rank, 8, gamma, 3, seed=vocab % 97, dtype=torch.bfloat16, spread=3.0, scale=0.15)
+    temps = torch.tensor([1.0, 0.0, 0.6])
+    out = ops.markov_sample(p["U"].bfloat16(), p["anchor"].int(), p["w1"], p["w2"], temperature=temps,
+                            seed=torch.tensor([3, 4, 5]))
+    ref = reference.markov_sample(p["U"].bfloat16(), p["anchor"], p["w1"], p["w2"], temperature=temps,
+                                  seed=torch.tensor([3, 4, 5]))
+    assert_matches(out, ref, f"V={vocab}")
+
+
+def test_corrected_logits_are_what_was_sampled():
+    """logprob of each token = corrected / T - lse, and exp(corrected / T - lse)
+    sums to 1: the reported distribution is the sampled one."""
+    p = make_drafter(3000, 16, 8, 5, 6, seed=3)
+    out = ops.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], temperature=0.9, seed=1,
+                            return_corrected_logits=True)
+    log_p = out.corrected_logits.double() / 0.9 - out.lse.double().unsqueeze(-1)
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(6, 5, dtype=torch.float64), atol=1e-5, rtol=0)
+    picked = log_p.gather(-1, out.draft_tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(picked.float(), out.logprobs, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------ distribution
+
+
+def _exact_block_probs(p, head, temperature, gamma, V):
+    """P(x_1..x_gamma) of one request by enumeration, from the head in float64."""
+    probs = torch.zeros(V ** gamma, dtype=torch.float64)
+    rank = p["w1"].shape[1]
+    w1, w2 = p["w1"].double(), p["w2"].double()
+
+    def rec(k, prev, state, prefix_prob, index):
+        if k == gamma:
+            probs[index] = prefix_prob
+            return
+        e = w1[prev]
+        h = p["hidden"][0, k].double()
+        new_state = state
+        if head == "gated":
+            a = torch.sigmoid(p["gate_weight"].double() @ torch.cat([h, e]) + p["gate_bias"].double()) * e
+        elif head == "rnn":
+            y = p["joint_weight"].double() @ torch.cat([state, e, h]) + p["joint_bias"].double()
+            gate = torch.sigmoid(y[:rank])
+            new_state = gate * state + (1 - gate) * torch.tanh(y[rank:2 * rank])
+            a = torch.tanh(y[2 * rank:])
+        else:
+            a = e
+        q = torch.softmax((p["U"][0, k].double() + w2 @ a) / temperature, -1)
+        for x in range(V):
+            rec(k + 1, x, new_state, prefix_prob * float(q[x]), index * V + x)
+
+    rec(0, int(p["anchor"][0]), torch.zeros(rank, dtype=torch.float64), 1.0, 0)
+    return probs
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_joint_distribution_of_a_block(head):
+    """gamma = 3 over V = 3: the 27 blocks follow the product of the corrected
+    softmaxes (chi-square at 1e-6, power >= 0.99 against a 1% bias in total
+    variation: stats.py)."""
+    V, gamma = 3, 3
+    p = make_drafter(V, 4, 5, gamma, 1, seed=11, spread=1.0, scale=0.8)
+    N = samples_for_power(V ** gamma)
+    kw = head_kwargs(p, head)
+    if "hidden" in kw:
+        kw["hidden"] = p["hidden"].expand(N, -1, -1)
+    out = ops.markov_sample(p["U"].expand(N, -1, -1), p["anchor"].expand(N), p["w1"], p["w2"],
+                            temperature=0.8, seed=2024, **kw)
+    assert_fits(encode(out.draft_tokens, V), _exact_block_probs(p, head, 0.8, gamma, V), head)
+
+
+# --------------------------------------------- a full round: lossless end to end
+
+
+@pytest.mark.parametrize("mode", ["logits", "probs"])
+def test_rounds_with_rejection_sample_are_lossless(mode):
+    """Drafts from markov_sample, verified by rejection_sample with the corrected
+    logits (draft_logits) or with p_d = exp(corrected / T - lse) (probabilities
+    rebuilt from the reported log-sum-exp): the committed tokens follow the
+    target chain (27 cells, power >= 0.99 against a 1% bias)."""
+    V, gamma = 3, 3
+    chains = Chains.random(V, 21)
+    g = torch.Generator().manual_seed(22)
+    U_by_anchor = torch.randn(V, gamma, V, generator=g)
+    w1, w2 = torch.randn(V, 4, generator=g), torch.randn(V, 4, generator=g) * 0.7
+
+    def drafter(anchors, temps, k, seed):
+        out = ops.markov_sample(U_by_anchor[anchors], anchors, w1, w2, temperature=temps, seed=seed,
+                                return_corrected_logits=True)
+        if mode == "logits":
+            return out.draft_tokens, out.corrected_logits
+        log_p = out.corrected_logits.double() / temps.double().view(-1, 1, 1) - out.lse.double().unsqueeze(-1)
+        return out.draft_tokens, log_p.exp()
+
+    N = samples_for_power(V ** 3)
+    temps = torch.full((N,), 0.9)
+    got = simulate(ops.rejection_sample, chains, temps, mode=mode, gamma=gamma, num_tokens=3, start=1, seed=5,
+                   drafter=drafter)
+    assert_fits(encode(got, V), sequence_probs(tempered(chains.target_logits, 0.9), 1, 3), mode)
+
+
+# ---------------------------------------------------------------- invariance
+
+
+def test_batch_invariance_with_per_request_seeds():
+    p = make_drafter(700, 16, 8, 4, 9, seed=31)
+    seeds = torch.randint(0, 2**62, (9,))
+    temps = torch.linspace(0, 1.4, 9)
+    full = ops.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], temperature=temps, seed=seeds)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(1))
+    permuted = ops.markov_sample(p["U"][perm], p["anchor"][perm], p["w1"], p["w2"], temperature=temps[perm],
+                                 seed=seeds[perm])
+    assert torch.equal(permuted.draft_tokens, full.draft_tokens[perm])
+    alone = ops.markov_sample(p["U"][4:5], p["anchor"][4:5], p["w1"], p["w2"], temperature=temps[4:5],
+                              seed=seeds[4:5])
+    assert torch.equal(alone.draft_tokens[0], full.draft_tokens[4])
+    again = ops.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], temperature=temps, seed=seeds)
+    assert torch.equal(again.draft_tokens, full.draft_tokens) and torch.equal(again.lse, full.lse)
+
+
+# ----------------------------------------------------------------- confidence
+
+
+def test_confidence_matches_reference_and_applies_sts():
+    p = make_drafter(500, 16, 24, 5, 7, seed=41)
+    drafts = torch.randint(0, 500, (7, 5))
+    weight, bias = torch.randn(1, 24 + 16) * 0.3, torch.tensor([0.2])
+    temps = torch.tensor([1.0, 1.5, 2.0, 0.8, 3.0])
+    for t in (None, temps):
+        out = ops.confidence(p["hidden"], p["w1"], p["anchor"], drafts, weight, bias, temperatures=t)
+        ref = reference.confidence(p["hidden"], p["w1"], p["anchor"], drafts, weight, bias, temperatures=t)
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # position k uses the token before it: changing the last draft changes nothing
+    changed = drafts.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 500
+    assert torch.equal(ops.confidence(p["hidden"], p["w1"], p["anchor"], changed, weight, bias).conf,
+                       ops.confidence(p["hidden"], p["w1"], p["anchor"], drafts, weight, bias).conf)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _good():
+    p = make_drafter(50, 8, 6, 3, 2, seed=51)
+    return dict(base_logits=p["U"], anchor_tokens=p["anchor"], w1=p["w1"], w2=p["w2"]), p
+
+
+@pytest.mark.parametrize("change,exc,words", [
+    (lambda a, p: a.update(base_logits=a["base_logits"][0]), ValueError, "base_logits"),
+    (lambda a, p: a.update(base_logits=a["base_logits"].double()), TypeError, "base_logits"),
+    (lambda a, p: a.update(anchor_tokens=a["anchor_tokens"] + 50), ValueError, "anchor_tokens"),
+    (lambda a, p: a.update(anchor_tokens=a["anchor_tokens"].float()), TypeError, "anchor_tokens"),
+    (lambda a, p: a.update(anchor_tokens=a["anchor_tokens"][:1]), ValueError, "anchor_tokens"),
+    (lambda a, p: a.update(w1=a["w1"][:, :4]), ValueError, "w2"),
+    (lambda a, p: a.update(w2=a["w2"][:40]), ValueError, "w2"),
+    (lambda a, p: a.update(head="lstm"), ValueError, "head"),
+    (lambda a, p: a.update(head="gated"), ValueError, "hidden"),
+    (lambda a, p: a.update(head="gated", hidden=p["hidden"]), ValueError, "gate_weight"),
+    (lambda a, p: a.update(head="gated", hidden=p["hidden"], gate_weight=p["gate_weight"][:, :5],
+                           gate_bias=p["gate_bias"]), ValueError, "gate_weight"),
+    (lambda a, p: a.update(head="rnn", hidden=p["hidden"], joint_weight=p["joint_weight"],
+                           joint_bias=p["joint_bias"][:3]), ValueError, "joint_bias"),
+    (lambda a, p: a.update(head="rnn", hidden=p["hidden"][:, :2], joint_weight=p["joint_weight"],
+                           joint_bias=p["joint_bias"]), ValueError, "hidden"),
+    (lambda a, p: a.update(temperature=-1.0), ValueError, "temperature"),
+    (lambda a, p: a.update(temperature=torch.ones(5)), ValueError, "temperature"),
+    (lambda a, p: a.update(offset=-3), ValueError, "offset"),
+])
+def test_bad_input(change, exc, words):
+    args, p = _good()
+    change(args, p)
+    with pytest.raises(exc, match=words):
+        ops.markov_sample(**args)
+
+
+def test_confidence_bad_input():
+    p = make_drafter(50, 8, 6, 3, 2, seed=52)
+    drafts = torch.randint(0, 50, (2, 3))
+    with pytest.raises(ValueError, match="weight"):
+        ops.confidence(p["hidden"], p["w1"], p["anchor"], drafts, torch.zeros(1, 5), torch.zeros(1))
+    with pytest.raises(ValueError, match="draft_tokens"):
+        ops.confidence(p["hidden"], p["w1"], p["anchor"], drafts + 50, torch.zeros(1, 14), torch.zeros(1))
+    with pytest.raises(ValueError, match="temperatures"):
+        ops.confidence(p["hidden"], p["w1"], p["anchor"], drafts, torch.zeros(1, 14), torch.zeros(1),
+                       temperatures=torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_empty_block_and_batch():
+    p = make_drafter(20, 4, 3, 2, 2, seed=53)
+    out = ops.markov_sample(p["U"][:, :0], p["anchor"], p["w1"], p["w2"])
+    assert out.draft_tokens.shape == (2, 0)
+    out = ops.markov_sample(p["U"][:0], p["anchor"][:0], p["w1"], p["w2"])
+    assert out.draft_tokens.shape == (0, 2)
+
+
+def test_custom_ops_and_compile():
+    p = make_drafter(300, 8, 6, 3, 4, seed=61)
+    args = (p["U"], p["anchor"], p["w1"], p["w2"], 0, None, None, None, None, None, 1.0, None, 3, None, 0, None, True)
+    torch.library.opcheck(torch.ops.dspark.markov_sample.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+    def step(U, anchor, w1, w2):
+        out = ops.markov_sample(U, anchor, w1, w2, temperature=0.7, seed=3, return_corrected_logits=True)
+        return out.draft_tokens, out.logprobs, out.corrected_logits
+
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(p["U"], p["anchor"], p["w1"], p["w2"])
+    want = step(p["U"], p["anchor"], p["w1"], p["w2"])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+# ---------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("vocab,rank,R", [(1000, 32, 20), (49152, 256, 16), (4099, 128, 3)])
+def test_cuda_matches_cpu(head, dtype, vocab, rank, R):
+    p = make_drafter(vocab, rank, 64, 5, R, seed=vocab + rank, dtype=dtype, scale=0.1)
+    kw = head_kwargs(p, head)
+    temps = torch.linspace(0, 1.2, R)
+    cpu = ops.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], temperature=temps, seed=9,
+                            return_corrected_logits=True, **kw)
+    ref = reference.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], temperature=temps, seed=9, **kw)
+    ckw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    gpu = ops.markov_sample(p["U"].cuda(), p["anchor"].cuda(), p["w1"].cuda(), p["w2"].cuda(),
+                            temperature=temps.cuda(), seed=9, return_corrected_logits=True, **ckw)
+    tol = tolerance(head, dtype)
+    assert_matches(gpu, ref, "cuda vs reference", **tol)
+    assert_matches(cpu, ref, "cpu vs reference", **tol)
+    torch.testing.assert_close(gpu.corrected_logits.cpu(), cpu.corrected_logits, atol=max(1e-3, tol["atol"]),
+                               rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_joint_distribution_and_graph_capture():
+    V, gamma = 3, 3
+    p = make_drafter(V, 16, 5, gamma, 1, seed=11, spread=1.0, scale=0.3, dtype=torch.bfloat16)
+    N = samples_for_power(V ** gamma)
+    out = ops.markov_sample(p["U"].expand(N, -1, -1).cuda(), p["anchor"].expand(N).cuda(), p["w1"].cuda(),
+                            p["w2"].cuda(), temperature=0.8, seed=2024)
+    assert_fits(encode(out.draft_tokens.cpu(), V), _exact_block_probs(p, "vanilla", 0.8, gamma, V), "cuda")
+
+    q = make_drafter(5000, 64, 8, 4, 8, seed=12, dtype=torch.bfloat16)
+    U, anchor, w1, w2 = (q[k].cuda() for k in ("U", "anchor", "w1", "w2"))
+    seeds = torch.arange(8, device="cuda")
+    ops.markov_sample(U, anchor, w1, w2, seed=seeds)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = ops.markov_sample(U, anchor, w1, w2, seed=seeds)
+    for shift in (0, 100):
+        seeds.copy_(torch.arange(8, device="cuda") + shift)
+        graph.replay()
+        eager = ops.markov_sample(U, anchor, w1, w2, seed=seeds)
+        assert torch.equal(static.draft_tokens, eager.draft_tokens)
