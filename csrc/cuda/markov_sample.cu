@@ -1,0 +1,627 @@
+// CUDA backend of markov_sample and confidence.
+//
+// markov_sample: gamma + 1 launches (plus one for the gated / rnn heads),
+// all on the caller's stream, no allocation, no host synchronisation.
+//
+//   hidden_part_kernel (gated, rnn): W_h h for every (request, position), the
+//     part of the head that does not depend on sampled tokens.
+//   head_rows_kernel (position 0): a block per request builds its A row from
+//     the anchor (W1 row, gate or RNN cell) and clears the per-position block
+//     counters.
+//   markov_step_kernel (one launch per position k):
+//     A block owns one 256-column chunk of the vocabulary and a tile of 16
+//     requests. It computes B = A W2^T for the tile: with 16-bit weights on
+//     tensor cores (WMMA 16x16x16, 16-bit in, float32 accumulate; each of the
+//     8 warps owns 32 columns and reads its W2 rows once), else with a float32
+//     shared-memory tile. The epilogue (a warp per request, 8 columns per lane)
+//     adds U, scales, and reduces the chunk to a ChunkState: its maximum, the
+//     fixed-point sum and the race winner (dspark/markov.h), written to the
+//     workspace. The last block to finish a request tile (a device-scope
+//     counter per position and tile) combines the tile's chunk states into
+//     tokens, log-probabilities and log-sum-exps, and builds the tile's A rows
+//     for position k + 1.
+//   Bytes per position: W2 once from HBM per concurrent request tile (V rank b;
+//   tiles of the same chunk run together and share it through L2), U once
+//   (R V b), corrected logits when asked (4 R V); the floor over the block is
+//   gamma (V rank + R V) b plus small terms.
+//
+// confidence: a block per request, a warp per position (a dot of length
+// d + rank), then the cumulative product.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../ops/markov_workspace.h"
+#include "common.cuh"
+#include "dspark/dtype_load.h"
+#include "dspark/markov.h"
+#include "dspark/ops.h"
+#include "dspark/sampling.h"
+
+namespace dspark::cuda {
+namespace {
+
+using markov::ChunkState;
+using markov::Head;
+using markov::kMarkovChunk;
+
+constexpr const char* kOp = "markov_sample";
+constexpr int kRowTile = static_cast<int>(MarkovWorkspace::kRowTile);  // requests per block
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kChunk = static_cast<int>(kMarkovChunk);  // columns per block
+constexpr int kColsPerLane = kChunk / kWarpSize;        // 8 in the epilogue
+constexpr int kWmma = 16;
+constexpr int kSimtK = 16;  // K slice of the float32 shared-memory tile
+
+static_assert(kChunk == kWarps * 2 * kWmma, "each warp owns two 16-column WMMA fragments");
+static_assert(kRowTile == kWmma, "a request tile is one WMMA row block");
+static_assert(kRowTile == 2 * kWarps, "the epilogue gives each warp two requests");
+
+struct Params {
+  // inputs
+  const void* U;
+  DType u_dtype;
+  int64_t u_stride0, u_stride1;
+  const void* anchors;
+  DType anchor_dtype;
+  const void* w1;
+  DType w1_dtype;
+  int64_t w1_stride;
+  const void* w2;
+  DType w2_dtype;
+  int64_t w2_stride;
+  Head head;
+  const void* gate_weight;  // [rank, d + rank]
+  const void* gate_bias;
+  DType gate_dtype, gate_bias_dtype;
+  const void* joint_weight;  // [3 rank, 2 rank + d]
+  const void* joint_bias;
+  DType joint_dtype, joint_bias_dtype;
+  const void* hidden;
+  DType hidden_dtype;
+  int64_t hidden_stride0, hidden_stride1;
+  RequestParams params;
+  int32_t R, gamma;
+  int64_t V, rank, d;
+  // outputs
+  int64_t* tokens;
+  float* logprobs;
+  float* lse;
+  float* corrected;
+  // workspace
+  float* a_rows;             // [R_pad, rank] float32, or 16-bit values in the first half (wmma)
+  float* state;              // [R, rank]
+  float* hidden_part;        // [R, gamma, hidden_width]
+  int64_t hidden_width;
+  ChunkState* chunk_states;  // [R, chunks]
+  unsigned int* counters;    // [gamma, tiles]
+  int64_t chunks, tiles;
+  bool wmma;                 // 16-bit weights on tensor cores
+};
+
+__device__ __forceinline__ float ld(const void* base, DType t, int64_t i) { return load_float(base, t, i); }
+
+// ------------------------------------------------------------ head rows
+
+// Block-cooperative: the A row of request r at position k from token `prev`
+// (and, for the RNN head, the state of position k - 1). `shared` holds at
+// least 4 rank floats.
+__device__ void head_row(const Params& p, int32_t r, int32_t k, int64_t prev, float* shared) {
+  const int64_t rank = p.rank;
+  float* e = shared;          // [rank]
+  float* y = shared + rank;   // [3 rank]
+  for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) e[i] = ld(p.w1, p.w1_dtype, prev * p.w1_stride + i);
+  __syncthreads();
+  float* out = p.a_rows + int64_t{r} * rank;
+  const float* part = p.hidden_part + (int64_t{r} * p.gamma + k) * p.hidden_width;
+  if (p.head == Head::kGated) {
+    const int64_t width = p.d + rank;
+    for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) {
+      float s = part[i];
+      const int64_t row = i * width + p.d;
+      for (int64_t j = 0; j < rank; ++j) s = fmaf(ld(p.gate_weight, p.gate_dtype, row + j), e[j], s);
+      y[i] = num::mul(markov::sigmoid(num::add(s, ld(p.gate_bias, p.gate_bias_dtype, i))), e[i]);
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) e[i] = y[i];
+  } else if (p.head == Head::kRnn) {
+    const int64_t width = 2 * rank + p.d;
+    float* st = p.state + int64_t{r} * rank;
+    for (int64_t i = threadIdx.x; i < 3 * rank; i += blockDim.x) {
+      float s = part[i];
+      const int64_t row = i * width;
+      for (int64_t j = 0; j < rank; ++j) s = fmaf(ld(p.joint_weight, p.joint_dtype, row + j), st[j], s);
+      for (int64_t j = 0; j < rank; ++j) s = fmaf(ld(p.joint_weight, p.joint_dtype, row + rank + j), e[j], s);
+      y[i] = num::add(s, ld(p.joint_bias, p.joint_bias_dtype, i));
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) {
+      const float g = markov::sigmoid(y[i]);
+      st[i] = num::add(num::mul(g, st[i]), num::mul(num::sub(1.0f, g), markov::tanh_(y[rank + i])));
+      e[i] = markov::tanh_(y[2 * rank + i]);
+    }
+  }
+  __syncthreads();
+  // 16-bit products take 16-bit inputs (markov.h): round, and store them in
+  // the layout the WMMA loads read.
+  for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) {
+    const float v = round_to(e[i], p.w2_dtype);
+    if (p.wmma && p.w2_dtype == DType::kBFloat16)
+      reinterpret_cast<__nv_bfloat16*>(p.a_rows)[int64_t{r} * rank + i] = __float2bfloat16_rn(v);
+    else if (p.wmma)
+      reinterpret_cast<__half*>(p.a_rows)[int64_t{r} * rank + i] = __float2half_rn(v);
+    else
+      out[i] = v;
+  }
+  __syncthreads();
+}
+
+// One block per request: W_h h for every position (gated: W_g[:, :d],
+// rnn: W_j[:, 2 rank:]), into hidden_part.
+__global__ void __launch_bounds__(kThreads) hidden_part_kernel(Params p) {
+  const int32_t r = blockIdx.x / p.gamma, k = blockIdx.x % p.gamma;
+  extern __shared__ float h[];
+  for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x)
+    h[i] = ld(p.hidden, p.hidden_dtype, r * p.hidden_stride0 + k * p.hidden_stride1 + i);
+  __syncthreads();
+  const bool gated = p.head == Head::kGated;
+  const void* w = gated ? p.gate_weight : p.joint_weight;
+  const DType wt = gated ? p.gate_dtype : p.joint_dtype;
+  const int64_t width = gated ? p.d + p.rank : 2 * p.rank + p.d;
+  const int64_t column0 = gated ? 0 : 2 * p.rank;
+  float* out = p.hidden_part + (int64_t{r} * p.gamma + k) * p.hidden_width;
+  for (int64_t i = threadIdx.x; i < p.hidden_width; i += blockDim.x) {
+    float s = 0.0f;
+    for (int64_t j = 0; j < p.d; ++j) s = fmaf(ld(w, wt, i * width + column0 + j), h[j], s);
+    out[i] = s;
+  }
+}
+
+// Position 0: a block per request; block 0 also clears the counters.
+__global__ void __launch_bounds__(kThreads) head_rows_kernel(Params p) {
+  extern __shared__ float shared[];
+  const int32_t r = blockIdx.x;
+  if (r == 0)
+    for (int64_t i = threadIdx.x; i < int64_t{p.gamma} * p.tiles; i += blockDim.x) p.counters[i] = 0;
+  if (p.head == Head::kRnn)
+    for (int64_t i = threadIdx.x; i < p.rank; i += blockDim.x) p.state[int64_t{r} * p.rank + i] = 0.0f;
+  __syncthreads();
+  head_row(p, r, 0, load_index(p.anchors, p.anchor_dtype, r), shared);
+}
+
+// ------------------------------------------------------------- the step
+
+struct Candidate {  // a race winner: larger key, then smaller column
+  float key, z;
+  int32_t column;
+};
+
+__device__ __forceinline__ Candidate warp_best(Candidate c) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    Candidate o;
+    o.key = __shfl_xor_sync(0xffffffffu, c.key, offset);
+    o.z = __shfl_xor_sync(0xffffffffu, c.z, offset);
+    o.column = __shfl_xor_sync(0xffffffffu, c.column, offset);
+    if (markov::better(o.key, o.column, c.key, c.column)) c = o;
+  }
+  return c;
+}
+
+__device__ __forceinline__ float warp_max_f(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v = num::fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ int32_t warp_min_i(int32_t v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// B = A W2^T for a 16 x 256 tile on tensor cores, into c_tile [16][256].
+template <typename T>
+__device__ void tile_product_wmma(const Params& p, int64_t row0, int64_t v0, float* c_tile) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x / kWarpSize;
+  const T* a = reinterpret_cast<const T*>(p.a_rows) + row0 * p.rank;
+  const T* w = static_cast<const T*>(p.w2);
+  wmma::fragment<wmma::accumulator, kWmma, kWmma, kWmma, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.0f);
+  wmma::fill_fragment(acc[1], 0.0f);
+  for (int64_t kk = 0; kk < p.rank; kk += kWmma) {
+    wmma::fragment<wmma::matrix_a, kWmma, kWmma, kWmma, T, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, a + kk, static_cast<unsigned>(p.rank));
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+      const int64_t v = v0 + warp * 2 * kWmma + f * kWmma;
+      wmma::fragment<wmma::matrix_b, kWmma, kWmma, kWmma, T, wmma::col_major> fb;
+      wmma::load_matrix_sync(fb, w + v * p.w2_stride + kk, static_cast<unsigned>(p.w2_stride));
+      wmma::mma_sync(acc[f], fa, fb, acc[f]);
+    }
+  }
+#pragma unroll
+  for (int f = 0; f < 2; ++f)
+    wmma::store_matrix_sync(c_tile + warp * 2 * kWmma + f * kWmma, acc[f], kChunk, wmma::mem_row_major);
+}
+
+// The same product in float32 through shared memory (float32 weights, ranks
+// that are not a multiple of 16, the vocabulary's last chunk). Thread t owns
+// column t for the 16 requests; K advances in slices of kSimtK.
+__device__ void tile_product_simt(const Params& p, int64_t row0, int64_t v0, float* c_tile, float* w_tile,
+                                  float* a_tile) {
+  const int t = threadIdx.x;
+  float acc[kRowTile];
+#pragma unroll
+  for (int i = 0; i < kRowTile; ++i) acc[i] = 0.0f;
+  const bool a16 = p.wmma;  // A rows stored as 16-bit values
+  for (int64_t k0 = 0; k0 < p.rank; k0 += kSimtK) {
+    const int64_t kn = min(int64_t{kSimtK}, p.rank - k0);
+    // W2 slice [256 columns][kSimtK], row-padded against bank conflicts
+    for (int idx = t; idx < kChunk * kSimtK; idx += kThreads) {
+      const int c = idx / kSimtK, j = idx % kSimtK;
+      const int64_t v = v0 + c;
+      w_tile[c * (kSimtK + 1) + j] = (v < p.V && j < kn) ? ld(p.w2, p.w2_dtype, v * p.w2_stride + k0 + j) : 0.0f;
+    }
+    for (int idx = t; idx < kRowTile * kSimtK; idx += kThreads) {
+      const int i = idx / kSimtK, j = idx % kSimtK;
+      const int64_t r = row0 + i;
+      float v = 0.0f;
+      if (r < p.R && j < kn) {
+        const int64_t at = r * p.rank + k0 + j;
+        v = !a16 ? p.a_rows[at]
+                 : (p.w2_dtype == DType::kBFloat16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.a_rows)[at])
+                                                   : __half2float(reinterpret_cast<const __half*>(p.a_rows)[at]));
+      }
+      a_tile[i * kSimtK + j] = v;
+    }
+    __syncthreads();
+    for (int j = 0; j < kn; ++j) {
+      const float wv = w_tile[t * (kSimtK + 1) + j];
+#pragma unroll
+      for (int i = 0; i < kRowTile; ++i) acc[i] = fmaf(a_tile[i * kSimtK + j], wv, acc[i]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < kRowTile; ++i) c_tile[i * kChunk + t] = acc[i];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t k) {
+  // 16 KB product tile, then 17 KB of W2 slice (float32 path); after the
+  // epilogue both serve as scratch for the next position's head rows.
+  __shared__ __align__(32) float smem[kRowTile * kChunk + kChunk * (kSimtK + 1)];
+  __shared__ float a_tile[kRowTile * kSimtK];
+  float* c_tile = smem;
+  float* w_tile = smem + kRowTile * kChunk;
+  __shared__ int64_t next_tokens[kRowTile];
+  __shared__ bool last;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t chunk = blockIdx.x, tile = blockIdx.y;
+  const int64_t v0 = chunk * kChunk, row0 = tile * kRowTile;
+  const int64_t width = min(int64_t{kChunk}, p.V - v0);
+
+  if constexpr (!std::is_same<T, float>::value) {
+    if (p.wmma && width == kChunk) tile_product_wmma<T>(p, row0, v0, c_tile);
+    else tile_product_simt(p, row0, v0, c_tile, w_tile, a_tile);
+  } else {
+    tile_product_simt(p, row0, v0, c_tile, w_tile, a_tile);
+  }
+  __syncthreads();
+
+  // Epilogue: warp w reduces requests row0 + 2w and row0 + 2w + 1.
+  for (int i = 2 * warp; i < 2 * warp + 2; ++i) {
+    const int64_t r = row0 + i;
+    if (r >= p.R) continue;  // warp-uniform
+    const float temperature = p.params.temperature_of(static_cast<int32_t>(r));
+    const bool greedy = is_greedy(temperature);
+    const float scale = logit_scale(temperature);
+    float z[kColsPerLane];
+    float m = -num::kFloatMax;
+    uint64_t best_arg = 0;
+#pragma unroll
+    for (int e = 0; e < kColsPerLane; ++e) {
+      const int64_t col = lane * kColsPerLane + e;
+      const int64_t v = v0 + col;
+      if (col < width) {
+        const float c = num::add(ld(p.U, p.u_dtype, r * p.u_stride0 + k * p.u_stride1 + v), c_tile[i * kChunk + col]);
+        if (p.corrected) p.corrected[(r * p.gamma + k) * p.V + v] = c;
+        z[e] = greedy ? num::sanitize_logit(c) : scaled_logit(c, scale);
+        m = num::fmax(m, z[e]);
+        if (greedy) best_arg = max(best_arg, num::pack_arg(num::orderable(z[e]), static_cast<uint32_t>(v)));
+      } else {
+        z[e] = -num::kFloatMax;
+      }
+    }
+    ChunkState cs;
+    if (greedy) {
+      best_arg = warp_max_u64(best_arg);
+      cs.max = num::from_orderable(num::packed_value(best_arg));
+      cs.best = static_cast<int32_t>(num::packed_index(best_arg));
+      cs.sum = 0;
+      cs.best_key = 0.0f;
+      cs.best_z = cs.max;
+    } else {
+      m = warp_max_f(m);
+      const RandomStream stream = p.params.stream_of(static_cast<int32_t>(r));
+      uint64_t sum = 0;
+      Candidate best{-1.0f, 0.0f, 0x7fffffff};
+#pragma unroll
+      for (int g = 0; g < kColsPerLane / 4; ++g) {
+        const int64_t col0 = lane * kColsPerLane + g * 4;
+        const Philox4x32 bits =
+            stream.block(Purpose::kDraft, static_cast<uint32_t>(k), static_cast<uint32_t>((v0 + col0) / 4));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (col0 + e >= width) continue;
+          const float zz = z[g * 4 + e];
+          const float weight = num::exp2(num::sub(zz, m));
+          sum += num::to_fixed(weight);
+          const float key = num::div(weight, num::exponential(bits.v[e]));
+          const int32_t column = static_cast<int32_t>(v0 + col0 + e);
+          if (markov::better(key, column, best.key, best.column)) best = Candidate{key, zz, column};
+        }
+      }
+      sum = warp_sum_u64(sum);
+      best = warp_best(best);
+      cs.max = m;
+      cs.sum = sum;
+      cs.best_key = best.key;
+      cs.best_z = best.z;
+      cs.best = best.column;
+    }
+    if (lane == 0) p.chunk_states[r * p.chunks + chunk] = cs;
+  }
+  __threadfence();  // every writer publishes its chunk state before the count
+  __syncthreads();
+  if (threadIdx.x == 0)
+    last = atomicAdd(&p.counters[int64_t{k} * p.tiles + tile], 1u) == static_cast<unsigned>(p.chunks - 1);
+  __syncthreads();
+  if (!last) return;  // block-uniform
+  __threadfence();
+
+  // The last block of this request tile: combine the chunks of each request.
+  for (int i = 2 * warp; i < 2 * warp + 2; ++i) {
+    const int64_t r = row0 + i;
+    if (r >= p.R) continue;
+    const ChunkState* cs = p.chunk_states + r * p.chunks;
+    const bool greedy = is_greedy(p.params.temperature_of(static_cast<int32_t>(r)));
+    float row_max = -num::kFloatMax;
+    for (int64_t c = lane; c < p.chunks; c += kWarpSize) row_max = num::fmax(row_max, __ldcg(&cs[c].max));
+    row_max = warp_max_f(row_max);
+    int32_t token;
+    float logprob = 0.0f, lse = row_max;
+    if (greedy) {
+      int32_t first = 0x7fffffff;
+      for (int64_t c = lane; c < p.chunks; c += kWarpSize)
+        if (__ldcg(&cs[c].max) == row_max) first = min(first, static_cast<int32_t>(c));
+      first = warp_min_i(first);
+      token = __ldcg(&cs[first].best);
+    } else {
+      uint64_t sum = 0;
+      Candidate best{-1.0f, 0.0f, 0x7fffffff};
+      for (int64_t c = lane; c < p.chunks; c += kWarpSize) {
+        ChunkState s;
+        s.max = __ldcg(&cs[c].max);
+        s.sum = __ldcg(reinterpret_cast<const unsigned long long*>(&cs[c].sum));
+        s.best_key = __ldcg(&cs[c].best_key);
+        s.best_z = __ldcg(&cs[c].best_z);
+        s.best = __ldcg(&cs[c].best);
+        sum += num::rescale_fixed(s.sum, num::exp2(num::sub(s.max, row_max)));
+        const float key = markov::rescaled_key(s, row_max);
+        if (markov::better(key, s.best, best.key, best.column)) best = Candidate{key, s.best_z, s.best};
+      }
+      sum = warp_sum_u64(sum);
+      best = warp_best(best);
+      const float log2_sum = num::log2(num::from_fixed(sum));
+      token = best.column;
+      lse = num::mul(markov::kLn2, num::add(row_max, log2_sum));
+      logprob = num::mul(markov::kLn2, num::sub(num::sub(best.z, row_max), log2_sum));
+    }
+    if (lane == 0) {
+      p.tokens[r * p.gamma + k] = token;
+      p.logprobs[r * p.gamma + k] = logprob;
+      p.lse[r * p.gamma + k] = lse;
+      next_tokens[i] = token;
+    }
+  }
+  __syncthreads();
+  if (k + 1 >= p.gamma) return;
+  // A rows of position k + 1 for this tile (the tiles are free: reuse them).
+  for (int i = 0; i < kRowTile && row0 + i < p.R; ++i)
+    head_row(p, static_cast<int32_t>(row0 + i), k + 1, next_tokens[i], smem);
+}
+
+// ------------------------------------------------------------ confidence
+
+struct ConfidenceParams {
+  const void* hidden;
+  DType hidden_dtype;
+  int64_t hidden_stride0, hidden_stride1;
+  const void* w1;
+  DType w1_dtype;
+  int64_t w1_stride;
+  const void* anchors;
+  DType anchor_dtype;
+  const void* drafts;
+  DType draft_dtype;
+  int64_t draft_stride0, draft_stride1;
+  const void* weight;
+  DType weight_dtype;
+  float bias;
+  const void* bias_ptr;
+  DType bias_dtype;
+  const float* temperatures;
+  int32_t R, gamma;
+  int64_t d, rank;
+  float *logits, *conf, *survival;
+};
+
+// A block per request; warp w takes positions w, w + 8, ...
+__global__ void __launch_bounds__(kThreads) confidence_kernel(ConfidenceParams p) {
+  const int32_t r = blockIdx.x;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const float bias = ld(p.bias_ptr, p.bias_dtype, 0);
+  for (int32_t k = warp; k < p.gamma; k += kWarps) {
+    const int64_t prev = k == 0 ? load_index(p.anchors, p.anchor_dtype, r)
+                                : load_index(p.drafts, p.draft_dtype, r * p.draft_stride0 + (k - 1) * p.draft_stride1);
+    float s = 0.0f;
+    for (int64_t j = lane; j < p.d; j += kWarpSize)
+      s = fmaf(ld(p.hidden, p.hidden_dtype, r * p.hidden_stride0 + k * p.hidden_stride1 + j),
+               ld(p.weight, p.weight_dtype, j), s);
+    for (int64_t j = lane; j < p.rank; j += kWarpSize)
+      s = fmaf(ld(p.w1, p.w1_dtype, prev * p.w1_stride + j), ld(p.weight, p.weight_dtype, p.d + j), s);
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
+    if (lane == 0) {
+      const float logit = num::add(s, bias);
+      const float t = p.temperatures ? p.temperatures[k] : 1.0f;
+      p.logits[int64_t{r} * p.gamma + k] = logit;
+      p.conf[int64_t{r} * p.gamma + k] = markov::sigmoid(num::div(logit, t));
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float a = 1.0f;
+    for (int32_t k = 0; k < p.gamma; ++k) {
+      a = num::mul(a, p.conf[int64_t{r} * p.gamma + k]);
+      p.survival[int64_t{r} * p.gamma + k] = a;
+    }
+  }
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+}  // namespace
+
+void markov_sample(const MarkovSampleArgs& a) {
+  const int64_t R = a.base_logits.size(0), gamma = a.base_logits.size(1), V = a.base_logits.size(2);
+  if (R == 0 || gamma == 0) return;
+  DeviceGuard guard(a.base_logits.device.index, kOp);
+  const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  const int64_t rank = a.w1.size(1);
+  const int64_t d = a.hidden.defined() ? a.hidden.size(2) : 0;
+  const MarkovWorkspace w = MarkovWorkspace::layout(R, gamma, V, rank, d, a.head);
+  char* ws = a.workspace.ptr<char>();
+
+  Params p{};
+  p.U = a.base_logits.data;
+  p.u_dtype = a.base_logits.dtype;
+  p.u_stride0 = a.base_logits.stride(0);
+  p.u_stride1 = a.base_logits.stride(1);
+  p.anchors = a.anchor_tokens.data;
+  p.anchor_dtype = a.anchor_tokens.dtype;
+  p.w1 = a.w1.data;
+  p.w1_dtype = a.w1.dtype;
+  p.w1_stride = a.w1.stride(0);
+  p.w2 = a.w2.data;
+  p.w2_dtype = a.w2.dtype;
+  p.w2_stride = a.w2.stride(0);
+  p.head = a.head;
+  if (a.head == Head::kGated) {
+    p.gate_weight = a.gate_weight.data;
+    p.gate_dtype = a.gate_weight.dtype;
+    p.gate_bias = a.gate_bias.data;
+    p.gate_bias_dtype = a.gate_bias.dtype;
+  } else if (a.head == Head::kRnn) {
+    p.joint_weight = a.joint_weight.data;
+    p.joint_dtype = a.joint_weight.dtype;
+    p.joint_bias = a.joint_bias.data;
+    p.joint_bias_dtype = a.joint_bias.dtype;
+  }
+  if (a.hidden.defined()) {
+    p.hidden = a.hidden.data;
+    p.hidden_dtype = a.hidden.dtype;
+    p.hidden_stride0 = a.hidden.stride(0);
+    p.hidden_stride1 = a.hidden.stride(1);
+  }
+  p.params = RequestParams{a.temperature, a.temperatures.defined() ? a.temperatures.ptr<float>() : nullptr, a.seed,
+                           a.seeds.defined() ? a.seeds.ptr<int64_t>() : nullptr,
+                           a.seeds.defined() ? a.seeds.size(0) : 0, a.offset,
+                           a.offsets.defined() ? a.offsets.ptr<int64_t>() : nullptr,
+                           a.offsets.defined() ? a.offsets.size(0) : 0};
+  p.R = static_cast<int32_t>(R);
+  p.gamma = static_cast<int32_t>(gamma);
+  p.V = V;
+  p.rank = rank;
+  p.d = d;
+  p.tokens = a.draft_tokens.ptr<int64_t>();
+  p.logprobs = a.logprobs.ptr<float>();
+  p.lse = a.lse.ptr<float>();
+  p.corrected = a.corrected.defined() ? a.corrected.ptr<float>() : nullptr;
+  p.a_rows = reinterpret_cast<float*>(ws + w.a_rows);
+  p.state = reinterpret_cast<float*>(ws + w.state);
+  p.hidden_part = reinterpret_cast<float*>(ws + w.hidden_part);
+  p.hidden_width = a.head == Head::kGated ? rank : a.head == Head::kRnn ? 3 * rank : 0;
+  p.chunk_states = reinterpret_cast<ChunkState*>(ws + w.chunk_states);
+  p.counters = reinterpret_cast<unsigned int*>(ws + w.counters);
+  p.chunks = (V + kChunk - 1) / kChunk;
+  p.tiles = (R + kRowTile - 1) / kRowTile;
+  // Tensor cores: 16-bit weights, rank a multiple of 16, 32-byte aligned fragments.
+  p.wmma = a.w2.dtype != DType::kFloat32 && rank % kWmma == 0 && p.w2_stride % kWmma == 0 && aligned(p.w2, 32);
+
+  if (a.head != Head::kVanilla) {
+    hidden_part_kernel<<<grid_size(R * gamma, kOp), kThreads, static_cast<size_t>(d) * sizeof(float), stream>>>(p);
+    check(cudaGetLastError(), kOp, "hidden_part_kernel launch");
+  }
+  const size_t head_shared = static_cast<size_t>(4 * rank) * sizeof(float);
+  constexpr size_t kStepScratch = sizeof(float) * (kRowTile * kChunk + kChunk * (kSimtK + 1));
+  if (head_shared > kStepScratch)
+    throw ValueError(std::string(kOp) + ": rank " + std::to_string(rank) + " is too large for the CUDA kernel");
+  if (static_cast<size_t>(d) * sizeof(float) > 48 * 1024)
+    throw ValueError(std::string(kOp) + ": hidden size " + std::to_string(d) + " is too large for the CUDA kernel");
+  head_rows_kernel<<<grid_size(R, kOp), kThreads, head_shared, stream>>>(p);
+  check(cudaGetLastError(), kOp, "head_rows_kernel launch");
+  const dim3 grid(grid_size(p.chunks, kOp), grid_size(p.tiles, kOp));
+  for (int32_t k = 0; k < gamma; ++k) {
+    switch (a.w2.dtype) {
+      case DType::kBFloat16: markov_step_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, k); break;
+      case DType::kFloat16: markov_step_kernel<__half><<<grid, kThreads, 0, stream>>>(p, k); break;
+      default: markov_step_kernel<float><<<grid, kThreads, 0, stream>>>(p, k); break;
+    }
+    check(cudaGetLastError(), kOp, "markov_step_kernel launch");
+  }
+}
+
+void confidence(const ConfidenceArgs& a) {
+  const int64_t R = a.hidden.size(0), gamma = a.hidden.size(1);
+  if (R == 0 || gamma == 0) return;
+  DeviceGuard guard(a.hidden.device.index, "confidence");
+  ConfidenceParams p{};
+  p.hidden = a.hidden.data;
+  p.hidden_dtype = a.hidden.dtype;
+  p.hidden_stride0 = a.hidden.stride(0);
+  p.hidden_stride1 = a.hidden.stride(1);
+  p.w1 = a.w1.data;
+  p.w1_dtype = a.w1.dtype;
+  p.w1_stride = a.w1.stride(0);
+  p.anchors = a.anchor_tokens.data;
+  p.anchor_dtype = a.anchor_tokens.dtype;
+  p.drafts = a.draft_tokens.data;
+  p.draft_dtype = a.draft_tokens.dtype;
+  p.draft_stride0 = a.draft_tokens.stride(0);
+  p.draft_stride1 = a.draft_tokens.stride(1);
+  p.weight = a.weight.data;
+  p.weight_dtype = a.weight.dtype;
+  p.bias_ptr = a.bias.data;
+  p.bias_dtype = a.bias.dtype;
+  p.temperatures = a.temperatures.defined() ? a.temperatures.ptr<float>() : nullptr;
+  p.R = static_cast<int32_t>(R);
+  p.gamma = static_cast<int32_t>(gamma);
+  p.d = a.hidden.size(2);
+  p.rank = a.w1.size(1);
+  p.logits = a.logits.ptr<float>();
+  p.conf = a.conf.ptr<float>();
+  p.survival = a.survival.ptr<float>();
+  confidence_kernel<<<grid_size(R, "confidence"), kThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(p);
+  check(cudaGetLastError(), "confidence", "confidence_kernel launch");
+}
+
+}  // namespace dspark::cuda
