@@ -1,8 +1,10 @@
 #include "gemm.h"
 
 #include <cstring>
+#include <vector>
 
 #include "dspark/dtype_load.h"
+#include "vec.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -92,27 +94,40 @@ void matmul_nt(const float* a, int64_t lda, int64_t m, const void* w, DType w_dt
   const size_t w_size = dtype_size(w_dtype);
   const char* wb = static_cast<const char*>(w);
   float out[kRows * kCols];
+  // 16-bit weights: the block's W rows are widened once into this buffer and
+  // reused by every pair of A rows (m > 2), instead of once per pair.
+  std::vector<float> widened;
+  const bool widen = w_dtype != DType::kFloat32 && m > kRows;
+  if (widen) widened.resize(static_cast<size_t>(kCols * k));
   for (int64_t col = 0; col < n; col += kCols) {
     const int cols = static_cast<int>(n - col < kCols ? n - col : kCols);
     const void* wr[kCols];
     for (int j = 0; j < kCols; ++j)
       wr[j] = wb + static_cast<int64_t>((col + (j < cols ? j : 0)) * ldw * static_cast<int64_t>(w_size));
+    DType block_dtype = w_dtype;
+    if (widen) {
+      for (int j = 0; j < kCols; ++j) {
+        convert_to_float(wr[j], w_dtype, k, &widened[static_cast<size_t>(j * k)]);
+        wr[j] = &widened[static_cast<size_t>(j * k)];
+      }
+      block_dtype = DType::kFloat32;
+    }
     for (int64_t row = 0; row < m; row += kRows) {
       const int rows = static_cast<int>(m - row < kRows ? m - row : kRows);
       const float* ar[kRows] = {a + row * lda, a + (row + (rows > 1 ? 1 : 0)) * lda};
 #if defined(DSPARK_GEMM_X86)
       if (has_avx2_fma()) {
         // Partial blocks repeat a valid row / column and drop the extra results.
-        switch (w_dtype) {
+        switch (block_dtype) {
           case DType::kFloat32: block_avx2<DType::kFloat32>(ar, wr, k, out); break;
           case DType::kBFloat16: block_avx2<DType::kBFloat16>(ar, wr, k, out); break;
           default: block_avx2<DType::kFloat16>(ar, wr, k, out); break;
         }
       } else {
-        block_portable(ar, rows, wr, cols, w_dtype, k, out);
+        block_portable(ar, rows, wr, cols, block_dtype, k, out);
       }
 #else
-      block_portable(ar, rows, wr, cols, w_dtype, k, out);
+      block_portable(ar, rows, wr, cols, block_dtype, k, out);
 #endif
       for (int r = 0; r < rows; ++r)
         for (int j = 0; j < cols; ++j) c[(row + r) * ldc + col + j] = out[r * kCols + j];

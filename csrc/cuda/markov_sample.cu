@@ -57,6 +57,8 @@ constexpr int kChunk = static_cast<int>(kMarkovChunk);  // columns per block
 constexpr int kColsPerLane = kChunk / kWarpSize;        // 8 in the epilogue
 constexpr int kWmma = 16;
 constexpr int kSimtK = 16;  // K slice of the float32 shared-memory tile
+// The next position's head rows use the step kernel's tiles as scratch (4 rank floats).
+constexpr int64_t kMarkovMaxRankCuda = (kRowTile * kChunk + kChunk * (kSimtK + 1)) / 4;
 
 static_assert(kChunk == kWarps * 2 * kWmma, "each warp owns two 16-column WMMA fragments");
 static_assert(kRowTile == kWmma, "a request tile is one WMMA row block");
@@ -76,12 +78,14 @@ struct Params {
   DType w2_dtype;
   int64_t w2_stride;
   Head head;
-  const void* gate_weight;  // [rank, d + rank]
+  const void* gate_weight;  // [rank, d + rank], rows gate_stride apart
   const void* gate_bias;
   DType gate_dtype, gate_bias_dtype;
-  const void* joint_weight;  // [3 rank, 2 rank + d]
+  int64_t gate_stride;
+  const void* joint_weight;  // [3 rank, 2 rank + d], rows joint_stride apart
   const void* joint_bias;
   DType joint_dtype, joint_bias_dtype;
+  int64_t joint_stride;
   const void* hidden;
   DType hidden_dtype;
   int64_t hidden_stride0, hidden_stride1;
@@ -120,21 +124,19 @@ __device__ void head_row(const Params& p, int32_t r, int32_t k, int64_t prev, fl
   float* out = p.a_rows + int64_t{r} * rank;
   const float* part = p.hidden_part + (int64_t{r} * p.gamma + k) * p.hidden_width;
   if (p.head == Head::kGated) {
-    const int64_t width = p.d + rank;
     for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) {
       float s = part[i];
-      const int64_t row = i * width + p.d;
+      const int64_t row = i * p.gate_stride + p.d;
       for (int64_t j = 0; j < rank; ++j) s = fmaf(ld(p.gate_weight, p.gate_dtype, row + j), e[j], s);
       y[i] = num::mul(markov::sigmoid(num::add(s, ld(p.gate_bias, p.gate_bias_dtype, i))), e[i]);
     }
     __syncthreads();
     for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) e[i] = y[i];
   } else if (p.head == Head::kRnn) {
-    const int64_t width = 2 * rank + p.d;
     float* st = p.state + int64_t{r} * rank;
     for (int64_t i = threadIdx.x; i < 3 * rank; i += blockDim.x) {
       float s = part[i];
-      const int64_t row = i * width;
+      const int64_t row = i * p.joint_stride;
       for (int64_t j = 0; j < rank; ++j) s = fmaf(ld(p.joint_weight, p.joint_dtype, row + j), st[j], s);
       for (int64_t j = 0; j < rank; ++j) s = fmaf(ld(p.joint_weight, p.joint_dtype, row + rank + j), e[j], s);
       y[i] = num::add(s, ld(p.joint_bias, p.joint_bias_dtype, i));
@@ -161,24 +163,26 @@ __device__ void head_row(const Params& p, int32_t r, int32_t k, int64_t prev, fl
   __syncthreads();
 }
 
-// One block per request: W_h h for every position (gated: W_g[:, :d],
-// rnn: W_j[:, 2 rank:]), into hidden_part.
+// A block per (request, position): W_h h for the gated head (W_g[:, :d]) or
+// the RNN head (W_j[:, 2 rank:]), into hidden_part. A warp per output, lanes
+// along d (coalesced weight rows).
 __global__ void __launch_bounds__(kThreads) hidden_part_kernel(Params p) {
   const int32_t r = blockIdx.x / p.gamma, k = blockIdx.x % p.gamma;
-  extern __shared__ float h[];
-  for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x)
-    h[i] = ld(p.hidden, p.hidden_dtype, r * p.hidden_stride0 + k * p.hidden_stride1 + i);
-  __syncthreads();
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const bool gated = p.head == Head::kGated;
   const void* w = gated ? p.gate_weight : p.joint_weight;
   const DType wt = gated ? p.gate_dtype : p.joint_dtype;
-  const int64_t width = gated ? p.d + p.rank : 2 * p.rank + p.d;
+  const int64_t stride = gated ? p.gate_stride : p.joint_stride;
   const int64_t column0 = gated ? 0 : 2 * p.rank;
+  const int64_t h0 = r * p.hidden_stride0 + k * p.hidden_stride1;
   float* out = p.hidden_part + (int64_t{r} * p.gamma + k) * p.hidden_width;
-  for (int64_t i = threadIdx.x; i < p.hidden_width; i += blockDim.x) {
+  for (int64_t i = warp; i < p.hidden_width; i += kWarps) {
     float s = 0.0f;
-    for (int64_t j = 0; j < p.d; ++j) s = fmaf(ld(w, wt, i * width + column0 + j), h[j], s);
-    out[i] = s;
+    for (int64_t j = lane; j < p.d; j += kWarpSize)
+      s = fmaf(ld(w, wt, i * stride + column0 + j), ld(p.hidden, p.hidden_dtype, h0 + j), s);
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
+    if (lane == 0) out[i] = s;
   }
 }
 
@@ -186,8 +190,15 @@ __global__ void __launch_bounds__(kThreads) hidden_part_kernel(Params p) {
 __global__ void __launch_bounds__(kThreads) head_rows_kernel(Params p) {
   extern __shared__ float shared[];
   const int32_t r = blockIdx.x;
-  if (r == 0)
+  if (r == 0) {
     for (int64_t i = threadIdx.x; i < int64_t{p.gamma} * p.tiles; i += blockDim.x) p.counters[i] = 0;
+    // Padding rows of the last tile: never used, but read by the WMMA loads.
+    const int64_t first = int64_t{p.R} * p.rank, last = p.tiles * kRowTile * p.rank;
+    for (int64_t i = first + threadIdx.x; i < last; i += blockDim.x) {
+      if (p.wmma) reinterpret_cast<uint16_t*>(p.a_rows)[i] = 0;
+      else p.a_rows[i] = 0.0f;
+    }
+  }
   if (p.head == Head::kRnn)
     for (int64_t i = threadIdx.x; i < p.rank; i += blockDim.x) p.state[int64_t{r} * p.rank + i] = 0.0f;
   __syncthreads();
@@ -304,7 +315,9 @@ __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t
   __shared__ int64_t next_tokens[kRowTile];
   __shared__ bool last;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int64_t chunk = blockIdx.x, tile = blockIdx.y;
+  // Request tiles vary fastest, so the blocks resident together share a W2
+  // chunk through L2.
+  const int64_t tile = blockIdx.x % p.tiles, chunk = blockIdx.x / p.tiles;
   const int64_t v0 = chunk * kChunk, row0 = tile * kRowTile;
   const int64_t width = min(int64_t{kChunk}, p.V - v0);
 
@@ -455,7 +468,6 @@ struct ConfidenceParams {
   int64_t draft_stride0, draft_stride1;
   const void* weight;
   DType weight_dtype;
-  float bias;
   const void* bias_ptr;
   DType bias_dtype;
   const float* temperatures;
@@ -507,7 +519,7 @@ void markov_sample(const MarkovSampleArgs& a) {
   DeviceGuard guard(a.base_logits.device.index, kOp);
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   const int64_t rank = a.w1.size(1);
-  const int64_t d = a.hidden.defined() ? a.hidden.size(2) : 0;
+  const int64_t d = a.head != Head::kVanilla ? a.hidden.size(2) : 0;
   const MarkovWorkspace w = MarkovWorkspace::layout(R, gamma, V, rank, d, a.head);
   char* ws = a.workspace.ptr<char>();
 
@@ -528,15 +540,17 @@ void markov_sample(const MarkovSampleArgs& a) {
   if (a.head == Head::kGated) {
     p.gate_weight = a.gate_weight.data;
     p.gate_dtype = a.gate_weight.dtype;
+    p.gate_stride = a.gate_weight.stride(0);
     p.gate_bias = a.gate_bias.data;
     p.gate_bias_dtype = a.gate_bias.dtype;
   } else if (a.head == Head::kRnn) {
     p.joint_weight = a.joint_weight.data;
     p.joint_dtype = a.joint_weight.dtype;
+    p.joint_stride = a.joint_weight.stride(0);
     p.joint_bias = a.joint_bias.data;
     p.joint_bias_dtype = a.joint_bias.dtype;
   }
-  if (a.hidden.defined()) {
+  if (a.head != Head::kVanilla) {
     p.hidden = a.hidden.data;
     p.hidden_dtype = a.hidden.dtype;
     p.hidden_stride0 = a.hidden.stride(0);
@@ -567,19 +581,20 @@ void markov_sample(const MarkovSampleArgs& a) {
   // Tensor cores: 16-bit weights, rank a multiple of 16, 32-byte aligned fragments.
   p.wmma = a.w2.dtype != DType::kFloat32 && rank % kWmma == 0 && p.w2_stride % kWmma == 0 && aligned(p.w2, 32);
 
+  // Limits checked before the first launch (nothing is queued on error).
+  const size_t head_shared = static_cast<size_t>(4 * rank) * sizeof(float);
+  if (rank > kMarkovMaxRankCuda)
+    throw ValueError(std::string(kOp) + ": rank " + std::to_string(rank) + " exceeds the CUDA limit " +
+                     std::to_string(kMarkovMaxRankCuda));
+  const unsigned grid = grid_size(p.chunks * p.tiles, kOp);
+  const unsigned head_grid = grid_size(R, kOp);
+  const unsigned part_grid = grid_size(R * gamma, kOp);
   if (a.head != Head::kVanilla) {
-    hidden_part_kernel<<<grid_size(R * gamma, kOp), kThreads, static_cast<size_t>(d) * sizeof(float), stream>>>(p);
+    hidden_part_kernel<<<part_grid, kThreads, 0, stream>>>(p);
     check(cudaGetLastError(), kOp, "hidden_part_kernel launch");
   }
-  const size_t head_shared = static_cast<size_t>(4 * rank) * sizeof(float);
-  constexpr size_t kStepScratch = sizeof(float) * (kRowTile * kChunk + kChunk * (kSimtK + 1));
-  if (head_shared > kStepScratch)
-    throw ValueError(std::string(kOp) + ": rank " + std::to_string(rank) + " is too large for the CUDA kernel");
-  if (static_cast<size_t>(d) * sizeof(float) > 48 * 1024)
-    throw ValueError(std::string(kOp) + ": hidden size " + std::to_string(d) + " is too large for the CUDA kernel");
-  head_rows_kernel<<<grid_size(R, kOp), kThreads, head_shared, stream>>>(p);
+  head_rows_kernel<<<head_grid, kThreads, head_shared, stream>>>(p);
   check(cudaGetLastError(), kOp, "head_rows_kernel launch");
-  const dim3 grid(grid_size(p.chunks, kOp), grid_size(p.tiles, kOp));
   for (int32_t k = 0; k < gamma; ++k) {
     switch (a.w2.dtype) {
       case DType::kBFloat16: markov_step_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, k); break;

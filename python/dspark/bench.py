@@ -249,6 +249,88 @@ def _print_scheduler(timing: List[dict], simulation: List[dict]) -> None:
             print(f"{R:5d} " + " ".join(f"{c:>24}" for c in cells))
 
 
+# --------------------------------------------------------------------------
+# markov
+
+
+def eager_markov_loop(U: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                      temperature: float, per_request: bool = False):
+    """The sequential stage as an eager PyTorch loop (DeepSpec style), sampling
+    with torch's softmax and multinomial: per position a gather, the bias
+    product, the add, the softmax, the draw and the log-probability. With
+    per_request=True each request does its own product (W2 read once per
+    request), as a loop that drafts one request at a time does."""
+    R, gamma, V = U.shape
+    prev = anchor
+    tokens = torch.empty(R, gamma, dtype=torch.int64, device=U.device)
+    logprobs = torch.empty(R, gamma, device=U.device)
+    for k in range(gamma):
+        e = w1[prev].to(w2.dtype)
+        if per_request:
+            bias = torch.cat([e[r:r + 1] @ w2.T for r in range(R)])
+        else:
+            bias = e @ w2.T
+        probs = torch.softmax((U[:, k].float() + bias.float()) / temperature, dim=-1)
+        prev = torch.multinomial(probs, 1).squeeze(-1)
+        tokens[:, k] = prev
+        logprobs[:, k] = probs.gather(-1, prev.unsqueeze(-1)).squeeze(-1).log()
+    return tokens, logprobs
+
+
+def markov_timing(quick: bool = False, devices: Optional[Sequence[str]] = None) -> List[dict]:
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if backends()["cuda"]["usable"] and torch.cuda.is_available() else [])
+    rows = []
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        if device.type == "cpu":
+            shapes = [(16, 7, 49152, 256)] if quick else [(1, 7, 49152, 256), (16, 7, 49152, 256), (16, 5, 151936, 128)]
+        else:
+            shapes = [(16, 7, 49152, 256)] if quick else [(R, g, V, r) for R in (1, 16, 128, 512) for g in (5, 7, 16)
+                                                          for V in (49152, 129280, 151936) for r in (128, 256)]
+        for R, gamma, V, rank in shapes:
+            for wdtype in (torch.float32, torch.bfloat16):
+                g = torch.Generator().manual_seed(R + gamma + V + rank)
+                U = (torch.randn(R, gamma, V, generator=g) * 2).to(device)
+                anchor = torch.randint(0, V, (R,), generator=g).to(device)
+                w1 = (torch.randn(V, rank, generator=g) * 0.1).to(device, wdtype)
+                w2 = (torch.randn(V, rank, generator=g) * 0.1).to(device, wdtype)
+                e = w1[anchor].to(wdtype)
+                repeats = 3 if device.type == "cpu" else 20
+                dspark_s = _time(lambda: ops.markov_sample(U, anchor, w1, w2, temperature=1.0, seed=1), device, repeats)
+                eager_s = _time(lambda: eager_markov_loop(U, anchor, w1, w2, 1.0), device, repeats)
+                bare_s = _time(lambda: [e @ w2.T for _ in range(gamma)], device, repeats)
+                per_request_s = None
+                if R <= 16:
+                    per_request_s = _time(lambda: eager_markov_loop(U, anchor, w1, w2, 1.0, per_request=True),
+                                          device, max(1, repeats // 2))
+                bytes_floor = gamma * (V * rank * w2.element_size() + R * V * U.element_size())
+                rows.append(dict(device=dev_name, R=R, gamma=gamma, V=V, rank=rank,
+                                 weights=str(wdtype).replace("torch.", ""), dspark_ms=dspark_s * 1e3,
+                                 eager_ms=eager_s * 1e3, eager_per_request_ms=None if per_request_s is None
+                                 else per_request_s * 1e3, bare_products_ms=bare_s * 1e3,
+                                 speedup_vs_eager=eager_s / dspark_s,
+                                 speedup_vs_eager_per_request=None if per_request_s is None else per_request_s / dspark_s,
+                                 ratio_to_bare_products=dspark_s / bare_s, bytes_floor=bytes_floor,
+                                 gbytes_per_s=bytes_floor / dspark_s * 1e-9))
+    return rows
+
+
+def _print_markov(rows: List[dict]) -> None:
+    print("markov_sample (vanilla head, temperature 1): median time per call, against in the same run:")
+    print("  eager = batched PyTorch loop (gather, matmul, add, softmax, multinomial per position);")
+    print("  per-request = the same loop one request at a time; bare = the gamma matmuls alone")
+    header = (f"{'device':6} {'R':>4} {'g':>3} {'V':>7} {'r':>4} {'weights':8} {'dspark ms':>10} {'x eager':>8} "
+              f"{'x per-req':>9} {'/ bare':>7} {'GB/s':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        per = f"{r['speedup_vs_eager_per_request']:9.1f}" if r["speedup_vs_eager_per_request"] else f"{'-':>9}"
+        print(f"{r['device']:6} {r['R']:4d} {r['gamma']:3d} {r['V']:7d} {r['rank']:4d} {r['weights']:8} "
+              f"{r['dspark_ms']:10.2f} {r['speedup_vs_eager']:8.2f} {per} {r['ratio_to_bare_products']:7.2f} "
+              f"{r['gbytes_per_s']:7.1f}")
+
+
 def run(suite: str, quick: bool = False, json_path: Optional[str] = None, devices: Optional[Sequence[str]] = None) -> int:
     if suite == "sampling":
         print("rejection_sample (draft_logits mode, temperature 1): median time per call;")
@@ -256,6 +338,10 @@ def run(suite: str, quick: bool = False, json_path: Optional[str] = None, device
         rows = sampling(quick=quick, devices=devices)
         _print_table(rows)
         results: object = rows
+    elif suite == "markov":
+        rows = markov_timing(quick=quick, devices=devices)
+        _print_markov(rows)
+        results = rows
     elif suite == "scheduler":
         timing = scheduler_timing(quick=quick, devices=devices)
         simulation = scheduler_simulation(quick=quick)

@@ -813,6 +813,18 @@ def confidence(
         if not temperatures.is_floating_point():
             raise TypeError(f"{op}: argument 'temperatures' must be a float tensor, got {temperatures.dtype}")
         temperatures = _on_device(op, "temperatures", temperatures.to(torch.float32), device)
+    if device.type == "cuda" and not _compiling() and not is_capturing(device):
+        V = w1.shape[0]
+        flags = [((anchor_tokens < 0) | (anchor_tokens >= V)).any() if anchor_tokens.numel() else
+                 torch.zeros((), dtype=torch.bool, device=device),
+                 ((draft_tokens < 0) | (draft_tokens >= V)).any() if draft_tokens.numel() else
+                 torch.zeros((), dtype=torch.bool, device=device),
+                 ~(temperatures > 0).all() if temperatures is not None else torch.zeros((), dtype=torch.bool, device=device)]
+        bad = torch.stack([f.reshape(()) for f in flags]).tolist()
+        for flag, name in zip(bad, ("anchor_tokens", "draft_tokens", "temperatures")):
+            if flag:
+                raise ValueError(f"{op}: argument '{name}' holds values outside its range "
+                                 "(token ids in [0, V), temperatures > 0)")
     args = (hidden, w1, anchor_tokens, draft_tokens, weight, bias, temperatures)
     if _compiling():
         return ConfidenceOutput(*torch.ops.dspark.confidence(*args))
