@@ -29,6 +29,7 @@ namespace dspark_bench {
 
 void register_rejection_sample();
 void register_schedule_prefix();
+void register_markov_sample();
 
 Options& options() {
   static Options o;
@@ -184,6 +185,7 @@ int main(int argc, char** argv) {
   std::printf("\n");
   dspark_bench::register_rejection_sample();
   dspark_bench::register_schedule_prefix();
+  dspark_bench::register_markov_sample();
   benchmark::Initialize(&rest_argc, rest.data());
   if (benchmark::ReportUnrecognizedArguments(rest_argc, rest.data())) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -66,6 +66,9 @@ SAN="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitize
 stage memcheck_rejection 90 "$SAN" --tool memcheck --error-exitcode 3 --target-processes all \
   "$PY" -m pytest -q -x tests/test_rejection_cuda.py -k "equals_cpu and (4099 or 2048 or -7-) or unaligned or graph or out_of_range"
 grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_rejection.log" | tail -3 | tee -a "$SUMMARY"
+stage memcheck_markov 90 "$SAN" --tool memcheck --error-exitcode 3 --target-processes all \
+  "$PY" -m pytest -q -x tests/test_markov_sample.py -m cuda -k "1000 or graph"
+grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_markov.log" | tail -3 | tee -a "$SUMMARY"
 stage memcheck_schedule 60 "$SAN" --tool memcheck --error-exitcode 3 --target-processes all \
   "$PY" -m pytest -q -x tests/test_schedule_prefix.py -m cuda -k "not 16384"
 grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_schedule.log" | tail -3 | tee -a "$SUMMARY"
@@ -81,7 +84,7 @@ if ls .deps/libbenchmark-dev_*.deb >/dev/null 2>&1; then
   stage cpp_tests 30 ./build-gpu/dspark_cpp_tests
   stage bench_cpp 100 ./build-gpu/dspark_bench --dspark_backends=cuda --benchmark_min_time=0.05 \
     --benchmark_out="$OUT/bench_cpp.json" --benchmark_out_format=json
-  grep -E "^dspark_bench|(rejection_sample|schedule_prefix)/cuda" "$OUT/bench_cpp.log" | sed -E 's/ +/ /g' >"$OUT/bench_cpp_table.txt"
+  grep -E "^dspark_bench|(rejection_sample|schedule_prefix|markov_sample)/cuda" "$OUT/bench_cpp.log" | sed -E 's/ +/ /g' >"$OUT/bench_cpp_table.txt"
 else
   note "bench_cpp skipped: no .deps/libbenchmark-dev_*.deb (run bench/fetch_gpu_deps.sh and carry .deps)"
 fi
@@ -89,9 +92,11 @@ fi
 # 5. Python-side benchmark (CUDA vs eager PyTorch on the same device).
 stage bench_py 60 "$PY" -m dspark bench sampling --device cuda --json "$OUT/bench_sampling.json"
 stage bench_py_scheduler 30 "$PY" -m dspark bench scheduler --device cuda --quick --json "$OUT/bench_scheduler.json"
+stage bench_py_markov 60 "$PY" -m dspark bench markov --device cuda --json "$OUT/bench_markov.json"
 
 note "== results"
 cat "$OUT/bench_py.log" 2>/dev/null | tail -14 | tee -a "$SUMMARY"
 head -8 "$OUT/bench_py_scheduler.log" 2>/dev/null | tee -a "$SUMMARY"
+tail -20 "$OUT/bench_py_markov.log" 2>/dev/null | tee -a "$SUMMARY"
 [ -f "$OUT/bench_cpp_table.txt" ] && head -70 "$OUT/bench_cpp_table.txt" | cut -c1-150
 echo "(summary: $SUMMARY)"

@@ -286,8 +286,8 @@ def markov_timing(quick: bool = False, devices: Optional[Sequence[str]] = None) 
         if device.type == "cpu":
             shapes = [(16, 7, 49152, 256)] if quick else [(1, 7, 49152, 256), (16, 7, 49152, 256), (16, 5, 151936, 128)]
         else:
-            shapes = [(16, 7, 49152, 256)] if quick else [(R, g, V, r) for R in (1, 16, 128, 512) for g in (5, 7, 16)
-                                                          for V in (49152, 129280, 151936) for r in (128, 256)]
+            # the C++ benchmark covers the full grid; here the headline shapes
+            shapes = [(16, 7, 49152, 256)] if quick else [(R, 7, 151936, 256) for R in (1, 16, 128, 512)]
         for R, gamma, V, rank in shapes:
             for wdtype in (torch.float32, torch.bfloat16):
                 g = torch.Generator().manual_seed(R + gamma + V + rank)

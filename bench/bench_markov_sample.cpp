@@ -1,0 +1,170 @@
+// markov_sample (vanilla head, bfloat16 weights and base logits) on the CPU
+// and, with CUDA and a GPU, on CUDA (event timing).
+//
+// Grid: requests {1, 16, 128, 512} x gamma {5, 7, 16} x vocabulary {49152,
+// 129280, 151936} x rank {128, 256}; --dspark_grid=tiny: two shapes.
+// Bytes that must move: gamma (V rank + R V) 2 (W2 once per position, the base
+// logits once) plus the outputs; that is the floor the achieved bandwidth is
+// measured against.
+#include <benchmark/benchmark.h>
+
+#include <chrono>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bench_common.h"
+#include "dspark/ops.h"
+
+#if defined(DSPARK_BENCH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+namespace dspark_bench {
+namespace {
+
+using dspark::DType;
+using dspark::Device;
+using dspark::TensorView;
+
+struct Shape {
+  int64_t requests, gamma, vocab, rank;
+};
+
+struct Inputs {
+  Shape s;
+  std::vector<uint8_t> U, w1, w2;
+  std::vector<int64_t> anchors;
+  explicit Inputs(Shape shape) : s(shape) {
+    U = encode(normal_floats(static_cast<size_t>(s.requests * s.gamma * s.vocab), 2.0f, 1), DType::kBFloat16);
+    w1 = encode(normal_floats(static_cast<size_t>(s.vocab * s.rank), 0.1f, 2), DType::kBFloat16);
+    w2 = encode(normal_floats(static_cast<size_t>(s.vocab * s.rank), 0.1f, 3), DType::kBFloat16);
+    anchors.resize(static_cast<size_t>(s.requests));
+    for (int64_t r = 0; r < s.requests; ++r) anchors[static_cast<size_t>(r)] = (r * 7919) % s.vocab;
+  }
+  double bytes() const {
+    return 2.0 * s.gamma * (s.vocab * s.rank + s.requests * s.vocab) + 16.0 * s.requests * s.gamma;
+  }
+};
+
+dspark::MarkovSampleArgs make_args(const Inputs& in, Device dev, void* U, void* w1, void* w2, void* anchors,
+                                   void* tokens, void* logprobs, void* lse) {
+  const Shape& s = in.s;
+  dspark::MarkovSampleArgs a;
+  a.base_logits = TensorView::contiguous(U, DType::kBFloat16, dev, {s.requests, s.gamma, s.vocab});
+  a.anchor_tokens = TensorView::contiguous(anchors, DType::kInt64, dev, {s.requests});
+  a.w1 = TensorView::contiguous(w1, DType::kBFloat16, dev, {s.vocab, s.rank});
+  a.w2 = TensorView::contiguous(w2, DType::kBFloat16, dev, {s.vocab, s.rank});
+  a.temperature = 1.0f;
+  a.seed = 7;
+  a.draft_tokens = TensorView::contiguous(tokens, DType::kInt64, dev, {s.requests, s.gamma});
+  a.logprobs = TensorView::contiguous(logprobs, DType::kFloat32, dev, {s.requests, s.gamma});
+  a.lse = TensorView::contiguous(lse, DType::kFloat32, dev, {s.requests, s.gamma});
+  return a;
+}
+
+void bench_cpu(benchmark::State& state, Shape shape) {
+  Inputs in(shape);
+  const size_t n = static_cast<size_t>(shape.requests * shape.gamma);
+  std::vector<int64_t> tokens(n);
+  std::vector<float> logprobs(n), lse(n);
+  auto a = make_args(in, Device{}, in.U.data(), in.w1.data(), in.w2.data(), in.anchors.data(), tokens.data(),
+                     logprobs.data(), lse.data());
+  double seconds = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    dspark::markov_sample(a);
+    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  report(state, in.bytes(), seconds, cpu_copy_bandwidth());
+}
+
+#if defined(DSPARK_BENCH_CUDA)
+void check(cudaError_t e) {
+  if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
+}
+
+template <typename T>
+void* upload(const std::vector<T>& host) {
+  void* p = nullptr;
+  check(cudaMalloc(&p, std::max<size_t>(host.size() * sizeof(T), 1)));
+  check(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+void bench_cuda(benchmark::State& state, Shape shape) {
+  Inputs in(shape);
+  int device = 0;
+  check(cudaGetDevice(&device));
+  const Device dev{dspark::DeviceType::kCUDA, device};
+  void* U = upload(in.U);
+  void* w1 = upload(in.w1);
+  void* w2 = upload(in.w2);
+  void* anchors = upload(in.anchors);
+  const size_t n = static_cast<size_t>(shape.requests * shape.gamma);
+  void *tokens, *logprobs, *lse, *workspace;
+  check(cudaMalloc(&tokens, n * 8));
+  check(cudaMalloc(&logprobs, n * 4));
+  check(cudaMalloc(&lse, n * 4));
+  const size_t ws = dspark::markov_sample_workspace_bytes(shape.requests, shape.gamma, shape.vocab, shape.rank, 0,
+                                                          dspark::markov::Head::kVanilla);
+  check(cudaMalloc(&workspace, ws));
+  auto a = make_args(in, dev, U, w1, w2, anchors, tokens, logprobs, lse);
+  a.workspace = TensorView::contiguous(workspace, DType::kUInt8, dev, {static_cast<int64_t>(ws)});
+  cudaStream_t stream;
+  check(cudaStreamCreate(&stream));
+  a.stream = stream;
+  cudaEvent_t start, stop;
+  check(cudaEventCreate(&start));
+  check(cudaEventCreate(&stop));
+  for (int i = 0; i < 3; ++i) dspark::markov_sample(a);
+  double seconds = 0;
+  for (auto _ : state) {
+    check(cudaEventRecord(start, stream));
+    dspark::markov_sample(a);
+    check(cudaEventRecord(stop, stream));
+    check(cudaEventSynchronize(stop));
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, start, stop));
+    state.SetIterationTime(ms * 1e-3);
+    seconds += ms * 1e-3;
+  }
+  report(state, in.bytes(), seconds, cuda_copy_bandwidth());
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+  for (void* p : {U, w1, w2, anchors, tokens, logprobs, lse, workspace}) cudaFree(p);
+}
+#endif
+
+std::string name(const char* backend, const Shape& s) {
+  return std::string("markov_sample/") + backend + "/R=" + std::to_string(s.requests) + "/gamma=" +
+         std::to_string(s.gamma) + "/V=" + std::to_string(s.vocab) + "/r=" + std::to_string(s.rank);
+}
+
+}  // namespace
+
+void register_markov_sample() {
+  std::vector<Shape> shapes;
+  if (options().tiny) {
+    shapes = {{4, 3, 4099, 32}, {16, 7, 49152, 256}};
+  } else {
+    for (int64_t v : {49152, 129280, 151936})
+      for (int64_t r : {128, 256})
+        for (int64_t g : {5, 7, 16})
+          for (int64_t n : {1, 16, 128, 512}) shapes.push_back({n, g, v, r});
+  }
+  for (const Shape& s : shapes) {
+    // The CPU is compute-bound here: keep its grid to what runs in seconds.
+    const double macs = static_cast<double>(s.requests) * s.gamma * s.vocab * s.rank;
+    if (options().cpu && macs <= options().cpu_max_gbytes * 1e9)
+      benchmark::RegisterBenchmark(name("cpu", s).c_str(), bench_cpu, s)->Unit(benchmark::kMillisecond)->UseRealTime();
+#if defined(DSPARK_BENCH_CUDA)
+    if (options().cuda && cuda_available())
+      benchmark::RegisterBenchmark(name("cuda", s).c_str(), bench_cuda, s)->Unit(benchmark::kMicrosecond)->UseManualTime();
+#endif
+  }
+}
+
+}  // namespace dspark_bench
