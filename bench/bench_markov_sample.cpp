@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -37,7 +38,13 @@ struct Inputs {
   std::vector<uint8_t> U, w1, w2;
   std::vector<int64_t> anchors;
   explicit Inputs(Shape shape) : s(shape) {
-    U = encode(normal_floats(static_cast<size_t>(s.requests * s.gamma * s.vocab), 2.0f, 1), DType::kBFloat16);
+    // base logits: a pool of 16 random rows tiled over (request, position)
+    constexpr int64_t kPool = 16;
+    const std::vector<uint8_t> pool = encode(normal_floats(static_cast<size_t>(kPool * s.vocab), 2.0f, 1), DType::kBFloat16);
+    const size_t row_bytes = static_cast<size_t>(s.vocab) * 2;
+    U.resize(static_cast<size_t>(s.requests * s.gamma) * row_bytes);
+    for (int64_t i = 0; i < s.requests * s.gamma; ++i)
+      std::memcpy(&U[static_cast<size_t>(i) * row_bytes], &pool[static_cast<size_t>(i % kPool) * row_bytes], row_bytes);
     w1 = encode(normal_floats(static_cast<size_t>(s.vocab * s.rank), 0.1f, 2), DType::kBFloat16);
     w2 = encode(normal_floats(static_cast<size_t>(s.vocab * s.rank), 0.1f, 3), DType::kBFloat16);
     anchors.resize(static_cast<size_t>(s.requests));

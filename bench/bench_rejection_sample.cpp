@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -52,33 +53,45 @@ struct Inputs {
   std::vector<int32_t> cu;
 
   explicit Inputs(const Shape& shape) : s(shape) {
+    // A pool of kPool random (target, draft) row pairs, tiled over the batch:
+    // the kernels' speed does not depend on rows repeating, and several GB
+    // of inputs are built in seconds.
+    constexpr int64_t kPool = 64;
     n_draft = s.requests * s.drafts;
-    std::vector<float> t = normal_floats(static_cast<size_t>((n_draft + s.requests) * s.vocab), 3.0f, 1);
-    std::vector<float> d(static_cast<size_t>(n_draft * s.vocab));
-    const std::vector<float> noise = normal_floats(d.size(), 1.0f, 2);
-    // draft row j of request r pairs with target row j + r
-    for (int64_t r = 0, j = 0; r < s.requests; ++r)
-      for (int64_t k = 0; k < s.drafts; ++k, ++j)
-        for (int64_t v = 0; v < s.vocab; ++v)
-          d[j * s.vocab + v] = t[(j + r) * s.vocab + v] + noise[j * s.vocab + v];
+    const size_t V = static_cast<size_t>(s.vocab);
+    const std::vector<float> pool_t = normal_floats(kPool * V, 3.0f, 1);
+    std::vector<float> pool_d = normal_floats(kPool * V, 1.0f, 2);
+    for (size_t i = 0; i < pool_d.size(); ++i) pool_d[i] += pool_t[i];
     if (s.mode == kProbs) {  // softmax rows
-      for (int64_t j = 0; j < n_draft; ++j) {
-        float* row = &d[j * s.vocab];
+      for (int64_t j = 0; j < kPool; ++j) {
+        float* row = &pool_d[j * V];
         float m = row[0], z = 0;
-        for (int64_t v = 0; v < s.vocab; ++v) m = std::max(m, row[v]);
-        for (int64_t v = 0; v < s.vocab; ++v) z += (row[v] = std::exp(row[v] - m));
-        for (int64_t v = 0; v < s.vocab; ++v) row[v] /= z;
+        for (size_t v = 0; v < V; ++v) m = std::max(m, row[v]);
+        for (size_t v = 0; v < V; ++v) z += (row[v] = std::exp(row[v] - m));
+        for (size_t v = 0; v < V; ++v) row[v] /= z;
       }
     }
-    target = encode(t, s.dtype);
-    if (s.mode != kOneHot) draft = encode(d, s.mode == kProbs ? DType::kFloat32 : s.dtype);
-    // draft token: the draft row's argmax (accepted often, not always)
+    std::vector<int64_t> pool_token(kPool);  // the draft row's argmax: accepted often, not always
+    for (int64_t j = 0; j < kPool; ++j)
+      pool_token[j] = std::max_element(&pool_d[j * V], &pool_d[j * V] + V) - &pool_d[j * V];
+    const std::vector<uint8_t> enc_t = encode(pool_t, s.dtype);
+    const DType draft_dtype = s.mode == kProbs ? DType::kFloat32 : s.dtype;
+    const std::vector<uint8_t> enc_d = encode(pool_d, draft_dtype);
+    const size_t tb = V * dspark::dtype_size(s.dtype), db = V * dspark::dtype_size(draft_dtype);
+    target.resize(static_cast<size_t>(n_draft + s.requests) * tb);
+    if (s.mode != kOneHot) draft.resize(static_cast<size_t>(n_draft) * db);
     tokens.resize(static_cast<size_t>(n_draft));
-    for (int64_t j = 0; j < n_draft; ++j) {
-      int64_t best = 0;
-      for (int64_t v = 1; v < s.vocab; ++v)
-        if (d[j * s.vocab + v] > d[j * s.vocab + best]) best = v;
-      tokens[static_cast<size_t>(j)] = best;
+    // draft row j of request r pairs with target row j + r: both use pool row j % kPool
+    for (int64_t r = 0, j = 0; r < s.requests; ++r) {
+      for (int64_t k = 0; k <= s.drafts; ++k) {
+        const int64_t row = j + r + k, pool = (j + k) % kPool;
+        std::memcpy(&target[static_cast<size_t>(row) * tb], &enc_t[static_cast<size_t>(pool) * tb], tb);
+      }
+      for (int64_t k = 0; k < s.drafts; ++k, ++j) {
+        if (s.mode != kOneHot)
+          std::memcpy(&draft[static_cast<size_t>(j) * db], &enc_d[static_cast<size_t>(j % kPool) * db], db);
+        tokens[static_cast<size_t>(j)] = pool_token[j % kPool];
+      }
     }
     cu.resize(static_cast<size_t>(s.requests + 1));
     for (int64_t r = 0; r <= s.requests; ++r) cu[static_cast<size_t>(r)] = static_cast<int32_t>(r * s.drafts);

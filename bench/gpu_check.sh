@@ -82,7 +82,11 @@ if ls .deps/libbenchmark-dev_*.deb >/dev/null 2>&1; then
       -DDSPARK_BUILD_BENCHMARKS=on -Dbenchmark_DIR='$PWD/.deps/root/usr/lib/x86_64-linux-gnu/cmake/benchmark' \
       && '$CMAKE' --build build-gpu -j '$JOBS' --target dspark_bench dspark_cpp_tests"
   stage cpp_tests 30 ./build-gpu/dspark_cpp_tests
+  # The headline shapes of each op (the full grid is --dspark_grid=full without a filter).
+  FILTER='^(rejection_sample/cuda/logits/bfloat16/R=(1|8|64|256|512)/n=(1|5|7|16)/V=(32000|151936)'
+  FILTER+='|schedule_prefix/cuda|markov_sample/cuda/R=(1|16|128|512)/gamma=7/V=(49152|151936)/r=256)'
   stage bench_cpp 100 ./build-gpu/dspark_bench --dspark_backends=cuda --benchmark_min_time=0.05 \
+    --benchmark_filter="$FILTER" \
     --benchmark_out="$OUT/bench_cpp.json" --benchmark_out_format=json
   grep -E "^dspark_bench|(rejection_sample|schedule_prefix|markov_sample)/cuda" "$OUT/bench_cpp.log" | sed -E 's/ +/ /g' >"$OUT/bench_cpp_table.txt"
 else
