@@ -5,11 +5,16 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "dspark/tensor.h"
+
+#if defined(DSPARK_BENCH_CUDA)
+#include <cuda_runtime.h>
+#endif
 
 namespace dspark_bench {
 
@@ -38,5 +43,20 @@ std::vector<uint8_t> encode(const std::vector<float>& values, dspark::DType dtyp
 // the fraction of `ceiling` (bytes/s) reached; `seconds` is the total time of
 // the timed iterations.
 void report(benchmark::State& state, double bytes, double seconds, double ceiling);
+
+// The timed loop on the CPU: run(iteration) per benchmark iteration.
+void time_cpu(benchmark::State& state, double bytes, const std::function<void(int64_t)>& run);
+
+#if defined(DSPARK_BENCH_CUDA)
+void cuda_check(cudaError_t status);
+void* cuda_upload(const void* host, size_t bytes);
+template <typename T>
+void* cuda_upload(const std::vector<T>& host) {
+  return cuda_upload(host.data(), host.size() * sizeof(T));
+}
+// Three warm-up calls, then run(stream, iteration) timed with events on a
+// stream of its own, as the benchmark's manual time.
+void time_cuda(benchmark::State& state, double bytes, const std::function<void(cudaStream_t, int64_t)>& run);
+#endif
 
 }  // namespace dspark_bench

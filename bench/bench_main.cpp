@@ -175,6 +175,53 @@ void report(benchmark::State& state, double bytes, double seconds, double ceilin
   state.counters["frac_of_copy"] = ceiling > 0 ? rate / ceiling : 0.0;
 }
 
+void time_cpu(benchmark::State& state, double bytes, const std::function<void(int64_t)>& run) {
+  double seconds = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run(static_cast<int64_t>(state.iterations()));
+    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  report(state, bytes, seconds, cpu_copy_bandwidth());
+}
+
+#if defined(DSPARK_BENCH_CUDA)
+void cuda_check(cudaError_t status) {
+  if (status != cudaSuccess) throw std::runtime_error(cudaGetErrorString(status));
+}
+
+void* cuda_upload(const void* host, size_t bytes) {
+  void* p = nullptr;
+  cuda_check(cudaMalloc(&p, std::max<size_t>(bytes, 1)));
+  if (bytes) cuda_check(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
+  return p;
+}
+
+void time_cuda(benchmark::State& state, double bytes, const std::function<void(cudaStream_t, int64_t)>& run) {
+  cudaStream_t stream;
+  cudaEvent_t start, stop;
+  cuda_check(cudaStreamCreate(&stream));
+  cuda_check(cudaEventCreate(&start));
+  cuda_check(cudaEventCreate(&stop));
+  for (int i = 0; i < 3; ++i) run(stream, -1);
+  double seconds = 0;
+  for (auto _ : state) {
+    cuda_check(cudaEventRecord(start, stream));
+    run(stream, static_cast<int64_t>(state.iterations()));
+    cuda_check(cudaEventRecord(stop, stream));
+    cuda_check(cudaEventSynchronize(stop));
+    float ms = 0;
+    cuda_check(cudaEventElapsedTime(&ms, start, stop));
+    state.SetIterationTime(ms * 1e-3);
+    seconds += ms * 1e-3;
+  }
+  report(state, bytes, seconds, cuda_copy_bandwidth());
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+}
+#endif
+
 }  // namespace dspark_bench
 
 int main(int argc, char** argv) {

@@ -78,69 +78,33 @@ void bench_cpu(benchmark::State& state, Shape shape) {
   std::vector<float> logprobs(n), lse(n);
   auto a = make_args(in, Device{}, in.U.data(), in.w1.data(), in.w2.data(), in.anchors.data(), tokens.data(),
                      logprobs.data(), lse.data());
-  double seconds = 0;
-  for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    dspark::markov_sample(a);
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  }
-  report(state, in.bytes(), seconds, cpu_copy_bandwidth());
+  time_cpu(state, in.bytes(), [&](int64_t) { dspark::markov_sample(a); });
 }
 
 #if defined(DSPARK_BENCH_CUDA)
-void check(cudaError_t e) {
-  if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
-}
-
-template <typename T>
-void* upload(const std::vector<T>& host) {
-  void* p = nullptr;
-  check(cudaMalloc(&p, std::max<size_t>(host.size() * sizeof(T), 1)));
-  check(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return p;
-}
-
 void bench_cuda(benchmark::State& state, Shape shape) {
   Inputs in(shape);
   int device = 0;
-  check(cudaGetDevice(&device));
+  cuda_check(cudaGetDevice(&device));
   const Device dev{dspark::DeviceType::kCUDA, device};
-  void* U = upload(in.U);
-  void* w1 = upload(in.w1);
-  void* w2 = upload(in.w2);
-  void* anchors = upload(in.anchors);
+  void* U = cuda_upload(in.U);
+  void* w1 = cuda_upload(in.w1);
+  void* w2 = cuda_upload(in.w2);
+  void* anchors = cuda_upload(in.anchors);
   const size_t n = static_cast<size_t>(shape.requests * shape.gamma);
   void *tokens, *logprobs, *lse, *workspace;
-  check(cudaMalloc(&tokens, n * 8));
-  check(cudaMalloc(&logprobs, n * 4));
-  check(cudaMalloc(&lse, n * 4));
+  cuda_check(cudaMalloc(&tokens, n * 8));
+  cuda_check(cudaMalloc(&logprobs, n * 4));
+  cuda_check(cudaMalloc(&lse, n * 4));
   const size_t ws = dspark::markov_sample_workspace_bytes(shape.requests, shape.gamma, shape.vocab, shape.rank, 0,
                                                           dspark::markov::Head::kVanilla);
-  check(cudaMalloc(&workspace, ws));
+  cuda_check(cudaMalloc(&workspace, ws));
   auto a = make_args(in, dev, U, w1, w2, anchors, tokens, logprobs, lse);
   a.workspace = TensorView::contiguous(workspace, DType::kUInt8, dev, {static_cast<int64_t>(ws)});
-  cudaStream_t stream;
-  check(cudaStreamCreate(&stream));
-  a.stream = stream;
-  cudaEvent_t start, stop;
-  check(cudaEventCreate(&start));
-  check(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) dspark::markov_sample(a);
-  double seconds = 0;
-  for (auto _ : state) {
-    check(cudaEventRecord(start, stream));
+  time_cuda(state, in.bytes(), [&](cudaStream_t stream, int64_t) {
+    a.stream = stream;
     dspark::markov_sample(a);
-    check(cudaEventRecord(stop, stream));
-    check(cudaEventSynchronize(stop));
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(ms * 1e-3);
-    seconds += ms * 1e-3;
-  }
-  report(state, in.bytes(), seconds, cuda_copy_bandwidth());
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  cudaStreamDestroy(stream);
+  });
   for (void* p : {U, w1, w2, anchors, tokens, logprobs, lse, workspace}) cudaFree(p);
 }
 #endif

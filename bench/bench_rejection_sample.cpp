@@ -130,70 +130,35 @@ void bench_cpu(benchmark::State& state, Shape shape) {
   std::vector<int32_t> out(static_cast<size_t>(shape.requests * (shape.drafts + 1))), accepted(static_cast<size_t>(shape.requests));
   dspark::RejectionSampleArgs a = make_args(in, Device{}, in.target.data(), in.draft.data(), in.tokens.data(),
                                             in.cu.data(), out.data(), accepted.data());
-  double seconds = 0;
-  for (auto _ : state) {
-    a.offset = static_cast<uint64_t>(state.iterations()) & 0xffffffffu;
-    const auto t0 = std::chrono::steady_clock::now();
+  time_cpu(state, in.bytes(), [&](int64_t iteration) {
+    a.offset = static_cast<uint64_t>(iteration) & 0xffffffffu;
     dspark::rejection_sample(a);
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    benchmark::DoNotOptimize(out.data());
-  }
-  report(state, in.bytes(), seconds, cpu_copy_bandwidth());
+  });
 }
 
 #if defined(DSPARK_BENCH_CUDA)
-void check(cudaError_t e) {
-  if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
-}
-
-template <typename T>
-void* upload(const std::vector<T>& host) {
-  void* p = nullptr;
-  check(cudaMalloc(&p, std::max<size_t>(host.size() * sizeof(T), 1)));
-  if (!host.empty()) check(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return p;
-}
-
 void bench_cuda(benchmark::State& state, Shape shape) {
   Inputs in(shape);
   int device = 0;
-  check(cudaGetDevice(&device));
+  cuda_check(cudaGetDevice(&device));
   const Device dev{DeviceType::kCUDA, device};
-  void* target = upload(in.target);
-  void* draft = upload(in.draft);
-  void* tokens = upload(in.tokens);
-  void* cu = upload(in.cu);
+  void* target = cuda_upload(in.target);
+  void* draft = cuda_upload(in.draft);
+  void* tokens = cuda_upload(in.tokens);
+  void* cu = cuda_upload(in.cu);
   void *out = nullptr, *accepted = nullptr, *workspace = nullptr;
-  check(cudaMalloc(&out, static_cast<size_t>(shape.requests * (shape.drafts + 1)) * 4));
-  check(cudaMalloc(&accepted, static_cast<size_t>(shape.requests) * 4));
+  cuda_check(cudaMalloc(&out, static_cast<size_t>(shape.requests * (shape.drafts + 1)) * 4));
+  cuda_check(cudaMalloc(&accepted, static_cast<size_t>(shape.requests) * 4));
   const size_t ws = dspark::rejection_sample_workspace_bytes(shape.requests, in.n_draft, shape.vocab,
                                                              shape.mode != kOneHot, false);
-  check(cudaMalloc(&workspace, ws));
+  cuda_check(cudaMalloc(&workspace, ws));
   dspark::RejectionSampleArgs a = make_args(in, dev, target, draft, tokens, cu, out, accepted);
   a.workspace = TensorView::contiguous(workspace, DType::kUInt8, dev, {static_cast<int64_t>(ws)});
-  cudaStream_t stream;
-  check(cudaStreamCreate(&stream));
-  a.stream = stream;
-  cudaEvent_t start, stop;
-  check(cudaEventCreate(&start));
-  check(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) dspark::rejection_sample(a);  // warm-up
-  double seconds = 0;
-  for (auto _ : state) {
-    a.offset = static_cast<uint64_t>(state.iterations()) & 0xffffffffu;
-    check(cudaEventRecord(start, stream));
+  time_cuda(state, in.bytes(), [&](cudaStream_t stream, int64_t iteration) {
+    a.stream = stream;
+    a.offset = static_cast<uint64_t>(iteration < 0 ? 0 : iteration) & 0xffffffffu;
     dspark::rejection_sample(a);
-    check(cudaEventRecord(stop, stream));
-    check(cudaEventSynchronize(stop));
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(ms * 1e-3);
-    seconds += ms * 1e-3;
-  }
-  report(state, in.bytes(), seconds, cuda_copy_bandwidth());
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  cudaStreamDestroy(stream);
+  });
   for (void* p : {target, draft, tokens, cu, out, accepted, workspace}) cudaFree(p);
 }
 #endif

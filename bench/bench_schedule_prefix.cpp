@@ -65,59 +65,29 @@ void bench_cpu(benchmark::State& state, Shape shape) {
   float throughput = 0;
   int32_t capacity = 0;
   auto a = make_args(in, Device{}, in.conf.data(), in.sps.data(), lengths.data(), &throughput, &capacity);
-  double seconds = 0;
-  for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    dspark::schedule_prefix(a);
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  }
-  report(state, in.bytes(), seconds, cpu_copy_bandwidth());
+  time_cpu(state, in.bytes(), [&](int64_t) { dspark::schedule_prefix(a); });
   state.counters["admitted"] = capacity;
 }
 
 #if defined(DSPARK_BENCH_CUDA)
-void check(cudaError_t e) {
-  if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
-}
-
 void bench_cuda(benchmark::State& state, Shape shape) {
   Inputs in(shape);
   int device = 0;
-  check(cudaGetDevice(&device));
-  void *conf, *sps, *lengths, *throughput, *capacity;
-  check(cudaMalloc(&conf, in.conf.size() * 4));
-  check(cudaMalloc(&sps, in.sps.size() * 4));
-  check(cudaMalloc(&lengths, static_cast<size_t>(shape.requests) * 4 + 4));
-  check(cudaMalloc(&throughput, 4));
-  check(cudaMalloc(&capacity, 4));
-  check(cudaMemcpy(conf, in.conf.data(), in.conf.size() * 4, cudaMemcpyHostToDevice));
-  check(cudaMemcpy(sps, in.sps.data(), in.sps.size() * 4, cudaMemcpyHostToDevice));
+  cuda_check(cudaGetDevice(&device));
+  void* conf = cuda_upload(in.conf);
+  void* sps = cuda_upload(in.sps);
+  void *lengths, *throughput, *capacity;
+  cuda_check(cudaMalloc(&lengths, static_cast<size_t>(shape.requests) * 4 + 4));
+  cuda_check(cudaMalloc(&throughput, 4));
+  cuda_check(cudaMalloc(&capacity, 4));
   auto a = make_args(in, Device{dspark::DeviceType::kCUDA, device}, conf, sps, lengths, throughput, capacity);
-  cudaStream_t stream;
-  check(cudaStreamCreate(&stream));
-  a.stream = stream;
-  cudaEvent_t start, stop;
-  check(cudaEventCreate(&start));
-  check(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) dspark::schedule_prefix(a);
-  double seconds = 0;
-  for (auto _ : state) {
-    check(cudaEventRecord(start, stream));
+  time_cuda(state, in.bytes(), [&](cudaStream_t stream, int64_t) {
+    a.stream = stream;
     dspark::schedule_prefix(a);
-    check(cudaEventRecord(stop, stream));
-    check(cudaEventSynchronize(stop));
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(ms * 1e-3);
-    seconds += ms * 1e-3;
-  }
-  report(state, in.bytes(), seconds, cuda_copy_bandwidth());
+  });
   int32_t admitted = 0;
-  check(cudaMemcpy(&admitted, capacity, 4, cudaMemcpyDeviceToHost));
+  cuda_check(cudaMemcpy(&admitted, capacity, 4, cudaMemcpyDeviceToHost));
   state.counters["admitted"] = admitted;
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  cudaStreamDestroy(stream);
   for (void* p : {conf, sps, lengths, throughput, capacity}) cudaFree(p);
 }
 #endif
