@@ -22,12 +22,6 @@
 #include "parallel.h"
 #include "vec.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DSPARK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define DSPARK_CPU_CLONES
-#endif
-
 namespace dspark::cpu {
 namespace {
 

@@ -7,12 +7,6 @@
 #include "dspark/philox.h"
 #include "dspark/sampling.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DSPARK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define DSPARK_CPU_CLONES
-#endif
-
 namespace dspark::cpu {
 
 DSPARK_CPU_CLONES void convert_to_float(const void* src, DType dtype, int64_t n, float* dst) {

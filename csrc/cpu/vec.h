@@ -9,6 +9,13 @@
 #include "dspark/random.h"
 #include "dspark/tensor.h"
 
+// Compiles a function for AVX2 and for the baseline ISA, picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DSPARK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DSPARK_CPU_CLONES
+#endif
+
 namespace dspark::cpu {
 
 // dst[i] = float(src[i]) for a float32 / float16 / bfloat16 source.
