@@ -161,6 +161,48 @@ void confidence(TensorView hidden, TensorView w1, TensorView anchor_tokens, Tens
   dspark::confidence(a);
 }
 
+void append_kv(TensorView k, TensorView v, TensorView k_cache, TensorView v_cache, TensorView slot_mapping,
+               uintptr_t stream) {
+  dspark::AppendKvArgs a;
+  a.k = k;
+  a.v = v;
+  a.k_cache = k_cache;
+  a.v_cache = v_cache;
+  a.slot_mapping = slot_mapping;
+  a.stream = reinterpret_cast<void*>(stream);
+  dspark::append_kv(a);
+}
+
+void paged_attention(TensorView q, TensorView k_cache, TensorView v_cache, TensorView block_table,
+                     TensorView kv_lens, TensorView cu_q, int32_t mask, double scale, TensorView out,
+                     TensorView lse, TensorView workspace, uintptr_t stream) {
+  if (mask != 0 && mask != 1) throw dspark::ValueError("paged_attention: unknown mask " + std::to_string(mask));
+  dspark::PagedAttentionArgs a;
+  a.q = q;
+  a.k_cache = k_cache;
+  a.v_cache = v_cache;
+  a.block_table = block_table;
+  a.kv_lens = kv_lens;
+  a.cu_q = cu_q;
+  a.mask = static_cast<dspark::AttentionMask>(mask);
+  a.scale = static_cast<float>(scale);
+  a.out = out;
+  a.lse = lse;
+  a.workspace = workspace;
+  a.stream = reinterpret_cast<void*>(stream);
+  dspark::paged_attention(a);
+}
+
+void rope(TensorView q, TensorView k, TensorView positions, TensorView inv_freq, uintptr_t stream) {
+  dspark::RopeArgs a;
+  a.q = q;
+  a.k = k;
+  a.positions = positions;
+  a.inv_freq = inv_freq;
+  a.stream = reinterpret_cast<void*>(stream);
+  dspark::rope(a);
+}
+
 py::tuple philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   const dspark::Philox4x32 r = dspark::philox4x32_10(c0, c1, c2, c3, k0, k1);
   return py::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
@@ -231,6 +273,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("confidence", &confidence, py::arg("hidden"), py::arg("w1"), py::arg("anchor_tokens"),
         py::arg("draft_tokens"), py::arg("weight"), py::arg("bias"), py::arg("temperatures"), py::arg("logits"),
         py::arg("conf"), py::arg("survival"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("append_kv", &append_kv, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slot_mapping"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("paged_attention_workspace_bytes", &dspark::paged_attention_workspace_bytes, py::arg("num_tokens"),
+        py::arg("num_requests"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("max_pages"),
+        py::arg("page_size"));
+  m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_table"), py::arg("kv_lens"), py::arg("cu_q"), py::arg("mask"), py::arg("scale"),
+        py::arg("out"), py::arg("lse"), py::arg("workspace"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rope", &rope, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("inv_freq"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
 
   // Shared numerics, exposed so that tests can compare them with the reference.
   py::module_ t = m.def_submodule("numerics", "the shared __host__ __device__ numerics");

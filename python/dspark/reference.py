@@ -21,10 +21,13 @@ __all__ = [
     "PURPOSE_RACE",
     "confidence",
     "exponential",
+    "gather_pages",
     "markov_sample",
+    "paged_attention",
     "philox4x32_10",
     "random_bits",
     "rejection_sample",
+    "rope",
     "schedule_prefix",
     "uniform",
 ]
@@ -473,3 +476,72 @@ def confidence(
     t = temperatures.cpu().double() if temperatures is not None else torch.ones(gamma, dtype=torch.float64)
     conf = torch.sigmoid(logits / t)
     return logits.float(), conf.float(), torch.cumprod(conf, dim=1).float()
+
+
+# ---------------------------------------------------------------- attention
+
+
+def gather_pages(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` entries ``[length, H_kv, D]`` of one request's paged cache."""
+    page_size = cache.shape[1]
+    pages = block_table_row[: (length + page_size - 1) // page_size].long().cpu()
+    return cache.cpu()[pages].reshape(-1, cache.shape[2], cache.shape[3])[:length]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    cu_q: torch.Tensor,
+    *,
+    mask: str = "causal",
+    scale: Optional[float] = None,
+):
+    """The oracle of :func:`dspark.ops.paged_attention`: gathers each request's
+    pages and runs ``scaled_dot_product_attention`` with an explicit mask, in
+    float64. Returns (output in q's dtype, lse float32); queries that see no
+    key get a zero output and lse -inf."""
+    q64 = q.cpu().double()
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(T, Hq, D, dtype=torch.float64)
+    lse = torch.full((T, Hq), -math.inf, dtype=torch.float64)
+    cu = [int(x) for x in cu_q.cpu()]
+    for r in range(len(cu) - 1):
+        q_len, kv = cu[r + 1] - cu[r], int(kv_lens[r])
+        if q_len == 0:
+            continue
+        K = gather_pages(k_cache, block_table[r], kv).double().repeat_interleave(G, dim=1)  # [kv, Hq, D]
+        V = gather_pages(v_cache, block_table[r], kv).double().repeat_interleave(G, dim=1)
+        i = torch.arange(q_len).unsqueeze(1)
+        j = torch.arange(kv).unsqueeze(0)
+        visible = j <= kv - q_len + i if mask == "causal" else torch.ones(q_len, kv, dtype=torch.bool)
+        rows = visible.any(dim=1)
+        if kv == 0 or not rows.any():
+            continue
+        qr = q64[cu[r]:cu[r + 1]].transpose(0, 1)  # [Hq, q_len, D]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qr, K.transpose(0, 1), V.transpose(0, 1), attn_mask=visible, scale=scale)
+        scores = (qr @ K.transpose(0, 1).transpose(1, 2)) * scale
+        scores = scores.masked_fill(~visible, -math.inf)
+        out[cu[r]:cu[r + 1]][rows] = o.transpose(0, 1)[rows]
+        lse[cu[r]:cu[r + 1]][rows] = torch.logsumexp(scores, dim=-1).transpose(0, 1)[rows]
+    return out.to(q.dtype), lse.float()
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding as Llama / Qwen3 apply it (a new tensor):
+    angles position * inv_freq in float32, then in float64 x cos + rotate_half(x) sin
+    on the first 2 len(inv_freq) dimensions."""
+    half = inv_freq.shape[0]
+    angles = positions.cpu().float().unsqueeze(-1) * inv_freq.cpu().float().unsqueeze(0)  # [T, half]
+    cos, sin = torch.cos(angles).double().unsqueeze(1), torch.sin(angles).double().unsqueeze(1)
+    y = x.cpu().double().clone()
+    x1, x2 = y[..., :half].clone(), y[..., half:2 * half].clone()
+    y[..., :half] = x1 * cos - x2 * sin
+    y[..., half:2 * half] = x2 * cos + x1 * sin
+    return y.to(x.dtype)

@@ -54,6 +54,33 @@ DSPARK_HD DSPARK_INLINE float round_to(float f, DType dtype) {
   return dtype == DType::kBFloat16 ? round_to_bf16(f) : dtype == DType::kFloat16 ? round_to_fp16(f) : f;
 }
 
+// Stores f (rounded to nearest even) as element `index` of a float tensor.
+DSPARK_HD DSPARK_INLINE void store_float(void* base, DType dtype, int64_t index, float f) {
+  if (dtype == DType::kFloat32) {
+    static_cast<float*>(base)[index] = f;
+    return;
+  }
+  const float r = round_to(f, dtype);
+  const uint32_t u = num::float_bits(r);
+  uint16_t h;
+  if (dtype == DType::kBFloat16) {
+    h = static_cast<uint16_t>(u >> 16);
+  } else {  // float16 from a float that round_to made representable
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t exponent = (u >> 23) & 0xffu;
+    const uint32_t mantissa = u & 0x7fffffu;
+    if (exponent == 0xffu) {
+      h = static_cast<uint16_t>(sign | 0x7c00u | (mantissa ? 0x200u : 0u));
+    } else if (exponent < 113) {  // zero or float16 subnormal: multiple of 2^-24
+      const float a = num::bits_float(u & 0x7fffffffu);
+      h = static_cast<uint16_t>(sign | static_cast<uint32_t>(num::mul(a, 0x1p24f)));
+    } else {
+      h = static_cast<uint16_t>(sign | ((exponent - 112u) << 10) | (mantissa >> 13));
+    }
+  }
+  static_cast<uint16_t*>(base)[index] = h;
+}
+
 // Element `index` of a float tensor of the given dtype.
 DSPARK_HD DSPARK_INLINE float load_float(const void* base, DType dtype, int64_t index) {
   switch (dtype) {

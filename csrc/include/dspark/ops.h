@@ -136,13 +136,60 @@ struct ConfidenceArgs {
 
 void confidence(const ConfidenceArgs& args);
 
+// --------------------------------------------------------------- attention
+
+enum class AttentionMask : int32_t {
+  kCausal = 0,  // query i of request r sees keys [0, kv_len - q_len + i]
+  kBlock = 1,   // every query of request r sees all kv_len keys
+};
+
+struct AppendKvArgs {
+  TensorView k, v;                // [T, H_kv, D]
+  TensorView k_cache, v_cache;    // [num_pages, page_size, H_kv, D]
+  TensorView slot_mapping;        // [T] int64: page * page_size + offset; < 0 skips
+  void* stream = nullptr;
+};
+void append_kv(const AppendKvArgs& args);
+
+struct PagedAttentionArgs {
+  TensorView q;                   // [T, H_q, D]
+  TensorView k_cache, v_cache;    // [num_pages, page_size, H_kv, D]
+  TensorView block_table;         // [R, max_pages] int32
+  TensorView kv_lens;             // [R] int32
+  TensorView cu_q;                // [R + 1] int32
+  AttentionMask mask = AttentionMask::kCausal;
+  float scale = 0.0f;
+  // outputs
+  TensorView out;                 // [T, H_q, D], q's dtype
+  TensorView lse;                 // optional [T, H_q] float32 (natural log; -inf when no key is visible)
+  TensorView workspace;           // CUDA: paged_attention_workspace_bytes
+  void* stream = nullptr;
+};
+size_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_requests, int64_t q_heads, int64_t kv_heads,
+                                       int64_t head_dim, int64_t max_pages, int64_t page_size);
+void paged_attention(const PagedAttentionArgs& args);
+
+struct RopeArgs {
+  TensorView q, k;        // [T, H, D], rotated in place (k optional)
+  TensorView positions;   // [T] int32 / int64
+  TensorView inv_freq;    // [rotary_dim / 2] float32
+  void* stream = nullptr;
+};
+void rope(const RopeArgs& args);
+
 namespace cpu {
+void append_kv(const AppendKvArgs& args);
+void paged_attention(const PagedAttentionArgs& args);
+void rope(const RopeArgs& args);
 void rejection_sample(const rejection::Problem& problem, const RejectionSampleArgs& args);
 void schedule_prefix(const SchedulePrefixArgs& args);
 void markov_sample(const MarkovSampleArgs& args);
 void confidence(const ConfidenceArgs& args);
 }  // namespace cpu
 namespace cuda {
+void append_kv(const AppendKvArgs& args);
+void paged_attention(const PagedAttentionArgs& args);
+void rope(const RopeArgs& args);
 void rejection_sample(const rejection::Problem& problem, const RejectionSampleArgs& args);
 void schedule_prefix(const SchedulePrefixArgs& args);
 void markov_sample(const MarkovSampleArgs& args);

@@ -1,0 +1,72 @@
+// The split-KV plan of paged_attention on CUDA and its workspace. The plan
+// depends on shapes only (never on kv_lens or cu_q, which live on the
+// device), so the workspace is allocated without a host synchronisation.
+//
+// Work is cut into tiles: a tile is up to tokens_per_tile consecutive queries
+// of one request with all the query heads of one kv head (tokens_per_tile * G
+// rows, G = H_q / H_kv), and a split is a slice of keys_per_split keys of the
+// request's context. A CUDA block owns one (tile, kv head, split).
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+namespace dspark {
+
+struct AttentionPlan {
+  static constexpr int64_t kKeyTile = 64;         // keys per step of a block
+  static constexpr int64_t kRowsPerBlock = 64;    // query rows per block (4 warps x 16)
+  static constexpr int64_t kTargetBlocks = 264;   // about two waves of an H100 / H200
+  static constexpr int64_t kMinKeysPerSplit = 256;
+  static constexpr int64_t kMaxSplits = 64;
+
+  int64_t tokens_per_tile = 1;
+  int64_t max_tiles = 1;  // an upper bound on sum_r ceil(q_len_r / tokens_per_tile)
+  int64_t splits = 1;
+  int64_t keys_per_split = kKeyTile;  // a multiple of kKeyTile
+
+  static AttentionPlan make(int64_t T, int64_t R, int64_t Hq, int64_t Hkv, int64_t max_pages, int64_t page_size) {
+    AttentionPlan p;
+    const int64_t group = Hkv > 0 ? std::max<int64_t>(1, Hq / Hkv) : 1;
+    p.tokens_per_tile = std::max<int64_t>(1, kRowsPerBlock / group);
+    p.max_tiles = std::max<int64_t>(1, (T + p.tokens_per_tile - 1) / p.tokens_per_tile + R);
+    const int64_t max_keys = std::max<int64_t>(1, max_pages * page_size);
+    // Enough splits that a batch of one long request fills the GPU.
+    const int64_t busy = std::max<int64_t>(1, std::min(p.max_tiles, std::max<int64_t>(R, 1)) * Hkv);
+    const int64_t want = (kTargetBlocks + busy - 1) / busy;
+    const int64_t by_length = (max_keys + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
+    p.splits = std::max<int64_t>(1, std::min({want, by_length, kMaxSplits}));
+    const int64_t per = (max_keys + p.splits - 1) / p.splits;
+    p.keys_per_split = (per + kKeyTile - 1) / kKeyTile * kKeyTile;
+    return p;
+  }
+};
+
+struct AttentionWorkspace {
+  static constexpr size_t kAlign = 256;
+  size_t cu_tiles = 0;     // int32 [R + 1]: prefix of the tiles per request
+  size_t partial_out = 0;  // float [splits, T, Hq, D] (splits > 1)
+  size_t partial_lse = 0;  // float [splits, T, Hq]
+  size_t bytes = 0;
+
+  static size_t align(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+  static AttentionWorkspace layout(int64_t T, int64_t R, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_pages,
+                                   int64_t page_size) {
+    const AttentionPlan plan = AttentionPlan::make(T, R, Hq, Hkv, max_pages, page_size);
+    AttentionWorkspace w;
+    size_t at = 0;
+    w.cu_tiles = at;
+    at = align(at + sizeof(int32_t) * static_cast<size_t>(R + 1));
+    const size_t rows = static_cast<size_t>(plan.splits > 1 ? plan.splits * T * Hq : 0);
+    w.partial_out = at;
+    at = align(at + rows * static_cast<size_t>(D) * sizeof(float));
+    w.partial_lse = at;
+    at = align(at + rows * sizeof(float));
+    w.bytes = at;
+    return w;
+  }
+};
+
+}  // namespace dspark

@@ -1,0 +1,281 @@
+"""append_kv, paged_attention and rope: against the PyTorch reference on
+random ragged batches, the special cases that define the masks, the cache
+round trip, bad input, torch integration, and CUDA."""
+
+import math
+
+import pytest
+import torch
+
+from dspark import ops, reference
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def make_batch(R, Hq, Hkv, D, page_size, dtype, *, seed, max_q=6, max_ctx=300, empty_ctx=False):
+    """A ragged batch over a paged cache with pages in random order."""
+    g = torch.Generator().manual_seed(seed)
+    q_lens = torch.randint(0, max_q + 1, (R,), generator=g)
+    ctx = torch.randint(0, max_ctx + 1, (R,), generator=g)
+    if empty_ctx:
+        ctx[0] = 0
+    kv = (ctx + q_lens).int()
+    max_pages = int((kv.max() + page_size - 1) // page_size) + 1 if R else 1
+    pages = R * max_pages + 3
+    k_cache = torch.randn(pages, page_size, Hkv, D, generator=g).to(dtype)
+    v_cache = torch.randn(pages, page_size, Hkv, D, generator=g).to(dtype)
+    table = torch.randperm(pages, generator=g)[: R * max_pages].reshape(R, max_pages).int()
+    cu = torch.zeros(R + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(q_lens, 0)
+    q = torch.randn(int(cu[-1]), Hq, D, generator=g).to(dtype)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=table, kv_lens=kv, cu_q=cu)
+
+
+def rel_err(got, want):
+    return float((got.double() - want.double()).norm() / max(float(want.double().norm()), 1e-12))
+
+
+def check_against_reference(b, mask, dtype, device="cpu"):
+    args = {k: v.to(device) for k, v in b.items()}
+    out, lse = ops.paged_attention(**args, mask=mask, return_lse=True)
+    ref_out, ref_lse = reference.paged_attention(**b, mask=mask)
+    assert out.dtype == dtype and out.shape == b["q"].shape
+    assert rel_err(out.cpu(), ref_out) < TOLERANCE[dtype]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    torch.testing.assert_close(lse.cpu()[finite], ref_lse[finite], atol=1e-4 if dtype == torch.float32 else 2e-2,
+                               rtol=1e-5)
+    assert (out.cpu()[~finite] == 0).all()
+
+
+@pytest.mark.parametrize("mask", ["causal", "block"])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_reference(mask, Hq, Hkv, D, dtype):
+    page_size = {64: 16, 128: 32}[D] if dtype != torch.float16 else 64
+    b = make_batch(7, Hq, Hkv, D, page_size, dtype, seed=Hq * 100 + D + hash(mask) % 7, empty_ctx=True)
+    check_against_reference(b, mask, dtype)
+
+
+def test_uneven_lengths_long_context_and_block_longer_than_context():
+    b = make_batch(5, 8, 2, 64, 16, torch.float32, seed=3, max_q=32, max_ctx=3000)
+    b["kv_lens"][1] = int(b["cu_q"][2] - b["cu_q"][1]) // 2  # fewer keys than queries
+    check_against_reference(b, "causal", torch.float32)
+    check_against_reference(b, "block", torch.float32)
+
+
+def test_odd_head_dim_on_cpu():
+    check_against_reference(make_batch(3, 6, 3, 80, 16, torch.float32, seed=4), "causal", torch.float32)
+
+
+def test_block_mask_is_bidirectional_inside_the_block():
+    """Dense check: every query of a request sees every key, including the
+    block's own later positions (the drafter's pattern)."""
+    b = make_batch(3, 4, 2, 64, 16, torch.float32, seed=5, max_q=7, max_ctx=40)
+    out = ops.paged_attention(**b, mask="block")
+    for r in range(3):
+        q0, q1, kv = int(b["cu_q"][r]), int(b["cu_q"][r + 1]), int(b["kv_lens"][r])
+        if q1 == q0:
+            continue
+        K = reference.gather_pages(b["k_cache"], b["block_table"][r], kv).repeat_interleave(2, dim=1)
+        V = reference.gather_pages(b["v_cache"], b["block_table"][r], kv).repeat_interleave(2, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", b["q"][q0:q1].double(), K.double()) / 8.0
+        want = torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), V.double())
+        assert rel_err(out[q0:q1], want) < 1e-5
+
+
+def test_causal_with_one_query_is_decode_attention():
+    b = make_batch(6, 8, 2, 64, 16, torch.float32, seed=6, max_q=1, max_ctx=100)
+    b["cu_q"] = torch.arange(7, dtype=torch.int32)
+    b["q"] = torch.randn(6, 8, 64, generator=torch.Generator().manual_seed(1))
+    b["kv_lens"] = b["kv_lens"].clamp(min=1)
+    out = ops.paged_attention(**b, mask="causal")
+    for r in range(6):
+        kv = int(b["kv_lens"][r])
+        K = reference.gather_pages(b["k_cache"], b["block_table"][r], kv).repeat_interleave(4, dim=1)
+        V = reference.gather_pages(b["v_cache"], b["block_table"][r], kv).repeat_interleave(4, dim=1)
+        p = torch.softmax(torch.einsum("hd,khd->hk", b["q"][r].double(), K.double()) / 8.0, -1)
+        assert rel_err(out[r], torch.einsum("hk,khd->hd", p, V.double())) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_then_attend_equals_contiguous_attention(dtype):
+    """append_kv into a fresh paged cache (with padding slots), then
+    paged_attention, equals attention over the contiguous keys."""
+    g = torch.Generator().manual_seed(7)
+    page_size, pages, Hkv, D = 16, 20, 2, 64
+    k_cache = torch.zeros(pages, page_size, Hkv, D, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    lengths = [37, 5]
+    table = torch.tensor([[3, 9, 0, 17], [12, 4, 1, 2]], dtype=torch.int32)
+    keys = [torch.randn(n, Hkv, D, generator=g).to(dtype) for n in lengths]
+    values = [torch.randn(n, Hkv, D, generator=g).to(dtype) for n in lengths]
+    slots, k_new, v_new = [], [], []
+    for r, n in enumerate(lengths):
+        for j in range(n):
+            slots.append(int(table[r, j // page_size]) * page_size + j % page_size)
+        slots.append(-1)  # a padding row in the middle of the batch
+        k_new += [keys[r], torch.full((1, Hkv, D), 99.0).to(dtype)]
+        v_new += [values[r], torch.full((1, Hkv, D), 99.0).to(dtype)]
+    ops.append_kv(torch.cat(k_new), torch.cat(v_new), k_cache, v_cache, torch.tensor(slots))
+    assert not (k_cache == 99).any()
+    q = torch.randn(2, 4, D, generator=g).to(dtype)
+    out = ops.paged_attention(q, k_cache, v_cache, table, torch.tensor(lengths, dtype=torch.int32),
+                              torch.tensor([0, 1, 2], dtype=torch.int32))
+    for r, n in enumerate(lengths):
+        K, V = keys[r].double().repeat_interleave(2, dim=1), values[r].double().repeat_interleave(2, dim=1)
+        p = torch.softmax(torch.einsum("hd,khd->hk", q[r].double(), K) / 8.0, -1)
+        assert rel_err(out[r], torch.einsum("hk,khd->hd", p, V)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [None, 32])
+def test_rope_matches_reference(dtype, rotary_dim):
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(9, 4, 64, generator=g).to(dtype)
+    k = torch.randn(9, 2, 64, generator=g).to(dtype)
+    positions = torch.tensor([0, 1, 2, 7, 100, 4096, 131071, 5, 5])
+    inv_freq = ops.rope_inv_freq(rotary_dim or 64, 1e6)
+    want_q, want_k = reference.rope(q, positions, inv_freq), reference.rope(k, positions, inv_freq)
+    ops.rope(q, k, positions.int(), theta=1e6, rotary_dim=rotary_dim)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q, want_q, atol=tol * 4, rtol=tol)
+    torch.testing.assert_close(k, want_k, atol=tol * 4, rtol=tol)
+    if rotary_dim:  # the dimensions past the rotary part are untouched
+        assert torch.equal(q[..., 32:], torch.randn(9, 4, 64, generator=torch.Generator().manual_seed(8)).to(dtype)[..., 32:])
+
+
+def test_rope_is_the_llama_formula():
+    """q_embed = q cos + rotate_half(q) sin, as transformers writes it."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 3, 16, generator=g)
+    positions = torch.arange(5) * 3
+    inv_freq = ops.rope_inv_freq(16)
+    angles = positions.float()[:, None] * inv_freq[None]
+    emb = torch.cat([angles, angles], -1)[:, None]
+    rotate_half = torch.cat([-x[..., 8:], x[..., :8]], -1)
+    want = x * emb.cos() + rotate_half * emb.sin()
+    got = x.clone()
+    ops.rope(got, None, positions)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _args():
+    return make_batch(3, 4, 2, 64, 16, torch.float32, seed=10)
+
+
+@pytest.mark.parametrize("change,exc,words", [
+    (lambda b: b.update(q=b["q"][..., :32]), ValueError, "head dim"),
+    (lambda b: b.update(q=b["q"].double()), TypeError, "q"),
+    (lambda b: b.update(q=torch.zeros(b["q"].shape[0], 3, 64)), ValueError, "multiple"),
+    (lambda b: b.update(k_cache=b["k_cache"].bfloat16(), v_cache=b["v_cache"].bfloat16()), ValueError, "dtype"),
+    (lambda b: b.update(v_cache=b["v_cache"][:, :8]), ValueError, "v_cache"),
+    (lambda b: b.update(block_table=b["block_table"].long()), TypeError, "block_table"),
+    (lambda b: b.update(block_table=b["block_table"] + 1000), ValueError, "block_table"),
+    (lambda b: b.update(kv_lens=b["kv_lens"] + 10000), ValueError, "kv_lens"),
+    (lambda b: b.update(kv_lens=b["kv_lens"][:2]), ValueError, "kv_lens"),
+    (lambda b: b.update(cu_q=b["cu_q"] + 1), ValueError, "cu_q"),
+    (lambda b: b.update(mask="sliding"), ValueError, "mask"),
+    (lambda b: b.update(scale=-1.0), ValueError, "scale"),
+])
+def test_bad_input(change, exc, words):
+    b = _args()
+    change(b)
+    with pytest.raises(exc, match=words):
+        ops.paged_attention(**b)
+
+
+def test_append_and_rope_bad_input():
+    cache = torch.zeros(4, 16, 2, 64)
+    k = torch.zeros(3, 2, 64)
+    with pytest.raises(ValueError, match="slot"):
+        ops.append_kv(k, k, cache, cache.clone(), torch.tensor([0, 1, 64]))
+    with pytest.raises(ValueError, match="k"):
+        ops.append_kv(torch.zeros(3, 4, 64), torch.zeros(3, 4, 64), cache, cache.clone(), torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="slot_mapping"):
+        ops.append_kv(k, k, cache, cache.clone(), torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="rotary_dim"):
+        ops.rope(torch.zeros(3, 2, 64), None, torch.arange(3), rotary_dim=65)
+    with pytest.raises(ValueError, match="positions"):
+        ops.rope(torch.zeros(3, 2, 64), None, torch.arange(4))
+
+
+def test_custom_ops_and_compile():
+    b = _args()
+    args = (b["q"], b["k_cache"], b["v_cache"], b["block_table"], b["kv_lens"], b["cu_q"], 0, 0.125)
+    torch.library.opcheck(torch.ops.dspark.paged_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+    def layer(q, k, positions, k_cache, v_cache, table, kv_lens, cu):
+        q, k = q.clone(), k.clone()
+        ops.rope(q, k, positions)
+        ops.append_kv(k, k, k_cache, v_cache, torch.arange(q.shape[0]) + 5)
+        return ops.paged_attention(q, k_cache, v_cache, table, kv_lens, cu)
+
+    inputs = (b["q"], b["q"][:, :2].contiguous(), torch.arange(b["q"].shape[0]), b["k_cache"].clone(),
+              b["v_cache"].clone(), b["block_table"], b["kv_lens"], b["cu_q"])
+    got = torch.compile(layer, backend="aot_eager", fullgraph=True)(*[x.clone() for x in inputs])
+    want = layer(*[x.clone() for x in inputs])
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mask", ["causal", "block"])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (32, 4)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("page_size", [16, 32, 64])
+def test_cuda_matches_reference(mask, Hq, Hkv, D, dtype, page_size):
+    b = make_batch(9, Hq, Hkv, D, page_size, dtype, seed=D + page_size + Hq, max_q=32, max_ctx=2000, empty_ctx=True)
+    check_against_reference(b, mask, dtype, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_long_context_single_request_and_many_requests():
+    one = make_batch(1, 32, 8, 128, 64, torch.bfloat16, seed=11, max_q=1, max_ctx=0)
+    one["kv_lens"][0] = 100000
+    pages = (100000 + 63) // 64
+    one["k_cache"] = torch.randn(pages + 1, 64, 8, 128).bfloat16()
+    one["v_cache"] = torch.randn(pages + 1, 64, 8, 128).bfloat16()
+    one["block_table"] = torch.randperm(pages + 1)[:pages].int().unsqueeze(0)
+    one["q"], one["cu_q"] = torch.randn(1, 32, 128).bfloat16(), torch.tensor([0, 1], dtype=torch.int32)
+    check_against_reference(one, "causal", torch.bfloat16, device="cuda")
+    many = make_batch(300, 8, 2, 128, 16, torch.bfloat16, seed=12, max_q=16, max_ctx=500)
+    check_against_reference(many, "causal", torch.bfloat16, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_append_rope_and_graph_capture():
+    b = {k: v.cuda() for k, v in make_batch(8, 8, 2, 64, 16, torch.bfloat16, seed=13).items()}
+    cpu = {k: v.cpu() for k, v in b.items()}
+    k = torch.randn(b["q"].shape[0], 2, 64, device="cuda").bfloat16()
+    positions = torch.arange(b["q"].shape[0], device="cuda")
+    slots = torch.arange(b["q"].shape[0], device="cuda") + 7
+    q_cpu, k_cpu = cpu["q"].clone(), k.cpu().clone()
+    ops.rope(q_cpu, k_cpu, positions.cpu())
+    ops.append_kv(k_cpu, k_cpu, cpu["k_cache"], cpu["v_cache"], slots.cpu())
+    want = ops.paged_attention(q_cpu, cpu["k_cache"], cpu["v_cache"], cpu["block_table"], cpu["kv_lens"], cpu["cu_q"])
+    q_static, k_static = b["q"].clone(), k.clone()
+    out = torch.empty_like(b["q"])
+
+    def step():
+        q_step, k_step = q_static.clone(), k_static.clone()
+        ops.rope(q_step, k_step, positions)
+        ops.append_kv(k_step, k_step, b["k_cache"], b["v_cache"], slots, validate=False)
+        ops.paged_attention(q_step, b["k_cache"], b["v_cache"], b["block_table"], b["kv_lens"], b["cu_q"],
+                            out=out, validate=False)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out.cpu(), want) < 2e-2
