@@ -30,6 +30,7 @@ namespace dspark_bench {
 void register_rejection_sample();
 void register_schedule_prefix();
 void register_markov_sample();
+void register_attention();
 
 Options& options() {
   static Options o;
@@ -253,6 +254,7 @@ int main(int argc, char** argv) {
   dspark_bench::register_rejection_sample();
   dspark_bench::register_schedule_prefix();
   dspark_bench::register_markov_sample();
+  dspark_bench::register_attention();
   benchmark::Initialize(&rest_argc, rest.data());
   if (benchmark::ReportUnrecognizedArguments(rest_argc, rest.data())) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -69,6 +69,9 @@ grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_rejection.log" | tail -3 | 
 stage memcheck_markov 90 "$SAN" --tool memcheck --error-exitcode 3 --target-processes all \
   "$PY" -m pytest -q -x tests/test_markov_sample.py -m cuda -k "1000 or graph"
 grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_markov.log" | tail -3 | tee -a "$SUMMARY"
+stage memcheck_attention 90 "$SAN" --tool memcheck --error-exitcode 3 --target-processes all \
+  "$PY" -m pytest -q -x tests/test_attention.py -m cuda -k "(bfloat16 and 64-8-2 and 16) or float32-64-64-4-4 or graph"
+grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_attention.log" | tail -3 | tee -a "$SUMMARY"
 stage memcheck_schedule 60 "$SAN" --tool memcheck --error-exitcode 3 --target-processes all \
   "$PY" -m pytest -q -x tests/test_schedule_prefix.py -m cuda -k "not 16384"
 grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_schedule.log" | tail -3 | tee -a "$SUMMARY"
@@ -84,11 +87,12 @@ if ls .deps/libbenchmark-dev_*.deb >/dev/null 2>&1; then
   stage cpp_tests 30 ./build-gpu/dspark_cpp_tests
   # The headline shapes of each op (the full grid is --dspark_grid=full without a filter).
   FILTER='^(rejection_sample/cuda/logits/bfloat16/R=(1|8|64|256|512)/n=(1|5|7|16)/V=(32000|151936)'
-  FILTER+='|schedule_prefix/cuda|markov_sample/cuda/R=(1|16|128|512)/gamma=7/V=(49152|151936)/r=256)'
+  FILTER+='|schedule_prefix/cuda|markov_sample/cuda/R=(1|16|128|512)/gamma=7/V=(49152|151936)/r=256'
+  FILTER+='|paged_attention/cuda)'
   stage bench_cpp 100 ./build-gpu/dspark_bench --dspark_backends=cuda --benchmark_min_time=0.05 \
     --benchmark_filter="$FILTER" \
     --benchmark_out="$OUT/bench_cpp.json" --benchmark_out_format=json
-  grep -E "^dspark_bench|(rejection_sample|schedule_prefix|markov_sample)/cuda" "$OUT/bench_cpp.log" | sed -E 's/ +/ /g' >"$OUT/bench_cpp_table.txt"
+  grep -E "^dspark_bench|(rejection_sample|schedule_prefix|markov_sample|paged_attention)/cuda" "$OUT/bench_cpp.log" | sed -E 's/ +/ /g' >"$OUT/bench_cpp_table.txt"
 else
   note "bench_cpp skipped: no .deps/libbenchmark-dev_*.deb (run bench/fetch_gpu_deps.sh and carry .deps)"
 fi
@@ -97,10 +101,12 @@ fi
 stage bench_py 60 "$PY" -m dspark bench sampling --device cuda --json "$OUT/bench_sampling.json"
 stage bench_py_scheduler 30 "$PY" -m dspark bench scheduler --device cuda --quick --json "$OUT/bench_scheduler.json"
 stage bench_py_markov 60 "$PY" -m dspark bench markov --device cuda --json "$OUT/bench_markov.json"
+stage bench_py_attention 60 "$PY" -m dspark bench attention --device cuda --json "$OUT/bench_attention.json"
 
 note "== results"
 cat "$OUT/bench_py.log" 2>/dev/null | tail -14 | tee -a "$SUMMARY"
 head -8 "$OUT/bench_py_scheduler.log" 2>/dev/null | tee -a "$SUMMARY"
 tail -20 "$OUT/bench_py_markov.log" 2>/dev/null | tee -a "$SUMMARY"
+tail -40 "$OUT/bench_py_attention.log" 2>/dev/null | tee -a "$SUMMARY"
 [ -f "$OUT/bench_cpp_table.txt" ] && head -70 "$OUT/bench_cpp_table.txt" | cut -c1-150
 echo "(summary: $SUMMARY)"

@@ -3,7 +3,7 @@
 // paged_attention: threads over (request, kv head). For one pair, the query
 // rows are the q_len queries times the G query heads of the group; keys and
 // values are gathered from the pages 64 at a time, so every loaded key and
-// value serves all the rows; scores come from one small product per tile and
+// value serves all the rows; scores and P V are small products per tile, and
 // the online softmax keeps a running maximum, sum and output per row (no
 // score matrix over the whole context).
 #include <algorithm>
@@ -69,7 +69,7 @@ void paged_attention(const PagedAttentionArgs& a) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   parallel_for(R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q, k, v, s, m, l, acc;
+    std::vector<float> q, k, v, vt, pv, s, m, l, acc, alpha_row;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t r = job / Hkv, h = job % Hkv;
       const int64_t q0 = cu[r], q_len = cu[r + 1] - cu[r], kv = lens[r];
@@ -85,6 +85,9 @@ void paged_attention(const PagedAttentionArgs& a) {
       acc.assign(static_cast<size_t>(rows * D), 0.0f);
       k.resize(static_cast<size_t>(kKeyTile * D));
       v.resize(static_cast<size_t>(kKeyTile * D));
+      vt.resize(static_cast<size_t>(kKeyTile * D));
+      pv.resize(static_cast<size_t>(rows * D));
+      alpha_row.resize(static_cast<size_t>(rows));
       s.resize(static_cast<size_t>(rows * kKeyTile));
       for (int64_t j0 = 0; j0 < kv; j0 += kKeyTile) {
         const int64_t n = std::min(kKeyTile, kv - j0);
@@ -96,30 +99,34 @@ void paged_attention(const PagedAttentionArgs& a) {
           convert_to_float(element(a.v_cache, at), a.v_cache.dtype, D, &v[static_cast<size_t>(j * D)]);
         }
         matmul_nt(q.data(), D, rows, k.data(), DType::kFloat32, D, n, D, s.data(), kKeyTile);
+        // Scores -> probabilities of this tile (rows with no visible key: all 0).
         for (int64_t row = 0; row < rows; ++row) {
           const int64_t i = row / G;
           const int64_t last = a.mask == AttentionMask::kCausal ? kv - q_len + i : kv - 1;  // last visible key
-          const int64_t visible = std::min(n, last - j0 + 1);
-          if (visible <= 0) continue;
+          const int64_t visible = std::max<int64_t>(0, std::min(n, last - j0 + 1));
           float* sr = &s[static_cast<size_t>(row * kKeyTile)];
           float tile_max = kNegInf;
           for (int64_t j = 0; j < visible; ++j) {
             sr[j] *= scale;
             tile_max = std::max(tile_max, sr[j]);
           }
-          const float m_new = std::max(m[static_cast<size_t>(row)], tile_max);
-          const float alpha = std::exp(m[static_cast<size_t>(row)] - m_new);  // exp(-inf) = 0 on the first tile
-          float* o = &acc[static_cast<size_t>(row * D)];
-          float sum = 0.0f;
-          for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
-          for (int64_t j = 0; j < visible; ++j) {
-            const float p = std::exp(sr[j] - m_new);
-            sum += p;
-            const float* vj = &v[static_cast<size_t>(j * D)];
-            for (int64_t d = 0; d < D; ++d) o[d] += p * vj[d];
-          }
+          const float m_old = m[static_cast<size_t>(row)];
+          const float m_new = std::max(m_old, tile_max);
+          const float sum = m_new == kNegInf ? (std::fill(sr, sr + n, 0.0f), 0.0f) : exp_shifted(sr, visible, n, m_new);
+          const float alpha = m_new == kNegInf ? 1.0f : std::exp(m_old - m_new);
+          alpha_row[static_cast<size_t>(row)] = alpha;
           l[static_cast<size_t>(row)] = l[static_cast<size_t>(row)] * alpha + sum;
           m[static_cast<size_t>(row)] = m_new;
+        }
+        // P V for all rows at once (V transposed so that the product reads rows).
+        for (int64_t j = 0; j < kKeyTile; ++j)
+          for (int64_t d = 0; d < D; ++d) vt[static_cast<size_t>(d * kKeyTile + j)] = j < n ? v[static_cast<size_t>(j * D + d)] : 0.0f;
+        matmul_nt(s.data(), kKeyTile, rows, vt.data(), DType::kFloat32, kKeyTile, D, kKeyTile, pv.data(), D);
+        for (int64_t row = 0; row < rows; ++row) {
+          const float alpha = alpha_row[static_cast<size_t>(row)];
+          float* o = &acc[static_cast<size_t>(row * D)];
+          const float* add = &pv[static_cast<size_t>(row * D)];
+          for (int64_t d = 0; d < D; ++d) o[d] = o[d] * alpha + add[d];
         }
       }
       for (int64_t i = 0; i < q_len; ++i)

@@ -97,6 +97,16 @@ DSPARK_CPU_CLONES uint32_t max_u32(const uint32_t* x, int64_t n) {
   return best;
 }
 
+DSPARK_CPU_CLONES float exp_shifted(float* x, int64_t visible, int64_t n, float shift) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = i < visible ? num::exp2(num::mul(num::sub(x[i], shift), num::kLog2e)) : 0.0f;
+    x[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
 uint64_t best_key(const uint32_t* keys, int64_t n, int64_t begin) {
   const uint32_t best = max_u32(keys, n);
   int64_t i = 0;

@@ -362,14 +362,11 @@ __global__ void merge_kernel(AttentionParams p) {
 
 template <typename T, int kDim>
 void launch_attention(const AttentionParams& p, unsigned blocks, cudaStream_t stream) {
+  // The opt-in is per device: set it on every launch (cheap, graph-safe).
   const size_t smem = sizeof(Smem<T, kDim>);
-  static bool configured = false;
-  if (!configured) {
-    check(cudaFuncSetAttribute(attention_kernel<T, kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem)),
-          "paged_attention", "cudaFuncSetAttribute");
-    configured = true;
-  }
+  check(cudaFuncSetAttribute(attention_kernel<T, kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)),
+        "paged_attention", "cudaFuncSetAttribute");
   attention_kernel<T, kDim><<<blocks, kThreads, smem, stream>>>(p);
 }
 
@@ -456,8 +453,14 @@ void paged_attention(const PagedAttentionArgs& a) {
   const int64_t T = a.q.size(0), Hq = a.q.size(1), D = a.q.size(2);
   const int64_t page_size = a.k_cache.size(1), Hkv = a.k_cache.size(2);
   const int64_t R = a.block_table.size(0), max_pages = a.block_table.size(1);
-  if (T == 0) return;
-  const bool tensor_cores = a.q.dtype != DType::kFloat32 && (D == 64 || D == 128) && Hq / Hkv <= kRows &&
+  if (T == 0 || Hq == 0) return;
+  DeviceGuard guard(a.q.device.index, op);
+  int smem_optin = 0;
+  check(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, a.q.device.index), op,
+        "cudaDeviceGetAttribute");
+  const size_t smem_needed = D == 64 ? sizeof(Smem<__half, 64>) : sizeof(Smem<__half, 128>);
+  const bool shapes_ok = AttentionPlan::tensor_core_shapes(a.q.dtype != DType::kFloat32, Hq, Hkv, D);
+  const bool tensor_cores = shapes_ok && static_cast<size_t>(smem_optin) >= smem_needed &&
                             a.q.stride(1) % 8 == 0 && a.q.stride(0) % 8 == 0 &&
                             reinterpret_cast<uintptr_t>(a.q.data) % 16 == 0 &&
                             reinterpret_cast<uintptr_t>(a.k_cache.data) % 16 == 0 &&
@@ -465,10 +468,10 @@ void paged_attention(const PagedAttentionArgs& a) {
   if (!tensor_cores && D > kMaxSimtDim)
     throw ValueError(std::string(op) + ": head dim " + std::to_string(D) + " needs 16-bit q/cache with head dim 64 "
                      "or 128 on CUDA, or at most " + std::to_string(kMaxSimtDim));
-  DeviceGuard guard(a.q.device.index, op);
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   const AttentionPlan plan = AttentionPlan::make(T, R, Hq, Hkv, max_pages, page_size);
-  const AttentionWorkspace layout = AttentionWorkspace::layout(T, R, Hq, Hkv, D, max_pages, page_size);
+  // Laid out as the caller sized it (by shapes), whichever kernel runs.
+  const AttentionWorkspace layout = AttentionWorkspace::layout(T, R, Hq, Hkv, D, max_pages, page_size, shapes_ok);
   char* ws = a.workspace.ptr<char>();
 
   AttentionParams p{};

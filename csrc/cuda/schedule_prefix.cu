@@ -221,14 +221,11 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(Params p) {
 
 template <int kThreads, int kItems>
 void launch(const Params& p, cudaStream_t stream) {
+  // The opt-in is per device: set it on every launch (cheap, graph-safe).
   const size_t smem = sizeof(typename Kernel<kThreads, kItems>::Shared);
-  static bool configured = false;  // per instantiation; the attribute is per function
-  if (!configured) {
-    check(cudaFuncSetAttribute(schedule_kernel<kThreads, kItems>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-          kOp, "cudaFuncSetAttribute");
-    configured = true;
-  }
+  check(cudaFuncSetAttribute(schedule_kernel<kThreads, kItems>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)),
+        kOp, "cudaFuncSetAttribute");
   schedule_kernel<kThreads, kItems><<<1, kThreads, smem, stream>>>(p);
 }
 

@@ -67,8 +67,9 @@ void append_kv(const AppendKvArgs& a) {
 }
 
 size_t paged_attention_workspace_bytes(int64_t T, int64_t R, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_pages,
-                                       int64_t page_size) {
-  return AttentionWorkspace::layout(T, R, Hq, Hkv, D, max_pages, page_size).bytes;
+                                       int64_t page_size, DType dtype) {
+  const bool tensor_cores = AttentionPlan::tensor_core_shapes(dtype != DType::kFloat32, Hq, Hkv, D);
+  return AttentionWorkspace::layout(T, R, Hq, Hkv, D, max_pages, page_size, tensor_cores).bytes;
 }
 
 void paged_attention(const PagedAttentionArgs& a) {
@@ -133,7 +134,7 @@ void paged_attention(const PagedAttentionArgs& a) {
     return;
   }
 #if defined(DSPARK_WITH_CUDA)
-  const size_t need = paged_attention_workspace_bytes(T, R, Hq, Hkv, D, max_pages, page_size);
+  const size_t need = paged_attention_workspace_bytes(T, R, Hq, Hkv, D, max_pages, page_size, a.q.dtype);
   check::defined(op, "workspace", a.workspace);
   check::same_device(op, "workspace", a.workspace, device);
   DSPARK_CHECK_VALUE(static_cast<size_t>(a.workspace.numel()) >= need &&

@@ -26,14 +26,22 @@ struct AttentionPlan {
   int64_t splits = 1;
   int64_t keys_per_split = kKeyTile;  // a multiple of kKeyTile
 
+  // Whether the tensor-core kernel handles these shapes (it also needs
+  // 16-byte aligned q and caches; otherwise the float32 kernel runs).
+  static bool tensor_core_shapes(bool sixteen_bit, int64_t Hq, int64_t Hkv, int64_t D) {
+    return sixteen_bit && (D == 64 || D == 128) && Hkv > 0 && Hq / Hkv <= kRowsPerBlock;
+  }
+
   static AttentionPlan make(int64_t T, int64_t R, int64_t Hq, int64_t Hkv, int64_t max_pages, int64_t page_size) {
     AttentionPlan p;
     const int64_t group = Hkv > 0 ? std::max<int64_t>(1, Hq / Hkv) : 1;
     p.tokens_per_tile = std::max<int64_t>(1, kRowsPerBlock / group);
     p.max_tiles = std::max<int64_t>(1, (T + p.tokens_per_tile - 1) / p.tokens_per_tile + R);
     const int64_t max_keys = std::max<int64_t>(1, max_pages * page_size);
-    // Enough splits that a batch of one long request fills the GPU.
-    const int64_t busy = std::max<int64_t>(1, std::min(p.max_tiles, std::max<int64_t>(R, 1)) * Hkv);
+    // Enough splits that a batch of one long request fills the GPU: there are
+    // at least ceil(T / tokens_per_tile) real tiles per kv head, so a long
+    // prefill (many tiles) gets no splits and no partials.
+    const int64_t busy = std::max<int64_t>(1, (T + p.tokens_per_tile - 1) / p.tokens_per_tile) * std::max<int64_t>(Hkv, 1);
     const int64_t want = (kTargetBlocks + busy - 1) / busy;
     const int64_t by_length = (max_keys + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
     p.splits = std::max<int64_t>(1, std::min({want, by_length, kMaxSplits}));
@@ -52,14 +60,16 @@ struct AttentionWorkspace {
 
   static size_t align(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
+  // tensor_cores: whether the split kernel can run (16-bit, head dim 64 or
+  // 128); the float32 kernel needs no partials.
   static AttentionWorkspace layout(int64_t T, int64_t R, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_pages,
-                                   int64_t page_size) {
+                                   int64_t page_size, bool tensor_cores) {
     const AttentionPlan plan = AttentionPlan::make(T, R, Hq, Hkv, max_pages, page_size);
     AttentionWorkspace w;
     size_t at = 0;
     w.cu_tiles = at;
     at = align(at + sizeof(int32_t) * static_cast<size_t>(R + 1));
-    const size_t rows = static_cast<size_t>(plan.splits > 1 ? plan.splits * T * Hq : 0);
+    const size_t rows = static_cast<size_t>(tensor_cores && plan.splits > 1 ? plan.splits * T * Hq : 0);
     w.partial_out = at;
     at = align(at + rows * static_cast<size_t>(D) * sizeof(float));
     w.partial_lse = at;

@@ -276,9 +276,14 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("append_kv", &append_kv, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("slot_mapping"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
-  m.def("paged_attention_workspace_bytes", &dspark::paged_attention_workspace_bytes, py::arg("num_tokens"),
-        py::arg("num_requests"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("max_pages"),
-        py::arg("page_size"));
+  m.def("paged_attention_workspace_bytes",
+        [](int64_t T, int64_t R, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_pages, int64_t page_size,
+           int32_t dtype) {
+          return dspark::paged_attention_workspace_bytes(T, R, Hq, Hkv, D, max_pages, page_size,
+                                                         static_cast<dspark::DType>(dtype));
+        },
+        py::arg("num_tokens"), py::arg("num_requests"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"),
+        py::arg("max_pages"), py::arg("page_size"), py::arg("dtype"));
   m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("block_table"), py::arg("kv_lens"), py::arg("cu_q"), py::arg("mask"), py::arg("scale"),
         py::arg("out"), py::arg("lse"), py::arg("workspace"), py::arg("stream"),

@@ -331,6 +331,73 @@ def _print_markov(rows: List[dict]) -> None:
               f"{r['gbytes_per_s']:7.1f}")
 
 
+# --------------------------------------------------------------------------
+# attention
+
+
+def _attention_batch(R: int, q_len: int, context: int, Hq: int, Hkv: int, D: int, page_size: int,
+                     dtype: torch.dtype, device: torch.device):
+    g = torch.Generator().manual_seed(R * 7 + q_len + context)
+    kv = context + q_len
+    pages_per = (kv + page_size - 1) // page_size
+    k_cache = torch.randn(R * pages_per, page_size, Hkv, D, generator=g).to(device, dtype)
+    v_cache = torch.randn(R * pages_per, page_size, Hkv, D, generator=g).to(device, dtype)
+    table = torch.randperm(R * pages_per, generator=g).reshape(R, pages_per).int().to(device)
+    q = torch.randn(R * q_len, Hq, D, generator=g).to(device, dtype)
+    kv_lens = torch.full((R,), kv, dtype=torch.int32, device=device)
+    cu = torch.arange(0, R * q_len + 1, q_len, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, table, kv_lens, cu
+
+
+def attention_timing(quick: bool = False, devices: Optional[Sequence[str]] = None) -> List[dict]:
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if backends()["cuda"]["usable"] and torch.cuda.is_available() else [])
+    rows = []
+    Hq, Hkv, D, page_size = 32, 8, 128, 16
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        if device.type == "cpu":
+            shapes = [(1, 1, 1024), (4, 4, 1024)] if quick else [(1, 1, 4096), (4, 4, 2048), (16, 1, 1024), (8, 8, 1024)]
+            dtype = torch.float32
+        else:
+            shapes = [(1, 1, 8192), (16, 4, 4096)] if quick else [
+                (R, ql, ctx) for R in (1, 16, 64, 256) for ql in (1, 4, 16) for ctx in (1024, 8192, 32768)
+                if R * ctx <= 256 * 8192]
+            dtype = torch.bfloat16
+        for R, q_len, context in shapes:
+            q, k_cache, v_cache, table, kv_lens, cu = _attention_batch(R, q_len, context, Hq, Hkv, D, page_size,
+                                                                       dtype, device)
+            repeats = 3 if device.type == "cpu" else 20
+            dspark_s = _time(lambda: ops.paged_attention(q, k_cache, v_cache, table, kv_lens, cu, validate=False),
+                             device, repeats)
+            # the same data as a padded batch for scaled_dot_product_attention
+            kv = context + q_len
+            K = k_cache[table.long()].reshape(R, -1, Hkv, D)[:, :kv].transpose(1, 2)
+            V = v_cache[table.long()].reshape(R, -1, Hkv, D)[:, :kv].transpose(1, 2)
+            Q = q.reshape(R, q_len, Hq, D).transpose(1, 2)
+            i = torch.arange(q_len, device=device).unsqueeze(1)
+            j = torch.arange(kv, device=device).unsqueeze(0)
+            mask = j <= kv - q_len + i
+            sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(Q, K, V, attn_mask=mask, enable_gqa=True)
+            sdpa_s = _time(sdpa, device, repeats)
+            bytes_moved = 2 * R * kv * Hkv * D * k_cache.element_size() + 2 * q.numel() * q.element_size()
+            rows.append(dict(device=dev_name, R=R, q_len=q_len, context=context, dtype=str(dtype).replace("torch.", ""),
+                             dspark_ms=dspark_s * 1e3, sdpa_ms=sdpa_s * 1e3, speedup_vs_sdpa=sdpa_s / dspark_s,
+                             gbytes_per_s=bytes_moved / dspark_s * 1e-9))
+    return rows
+
+
+def _print_attention(rows: List[dict]) -> None:
+    print("paged_attention (causal, H_q 32, H_kv 8, D 128, pages of 16): median time per call, against")
+    print("scaled_dot_product_attention on the same data as a padded contiguous batch (gathered outside the timing)")
+    header = f"{'device':6} {'R':>4} {'q_len':>5} {'context':>7} {'dtype':8} {'dspark ms':>10} {'sdpa ms':>9} {'x sdpa':>7} {'GB/s':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['device']:6} {r['R']:4d} {r['q_len']:5d} {r['context']:7d} {r['dtype']:8} {r['dspark_ms']:10.3f} "
+              f"{r['sdpa_ms']:9.3f} {r['speedup_vs_sdpa']:7.2f} {r['gbytes_per_s']:8.1f}")
+
+
 def run(suite: str, quick: bool = False, json_path: Optional[str] = None, devices: Optional[Sequence[str]] = None) -> int:
     if suite == "sampling":
         print("rejection_sample (draft_logits mode, temperature 1): median time per call;")
@@ -338,6 +405,10 @@ def run(suite: str, quick: bool = False, json_path: Optional[str] = None, device
         rows = sampling(quick=quick, devices=devices)
         _print_table(rows)
         results: object = rows
+    elif suite == "attention":
+        rows = attention_timing(quick=quick, devices=devices)
+        _print_attention(rows)
+        results = rows
     elif suite == "markov":
         rows = markov_timing(quick=quick, devices=devices)
         _print_markov(rows)

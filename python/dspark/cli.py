@@ -5,6 +5,8 @@
                        PyTorch reference and an eager PyTorch implementation
   bench markov         markov_sample against an eager PyTorch loop and the bare
                        matrix products it cannot avoid
+  bench attention      paged_attention against scaled_dot_product_attention on
+                       the same data (padded batch)
   bench scheduler      schedule_prefix against the same baselines, and a serving
                        simulation of the scheduling policies
 """
@@ -36,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = sub.add_parser("info", help="backends compiled into this build and usable now")
     info.set_defaults(func=_info)
     bench = sub.add_parser("bench", help="benchmarks that print tables")
-    bench.add_argument("suite", choices=["sampling", "markov", "scheduler"], help="which op family")
+    bench.add_argument("suite", choices=["sampling", "markov", "scheduler", "attention"], help="which op family")
     bench.add_argument("--quick", action="store_true", help="a few small shapes (smoke test)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--device", action="append", choices=["cpu", "cuda"],

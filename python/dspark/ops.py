@@ -17,7 +17,7 @@ import torch
 
 from . import _random
 from ._ext import C
-from ._tensor import is_capturing, stream_handle, view
+from ._tensor import _DTYPE_CODES, is_capturing, stream_handle, view
 
 __all__ = [
     "append_kv",
@@ -895,7 +895,8 @@ def _attention_launch(q, k_cache, v_cache, block_table, kv_lens, cu_q, mask: int
     workspace = None
     if q.device.type == "cuda":
         nbytes = C.paged_attention_workspace_bytes(q.shape[0], block_table.shape[0], q.shape[1], k_cache.shape[2],
-                                                   q.shape[2], block_table.shape[1], k_cache.shape[1])
+                                                   q.shape[2], block_table.shape[1], k_cache.shape[1],
+                                                   _DTYPE_CODES[q.dtype])
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
     C.paged_attention(view(q, op, "q"), view(k_cache, op, "k_cache"), view(v_cache, op, "v_cache"),
                       view(block_table, op, "block_table"), view(kv_lens, op, "kv_lens"), view(cu_q, op, "cu_q"),

@@ -166,7 +166,7 @@ struct PagedAttentionArgs {
   void* stream = nullptr;
 };
 size_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_requests, int64_t q_heads, int64_t kv_heads,
-                                       int64_t head_dim, int64_t max_pages, int64_t page_size);
+                                       int64_t head_dim, int64_t max_pages, int64_t page_size, DType dtype);
 void paged_attention(const PagedAttentionArgs& args);
 
 struct RopeArgs {
