@@ -1,0 +1,189 @@
+"""Pieces shared by the target and the drafter: RMSNorm, rotary frequencies,
+the paged KV cache, and safetensors input/output."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+PathLike = Union[str, Path]
+
+
+class CheckpointError(ValueError):
+    """A model folder or checkpoint that cannot be loaded (missing or mismatched keys, bad config)."""
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as Llama and Qwen3 compute it: normalise in float32, scale in the
+    input dtype."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_parameters(config: dict) -> dict:
+    """The rotary settings of a Hugging Face config (both the ``rope_parameters``
+    form and the older ``rope_theta`` / ``rope_scaling`` one)."""
+    params = dict(config.get("rope_parameters") or {})
+    if "rope_theta" not in params:
+        params["rope_theta"] = config.get("rope_theta", 10000.0)
+    scaling = config.get("rope_scaling")
+    if scaling:
+        params.update(scaling)
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inv_freq(head_dim: int, params: dict) -> torch.Tensor:
+    """``[head_dim / 2]`` float32 rotary frequencies (default, linear and llama3 scaling)."""
+    base = float(params.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    kind = params.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / float(params["factor"])
+    elif kind == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+        original = float(params.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = original / low, original / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise CheckpointError(f"unsupported rope type {kind!r} (default, linear and llama3 are)")
+    return inv_freq.float()
+
+
+# --------------------------------------------------------------- checkpoints
+
+
+def read_config(folder: PathLike) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json")
+    return json.loads(path.read_text())
+
+
+def load_safetensors(folder: PathLike) -> Dict[str, torch.Tensor]:
+    """All tensors of a folder's ``model.safetensors`` (or its shards, via
+    ``model.safetensors.index.json``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no safetensors files")
+    tensors: Dict[str, torch.Tensor] = {}
+    for name in files:
+        tensors.update(load_file(str(folder / name)))
+    return tensors
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], folder: PathLike, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_state(module: nn.Module, tensors: Dict[str, torch.Tensor], what: str) -> None:
+    """Loads exactly the module's parameters; names what is missing or extra."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{what}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                              f"unexpected keys {extra[:8]}{'...' if len(extra) > 8 else ''}")
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{what}: key {name} has shape {list(value.shape)}, "
+                                  f"the config implies {list(expected[name].shape)}")
+    module.load_state_dict(tensors, strict=True)
+
+
+# ------------------------------------------------------------------- cache
+
+
+class CacheFull(RuntimeError):
+    """No room in the paged KV cache for a request."""
+
+
+class PagedKVCache:
+    """Keys and values of every layer in pages ``[num_pages, page_size, H_kv, D]``,
+    and a block table with one row per request slot.
+
+    Pages are handed out on the host when a request is admitted (for its whole
+    budget of tokens) and returned when it leaves; slot mappings and block
+    tables are device tensors, so a round needs no host synchronisation."""
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, max_requests: int, max_pages_per_request: int) -> None:
+        shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.page_size = page_size
+        self.max_pages_per_request = max_pages_per_request
+        self.block_table = torch.zeros(max_requests, max_pages_per_request, dtype=torch.int32, device=device)
+        self.num_pages = num_pages
+        self._free: List[int] = list(range(num_pages - 1, -1, -1))
+        self._owned: Dict[int, List[int]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def pages_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.page_size - 1) // self.page_size
+
+    def could_ever_hold(self, num_tokens: int) -> bool:
+        """Whether the request fits once every other request has left."""
+        n = self.pages_for(num_tokens)
+        return n <= self.max_pages_per_request and n <= self.num_pages
+
+    def can_hold(self, num_tokens: int) -> bool:
+        n = self.pages_for(num_tokens)
+        return n <= self.max_pages_per_request and n <= len(self._free)
+
+    def allocate(self, slot: int, num_tokens: int) -> None:
+        n = self.pages_for(num_tokens)
+        if n > self.max_pages_per_request:
+            raise CacheFull(f"a request of {num_tokens} tokens needs {n} pages, more than the "
+                            f"{self.max_pages_per_request} a request may hold")
+        if n > len(self._free):
+            raise CacheFull(f"a request of {num_tokens} tokens needs {n} pages, {len(self._free)} are free")
+        pages = [self._free.pop() for _ in range(n)]
+        self._owned[slot] = pages
+        row = torch.zeros(self.max_pages_per_request, dtype=torch.int32)
+        row[:n] = torch.tensor(pages, dtype=torch.int32)
+        self.block_table[slot] = row.to(self.device)
+
+    def release(self, slot: int) -> None:
+        self._free.extend(reversed(self._owned.pop(slot, [])))
+
+    def slots(self, request_slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat cache slots (int64) of tokens at `positions` of the given request slots."""
+        pages = self.block_table[request_slots.long(), torch.div(positions, self.page_size, rounding_mode="floor")]
+        return pages.long() * self.page_size + positions % self.page_size

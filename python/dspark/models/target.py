@@ -1,0 +1,224 @@
+"""Target models of the Llama family and Qwen3, over a paged KV cache.
+
+The forward takes a flattened ragged batch (the tokens of R requests packed
+along one dimension with ``cu_q`` offsets) and runs every attention layer with
+dspark's ops: ``rope``, ``append_kv`` and ``paged_attention`` (causal). It can
+return the raw outputs of chosen decoder layers (before the final norm), which
+feed the DSpark drafter's context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .common import (CheckpointError, PagedKVCache, PathLike, RMSNorm, load_safetensors, load_state, read_config,
+                     rope_inv_freq, rope_parameters, save_safetensors)
+
+SUPPORTED = ("llama", "qwen3")
+
+
+@dataclass
+class TargetConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    rope: dict
+    raw: dict  # the config.json it came from (saved back as is)
+
+    @classmethod
+    def from_dict(cls, c: dict) -> "TargetConfig":
+        kind = c.get("model_type")
+        if kind not in SUPPORTED:
+            raise CheckpointError(f"unsupported model_type {kind!r}: dspark runs {', '.join(SUPPORTED)}")
+        try:
+            heads = int(c["num_attention_heads"])
+            return cls(
+                model_type=kind,
+                vocab_size=int(c["vocab_size"]),
+                hidden_size=int(c["hidden_size"]),
+                intermediate_size=int(c["intermediate_size"]),
+                num_hidden_layers=int(c["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(c.get("num_key_value_heads") or heads),
+                head_dim=int(c.get("head_dim") or int(c["hidden_size"]) // heads),
+                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                attention_bias=bool(c.get("attention_bias", False)),
+                rope=rope_parameters(c),
+                raw=dict(c),
+            )
+        except KeyError as missing:
+            raise CheckpointError(f"config.json lacks {missing}") from None
+
+
+@dataclass
+class TargetOutput:
+    logits: torch.Tensor  # [n, V] float32 for the requested rows
+    hidden: Optional[torch.Tensor]  # [T, len(hidden_layers), H] raw decoder-layer outputs
+
+
+@dataclass
+class Batch:
+    """A flattened ragged batch over a paged cache (all device tensors)."""
+
+    tokens: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    cu_q: torch.Tensor  # [R + 1] int32
+    block_table: torch.Tensor  # [R, max_pages] int32
+    kv_lens: torch.Tensor  # [R] int32: keys per request after this batch's tokens are appended
+    slots: torch.Tensor  # [T] int64 cache slots (-1: padding)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: TargetConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        if c.model_type == "qwen3":  # per-head norms of q and k, before the rotation
+            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: Batch, inv_freq: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.contiguous(), k.contiguous()
+        ops.rope(q, k, batch.positions, inv_freq=inv_freq)
+        ops.append_kv(k, v.contiguous(), k_cache, v_cache, batch.slots, validate=False)
+        out = ops.paged_attention(q, k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_q, mask="causal",
+                                  validate=False)
+        return self.o_proj(out.view(T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: TargetConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size)
+
+
+class _Body(nn.Module):  # the "model." prefix of Hugging Face checkpoints
+    def __init__(self, c: TargetConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class TargetModel(nn.Module):
+    """A Llama / Qwen3 causal LM (weights as in a Hugging Face folder)."""
+
+    def __init__(self, config: TargetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = _Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # float32 whatever the model's dtype: kept outside the module's buffers
+        self._inv_freq = {torch.device("cpu"): rope_inv_freq(config.head_dim, config.rope)}
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, folder: PathLike, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> "TargetModel":
+        config = TargetConfig.from_dict(read_config(folder))
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device="cpu")
+        tensors = load_safetensors(folder)
+        if config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        load_state(_Untied(model), tensors, f"target {folder}")
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save(self, folder: PathLike) -> None:
+        tensors = dict(self.state_dict())
+        if self.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        save_safetensors(tensors, folder, self.config.raw)
+
+    # ------------------------------------------------------------ running
+
+    def new_cache(self, num_pages: int, page_size: int, max_requests: int, max_pages_per_request: int) -> PagedKVCache:
+        p = next(self.parameters())
+        c = self.config
+        return PagedKVCache(c.num_hidden_layers, num_pages, page_size, c.num_key_value_heads, c.head_dim, p.dtype,
+                            p.device, max_requests, max_pages_per_request)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(tokens)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
+        return self._inv_freq[device]
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, cache: PagedKVCache, hidden_layers: Sequence[int] = (),
+                logits_rows: Optional[torch.Tensor] = None) -> TargetOutput:
+        """Runs the batch, appending its keys and values to the cache.
+
+        Returns float32 logits of `logits_rows` (all rows by default) and the
+        raw outputs of the decoder layers in `hidden_layers` for every row."""
+        x = self.embed(batch.tokens)
+        inv_freq = self.inv_freq(x.device)
+        kept = []
+        wanted = {layer: i for i, layer in enumerate(hidden_layers)}
+        for index, layer in enumerate(self.model.layers):
+            h = layer.self_attn(layer.input_layernorm(x), batch, inv_freq, cache.k[index], cache.v[index])
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if index in wanted:
+                kept.append(x)
+        hidden = torch.stack(kept, dim=1) if kept else None
+        if logits_rows is not None:
+            x = x[logits_rows]
+        return TargetOutput(self.lm_head(self.model.norm(x)).float(), hidden)
+
+
+class _Untied(nn.Module):
+    """The state-dict view of a target without its tied LM head."""
+
+    def __init__(self, target: TargetModel) -> None:
+        super().__init__()
+        self.model = target.model
+        if not target.config.tie_word_embeddings:
+            self.lm_head = target.lm_head

@@ -1,0 +1,303 @@
+"""dspark.models against transformers, checkpoint formats, and bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dspark.models import Batch, CheckpointError, DSparkDrafter, PagedKVCache, TargetModel
+from tiny_models import hf_model, random_drafter
+
+PAGE = 8
+
+
+def run_ragged(model: TargetModel, sequences, split, hidden_layers=()):
+    """Runs the sequences through the paged cache in two ragged steps (the first
+    `split[i]` tokens of each, then the rest) and returns per-sequence logits and
+    hidden states of every position."""
+    R = len(sequences)
+    pages_per = (max(len(s) for s in sequences) + PAGE - 1) // PAGE
+    cache = model.new_cache(R * pages_per, PAGE, R, pages_per)
+    for r, s in enumerate(sequences):
+        cache.allocate(r, len(s))
+    logits = [[] for _ in sequences]
+    hidden = [[] for _ in sequences]
+    for step in range(2):
+        pieces = [(r, list(range(0, split[r]) if step == 0 else range(split[r], len(s))))
+                  for r, s in enumerate(sequences)]
+        tokens = torch.tensor([sequences[r][p] for r, ps in pieces for p in ps], dtype=torch.int64)
+        positions = torch.tensor([p for _, ps in pieces for p in ps], dtype=torch.int64)
+        requests = torch.tensor([r for r, ps in pieces for _ in ps], dtype=torch.int64)
+        cu = [0]
+        for _, ps in pieces:
+            cu.append(cu[-1] + len(ps))
+        kv_lens = torch.tensor([split[r] if step == 0 else len(s) for r, s in enumerate(sequences)], dtype=torch.int32)
+        batch = Batch(tokens, positions, torch.tensor(cu, dtype=torch.int32), cache.block_table, kv_lens,
+                      cache.slots(requests, positions))
+        out = model(batch, cache, hidden_layers=hidden_layers)
+        for r in range(R):
+            logits[r].append(out.logits[cu[r]:cu[r + 1]])
+            if out.hidden is not None:
+                hidden[r].append(out.hidden[cu[r]:cu[r + 1]])
+    return [torch.cat(x) for x in logits], [torch.cat(x) if x else None for x in hidden]
+
+
+SEQUENCES = [[5, 9, 17, 3, 3, 80, 2, 44, 61, 7, 1, 100, 99], [11], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
+                                                                     4, 4, 9], [120, 0, 3, 6]]
+SPLIT = [7, 0, 16, 4]  # an empty first step for one request, none in the second for another
+
+
+@pytest.mark.parametrize("kind,tie", [("llama", False), ("llama", True), ("qwen3", False), ("qwen3", True)])
+def test_target_matches_transformers_fp32(tmp_path, kind, tie):
+    hf = hf_model(tmp_path, kind, tie=tie)
+    model = TargetModel.load(tmp_path)
+    logits, hidden = run_ragged(model, SEQUENCES, SPLIT, hidden_layers=(0, 1))
+    for r, seq in enumerate(SEQUENCES):
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq]), output_hidden_states=True)
+        torch.testing.assert_close(logits[r], ref.logits[0], rtol=1e-4, atol=1e-4)
+        # hidden_states[i + 1] is decoder layer i's raw output (for i < num_layers - 1)
+        torch.testing.assert_close(hidden[r][:, 0], ref.hidden_states[1][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hidden[r][:, 1], ref.hidden_states[2][0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_target_matches_transformers_bf16(tmp_path, kind):
+    """bf16: dspark's error against transformers' bf16 model is of the size of
+    transformers' own bf16 rounding error (both measured against float32)."""
+    hf = hf_model(tmp_path, kind)
+    model = TargetModel.load(tmp_path, dtype=torch.bfloat16)
+    hf16 = hf_model(tmp_path / "copy", kind).to(torch.bfloat16)
+    logits, hidden = run_ragged(model, SEQUENCES, SPLIT, hidden_layers=(1,))
+    for r, seq in enumerate(SEQUENCES):
+        with torch.no_grad():
+            exact = hf(torch.tensor([seq]), output_hidden_states=True)
+            ref = hf16(torch.tensor([seq]), output_hidden_states=True)
+        hf_error = (ref.logits[0].float() - exact.logits[0]).abs().max().item()
+        ours_error = (logits[r] - exact.logits[0]).abs().max().item()
+        assert ours_error <= 2.0 * hf_error + 1e-3, (ours_error, hf_error)
+        hf_hidden_error = (ref.hidden_states[2][0].float() - exact.hidden_states[2][0]).abs().max().item()
+        ours_hidden_error = (hidden[r][:, 0].float() - exact.hidden_states[2][0]).abs().max().item()
+        assert ours_hidden_error <= 2.0 * hf_hidden_error + 1e-3, (ours_hidden_error, hf_hidden_error)
+        assert logits[r].dtype == torch.float32
+
+
+def test_target_logits_rows_and_llama3_rope(tmp_path):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8, "rope_theta": 10000.0}
+    hf = hf_model(tmp_path, "llama", rope_scaling=rope)
+    model = TargetModel.load(tmp_path)
+    seq = SEQUENCES[0] + SEQUENCES[2]
+    logits, _ = run_ragged(model, [seq], [5])
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0]
+    torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- formats
+
+
+def test_target_round_trip(tmp_path):
+    hf_model(tmp_path / "a", "qwen3", tie=True)
+    model = TargetModel.load(tmp_path / "a")
+    model.save(tmp_path / "b")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "b" / "model.safetensors"))  # tied: not written
+    again = TargetModel.load(tmp_path / "b")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    # what dspark writes, transformers reads
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "b")).eval()
+    logits, _ = run_ragged(again, [SEQUENCES[0]], [3])
+    with torch.no_grad():
+        torch.testing.assert_close(logits[0], hf(torch.tensor([SEQUENCES[0]])).logits[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("head,rank,confidence", [("vanilla", 16, True), ("gated", 16, True), ("rnn", 32, True),
+                                                  ("vanilla", 0, True), ("vanilla", 16, False)])
+def test_drafter_round_trip(tmp_path, head, rank, confidence):
+    hf_model(tmp_path / "t")
+    target = TargetModel.load(tmp_path / "t")
+    drafter = random_drafter(target, head=head, rank=rank, confidence=confidence)
+    from dspark.calibration import STS
+
+    drafter.sts = STS([1.5, 1.0, 0.7, 2.0]) if confidence else None
+    drafter.save(tmp_path / "d")
+    again = DSparkDrafter.load(tmp_path / "d", target)
+    assert again.config.to_dict() == drafter.config.to_dict()
+    state, state2 = drafter.state_dict(), again.state_dict()
+    assert state.keys() == state2.keys()
+    for name in state:
+        assert torch.equal(state[name], state2[name]), name
+    if confidence:
+        assert again.sts.temperatures == drafter.sts.temperatures
+
+
+def deepspec_tensors(target: TargetModel, layers: int, rank: int, head: str, ctx_layers: int):
+    """A drafter's tensors under the DeepSpec key names, written by hand."""
+    t = target.config
+    d, H, Hkv, D, V, inter = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.vocab_size, 96
+    g = torch.Generator().manual_seed(7)
+    rand = lambda *shape: 0.1 * torch.randn(*shape, generator=g)  # noqa: E731
+    ones = lambda n: 1.0 + 0.1 * torch.randn(n, generator=g)  # noqa: E731
+    tensors = {"fc.weight": rand(d, ctx_layers * d), "hidden_norm.weight": ones(d), "norm.weight": ones(d)}
+    for i in range(layers):
+        p = f"layers.{i}."
+        tensors.update({
+            p + "self_attn.q_proj.weight": rand(H * D, d), p + "self_attn.k_proj.weight": rand(Hkv * D, d),
+            p + "self_attn.v_proj.weight": rand(Hkv * D, d), p + "self_attn.o_proj.weight": rand(d, H * D),
+            p + "self_attn.q_norm.weight": ones(D), p + "self_attn.k_norm.weight": ones(D),
+            p + "mlp.gate_proj.weight": rand(inter, d), p + "mlp.up_proj.weight": rand(inter, d),
+            p + "mlp.down_proj.weight": rand(d, inter), p + "input_layernorm.weight": ones(d),
+            p + "post_attention_layernorm.weight": ones(d)})
+    if rank:
+        tensors["markov_head.markov_w1.weight"] = rand(V, rank)
+        tensors["markov_head.markov_w2.weight"] = rand(V, rank)
+        if head == "gated":
+            tensors["markov_head.gate_proj.weight"] = rand(rank, d + rank)
+            tensors["markov_head.gate_proj.bias"] = rand(rank)
+        if head == "rnn":
+            tensors["markov_head.joint_proj.weight"] = rand(3 * rank, 2 * rank + d)
+            tensors["markov_head.joint_proj.bias"] = rand(3 * rank)
+    tensors["confidence_head.proj.weight"] = rand(1, d + rank)
+    tensors["confidence_head.proj.bias"] = rand(1)
+    return tensors, inter
+
+
+@pytest.mark.parametrize("head,rank", [("vanilla", 32), ("gated", 16), ("rnn", 16), ("vanilla", 0)])
+def test_deepspec_layout_loads_and_runs(tmp_path, head, rank):
+    from dspark.engine import SamplingParams, SpeculativeEngine
+
+    hf_model(tmp_path / "t")
+    target = TargetModel.load(tmp_path / "t")
+    tensors, inter = deepspec_tensors(target, layers=2, rank=rank, head=head, ctx_layers=2)
+    folder = tmp_path / "d"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    t = target.config
+    config = {"architectures": ["DSparkDraftModel"], "model_type": "qwen3", "hidden_size": t.hidden_size,
+              "intermediate_size": inter, "num_hidden_layers": 2, "num_attention_heads": t.num_attention_heads,
+              "num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim, "vocab_size": t.vocab_size,
+              "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "block_size": 5,
+              "dflash_config": {"target_layer_ids": [0, 2], "mask_token_id": t.vocab_size - 1,
+                                "markov_rank": rank, "markov_head_type": head, "enable_confidence_head": True,
+                                "confidence_head_with_markov": True}}
+    (folder / "config.json").write_text(json.dumps(config))
+    drafter = DSparkDrafter.load(folder, target)
+    assert drafter.block_size == 5 and drafter.config.target_layer_ids == [0, 2]
+    assert torch.equal(drafter.fc.weight, tensors["fc.weight"])
+    if rank:
+        assert torch.equal(drafter.markov_head.markov_w2.weight, tensors["markov_head.markov_w2.weight"])
+    prompts = [[3, 4, 5, 6], [9] * 11]
+    base = SpeculativeEngine(target, max_model_len=64).generate(prompts, SamplingParams(0.0, max_new_tokens=12))
+    engine = SpeculativeEngine(target, drafter, max_model_len=64)
+    out = engine.generate(prompts, SamplingParams(0.0, max_new_tokens=12))
+    assert [r.tokens for r in out] == [r.tokens for r in base]
+    assert engine.metrics.verified_drafts > 0
+    # written back in the same layout (nested config keys become top-level ones)
+    drafter.save(tmp_path / "again")
+    written = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert set(written) == set(tensors)
+
+
+# ------------------------------------------------------------ bad inputs
+
+
+def test_bad_target_checkpoints(tmp_path):
+    hf_model(tmp_path / "ok")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        TargetModel.load(tmp_path / "nothing")
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    tensors = load_file(str(tmp_path / "ok" / "model.safetensors"))
+
+    def write(name, cfg, ts):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(cfg))
+        if ts is not None:
+            save_file(ts, str(folder / "model.safetensors"))
+        return folder
+
+    missing = dict(tensors)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\]"):
+        TargetModel.load(write("missing", config, missing))
+    extra = dict(tensors, **{"model.layers.9.mlp.up_proj.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['model.layers.9.mlp.up_proj.weight'\]"):
+        TargetModel.load(write("extra", config, extra))
+    wrong = dict(tensors, **{"model.norm.weight": torch.ones(3)})
+    with pytest.raises(CheckpointError, match="model.norm.weight has shape"):
+        TargetModel.load(write("shape", config, wrong))
+    with pytest.raises(CheckpointError, match="unsupported model_type 'gpt2'"):
+        TargetModel.load(write("kind", dict(config, model_type="gpt2"), tensors))
+    with pytest.raises(CheckpointError, match="lacks 'hidden_size'"):
+        TargetModel.load(write("key", {k: v for k, v in config.items() if k != "hidden_size"}, tensors))
+    with pytest.raises(CheckpointError, match="no safetensors"):
+        TargetModel.load(write("empty", config, None))
+    with pytest.raises(CheckpointError, match="rope type 'yarn'"):
+        TargetModel.load(write("rope", dict(config, rope_scaling={"rope_type": "yarn", "factor": 2.0}), tensors))
+
+
+def test_bad_drafter_checkpoints(tmp_path):
+    hf_model(tmp_path / "t")
+    target = TargetModel.load(tmp_path / "t")
+    hf_model(tmp_path / "other", vocab=100)
+    other = TargetModel.load(tmp_path / "other")
+    hf_model(tmp_path / "wide", hidden=96, head_dim=24)
+    wide = TargetModel.load(tmp_path / "wide")
+    drafter = random_drafter(target)
+    drafter.save(tmp_path / "d")
+    with pytest.raises(CheckpointError, match="vocabulary 128 != target vocabulary 100"):
+        DSparkDrafter.load(tmp_path / "d", other)
+    with pytest.raises(CheckpointError, match="hidden size 64 != target hidden size 96"):
+        DSparkDrafter.load(tmp_path / "d", wide)
+    from dspark.engine import SpeculativeEngine
+
+    with pytest.raises(CheckpointError, match="vocabulary"):
+        SpeculativeEngine(other, drafter)
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    tensors = load_file(str(tmp_path / "d" / "model.safetensors"))
+
+    def write(name, cfg, ts):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(cfg))
+        save_file(ts, str(folder / "model.safetensors"))
+        return folder
+
+    with pytest.raises(CheckpointError, match="not layers of the target"):
+        DSparkDrafter.load(write("ids", dict(config, target_layer_ids=[0, 7]), tensors), target)
+    no_markov = {k: v for k, v in tensors.items() if not k.startswith("markov_head.markov_w2")}
+    with pytest.raises(CheckpointError, match="markov_head.markov_w2.weight"):
+        DSparkDrafter.load(write("w2", config, no_markov), target)
+    with pytest.raises(CheckpointError, match="markov_head_type"):
+        DSparkDrafter.load(write("head", dict(config, markov_head_type="lstm"), tensors), target)
+    with pytest.raises(CheckpointError, match="lacks 'block_size'"):
+        DSparkDrafter.load(write("block", {k: v for k, v in config.items() if k != "block_size"}, tensors), target)
+    bad_rank = dict(tensors, **{"markov_head.markov_w1.weight": torch.zeros(128, 8)})
+    with pytest.raises(CheckpointError, match="markov_w1.weight has shape"):
+        DSparkDrafter.load(write("rank", config, bad_rank), target)
+
+
+def test_paged_cache_accounting():
+    cache = PagedKVCache(1, num_pages=5, page_size=4, kv_heads=1, head_dim=8, dtype=torch.float32,
+                         device=torch.device("cpu"), max_requests=3, max_pages_per_request=3)
+    assert cache.can_hold(12) and not cache.can_hold(13) and not cache.could_ever_hold(13)
+    cache.allocate(0, 9)  # 3 pages
+    assert not cache.can_hold(9) and cache.can_hold(8) and cache.could_ever_hold(9)
+    from dspark.models import CacheFull
+
+    with pytest.raises(CacheFull):
+        cache.allocate(1, 12)
+    cache.allocate(1, 8)
+    slots = cache.slots(torch.tensor([0, 0, 1]), torch.tensor([0, 5, 7]))
+    pages0, pages1 = cache.block_table[0].tolist(), cache.block_table[1].tolist()
+    assert slots.tolist() == [pages0[0] * 4, pages0[1] * 4 + 1, pages1[1] * 4 + 3]
+    assert len(set(pages0) | set(pages1[:2])) == 5
+    cache.release(0)
+    assert cache.can_hold(12)
