@@ -145,6 +145,12 @@ class Policy:
     def reset(self) -> None:
         """Forgets history (start of a new run)."""
 
+    @property
+    def max_length(self) -> Optional[int]:
+        """The longest verification length the policy can choose (None: any);
+        an engine drafts no further."""
+        return None
+
 
 class Fixed(Policy):
     """Verify ``min(gamma, cap)`` (``gamma = 1`` is the MTP-1 production baseline);
@@ -155,6 +161,10 @@ class Fixed(Policy):
             raise ValueError(f"Fixed: gamma must be >= 0, got {gamma}")
         self.gamma = gamma
         self.name = f"fixed({gamma if gamma is not None else 'gamma'})"
+
+    @property
+    def max_length(self) -> Optional[int]:
+        return self.gamma
 
     def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.gamma is not None and self.gamma < conf.shape[1]:

@@ -1,0 +1,590 @@
+"""A batched, exactly lossless speculative decoding engine (DSPARK.md, section 1).
+
+Each round, for the requests in flight:
+  1. the drafter's parallel backbone drafts a block per request,
+     ``markov_sample`` samples it, ``confidence`` scores it, and the policy
+     picks how many drafts each request verifies;
+  2. one host synchronisation reads what the previous round committed and the
+     lengths just chosen: finished requests leave, queued ones join (their
+     prompts are prefilled and their first token sampled);
+  3. one ragged target forward over ``[anchor, drafts...]`` per request,
+     ``rejection_sample``, and the commit, all on the device: the new anchors,
+     positions and counts, and the drafter's context extended with the target
+     hidden states of the committed positions (rejected positions are skipped
+     by their cache slots, which rolls both caches back).
+Without a drafter the same path is plain autoregressive decoding (every
+request verifies 0 drafts and commits the target's sample), the baseline.
+
+Randomness: every request has its own seed (batch-invariant results); round
+``t`` of a request uses stream offset ``t`` (the prefill's sample is offset 0).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from . import ops
+from .calibration import CalibrationRecorder
+from .models import Batch, DSparkDrafter, PagedKVCache, TargetModel
+from .models.drafter import check_compatible
+from .scheduler import Fixed, Policy, SPSTable
+
+__all__ = ["GenerationResult", "RequestMetrics", "RunMetrics", "SamplingParams", "SpeculativeEngine"]
+
+_SEED_MASK = (1 << 62) - 1
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    seed: Optional[int] = None  # default: derived from the engine's seed and the request's index
+    max_new_tokens: int = 64
+    stop_tokens: Sequence[int] = ()
+
+
+@dataclass
+class RequestMetrics:
+    rounds: int = 0  # verification rounds (the prefill's token is not one)
+    drafted_verified: int = 0  # draft tokens sent to the target
+    accepted: int = 0  # draft tokens accepted
+
+    @property
+    def tau(self) -> float:
+        """Tokens committed per round, bonus included."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+
+@dataclass
+class GenerationResult:
+    tokens: List[int]
+    finish_reason: str  # "stop", "length" or "error"
+    error: Optional[str] = None
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+
+
+@dataclass
+class RunMetrics:
+    generated_tokens: int = 0
+    wall_seconds: float = 0.0
+    rounds: int = 0  # engine rounds with at least one verification
+    request_rounds: int = 0
+    verified_drafts: int = 0
+    accepted_drafts: int = 0
+    # position-wise conditional acceptance: at k, accepted at k among request-rounds that
+    # verified k and accepted 1..k-1
+    position_trials: List[int] = field(default_factory=list)
+    position_accepts: List[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def tau(self) -> float:
+        return (self.accepted_drafts + self.request_rounds) / self.request_rounds if self.request_rounds else 0.0
+
+    @property
+    def verified_per_round(self) -> float:
+        return self.verified_drafts / self.request_rounds if self.request_rounds else 0.0
+
+    @property
+    def acceptance_by_position(self) -> List[float]:
+        return [a / t if t else float("nan") for a, t in zip(self.position_accepts, self.position_trials)]
+
+    def as_dict(self) -> dict:
+        return {"generated_tokens": self.generated_tokens, "wall_seconds": self.wall_seconds,
+                "tokens_per_second": self.tokens_per_second, "tau": self.tau, "rounds": self.rounds,
+                "verified_per_round": self.verified_per_round, "acceptance_by_position": self.acceptance_by_position}
+
+    def record(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
+        for length, acc in zip(lengths, accepted):
+            self.request_rounds += 1
+            self.verified_drafts += length
+            self.accepted_drafts += acc
+            while len(self.position_trials) < length:
+                self.position_trials.append(0)
+                self.position_accepts.append(0)
+            for k in range(min(length, acc + 1)):  # positions 1..acc+1 were tried (if verified)
+                self.position_trials[k] += 1
+                if k < acc:
+                    self.position_accepts[k] += 1
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: List[int]
+    params: SamplingParams
+    seed: int
+    slot: int = -1
+    tokens: List[int] = field(default_factory=list)
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    done: Optional[str] = None
+
+
+class SpeculativeEngine:
+    """Batched generation with a target model and, optionally, a DSpark drafter.
+
+    Args:
+        target: the target model.
+        drafter: a DSpark (or DFlash-style, ``markov_rank = 0``) drafter, or None for
+            plain autoregressive decoding through the same code path.
+        policy: chooses verification lengths each round (default: ``Fixed()``,
+            verify the whole block); ``Threshold``, ``HardwareAware`` and
+            ``AsyncHardwareAware`` need a drafter with a confidence head.
+        gamma: drafts per round (default: the drafter's block size; at most that).
+        max_concurrency: requests in flight; more wait in a queue and join between
+            rounds as others finish (continuous batching).
+        max_model_len: the longest prompt + generation a request may have.
+        page_size, num_pages: the paged caches (default: room for max_concurrency
+            requests of max_model_len tokens).
+        max_prefill_tokens: prompt tokens prefilled in one round at most (a longer
+            single prompt is still prefilled whole).
+        seed: requests without their own seed get one derived from it and their index.
+        recorder: a CalibrationRecorder fed with every round's confidence logits.
+    """
+
+    def __init__(self, target: TargetModel, drafter: Optional[DSparkDrafter] = None, *, policy: Optional[Policy] = None,
+                 gamma: Optional[int] = None, max_concurrency: int = 16, max_model_len: int = 2048,
+                 page_size: int = 16, num_pages: Optional[int] = None, max_prefill_tokens: int = 8192, seed: int = 0,
+                 recorder: Optional[CalibrationRecorder] = None, progress: bool = False) -> None:
+        for name, value in (("max_concurrency", max_concurrency), ("max_model_len", max_model_len),
+                            ("page_size", page_size), ("max_prefill_tokens", max_prefill_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SpeculativeEngine: {name} must be a positive int, got {value!r}")
+        if num_pages is not None and (not isinstance(num_pages, int) or num_pages < 1):
+            raise ValueError(f"SpeculativeEngine: num_pages must be a positive int, got {num_pages!r}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"SpeculativeEngine: policy must be a dspark.scheduler.Policy, got {type(policy).__name__}")
+        self.target = target
+        self.drafter = drafter
+        self.policy = policy if policy is not None else Fixed()
+        if drafter is not None:
+            check_compatible(drafter.config, target)
+            if gamma is not None and not 1 <= gamma <= drafter.block_size:
+                raise ValueError(f"gamma must be in [1, {drafter.block_size}] (the drafter's block size), got {gamma}")
+            if not isinstance(self.policy, Fixed) and not drafter.config.enable_confidence_head:
+                raise ValueError(f"policy {self.policy.name} needs a drafter with a confidence head")
+        self.gamma = 0 if drafter is None else (gamma or drafter.block_size)
+        self.block = 0 if drafter is None else drafter.block_size
+        self.max_concurrency = max_concurrency
+        self.max_model_len = max_model_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.page_size = page_size
+        self.seed = seed
+        self.recorder = recorder
+        self.progress = progress
+        self.device = next(target.parameters()).device
+        pages_per_request = (max_model_len + self.block + 1 + page_size - 1) // page_size
+        total = num_pages if num_pages is not None else max_concurrency * pages_per_request
+        self.target_cache = target.new_cache(total, page_size, max_concurrency, pages_per_request)
+        self.draft_cache: Optional[PagedKVCache] = (
+            drafter.new_cache(total, page_size, max_concurrency, pages_per_request) if drafter is not None else None)
+        self.metrics = RunMetrics()
+
+    # ----------------------------------------------------------------- API
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> List[GenerationResult]:
+        """Generates for every prompt (token ids); results in prompt order. A bad
+        request (empty, too long, invalid ids) gets a result with finish_reason
+        'error' and does not affect the others."""
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling or SamplingParams()] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError(f"generate: {len(prompts)} prompts but {len(sampling)} sampling parameters")
+        self.metrics = RunMetrics()
+        self.policy.reset()
+        requests = []
+        for i, (prompt, params) in enumerate(zip(prompts, sampling)):
+            seed = params.seed if params.seed is not None else (self.seed * 1000003 + i)
+            requests.append(_Request(i, [int(t) for t in prompt], params, seed & _SEED_MASK))
+        results: List[Optional[GenerationResult]] = [None] * len(requests)
+        for r in requests:
+            problem = self._check_request(r)
+            if problem:
+                results[r.index] = GenerationResult([], "error", problem)
+        queue = [r for r in requests if results[r.index] is None]
+        start = time.perf_counter()
+        self._run(queue, results)
+        self.metrics.wall_seconds = time.perf_counter() - start
+        self.metrics.generated_tokens = sum(len(res.tokens) for res in results if res is not None)
+        return results  # type: ignore[return-value]
+
+    def profile_sps(self, max_batch_tokens: Optional[int] = None, context_len: int = 256, **kwargs) -> SPSTable:
+        """Measures the target's verification throughput (forward steps per second)
+        at every batch size up to ``max_batch_tokens`` (default: every request in
+        flight verifying a whole block), for the hardware-aware policies. A batch
+        of ``B`` tokens is laid out as in a round: requests of ``gamma + 1`` rows
+        after ``context_len`` cached tokens each. Keyword arguments go to
+        :meth:`SPSTable.profile`."""
+        per = self.gamma + 1
+        B_max = max_batch_tokens if max_batch_tokens is not None else self.max_concurrency * per
+        if B_max < 1:
+            raise ValueError(f"profile_sps: max_batch_tokens must be >= 1, got {B_max}")
+        R_max = (B_max + per - 1) // per
+        page = self.page_size
+        pages_per_request = (context_len + per + page - 1) // page
+        cache = self.target.new_cache(R_max * pages_per_request, page, R_max, pages_per_request)
+        for r in range(R_max):
+            cache.allocate(r, context_len + per)
+        dev = self.device
+
+        def forward(B: int) -> None:
+            R = (B + per - 1) // per
+            q_lens = [per] * (R - 1) + [B - per * (R - 1)]
+            cu = [0]
+            for q in q_lens:
+                cu.append(cu[-1] + q)
+            requests = torch.tensor([r for r, q in enumerate(q_lens) for _ in range(q)], dtype=torch.int64, device=dev)
+            positions = torch.tensor([context_len + i for q in q_lens for i in range(q)], dtype=torch.int64,
+                                     device=dev)
+            batch = Batch(torch.zeros(B, dtype=torch.int64, device=dev), positions,
+                          torch.tensor(cu, dtype=torch.int32, device=dev), cache.block_table[:R],
+                          torch.tensor([context_len + q for q in q_lens], dtype=torch.int32, device=dev),
+                          cache.slots(requests, positions))
+            layers = self.drafter.config.target_layer_ids if self.drafter is not None else ()
+            self.target(batch, cache, hidden_layers=layers)
+
+        kwargs.setdefault("device", dev)
+        return SPSTable.profile(forward, B_max, **kwargs)
+
+    # ------------------------------------------------------------- helpers
+
+    def _check_request(self, r: _Request) -> Optional[str]:
+        V = self.target.config.vocab_size
+        if not r.prompt:
+            return "empty prompt"
+        if any(not 0 <= t < V for t in r.prompt):
+            return f"prompt holds token ids outside the vocabulary [0, {V})"
+        if r.params.max_new_tokens < 1:
+            return f"max_new_tokens must be >= 1, got {r.params.max_new_tokens}"
+        if not r.params.temperature >= 0:
+            return f"temperature must be >= 0, got {r.params.temperature}"
+        total = len(r.prompt) + r.params.max_new_tokens
+        if total > self.max_model_len:
+            return f"prompt ({len(r.prompt)}) + max_new_tokens ({r.params.max_new_tokens}) exceeds max_model_len " \
+                   f"{self.max_model_len}"
+        return None
+
+    def _budget(self, r: _Request) -> int:
+        return len(r.prompt) + r.params.max_new_tokens + self.block + 1
+
+    def _finish(self, r: _Request) -> None:
+        """Applies stop tokens and the length limit to r.tokens; sets r.done."""
+        stops = set(int(s) for s in r.params.stop_tokens)
+        for i, t in enumerate(r.tokens):
+            if t in stops:
+                r.tokens = r.tokens[: i + 1]
+                r.done = "stop"
+                return
+        if len(r.tokens) >= r.params.max_new_tokens:
+            r.tokens = r.tokens[: r.params.max_new_tokens]
+            r.done = "length"
+
+    # ----------------------------------------------------------- the loop
+
+    def _run(self, queue: List[_Request], results: List[Optional[GenerationResult]]) -> None:
+        dev = self.device
+        active: List[_Request] = []
+        free_slots = list(range(self.max_concurrency - 1, -1, -1))
+        # device state of the active requests, in `active` order
+        state = _State.empty(dev)
+        pending = None  # what the last round committed, read at the next synchronisation
+        bar = _progress(self.progress, sum(r.params.max_new_tokens for r in queue))
+        while active or queue or pending is not None:
+            # 1. draft (device)
+            drafted = None
+            if active and self.drafter is not None:
+                drafted = self._draft(state)
+            # 2. the one synchronisation of the round
+            fetch = []
+            if pending is not None:
+                fetch += [pending.tokens.reshape(-1), pending.accepted]
+            if drafted is not None:
+                fetch.append(drafted.lengths.to(torch.int64))
+            host = torch.cat([t.to(torch.int64).reshape(-1) for t in fetch]).tolist() if fetch else []
+            at = 0
+            if pending is not None:
+                n_rows, width = pending.tokens.shape
+                tokens = host[at:at + n_rows * width]
+                at += n_rows * width
+                accepted = host[at:at + n_rows]
+                at += n_rows
+                before = sum(len(r.tokens) for r in pending.requests)
+                round_lengths, round_accepted = [], []
+                for i, r in enumerate(pending.requests):
+                    count = accepted[i] + 1
+                    r.tokens.extend(tokens[i * width:i * width + count])
+                    verified = pending.verified[i]
+                    if verified is not None:  # None: the prefill's token, not a round
+                        r.metrics.rounds += 1
+                        r.metrics.drafted_verified += verified
+                        r.metrics.accepted += accepted[i]
+                        round_lengths.append(verified)
+                        round_accepted.append(accepted[i])
+                    self._finish(r)
+                if round_lengths:
+                    self.metrics.rounds += 1
+                    self.metrics.record(round_lengths, round_accepted)
+                bar.update(sum(len(r.tokens) for r in pending.requests) - before)
+            lengths = host[at:at + len(active)] if drafted is not None else [0] * len(active)
+            pending = None
+            # finished requests leave
+            keep = [i for i, r in enumerate(active) if r.done is None]
+            for r in active:
+                if r.done is not None:
+                    results[r.index] = GenerationResult(r.tokens, r.done, None, r.metrics)
+                    self.target_cache.release(r.slot)
+                    if self.draft_cache is not None:
+                        self.draft_cache.release(r.slot)
+                    free_slots.append(r.slot)
+            if len(keep) < len(active):
+                active = [active[i] for i in keep]
+                state = state.select(keep)
+                lengths = [lengths[i] for i in keep]
+                if drafted is not None:
+                    drafted = drafted.select(keep)
+            # 3. verify the drafted requests (device), then admit new ones
+            committed = None
+            if active:
+                committed = self._verify(active, state, drafted, lengths)
+            joined = self._admit(queue, free_slots, results)
+            if committed is not None or joined is not None:
+                pending = _Pending.concat(committed, joined)
+                if joined is not None:
+                    active = active + joined.requests
+                    state = state.concat(joined.state)
+        bar.close()
+
+    # ------------------------------------------------------------ drafting
+
+    def _draft(self, state: "_State") -> "_Drafted":
+        drafter, target = self.drafter, self.target
+        gamma = self.gamma if self.policy.max_length is None else max(1, min(self.gamma, self.policy.max_length))
+        draft = drafter.draft(target, state.anchors, state.starts, state.slots, self.draft_cache, num_positions=gamma)
+        w1, w2 = drafter.markov_weights(self.device)
+        hidden = draft.hidden
+        sampled = ops.markov_sample(draft.base_logits, state.anchors, w1, w2, temperature=state.temperatures,
+                                    seed=state.seeds, offset=state.rounds, return_corrected_logits=True,
+                                    validate=False, **drafter.markov_kwargs(hidden))
+        conf = drafter.confidence(hidden, state.anchors, sampled.draft_tokens)
+        cap = torch.clamp(state.max_new - state.generated - 1, min=0).to(torch.int32)
+        probabilities = conf.conf if conf is not None else torch.ones(
+            state.anchors.shape[0], gamma, device=self.device)
+        lengths = self.policy(probabilities.contiguous(), cap)
+        lengths = torch.clamp(lengths, max=gamma)
+        return _Drafted(sampled.draft_tokens, sampled.corrected_logits, lengths,
+                        conf.logits if conf is not None else None)
+
+    # ------------------------------------------------------------ verifying
+
+    def _verify(self, active: List[_Request], state: "_State", drafted: Optional["_Drafted"],
+                lengths: List[int]) -> "_Pending":
+        dev = self.device
+        R = len(active)
+        # flat rows of [anchor, drafts...] per request, indexed on the host (no
+        # boolean masks on the device: they would synchronise)
+        req_index, offsets, cu, draft_rows = [], [], [0], []
+        for i, length in enumerate(lengths):
+            req_index += [i] * (length + 1)
+            offsets += list(range(length + 1))
+            draft_rows += range(cu[-1] + 1, cu[-1] + 1 + length)
+            cu.append(cu[-1] + length + 1)
+        req_t = torch.tensor(req_index, dtype=torch.int64, device=dev)
+        off_t = torch.tensor(offsets, dtype=torch.int64, device=dev)
+        if drafted is not None:
+            table = torch.cat([state.anchors.unsqueeze(1), drafted.tokens], dim=1)  # [R, block + 1]
+        else:
+            table = state.anchors.unsqueeze(1)
+        tokens = table[req_t, off_t]
+        positions = state.starts[req_t] + off_t
+        lengths_t = torch.tensor(lengths, dtype=torch.int64, device=dev)
+        batch = Batch(tokens, positions, torch.tensor(cu, dtype=torch.int32, device=dev),
+                      self.target_cache.block_table[state.slots], (state.starts + lengths_t + 1).to(torch.int32),
+                      self.target_cache.slots(state.slots[req_t], positions))
+        layers = self.drafter.config.target_layer_ids if self.drafter is not None else ()
+        out = self.target(batch, self.target_cache, hidden_layers=layers)
+        # draft rows (offset >= 1) and their distributions
+        rows_t = torch.tensor(draft_rows, dtype=torch.int64, device=dev)
+        draft_tokens = tokens[rows_t]
+        cu_draft = torch.tensor([c - i for i, c in enumerate(cu)], dtype=torch.int32, device=dev)
+        kwargs = {}
+        if drafted is not None and draft_rows:
+            kwargs["draft_logits"] = drafted.corrected[req_t[rows_t], off_t[rows_t] - 1]
+        max_len = max(lengths) if lengths else 0
+        result = ops.rejection_sample(out.logits, draft_tokens, cu_draft, temperature=state.temperatures,
+                                      seed=state.seeds, offset=state.rounds, max_num_draft=max_len, validate=False,
+                                      **kwargs)
+        accepted = result.num_accepted.to(torch.int64)
+        if self.recorder is not None and drafted is not None and drafted.conf_logits is not None:
+            self.recorder.record(drafted.conf_logits, lengths_t, accepted)
+        # commit on the device
+        count = accepted + 1
+        new_anchor = result.output_tokens.gather(1, accepted.unsqueeze(1)).squeeze(1).to(torch.int64)
+        if self.drafter is not None:
+            keep = off_t <= accepted[req_t]  # committed positions extend the drafter's context
+            slots = self.draft_cache.slots(state.slots[req_t], positions).masked_fill(~keep, -1)
+            self.drafter.extend_context(out.hidden, positions, slots, self.draft_cache)
+        state.anchors = new_anchor
+        state.starts = state.starts + count
+        state.generated = state.generated + count
+        state.rounds = state.rounds + 1
+        return _Pending(list(active), result.output_tokens, result.num_accepted, list(lengths))
+
+    # ------------------------------------------------------------ admitting
+
+    def _admit(self, queue: List[_Request], free_slots: List[int],
+               results: List[Optional[GenerationResult]]) -> Optional["_Joined"]:
+        """Prefills queued requests while there are free slots and cache pages."""
+        joined: List[_Request] = []
+        prefill_tokens = 0
+        while queue and free_slots:
+            r = queue[0]
+            budget = self._budget(r)
+            caches = [self.target_cache] + ([self.draft_cache] if self.draft_cache is not None else [])
+            if not all(c.could_ever_hold(budget) for c in caches):
+                queue.pop(0)
+                results[r.index] = GenerationResult([], "error", f"the request needs {budget} cache slots "
+                                                    f"(prompt, max_new_tokens and a block), more than the cache holds")
+                continue
+            if not all(c.can_hold(budget) for c in caches):
+                break  # it joins when others have left
+            if joined and prefill_tokens + len(r.prompt) > self.max_prefill_tokens:
+                break  # the rest join at the next round
+            queue.pop(0)
+            r.slot = free_slots.pop()
+            for cache in caches:
+                cache.allocate(r.slot, budget)
+            prefill_tokens += len(r.prompt)
+            joined.append(r)
+        if not joined:
+            return None
+        dev = self.device
+        lens = [len(r.prompt) for r in joined]
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        tokens = torch.tensor([t for r in joined for t in r.prompt], dtype=torch.int64, device=dev)
+        positions = torch.tensor([p for n in lens for p in range(n)], dtype=torch.int64, device=dev)
+        slot_t = torch.tensor([r.slot for r in joined], dtype=torch.int64, device=dev)
+        req_t = torch.tensor([r.slot for r in joined for _ in r.prompt], dtype=torch.int64, device=dev)
+        batch = Batch(tokens, positions, torch.tensor(cu, dtype=torch.int32, device=dev),
+                      self.target_cache.block_table[slot_t], torch.tensor(lens, dtype=torch.int32, device=dev),
+                      self.target_cache.slots(req_t, positions))
+        layers = self.drafter.config.target_layer_ids if self.drafter is not None else ()
+        last = torch.tensor([c - 1 for c in cu[1:]], dtype=torch.int64, device=dev)
+        out = self.target(batch, self.target_cache, hidden_layers=layers, logits_rows=last)
+        if self.drafter is not None:
+            self.drafter.extend_context(out.hidden, positions, self.draft_cache.slots(req_t, positions),
+                                        self.draft_cache)
+        state = _State(
+            anchors=torch.zeros(len(joined), dtype=torch.int64, device=dev),
+            starts=torch.tensor(lens, dtype=torch.int64, device=dev),
+            slots=slot_t,
+            generated=torch.ones(len(joined), dtype=torch.int64, device=dev),
+            max_new=torch.tensor([r.params.max_new_tokens for r in joined], dtype=torch.int64, device=dev),
+            temperatures=torch.tensor([float(r.params.temperature) for r in joined], dtype=torch.float32, device=dev),
+            seeds=torch.tensor([r.seed for r in joined], dtype=torch.int64, device=dev),
+            rounds=torch.ones(len(joined), dtype=torch.int64, device=dev),
+        )
+        first = ops.rejection_sample(out.logits, torch.zeros(0, dtype=torch.int64, device=dev),
+                                     torch.zeros(len(joined) + 1, dtype=torch.int32, device=dev),
+                                     temperature=state.temperatures, seed=state.seeds,
+                                     offset=torch.zeros(len(joined), dtype=torch.int64, device=dev),
+                                     max_num_draft=0, validate=False)
+        state.anchors = first.output_tokens[:, 0].to(torch.int64)
+        return _Joined(joined, state, first.output_tokens, first.num_accepted)
+
+# ------------------------------------------------------------------ state
+
+
+@dataclass
+class _State:
+    anchors: torch.Tensor  # [R] int64, the last committed token (not yet in the target cache)
+    starts: torch.Tensor  # [R] int64, the anchor's position
+    slots: torch.Tensor  # [R] int64, cache rows
+    generated: torch.Tensor  # [R] int64, tokens generated so far
+    max_new: torch.Tensor  # [R] int64
+    temperatures: torch.Tensor  # [R] float32
+    seeds: torch.Tensor  # [R] int64
+    rounds: torch.Tensor  # [R] int64, the next round's stream offset
+
+    FIELDS = ("anchors", "starts", "slots", "generated", "max_new", "temperatures", "seeds", "rounds")
+
+    @classmethod
+    def empty(cls, device: torch.device) -> "_State":
+        z = lambda dtype: torch.zeros(0, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(torch.int64), z(torch.int64), z(torch.int64), z(torch.int64), z(torch.int64), z(torch.float32),
+                   z(torch.int64), z(torch.int64))
+
+    def select(self, keep: List[int]) -> "_State":
+        index = torch.tensor(keep, dtype=torch.int64, device=self.anchors.device)
+        return _State(*(getattr(self, f)[index] for f in self.FIELDS))
+
+    def concat(self, other: "_State") -> "_State":
+        return _State(*(torch.cat([getattr(self, f), getattr(other, f)]) for f in self.FIELDS))
+
+
+@dataclass
+class _Drafted:
+    tokens: torch.Tensor  # [R, block]
+    corrected: torch.Tensor  # [R, block, V]
+    lengths: torch.Tensor  # [R] int32
+    conf_logits: Optional[torch.Tensor]  # [R, block]
+
+    def select(self, keep: List[int]) -> "_Drafted":
+        index = torch.tensor(keep, dtype=torch.int64, device=self.tokens.device)
+        return _Drafted(self.tokens[index], self.corrected[index], self.lengths[index],
+                        self.conf_logits[index] if self.conf_logits is not None else None)
+
+
+@dataclass
+class _Joined:
+    requests: List[_Request]
+    state: _State
+    tokens: torch.Tensor  # [R, 1]
+    accepted: torch.Tensor  # [R] (zeros)
+
+
+@dataclass
+class _Pending:
+    requests: List[_Request]
+    tokens: torch.Tensor  # [R, width] committed tokens then -1
+    accepted: torch.Tensor  # [R] int32
+    verified: List[Optional[int]]  # draft tokens verified per request (None: a prefill)
+
+    @staticmethod
+    def concat(committed: Optional["_Pending"], joined: Optional[_Joined]) -> "_Pending":
+        if joined is None:
+            return committed  # type: ignore[return-value]
+        prefill = _Pending(joined.requests, joined.tokens, joined.accepted, [None] * len(joined.requests))
+        if committed is None:
+            return prefill
+        width = max(committed.tokens.shape[1], prefill.tokens.shape[1])
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)  # noqa: E731
+        return _Pending(committed.requests + prefill.requests, torch.cat([pad(committed.tokens), pad(prefill.tokens)]),
+                        torch.cat([committed.accepted, prefill.accepted]), committed.verified + prefill.verified)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="generating", unit="tok")
+    except ImportError:  # pragma: no cover
+        return _NoBar()

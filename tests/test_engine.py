@@ -1,0 +1,358 @@
+"""SpeculativeEngine: exactly lossless, greedy (against transformers' generate)
+and sampled (against the enumerated sequence distribution), for every policy;
+continuous batching, stop tokens, metrics, and bad requests."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+
+import dspark.ops
+from dspark.calibration import CalibrationRecorder
+from dspark.engine import SamplingParams, SpeculativeEngine
+from dspark.models import TargetModel
+from dspark.scheduler import AsyncHardwareAware, Fixed, HardwareAware, SPSTable, Threshold
+from stats import assert_fits, assert_rejects
+from tiny_models import hf_greedy, hf_model, random_drafter, set_bigram, truncate_at_stop, uneven_prompts
+
+VOCAB = 128
+MAX_NEW = 24
+# a jagged steps-per-second curve: the hardware-aware policies see cliffs
+SPS = SPSTable.from_curve(lambda b: 1000.0 * min(b, 48) / 48 * (0.6 if b in (9, 33, 57) else 1.0), 128)
+
+
+def policies():
+    return [Fixed(), Fixed(1), Threshold(0.5), HardwareAware(SPS), AsyncHardwareAware(SPS)]
+
+
+class Setup:
+    """A tiny Llama target, its transformers twin, and greedy references."""
+
+    def __init__(self, folder, kind: str = "llama") -> None:
+        self.hf = hf_model(folder, kind, vocab=VOCAB)
+        self.target = TargetModel.load(folder)
+        self._refs: Dict[Tuple[int, ...], List[int]] = {}
+
+    def reference(self, prompt: List[int], max_new: int = MAX_NEW) -> List[int]:
+        key = tuple(prompt)
+        if key not in self._refs or len(self._refs[key]) < max_new:
+            self._refs[key] = hf_greedy(self.hf, prompt, max(max_new, MAX_NEW))
+        return self._refs[key][:max_new]
+
+    def bigram_drafter(self, prompts, **kwargs):
+        """A drafter whose Markov head is the bigram table of the target's greedy
+        text: most drafts are accepted, some are not."""
+        drafter = random_drafter(self.target, rank=VOCAB, **kwargs)
+        set_bigram(drafter, [p + self.reference(p) for p in prompts])
+        return drafter
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return Setup(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return Setup(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+PROMPTS = uneven_prompts(16, VOCAB, seed=3)
+
+
+def greedy(max_new=MAX_NEW, stops=()):
+    return SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_tokens=stops)
+
+
+def assert_matches(setup: Setup, prompts, results, max_new=MAX_NEW):
+    for i, (prompt, result) in enumerate(zip(prompts, results)):
+        assert result.error is None, result.error
+        assert result.tokens == setup.reference(prompt, max_new), f"request {i} (prompt length {len(prompt)})"
+        assert result.finish_reason == "length"
+
+
+# ------------------------------------------------------------------ greedy
+
+
+def test_target_only_matches_transformers(llama):
+    for R in (1, 5, 16):
+        engine = SpeculativeEngine(llama.target, max_concurrency=R, max_model_len=64)
+        results = engine.generate(PROMPTS[:R], greedy())
+        assert_matches(llama, PROMPTS[:R], results)
+        assert engine.metrics.tau == 1.0 and engine.metrics.verified_drafts == 0
+
+
+@pytest.mark.parametrize("policy", policies(), ids=lambda p: p.name)
+@pytest.mark.parametrize("drafter_kind", ["bigram", "random"])
+def test_greedy_lossless_every_policy(llama, policy, drafter_kind):
+    drafter = llama.bigram_drafter(PROMPTS) if drafter_kind == "bigram" else random_drafter(llama.target)
+    engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=16, max_model_len=64)
+    results = engine.generate(PROMPTS, greedy())
+    assert_matches(llama, PROMPTS, results)
+    m = engine.metrics
+    assert m.generated_tokens == 16 * MAX_NEW
+    if drafter_kind == "bigram":  # the drafts were really used, in runs
+        assert m.accepted_drafts >= 0.1 * m.generated_tokens, m
+        if not (isinstance(policy, Fixed) and policy.gamma == 1):
+            assert len(m.position_accepts) >= 3 and m.position_accepts[2] > 0, m
+    else:  # and really rejected
+        assert m.accepted_drafts < 0.2 * m.verified_drafts, m
+
+
+def test_greedy_every_batch_size(llama):
+    drafter = llama.bigram_drafter(PROMPTS)
+    for R in range(1, 17):
+        engine = SpeculativeEngine(llama.target, drafter, max_concurrency=R, max_model_len=64)
+        assert_matches(llama, PROMPTS[:R], engine.generate(PROMPTS[:R], greedy()))
+
+
+@pytest.mark.parametrize("policy", policies(), ids=lambda p: p.name)
+def test_greedy_requests_join_mid_run(llama, policy):
+    """16 requests of different lengths through 5 slots (and a cache that holds
+    fewer than 5 at their longest): requests leave and join between rounds."""
+    drafter = llama.bigram_drafter(PROMPTS)
+    lengths = [MAX_NEW - (7 * i) % 20 for i in range(16)]
+    engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=5, max_model_len=64,
+                               page_size=8, num_pages=28, max_prefill_tokens=40)
+    results = engine.generate(PROMPTS, [greedy(n) for n in lengths])
+    for prompt, n, result in zip(PROMPTS, lengths, results):
+        assert result.error is None and result.tokens == llama.reference(prompt, n)
+
+
+@pytest.mark.parametrize("head,rank,gamma", [("gated", 16, None), ("rnn", 32, None), ("vanilla", 0, None),
+                                             ("vanilla", 16, 2), ("vanilla", 16, 1)])
+def test_greedy_heads_gamma_and_qwen3(qwen3, head, rank, gamma):
+    drafter = random_drafter(qwen3.target, head=head, rank=rank, block=5, layers=2, scale=0.3)
+    engine = SpeculativeEngine(qwen3.target, drafter, gamma=gamma, max_concurrency=6, max_model_len=64)
+    results = engine.generate(PROMPTS[:9], greedy())
+    assert_matches(qwen3, PROMPTS[:9], results)
+    verified = engine.metrics.verified_per_round
+    assert 0 < verified <= (gamma or 5)
+
+
+def test_stop_tokens_inside_accepted_drafts(llama):
+    """Stop tokens end a request where they are, also when they arrive inside a
+    run of accepted drafts (the bigram drafter is right most of the time)."""
+    drafter = llama.bigram_drafter(PROMPTS)
+    refs = [llama.reference(p) for p in PROMPTS]
+    stop = max(set(itertools.chain(*[r[2:] for r in refs])), key=lambda t: sum(t in r[2:] for r in refs))
+    other = refs[0][5]
+    stops = (stop, other)
+    for policy in policies():
+        engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=7, max_model_len=64)
+        results = engine.generate(PROMPTS, greedy(stops=stops))
+        for prompt, ref, result in zip(PROMPTS, refs, results):
+            tokens, reason = truncate_at_stop(ref, stops)
+            assert (result.tokens, result.finish_reason) == (tokens, reason), policy.name
+    assert sum(r.finish_reason == "stop" for r in results) >= 4
+    # transformers' own end-of-sequence handling agrees with the truncation
+    out = llama.hf.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(stops),
+                            attention_mask=torch.ones(1, len(PROMPTS[0]), dtype=torch.int64))
+    assert out[0, len(PROMPTS[0]):].tolist() == truncate_at_stop(refs[0], stops)[0]
+
+
+# ----------------------------------------------------------------- sampled
+
+
+SAMPLED_VOCAB = 3
+SAMPLED_TOKENS = 4  # 3^4 = 81 sequences; 13500 samples give power >= 0.99 against TV 0.05 (stats.py)
+SAMPLED_N = 13500
+SAMPLED_PROMPT = [1, 2, 0, 2, 2, 1]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small")
+    hf = hf_model(folder, vocab=SAMPLED_VOCAB, hidden=32, layers=2, heads=2, kv_heads=1, head_dim=16,
+                  lm_head_scale=2.0, seed=5)
+    return hf.double(), TargetModel.load(folder)
+
+
+def sequence_distribution(hf, prompt, temperature: float) -> torch.Tensor:
+    """P(y_1..y_n | prompt) for all V^n sequences (float64), index sum y_i V^(n-i)."""
+    V, n = SAMPLED_VOCAB, SAMPLED_TOKENS
+    probs = torch.ones(1, dtype=torch.float64)
+    for step in range(n):
+        prefixes = list(itertools.product(range(V), repeat=step))
+        batch = torch.tensor([prompt + list(p) for p in prefixes])
+        with torch.no_grad():
+            logits = hf(batch).logits[:, -1].double()
+        step_probs = torch.softmax(logits / temperature, dim=-1)  # [V^step, V]
+        probs = (probs.unsqueeze(1) * step_probs).reshape(-1)
+    return probs
+
+
+def sample_sequences(target, drafter, policy, temperature) -> torch.Tensor:
+    engine = SpeculativeEngine(target, drafter, policy=policy, max_concurrency=512, max_model_len=16, seed=11)
+    params = SamplingParams(temperature=temperature, max_new_tokens=SAMPLED_TOKENS)
+    results = engine.generate([SAMPLED_PROMPT] * SAMPLED_N, params)
+    tokens = torch.tensor([r.tokens for r in results])
+    assert tokens.shape == (SAMPLED_N, SAMPLED_TOKENS)
+    index = torch.zeros(SAMPLED_N, dtype=torch.int64)
+    for i in range(SAMPLED_TOKENS):
+        index = index * SAMPLED_VOCAB + tokens[:, i]
+    return index, engine.metrics
+
+
+@pytest.mark.parametrize("config", ["target-only", "fixed", "async-hardware-aware"])
+def test_sampled_lossless(small, config):
+    hf, target = small
+    temperature = 0.8 if config == "fixed" else 1.0
+    drafter = None if config == "target-only" else random_drafter(target, rank=16, block=3, scale=0.5, seed=2)
+    policy = AsyncHardwareAware(SPSTable.from_curve(lambda b: 100.0 * min(b, 900) / 900, 2048)) \
+        if config == "async-hardware-aware" else Fixed()
+    index, metrics = sample_sequences(target, drafter, policy, temperature)
+    if drafter is not None:  # drafts were accepted and rejected, many times
+        assert metrics.accepted_drafts > 500 and metrics.verified_drafts - metrics.accepted_drafts > 500, metrics
+        assert len(metrics.position_accepts) >= 2 and metrics.position_accepts[1] > 100, metrics
+    assert_fits(index, sequence_distribution(hf, SAMPLED_PROMPT, temperature), f"engine {config}", epsilon=0.05)
+
+
+def test_sampled_test_catches_a_biased_engine(small, monkeypatch):
+    """The same test rejects an engine whose acceptance step samples at a wrong
+    temperature (a 30% error): it has teeth."""
+    hf, target = small
+    original = dspark.ops.rejection_sample
+
+    def biased(*args, temperature, **kwargs):
+        return original(*args, temperature=temperature * 1.3, **kwargs)
+
+    monkeypatch.setattr(dspark.ops, "rejection_sample", biased)
+    drafter = random_drafter(target, rank=16, block=3, scale=0.5, seed=2)
+    index, _ = sample_sequences(target, drafter, Fixed(), 1.0)
+    assert_rejects(index, sequence_distribution(hf, SAMPLED_PROMPT, 1.0), "biased engine")
+
+
+def test_sampling_is_reproducible_and_seeded(llama):
+    drafter = random_drafter(llama.target, scale=0.3)
+    params = [SamplingParams(temperature=t, max_new_tokens=16, seed=s) for t, s in [(1.0, 1), (0.7, 2), (1.3, 1)]]
+    prompts = PROMPTS[:3]
+    a = SpeculativeEngine(llama.target, drafter, max_concurrency=3).generate(prompts, params)
+    b = SpeculativeEngine(llama.target, drafter, max_concurrency=3).generate(prompts, params)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    params[0] = SamplingParams(temperature=1.0, max_new_tokens=16, seed=9)
+    c = SpeculativeEngine(llama.target, drafter, max_concurrency=3).generate(prompts, params)
+    assert c[0].tokens != a[0].tokens and c[1].tokens == a[1].tokens
+
+
+# ----------------------------------------------------------------- metrics
+
+
+def test_metrics_and_calibration_recorder(llama):
+    drafter = llama.bigram_drafter(PROMPTS)
+    recorder = CalibrationRecorder()
+    engine = SpeculativeEngine(llama.target, drafter, policy=Threshold(0.3), max_concurrency=6, max_model_len=64,
+                               recorder=recorder)
+    results = engine.generate(PROMPTS, greedy())
+    m = engine.metrics
+    assert m.generated_tokens == sum(len(r.tokens) for r in results) == 16 * MAX_NEW
+    assert m.request_rounds == sum(r.metrics.rounds for r in results)
+    for r in results:  # one token from the prefill, then accepted + 1 per round
+        assert len(r.tokens) == 1 + r.metrics.rounds + r.metrics.accepted
+        assert r.metrics.accepted <= r.metrics.drafted_verified
+    assert m.tau == pytest.approx((m.accepted_drafts + m.request_rounds) / m.request_rounds)
+    assert m.tokens_per_second > 0 and m.rounds <= m.request_rounds
+    # position-wise conditional acceptance, against what the recorder saw
+    logits, accepted, observed = recorder.data()
+    assert logits.shape[0] == m.request_rounds
+    for k in range(accepted.shape[1]):
+        tried = observed[:, k] & (accepted[:, k - 1] if k else True)
+        trials = m.position_trials[k] if k < len(m.position_trials) else 0
+        accepts = m.position_accepts[k] if k < len(m.position_accepts) else 0
+        assert trials == int(tried.sum()) and accepts == int((tried & accepted[:, k]).sum())
+    sts, _ = recorder.fit()
+    assert len(sts.temperatures) == drafter.block_size
+
+
+# --------------------------------------------------------------- bad input
+
+
+def test_bad_requests_do_not_lose_the_others(llama):
+    drafter = llama.bigram_drafter(PROMPTS)
+    engine = SpeculativeEngine(llama.target, drafter, max_concurrency=4, max_model_len=64, page_size=8, num_pages=20)
+    good = PROMPTS[:6]
+    prompts = [good[0], [], good[1], [5, VOCAB], good[2], [1] * 41, good[3], good[4], good[5], [3, 4]]
+    params = [greedy()] * len(prompts)
+    params[-1] = SamplingParams(temperature=-1.0)
+    results = engine.generate(prompts, params)
+    errors = {i: r.error for i, r in enumerate(results) if r.finish_reason == "error"}
+    assert set(errors) == {1, 3, 5, 9}
+    assert "empty prompt" in errors[1]
+    assert "outside the vocabulary" in errors[3]
+    assert "exceeds max_model_len 64" in errors[5]
+    assert "temperature" in errors[9]
+    assert_matches(llama, good, [results[i] for i in (0, 2, 4, 6, 7, 8)])
+    # a cache too small for one request: that request fails, the others run
+    tiny = SpeculativeEngine(llama.target, drafter, max_concurrency=4, max_model_len=64, page_size=8, num_pages=7)
+    assert max(len(p) for p in good[:2]) + MAX_NEW + 5 <= 7 * 8
+    results = tiny.generate([good[0], [2] * 30, good[1]], greedy())
+    assert results[1].finish_reason == "error" and "more than the cache holds" in results[1].error
+    assert_matches(llama, [good[0], good[1]], [results[0], results[2]])
+
+
+def test_bad_engine_arguments(llama):
+    drafter = random_drafter(llama.target, confidence=False)
+    with pytest.raises(ValueError, match="gamma must be in"):
+        SpeculativeEngine(llama.target, drafter, gamma=5)
+    with pytest.raises(ValueError, match="needs a drafter with a confidence head"):
+        SpeculativeEngine(llama.target, drafter, policy=Threshold(0.5))
+    with pytest.raises(ValueError, match="max_concurrency"):
+        SpeculativeEngine(llama.target, drafter, max_concurrency=0)
+    with pytest.raises(TypeError, match="policy"):
+        SpeculativeEngine(llama.target, drafter, policy="fixed")
+    with pytest.raises(ValueError, match="2 prompts but 3"):
+        SpeculativeEngine(llama.target).generate([[1], [2]], [greedy()] * 3)
+
+
+def test_profile_sps_measures_every_batch_size(llama):
+    drafter = random_drafter(llama.target)
+    engine = SpeculativeEngine(llama.target, drafter, max_concurrency=3)
+    table = engine.profile_sps(warmup=0, repeats=1)
+    assert table.max_batch_tokens == 3 * 5
+    assert all(v > 0 for v in table.steps_per_second[1:])
+
+
+# ----------------------------------------------------------- command line
+
+
+def write_tokenizer(folder, vocab: int) -> None:
+    """A word-level tokenizer over the words w0 .. w{vocab-1}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def test_generate_command(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from dspark.cli import main
+
+    hf = hf_model(tmp_path / "t", vocab=VOCAB)
+    write_tokenizer(tmp_path / "t", VOCAB)
+    target = TargetModel.load(tmp_path / "t")
+    random_drafter(target, scale=0.3).save(tmp_path / "d")
+    prompts = ["w5 w17 w3 w99", "w1 w2"]
+    for extra in ([], ["--draft", str(tmp_path / "d")], ["--draft", str(tmp_path / "d"), "--policy", "async"]):
+        code = main(["generate", "--target", str(tmp_path / "t"), "--prompt", prompts[0], "--prompt", prompts[1],
+                     "--max-new-tokens", "12", "--no-progress", "--json", str(tmp_path / "out.json")] + extra)
+        out = capsys.readouterr().out
+        assert code == 0
+        for text in prompts:
+            ids = [int(w[1:]) for w in text.split()]
+            expected = " ".join(f"w{t}" for t in hf_greedy(hf, ids, 12))
+            assert expected in out
+        assert "tok/s" in out and "tau" in out
+        if extra:
+            assert "position-wise conditional acceptance" in out
+    import json
+
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert len(saved["results"]) == 2 and saved["metrics"]["generated_tokens"] == 24
+    # a bad drafter folder: a clear message, exit code 2
+    assert main(["generate", "--target", str(tmp_path / "t"), "--draft", str(tmp_path / "nowhere"),
+                 "--prompt", "w1"]) == 2
+    assert "no config.json" in capsys.readouterr().err
