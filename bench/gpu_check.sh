@@ -102,11 +102,13 @@ stage bench_py 60 "$PY" -m dspark bench sampling --device cuda --json "$OUT/benc
 stage bench_py_scheduler 30 "$PY" -m dspark bench scheduler --device cuda --quick --json "$OUT/bench_scheduler.json"
 stage bench_py_markov 60 "$PY" -m dspark bench markov --device cuda --json "$OUT/bench_markov.json"
 stage bench_py_attention 60 "$PY" -m dspark bench attention --device cuda --json "$OUT/bench_attention.json"
+stage bench_py_engine 90 "$PY" -m dspark bench engine --quick --device cuda --json "$OUT/bench_engine.json"
 
 note "== results"
 cat "$OUT/bench_py.log" 2>/dev/null | tail -14 | tee -a "$SUMMARY"
 head -8 "$OUT/bench_py_scheduler.log" 2>/dev/null | tee -a "$SUMMARY"
 tail -20 "$OUT/bench_py_markov.log" 2>/dev/null | tee -a "$SUMMARY"
 tail -40 "$OUT/bench_py_attention.log" 2>/dev/null | tee -a "$SUMMARY"
+tail -16 "$OUT/bench_py_engine.log" 2>/dev/null | tee -a "$SUMMARY"
 [ -f "$OUT/bench_cpp_table.txt" ] && head -70 "$OUT/bench_cpp_table.txt" | cut -c1-150
 echo "(summary: $SUMMARY)"

@@ -398,7 +398,8 @@ def _print_attention(rows: List[dict]) -> None:
               f"{r['sdpa_ms']:9.3f} {r['speedup_vs_sdpa']:7.2f} {r['gbytes_per_s']:8.1f}")
 
 
-def run(suite: str, quick: bool = False, json_path: Optional[str] = None, devices: Optional[Sequence[str]] = None) -> int:
+def run(suite: str, quick: bool = False, json_path: Optional[str] = None, devices: Optional[Sequence[str]] = None,
+        engine_options: Optional[dict] = None) -> int:
     if suite == "sampling":
         print("rejection_sample (draft_logits mode, temperature 1): median time per call;")
         print("x eager / x reference = how many times faster dspark is than that baseline in this run")
@@ -418,6 +419,15 @@ def run(suite: str, quick: bool = False, json_path: Optional[str] = None, device
         simulation = scheduler_simulation(quick=quick)
         _print_scheduler(timing, simulation)
         results = {"timing": timing, "simulation": simulation}
+    elif suite == "engine":
+        from .bench_engine import engine_benchmark, print_engine
+
+        opts = engine_options or {}
+        results = []
+        for device in devices or (["cuda"] if backends()["cuda"].get("usable") else ["cpu"]):
+            result = engine_benchmark(quick=quick, device=device, **opts)
+            print_engine(result)
+            results.append(result)
     else:
         raise ValueError(f"unknown benchmark suite {suite!r}")
     if json_path:

@@ -9,6 +9,10 @@
                        the same data (padded batch)
   bench scheduler      schedule_prefix against the same baselines, and a serving
                        simulation of the scheduling policies
+  bench engine         target-only against speculative decoding, every policy,
+                       and the target-only path against transformers' generate
+  generate             text generation with a target folder and, optionally, a
+                       DSpark drafter folder; prints the text and the metrics
 """
 
 from __future__ import annotations
@@ -29,7 +33,98 @@ def _info(_: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    return bench.run(args.suite, quick=args.quick, json_path=args.json, devices=args.device)
+    engine_options = None
+    if args.suite == "engine":
+        import torch
+
+        if args.draft and not args.target:
+            print("error: --draft needs --target", file=sys.stderr)
+            return 2
+        engine_options = {"target_dir": args.target, "draft_dir": args.draft,
+                          "dtype": getattr(torch, _DTYPES[args.dtype])}
+    return bench.run(args.suite, quick=args.quick, json_path=args.json, devices=args.device,
+                     engine_options=engine_options)
+
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _default_device() -> str:
+    import dspark
+
+    return "cuda" if dspark.backends()["cuda"].get("usable") else "cpu"
+
+
+def make_policy(name: str, engine, threshold: float, sps_path: Optional[str], gamma: Optional[int]):
+    """The policy named on the command line (profiling the target for the
+    hardware-aware ones unless an SPS table is given)."""
+    from . import scheduler
+
+    if name == "fixed":
+        return scheduler.Fixed(gamma)
+    if name == "threshold":
+        return scheduler.Threshold(threshold)
+    if sps_path:
+        sps = scheduler.SPSTable.load(sps_path)
+    else:
+        print("profiling the target's throughput for the scheduler ...", file=sys.stderr)
+        sps = engine.profile_sps(warmup=1, repeats=3)
+    return scheduler.HardwareAware(sps) if name == "hardware-aware" else scheduler.AsyncHardwareAware(sps)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .engine import SamplingParams, SpeculativeEngine
+    from .models import CheckpointError, DSparkDrafter, TargetModel
+    from .tokenizer import Tokenizer, stop_tokens
+
+    device = args.device or _default_device()
+    dtype = getattr(torch, _DTYPES[args.dtype])
+    try:
+        target = TargetModel.load(args.target, dtype=dtype, device=device)
+        drafter = DSparkDrafter.load(args.draft, target, dtype=dtype, device=device) if args.draft else None
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    tokenizer = Tokenizer(args.target)
+    prompts = [tokenizer.apply_chat_template(p) if args.chat else tokenizer.encode(p) for p in args.prompt]
+    stops = [] if args.ignore_eos else stop_tokens(args.target)
+    engine = SpeculativeEngine(target, drafter, gamma=args.gamma, max_concurrency=args.max_concurrency,
+                               max_model_len=max(len(p) for p in prompts) + args.max_new_tokens,
+                               progress=not args.no_progress)
+    if args.policy != "fixed" and drafter is None:
+        print("error: --policy other than fixed needs --draft", file=sys.stderr)
+        return 2
+    engine.policy = make_policy(args.policy, engine, args.threshold, args.sps, args.verify)
+    if drafter is not None and args.policy != "fixed" and not drafter.config.enable_confidence_head:
+        print(f"error: policy {args.policy} needs a drafter with a confidence head", file=sys.stderr)
+        return 2
+    params = [SamplingParams(temperature=args.temperature, seed=args.seed + i, max_new_tokens=args.max_new_tokens,
+                             stop_tokens=stops) for i in range(len(prompts))]
+    results = engine.generate(prompts, params)
+    for text, result in zip(args.prompt, results):
+        print(f"=== {text!r}")
+        if result.error:
+            print(f"error: {result.error}")
+            continue
+        print(tokenizer.decode(result.tokens))
+        m = result.metrics
+        print(f"--- {len(result.tokens)} tokens ({result.finish_reason}), {m.rounds} rounds, tau {m.tau:.2f}")
+    metrics = engine.metrics
+    print(f"\n{'drafter' if drafter else 'target only'}, policy {engine.policy.name}: "
+          f"{metrics.generated_tokens} tokens in {metrics.wall_seconds:.2f} s = {metrics.tokens_per_second:.1f} tok/s, "
+          f"tau {metrics.tau:.2f}, verified drafts per round {metrics.verified_per_round:.2f}, "
+          f"{metrics.rounds} rounds")
+    if drafter is not None:
+        accept = ", ".join(f"{a:.2f}" for a in metrics.acceptance_by_position)
+        print(f"position-wise conditional acceptance: {accept}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"metrics": metrics.as_dict(), "results": [
+                {"tokens": r.tokens, "finish_reason": r.finish_reason, "error": r.error, "tau": r.metrics.tau}
+                for r in results]}, f, indent=1)
+    return 0 if all(r.error is None for r in results) else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -38,12 +133,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = sub.add_parser("info", help="backends compiled into this build and usable now")
     info.set_defaults(func=_info)
     bench = sub.add_parser("bench", help="benchmarks that print tables")
-    bench.add_argument("suite", choices=["sampling", "markov", "scheduler", "attention"], help="which op family")
+    bench.add_argument("suite", choices=["sampling", "markov", "scheduler", "attention", "engine"], help="which op family")
     bench.add_argument("--quick", action="store_true", help="a few small shapes (smoke test)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--device", action="append", choices=["cpu", "cuda"],
                        help="backends to time (default: cpu, and cuda when usable)")
+    bench.add_argument("--target", metavar="DIR", help="engine: a target folder (default: synthetic models)")
+    bench.add_argument("--draft", metavar="DIR", help="engine: a DSpark drafter folder for --target")
+    bench.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="engine: model dtype")
     bench.set_defaults(func=_bench)
+    gen = sub.add_parser("generate", help="generate text with a target and, optionally, a DSpark drafter")
+    gen.add_argument("--target", required=True, metavar="DIR", help="Hugging Face folder of a Llama / Qwen3 model")
+    gen.add_argument("--draft", metavar="DIR", help="DSpark drafter folder (DeepSpec layout); none: target only")
+    gen.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for a batch)")
+    gen.add_argument("--policy", default="fixed", choices=["fixed", "threshold", "hardware-aware", "async"],
+                     help="how many drafts each request verifies (default: fixed)")
+    gen.add_argument("--gamma", type=int, help="drafts per round (default: the drafter's block size)")
+    gen.add_argument("--verify", type=int, help="fixed policy: drafts verified per round (default: gamma)")
+    gen.add_argument("--threshold", type=float, default=0.5, help="threshold policy: confidence cut (default 0.5)")
+    gen.add_argument("--sps", metavar="PATH", help="hardware-aware policies: an SPSTable JSON (default: profile now)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-concurrency", type=int, default=16)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence tokens")
+    gen.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    gen.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when usable")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--json", metavar="PATH", help="also write tokens and metrics as JSON")
+    gen.set_defaults(func=_generate)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -1,0 +1,73 @@
+"""Text in and out for the command line: the target folder's tokenizer, read
+with the ``tokenizers`` library (``tokenizer.json``) or, failing that, with
+``transformers``' AutoTokenizer; stop tokens from the folder's configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Sequence, Union
+
+PathLike = Union[str, Path]
+
+
+class Tokenizer:
+    def __init__(self, folder: PathLike) -> None:
+        folder = Path(folder)
+        self.folder = folder
+        self._fast: Any = None
+        self._hf: Any = None
+        path = folder / "tokenizer.json"
+        if path.is_file():
+            try:
+                from tokenizers import Tokenizer as FastTokenizer
+
+                self._fast = FastTokenizer.from_file(str(path))
+            except ImportError:
+                pass
+        if self._fast is None:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                raise RuntimeError(f"{folder}: reading its tokenizer needs the 'tokenizers' package "
+                                   "(pip install tokenizers) or 'transformers'") from None
+            try:
+                self._hf = AutoTokenizer.from_pretrained(str(folder))
+            except (OSError, ValueError) as error:
+                raise RuntimeError(f"{folder}: no usable tokenizer ({error})") from None
+
+    def encode(self, text: str) -> List[int]:
+        if self._fast is not None:
+            return list(self._fast.encode(text).ids)
+        return list(self._hf.encode(text))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(list(tokens), skip_special_tokens=True)
+        return self._hf.decode(list(tokens), skip_special_tokens=True)
+
+    def apply_chat_template(self, text: str) -> List[int]:
+        """The prompt as a single user turn of the folder's chat template (needs transformers)."""
+        from transformers import AutoTokenizer
+
+        hf = self._hf or AutoTokenizer.from_pretrained(str(self.folder))
+        ids = hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+
+def stop_tokens(folder: PathLike) -> List[int]:
+    """The end-of-sequence ids of a model folder (generation_config.json, then config.json)."""
+    found: List[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        if eos is None:
+            continue
+        for t in eos if isinstance(eos, list) else [eos]:
+            if int(t) not in found:
+                found.append(int(t))
+    return found
