@@ -428,6 +428,20 @@ def run(suite: str, quick: bool = False, json_path: Optional[str] = None, device
             result = engine_benchmark(quick=quick, device=device, **opts)
             print_engine(result)
             results.append(result)
+    elif suite == "drafters":
+        from pathlib import Path
+
+        from .bench_drafters import drafters_benchmark, print_drafters
+
+        opts = dict(engine_options or {})
+        target_dir = opts.pop("target_dir", None)
+        opts.pop("draft_dir", None)
+        opts.pop("dtype", None)
+        device = (devices or ["cuda" if backends()["cuda"].get("usable") else "cpu"])[0]
+        if quick:
+            opts.update(gammas=(4,), steps=20, eval_prompts=2, new_tokens=16)
+        results = drafters_benchmark(Path(target_dir) if target_dir else None, device=device, **opts)
+        print_drafters(results)
     else:
         raise ValueError(f"unknown benchmark suite {suite!r}")
     if json_path:

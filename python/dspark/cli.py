@@ -11,8 +11,13 @@
                        simulation of the scheduling policies
   bench engine         target-only against speculative decoding, every policy,
                        and the target-only path against transformers' generate
+  bench drafters       DSpark against the DFlash-style baseline (same recipe
+                       and budget) at gamma 7 and 15: tau at temperature 1
   generate             text generation with a target folder and, optionally, a
                        DSpark drafter folder; prints the text and the metrics
+  train                train a DSpark (or DFlash-style) drafter for a target
+  demo                 SmolLM2-135M-Instruct with the shipped drafter: plain
+                       against speculative decoding, side by side
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ def _bench(args: argparse.Namespace) -> int:
             return 2
         engine_options = {"target_dir": args.target, "draft_dir": args.draft,
                           "dtype": getattr(torch, _DTYPES[args.dtype])}
+    elif args.suite == "drafters":
+        engine_options = {"target_dir": args.target}
+        if args.steps is not None:
+            engine_options["steps"] = args.steps
     return bench.run(args.suite, quick=args.quick, json_path=args.json, devices=args.device,
                      engine_options=engine_options)
 
@@ -127,13 +136,65 @@ def _generate(args: argparse.Namespace) -> int:
     return 0 if all(r.error is None for r in results) else 1
 
 
+def train_config_from_args(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    return TrainConfig(block_size=args.block_size, markov_rank=args.markov_rank, markov_head=args.markov_head,
+                       confidence=not args.no_confidence, num_layers=args.layers, steps=args.steps,
+                       sequences_per_step=args.sequences_per_step, blocks_per_sequence=args.blocks_per_sequence,
+                       lr=args.lr, seed=args.seed, train_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                       eval_every=args.eval_every, domains=tuple(args.domains.split(",")))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import smollm2, train
+
+    config = train_config_from_args(args)
+    target = Path(args.target) if args.target else smollm2.prepare()
+    train.run(target, Path(args.out), config, device=args.device or _default_device(),
+              progress=not args.no_progress, text_folder=Path(args.text_corpus) if args.text_corpus else None)
+    print(f"drafter written to {args.out}")
+    return 0
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    parser.add_argument("--block-size", type=int, default=d.block_size, help="gamma (default %(default)s)")
+    parser.add_argument("--markov-rank", type=int, default=d.markov_rank, help="0: DFlash-style (default %(default)s)")
+    parser.add_argument("--markov-head", default=d.markov_head, choices=["vanilla", "gated", "rnn"])
+    parser.add_argument("--no-confidence", action="store_true", help="no confidence head")
+    parser.add_argument("--layers", type=int, default=d.num_layers, help="draft layers (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
+    parser.add_argument("--sequences-per-step", type=int, default=d.sequences_per_step)
+    parser.add_argument("--blocks-per-sequence", type=int, default=d.blocks_per_sequence)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--prompts", type=int, default=d.train_prompts, help="training prompts (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                        help="target continuation length (default %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--domains", default=",".join(d.domains), help="code,text")
+    parser.add_argument("--text-corpus", metavar="DIR", help="fortune files (default /usr/share/games/fortunes)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(args.device or _default_device(), args.target, args.draft, args.max_new_tokens, args.plot,
+                     progress=not args.no_progress)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dspark", description="dspark: DSpark speculative decoding kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="backends compiled into this build and usable now")
     info.set_defaults(func=_info)
     bench = sub.add_parser("bench", help="benchmarks that print tables")
-    bench.add_argument("suite", choices=["sampling", "markov", "scheduler", "attention", "engine"], help="which op family")
+    bench.add_argument("suite", choices=["sampling", "markov", "scheduler", "attention", "engine", "drafters"], help="which op family")
     bench.add_argument("--quick", action="store_true", help="a few small shapes (smoke test)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--device", action="append", choices=["cpu", "cuda"],
@@ -141,6 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--target", metavar="DIR", help="engine: a target folder (default: synthetic models)")
     bench.add_argument("--draft", metavar="DIR", help="engine: a DSpark drafter folder for --target")
     bench.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="engine: model dtype")
+    bench.add_argument("--steps", type=int, help="drafters: training steps per drafter (default 500)")
     bench.set_defaults(func=_bench)
     gen = sub.add_parser("generate", help="generate text with a target and, optionally, a DSpark drafter")
     gen.add_argument("--target", required=True, metavar="DIR", help="Hugging Face folder of a Llama / Qwen3 model")
@@ -163,6 +225,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("--json", metavar="PATH", help="also write tokens and metrics as JSON")
     gen.set_defaults(func=_generate)
+    tr = sub.add_parser("train", help="train a DSpark drafter (default target: SmolLM2-135M-Instruct)")
+    tr.add_argument("--target", metavar="DIR", help="target folder (default: SmolLM2-135M-Instruct, converted)")
+    tr.add_argument("--out", required=True, metavar="DIR", help="where the drafter is written")
+    tr.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when usable")
+    tr.add_argument("--no-progress", action="store_true")
+    add_train_arguments(tr)
+    tr.set_defaults(func=_train)
+    dm = sub.add_parser("demo", help="plain vs speculative decoding on SmolLM2-135M-Instruct (the main command)")
+    dm.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when usable")
+    dm.add_argument("--target", metavar="DIR", help="another target folder (default: SmolLM2-135M-Instruct)")
+    dm.add_argument("--draft", metavar="DIR", help="another drafter folder (default: the shipped one)")
+    dm.add_argument("--max-new-tokens", type=int, default=96)
+    dm.add_argument("--plot", default="dspark-acceptance.png", help="PNG of acceptance by position ('' for none)")
+    dm.add_argument("--no-progress", action="store_true")
+    dm.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

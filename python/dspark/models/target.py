@@ -67,8 +67,9 @@ class TargetConfig:
 
 @dataclass
 class TargetOutput:
-    logits: torch.Tensor  # [n, V] float32 for the requested rows
+    logits: Optional[torch.Tensor]  # [n, V] float32 for the requested rows (None: not asked for)
     hidden: Optional[torch.Tensor]  # [T, len(hidden_layers), H] raw decoder-layer outputs
+    final: Optional[torch.Tensor] = None  # [n, H] the final-norm outputs of the requested rows, if asked for
 
 
 @dataclass
@@ -193,11 +194,14 @@ class TargetModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: PagedKVCache, hidden_layers: Sequence[int] = (),
-                logits_rows: Optional[torch.Tensor] = None) -> TargetOutput:
+                logits_rows: Optional[torch.Tensor] = None, logits: bool = True,
+                final_hidden: bool = False) -> TargetOutput:
         """Runs the batch, appending its keys and values to the cache.
 
-        Returns float32 logits of `logits_rows` (all rows by default) and the
-        raw outputs of the decoder layers in `hidden_layers` for every row."""
+        Returns float32 logits of `logits_rows` (all rows by default; none with
+        ``logits=False``), the raw outputs of the decoder layers in
+        `hidden_layers` for every row, and with ``final_hidden`` the final-norm
+        outputs of `logits_rows` (what the LM head reads)."""
         x = self.embed(batch.tokens)
         inv_freq = self.inv_freq(x.device)
         kept = []
@@ -211,7 +215,8 @@ class TargetModel(nn.Module):
         hidden = torch.stack(kept, dim=1) if kept else None
         if logits_rows is not None:
             x = x[logits_rows]
-        return TargetOutput(self.lm_head(self.model.norm(x)).float(), hidden)
+        final = self.model.norm(x)
+        return TargetOutput(self.lm_head(final).float() if logits else None, hidden, final if final_hidden else None)
 
 
 class _Untied(nn.Module):

@@ -1,0 +1,97 @@
+"""``python -m dspark bench drafters``: the paper's central claim at small scale.
+
+DSpark (parallel backbone + Markov head + confidence head) and the
+DFlash-style baseline (the same backbone, ``markov_rank = 0``) are trained
+with the same recipe, data and budget for SmolLM2-135M-Instruct (or any
+target folder) at gamma 7 and 15, then evaluated on held-out code and text
+prompts at temperature 1, verifying every draft. Trained drafters are kept
+in the cache and loaded on later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from . import train
+from .models import DSparkDrafter, TargetModel
+
+
+def _key(kind: str, config: train.TrainConfig, target_dir: Path) -> str:
+    blob = json.dumps({"kind": kind, "config": config.to_dict(), "target": str(target_dir.resolve())}, sort_keys=True)
+    return f"gamma{config.block_size}-{kind}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def recipe(kind: str, gamma: int, steps: int, seed: int) -> train.TrainConfig:
+    """The shared recipe: the token budget per step is held near 224 block
+    positions whatever gamma (blocks per sequence shrink as gamma grows)."""
+    dspark = kind == "dspark"
+    return train.TrainConfig(block_size=gamma, markov_rank=64 if dspark else 0, markov_head="vanilla",
+                             confidence=dspark, steps=steps, blocks_per_sequence=max(1, 28 // gamma),
+                             eval_every=0, seed=seed)
+
+
+def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] = (7, 15), steps: int = 500,
+                       eval_prompts: int = 16, new_tokens: int = 64, device: str = "cpu", seed: int = 0,
+                       cache: Optional[Path] = None, progress: bool = True) -> dict:
+    from . import smollm2
+    from .tokenizer import Tokenizer, stop_tokens
+
+    target_dir = target_dir or smollm2.prepare()
+    cache = cache or smollm2.cache_dir()
+    target = TargetModel.load(target_dir, device=device)
+    tokenizer = Tokenizer(target_dir)
+    stops = stop_tokens(target_dir)
+    domains = ("code", "text")
+    held = train.domain_prompts(domains, "held-out", eval_prompts * len(domains), seed + 123)
+    eval_sets = {d: train.encode_prompts(tokenizer, [p for p in held if p.domain == d], 256) for d in domains}
+    rows: List[Dict[str, object]] = []
+    data = None
+    for gamma in gammas:
+        for kind in ("dflash", "dspark"):
+            config = recipe(kind, gamma, steps, seed)
+            folder = cache / "drafters-bench" / _key(kind, config, target_dir)
+            if (folder / "config.json").is_file():
+                drafter = DSparkDrafter.load(folder, target, device=device)
+                print(f"loaded {folder}", file=sys.stderr)
+            else:
+                layer_ids = train.default_layer_ids(target.config.num_hidden_layers)
+                if data is None:
+                    prompts = train.domain_prompts(config.domains, "train", config.train_prompts, config.seed)
+                    path = cache / "train-data" / f"{train.data_key(target_dir, config, layer_ids)}.pt"
+                    data = train.build_data(target, tokenizer, prompts, config, layer_ids, stops, path, progress)
+                print(f"training {kind} at gamma {gamma} for {steps} steps ...", file=sys.stderr)
+                drafter, _ = train.train_drafter(target, data, config, None, None, stops, progress,
+                                                 log=lambda s: print(s, file=sys.stderr))
+                train.save_checkpoint(drafter, folder, config, [])
+            row: Dict[str, object] = {"gamma": gamma, "drafter": kind, "steps": steps}
+            for domain, ids in eval_sets.items():
+                result = train.evaluate_tau(target, drafter, ids, new_tokens, 1.0, seed + 5, stops)
+                row[f"tau_{domain}"] = result["tau"]
+                row[f"acceptance_{domain}"] = result["acceptance_by_position"]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if not k.startswith("acceptance")}), file=sys.stderr)
+    return {"target": str(target_dir), "temperature": 1.0, "eval_prompts": eval_prompts, "new_tokens": new_tokens,
+            "rows": rows}
+
+
+def print_drafters(result: dict) -> None:
+    print(f"accepted length tau (bonus included) at temperature 1, verifying every draft; "
+          f"{result['eval_prompts']} held-out prompts per domain, {result['new_tokens']} new tokens each")
+    header = f"{'gamma':>5} {'drafter':8} {'steps':>6} {'tau code':>9} {'tau text':>9} {'vs DFlash':>10}"
+    print(header)
+    print("-" * len(header))
+    base: Dict[int, dict] = {}
+    for r in result["rows"]:
+        gain = ""
+        if r["drafter"] == "dflash":
+            base[r["gamma"]] = r
+        elif r["gamma"] in base:
+            b = base[r["gamma"]]
+            code = 100 * (r["tau_code"] / b["tau_code"] - 1)
+            text = 100 * (r["tau_text"] / b["tau_text"] - 1)
+            gain = f"{code:+.0f}% / {text:+.0f}%"
+        print(f"{r['gamma']:5d} {r['drafter']:8} {r['steps']:6d} {r['tau_code']:9.2f} {r['tau_text']:9.2f} {gain:>10}")

@@ -1,0 +1,137 @@
+"""Offline prompt corpora for drafter training and evaluation.
+
+- ``code``: Python source of this interpreter's standard library (found with
+  ``sysconfig``). Two kinds of prompt alternate: a chat request to write a
+  function, built from a real function's signature and the first line of its
+  docstring, and a raw continuation of the code around a ``def``.
+- ``text``: English sayings, jokes and quotations from Debian's ``fortunes``
+  package (``apt-get install fortunes``; ``/usr/share/games/fortunes``),
+  wrapped in a chat turn with one of a few instructions.
+
+Items are split into train and held-out sets by a hash of their source, so the
+split does not depend on the seed or on how many prompts are drawn.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+import re
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+# the general-audience files of the package
+FORTUNE_FILES = ("computers", "education", "food", "fortunes", "humorists", "kids", "literature", "love",
+                 "magic", "medicine", "miscellaneous", "people", "pets", "platitudes", "riddles", "science",
+                 "songs-poems", "sports", "wisdom", "work")
+TEXT_INSTRUCTIONS = (
+    "Explain what this means in simple words.",
+    "Write a short story inspired by this.",
+    "What do you think about this? Answer in a few sentences.",
+    "Continue this text in the same style.",
+    "Summarize this in one sentence, then give an example.",
+    "Write a friendly reply to someone who just told you this.",
+)
+HELD_OUT_PERCENT = 10
+
+
+@dataclass
+class Prompt:
+    text: str
+    chat: bool  # wrap in the model's chat template
+    domain: str  # "code" or "text"
+    source: str  # where it came from (for the split)
+
+
+def held_out(source: str) -> bool:
+    return int(hashlib.sha1(source.encode()).hexdigest()[:8], 16) % 100 < HELD_OUT_PERCENT
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _code_items(root: Path) -> Iterator[Prompt]:
+    files = sorted(p for p in root.rglob("*.py") if not any("test" in part for part in p.parts[len(root.parts):])
+                   and "site-packages" not in p.parts and "idlelib" not in p.parts)
+    for path in files:
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines()
+        rel = str(path.relative_to(root))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith(("_", "test")):
+                continue
+            doc = ast.get_docstring(node)
+            key = f"{rel}:{node.lineno}"
+            if doc and len(doc.split("\n")[0]) > 20:
+                args = ", ".join(a.arg for a in node.args.args)
+                summary = doc.split("\n")[0].strip()
+                yield Prompt(f"Write a Python function `{node.name}({args})`. {summary}", True, "code", key)
+            else:
+                start = max(0, node.lineno - 4)
+                body = lines[start:node.lineno + 3]
+                if len("\n".join(body)) > 60:
+                    yield Prompt("\n".join(body) + "\n", False, "code", key)
+
+
+def _fortune_entries(folder: Path, files: Sequence[str]) -> Iterator[Prompt]:
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for i, entry in enumerate(re.split(r"\n%\n", text)):
+            entry = entry.strip()
+            if 40 <= len(entry) <= 500 and entry.isascii():
+                yield Prompt(entry, True, "text", f"{name}:{i}")
+
+
+def code_prompts(split: str = "train", root: Optional[Path] = None) -> List[Prompt]:
+    return [p for p in _code_items(root or stdlib_dir()) if held_out(p.source) == (split == "held-out")]
+
+
+def text_prompts(split: str = "train", folder: Optional[Path] = None) -> List[Prompt]:
+    folder = folder or FORTUNES_DIR
+    items = [p for p in _fortune_entries(folder, FORTUNE_FILES) if held_out(p.source) == (split == "held-out")]
+    if not items:
+        raise FileNotFoundError(f"no English text corpus in {folder}: install Debian's fortunes package "
+                                "(apt-get install fortunes) or pass another folder of fortune files")
+    out = []
+    for p in items:
+        instruction = TEXT_INSTRUCTIONS[int(hashlib.sha1(p.source.encode()).hexdigest()[:4], 16)
+                                        % len(TEXT_INSTRUCTIONS)]
+        out.append(Prompt(f"{p.text}\n\n{instruction}", True, "text", p.source))
+    return out
+
+
+def sample(prompts: Sequence[Prompt], count: int, seed: int) -> List[Prompt]:
+    """`count` prompts drawn without replacement (all of them if fewer), in a seeded order."""
+    rng = random.Random(seed)
+    chosen = list(prompts)
+    rng.shuffle(chosen)
+    return chosen[:count]
+
+
+# A handful of hand-written prompts for the demo (not drawn from the corpora).
+DEMO_PROMPTS = {
+    "code": [
+        "Write a Python function `is_prime(n)` that returns True when n is a prime number.",
+        "Write a Python function `word_counts(text)` that returns a dictionary mapping each word to its count.",
+        "Write a Python class `Stack` with push, pop and peek methods.",
+        "Write a Python function `flatten(items)` that flattens a nested list.",
+    ],
+    "text": [
+        "Why is the sky blue? Explain it to a ten-year-old.",
+        "Write a short story about a cat who learns to play the piano.",
+        "Give me three tips for staying focused while studying.",
+        "What are the benefits of drinking water every day?",
+    ],
+}

@@ -1,0 +1,577 @@
+"""Training DSpark drafters (DSPARK.md, section 4) for any target the engine loads.
+
+The recipe:
+1. **Data.** Prompts from offline corpora (:mod:`dspark.corpus`), continued by
+   the target itself (``SpeculativeEngine`` without a drafter; greedy and
+   temperature-1 continuations alternate). One target forward over every
+   sequence keeps, per position, the raw outputs of the drafter's
+   ``target_layer_ids`` (the context features) and the final-norm output (from
+   which the frozen LM head gives ``p_t``). The result is cached on disk.
+2. **Blocks.** Each step draws sequences, and anchors ``a`` in their generated
+   part; a block is ``[x_a, mask * (gamma-1)]`` at positions ``a .. a+gamma-1``
+   whose position ``k`` predicts ``x_{a+k}``; it attends to the context
+   ``[0, a)`` and to its whole block, exactly as in decoding.
+3. **Loss**, position-weighted with ``w_k = exp(-(k-1)/gamma)``:
+   ``0.1 * CE(p_d,k, x_{a+k}) + 0.9 * ||p_d,k - p_t,k||_1 + 1.0 * BCE(c_k, c*_k)``
+   with ``c*_k = 1 - 0.5 * ||p_d,k - p_t,k||_1`` (detached). ``p_d,k`` is the
+   corrected distribution ``softmax(U_k + B_k)`` with the Markov head fed the
+   true previous token (teacher forcing). The target, its embedding and its LM
+   head stay frozen. ``markov_rank = 0`` without a confidence head is the
+   DFlash-style baseline under the same recipe.
+4. **Evaluation** of ``tau`` with the engine on held-out prompts, checkpoints
+   in the drafter format, and STS fitted on held-out rounds (``sts.json``).
+
+Everything is seeded: the same command gives the same drafter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .calibration import CalibrationRecorder
+from .engine import SamplingParams, SpeculativeEngine
+from .models import Batch, DrafterConfig, DSparkDrafter, TargetModel
+from .models.drafter import HEADS
+
+LOSS_CE, LOSS_L1, LOSS_BCE = 0.1, 0.9, 1.0
+
+
+@dataclass
+class TrainConfig:
+    # the drafter
+    block_size: int = 7
+    markov_rank: int = 64
+    markov_head: str = "vanilla"
+    confidence: bool = True
+    num_layers: int = 2
+    target_layer_ids: Optional[List[int]] = None  # default: three layers spread over the target
+    mask_token_id: int = 0
+    # optimisation
+    steps: int = 2400
+    sequences_per_step: int = 8
+    blocks_per_sequence: int = 4
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    # data
+    domains: Tuple[str, ...] = ("code", "text")
+    train_prompts: int = 800  # split evenly over the domains
+    max_prompt_tokens: int = 256
+    max_new_tokens: int = 128
+    generation_concurrency: int = 64
+    # evaluation and calibration (held-out prompts)
+    eval_every: int = 500
+    eval_prompts: int = 8  # per domain
+    eval_new_tokens: int = 48
+    calibration_prompts: int = 24  # per domain
+    save_dtype: str = "bfloat16"
+
+    def validate(self) -> None:
+        if self.markov_head not in HEADS:
+            raise ValueError(f"markov_head must be one of {HEADS}, got {self.markov_head!r}")
+        for name in ("block_size", "num_layers", "steps", "sequences_per_step", "blocks_per_sequence",
+                     "train_prompts", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.markov_rank < 0:
+            raise ValueError(f"markov_rank must be >= 0, got {self.markov_rank}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------ data
+
+
+@dataclass
+class Sequences:
+    """Target-generated sequences and what training reads of the target."""
+
+    tokens: List[torch.Tensor]  # [L] int64 each
+    prompt_lens: List[int]
+    domains: List[str]
+    features: List[torch.Tensor]  # [L, m, H] bfloat16: raw outputs of target_layer_ids
+    final: List[torch.Tensor]  # [L - P, H] bfloat16: final-norm outputs at the generated positions
+    layer_ids: List[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def save(self, path: Path) -> None:
+        torch.save(dataclasses.asdict(self), str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> "Sequences":
+        return cls(**torch.load(str(path), weights_only=True))
+
+
+def encode_prompts(tokenizer, prompts, max_tokens: int) -> List[List[int]]:
+    out = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template(p.text) if p.chat else tokenizer.encode(p.text)
+        out.append(ids[-max_tokens:])
+    return out
+
+
+def generate_sequences(target: TargetModel, prompt_ids: List[List[int]], domains: List[str], stop_tokens: Sequence[int],
+                       max_new_tokens: int, concurrency: int, seed: int, progress: bool = True
+                       ) -> Tuple[List[List[int]], List[int], List[str]]:
+    """The target's own continuations (greedy and temperature 1 alternate)."""
+    engine = SpeculativeEngine(target, None, max_concurrency=concurrency,
+                               max_model_len=max(len(p) for p in prompt_ids) + max_new_tokens, seed=seed,
+                               progress=progress)
+    params = [SamplingParams(temperature=0.0 if i % 2 == 0 else 1.0, seed=seed * 1000003 + i,
+                             max_new_tokens=max_new_tokens, stop_tokens=stop_tokens) for i in range(len(prompt_ids))]
+    results = engine.generate(prompt_ids, params)
+    tokens, prompt_lens, kept_domains = [], [], []
+    for prompt, result, domain in zip(prompt_ids, results, domains):
+        if result.error is None and len(result.tokens) >= 4:
+            tokens.append(prompt + result.tokens)
+            prompt_lens.append(len(prompt))
+            kept_domains.append(domain)
+    return tokens, prompt_lens, kept_domains
+
+
+@torch.inference_mode()
+def extract(target: TargetModel, sequences: List[List[int]], prompt_lens: List[int], layer_ids: Sequence[int],
+            tokens_per_batch: int = 4096, progress: bool = True) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """One target forward over every sequence: context features and final-norm outputs."""
+    device = next(target.parameters()).device
+    features: List[Optional[torch.Tensor]] = [None] * len(sequences)
+    finals: List[Optional[torch.Tensor]] = [None] * len(sequences)
+    order = list(range(len(sequences)))
+    groups, current, size = [], [], 0
+    for i in order:
+        if current and size + len(sequences[i]) > tokens_per_batch:
+            groups.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += len(sequences[i])
+    if current:
+        groups.append(current)
+    bar = _bar(progress, len(groups), "target features")
+    page = 16
+    for group in groups:
+        lens = [len(sequences[i]) for i in group]
+        pages_per = (max(lens) + page - 1) // page
+        cache = target.new_cache(len(group) * pages_per, page, len(group), pages_per)
+        for r, n in enumerate(lens):
+            cache.allocate(r, n)
+        tokens = torch.tensor([t for i in group for t in sequences[i]], dtype=torch.int64, device=device)
+        positions = torch.tensor([p for n in lens for p in range(n)], dtype=torch.int64, device=device)
+        requests = torch.tensor([r for r, n in enumerate(lens) for _ in range(n)], dtype=torch.int64, device=device)
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        rows = torch.tensor([cu[r] + p for r, i in enumerate(group) for p in range(prompt_lens[i], lens[r])],
+                            dtype=torch.int64, device=device)
+        batch = Batch(tokens, positions, torch.tensor(cu, dtype=torch.int32, device=device), cache.block_table,
+                      torch.tensor(lens, dtype=torch.int32, device=device), cache.slots(requests, positions))
+        out = target(batch, cache, hidden_layers=layer_ids, logits_rows=rows, logits=False, final_hidden=True)
+        at = 0
+        for r, i in enumerate(group):
+            features[i] = out.hidden[cu[r]:cu[r + 1]].to(torch.bfloat16).cpu()
+            n_gen = lens[r] - prompt_lens[i]
+            finals[i] = out.final[at:at + n_gen].to(torch.bfloat16).cpu()
+            at += n_gen
+        bar.update(1)
+    bar.close()
+    return features, finals  # type: ignore[return-value]
+
+
+def default_layer_ids(num_layers: int) -> List[int]:
+    """Three target layers spread from the bottom to near the top."""
+    if num_layers <= 3:
+        return list(range(num_layers))
+    return sorted({1, num_layers // 2, num_layers - 2})
+
+
+def build_data(target: TargetModel, tokenizer, prompts, config: TrainConfig, layer_ids: List[int],
+               stop_tokens: Sequence[int], cache_path: Optional[Path] = None, progress: bool = True) -> Sequences:
+    if cache_path is not None and cache_path.is_file():
+        data = Sequences.load(cache_path)
+        if data.layer_ids == list(layer_ids):
+            return data
+    ids = encode_prompts(tokenizer, prompts, config.max_prompt_tokens)
+    tokens, prompt_lens, domains = generate_sequences(target, ids, [p.domain for p in prompts], stop_tokens,
+                                                      config.max_new_tokens, config.generation_concurrency,
+                                                      config.seed, progress)
+    features, finals = extract(target, tokens, prompt_lens, layer_ids, progress=progress)
+    data = Sequences([torch.tensor(t, dtype=torch.int64) for t in tokens], prompt_lens, domains, features, finals,
+                     list(layer_ids))
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        data.save(cache_path)
+    return data
+
+
+# ------------------------------------------------------------- the model
+
+
+def new_drafter(target: TargetModel, config: TrainConfig, seed: int) -> DSparkDrafter:
+    t = target.config
+    layer_ids = config.target_layer_ids or default_layer_ids(t.num_hidden_layers)
+    dconfig = DrafterConfig.from_dict(dict(
+        architectures=["DSparkDraftModel"], model_type="dspark", hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+        head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps, vocab_size=t.vocab_size,
+        rope_parameters=dict(t.rope), block_size=config.block_size, target_layer_ids=layer_ids,
+        target_hidden_size=t.hidden_size, mask_token_id=config.mask_token_id, markov_rank=config.markov_rank,
+        markov_head_type=config.markov_head, enable_confidence_head=config.confidence,
+        confidence_head_with_markov=config.markov_rank > 0))
+    torch.manual_seed(seed)
+    drafter = DSparkDrafter(dconfig)
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("markov_w2.weight") or name.startswith("confidence_head"):
+                p.zero_()  # the Markov bias starts at 0; confidences at 0.5
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+    return drafter
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding (as ops.rope) of x [..., n, heads, D] at positions [..., n]."""
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [..., n, D/2]
+    cos, sin = angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@dataclass
+class Blocks:
+    """One step's training blocks: S sequences x n blocks of gamma positions."""
+
+    context: torch.Tensor  # [S, Lmax, m * H] target features (float32)
+    context_len: torch.Tensor  # [S] valid context positions
+    anchors: torch.Tensor  # [S, n] anchor positions a
+    inputs: torch.Tensor  # [S, n, gamma] block tokens [x_a, mask...]
+    prev: torch.Tensor  # [S, n, gamma] x_{a+k-1} (the Markov head's previous token)
+    labels: torch.Tensor  # [S, n, gamma] x_{a+k} (-1 past the end)
+    final: torch.Tensor  # [S, n, gamma, H] target final-norm outputs predicting x_{a+k}
+
+
+def draw_blocks(data: Sequences, indices: Sequence[int], config: TrainConfig, rng: random.Random,
+                mask_token: int) -> Blocks:
+    gamma, n = config.block_size, config.blocks_per_sequence
+    S = len(indices)
+    Lmax = max(len(data.tokens[i]) for i in indices)
+    m_h = data.features[indices[0]].shape[1] * data.features[indices[0]].shape[2]
+    H = data.final[indices[0]].shape[1]
+    context = torch.zeros(S, Lmax, m_h)
+    context_len = torch.zeros(S, dtype=torch.int64)
+    anchors = torch.zeros(S, n, dtype=torch.int64)
+    inputs = torch.full((S, n, gamma), mask_token, dtype=torch.int64)
+    prev = torch.zeros(S, n, gamma, dtype=torch.int64)
+    labels = torch.full((S, n, gamma), -1, dtype=torch.int64)
+    final = torch.zeros(S, n, gamma, H)
+    for s, i in enumerate(indices):
+        tokens, P = data.tokens[i], data.prompt_lens[i]
+        L = len(tokens)
+        context[s, :L] = data.features[i].reshape(L, -1).float()
+        context_len[s] = L
+        for b in range(n):
+            a = rng.randrange(P, L - 1)  # the anchor is a generated token with at least one after it
+            anchors[s, b] = a
+            inputs[s, b, 0] = tokens[a]
+            for k in range(1, gamma + 1):
+                if a + k >= L:
+                    break
+                prev[s, b, k - 1] = tokens[a + k - 1]
+                labels[s, b, k - 1] = tokens[a + k]
+                final[s, b, k - 1] = data.final[i][a + k - 1 - P].float()
+    return Blocks(context, context_len, anchors, inputs, prev, labels, final)
+
+
+def backbone(drafter: DSparkDrafter, target: TargetModel, blocks: Blocks) -> torch.Tensor:
+    """The parallel backbone with autograd: hidden states ``[S, n, gamma, d]`` (after
+    the final norm), with the attention of decoding: context ``[0, a)`` and the
+    whole block."""
+    c = drafter.config
+    S, n, gamma = blocks.inputs.shape
+    Lmax = blocks.context.shape[1]
+    ctx = drafter.hidden_norm(drafter.fc(blocks.context))  # [S, Lmax, d]
+    x = target.embed(blocks.inputs.reshape(S, n * gamma)).detach()  # frozen embedding
+    inv_freq = drafter.inv_freq(x.device)
+    ctx_pos = torch.arange(Lmax).expand(S, Lmax)
+    blk_pos = (blocks.anchors.unsqueeze(-1) + torch.arange(gamma)).reshape(S, n * gamma)
+    # mask [S, n*gamma, Lmax + n*gamma]
+    key_ctx = ctx_pos.unsqueeze(1) < blocks.anchors.repeat_interleave(gamma, dim=1).unsqueeze(-1)
+    block_id = torch.arange(n).repeat_interleave(gamma)
+    key_blk = (block_id.unsqueeze(0) == block_id.unsqueeze(1)).expand(S, -1, -1)
+    mask = torch.cat([key_ctx, key_blk], dim=-1).unsqueeze(1)
+    H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    for layer in drafter.layers:
+        attn = layer.self_attn
+        k_ctx = _rope(attn.k_norm(attn.k_proj(ctx).view(S, Lmax, Hkv, D)), ctx_pos, inv_freq)
+        v_ctx = attn.v_proj(ctx).view(S, Lmax, Hkv, D)
+        a = layer.input_layernorm(x)
+        q = _rope(attn.q_norm(attn.q_proj(a).view(S, n * gamma, H, D)), blk_pos, inv_freq)
+        k_blk = _rope(attn.k_norm(attn.k_proj(a).view(S, n * gamma, Hkv, D)), blk_pos, inv_freq)
+        v_blk = attn.v_proj(a).view(S, n * gamma, Hkv, D)
+        k = torch.cat([k_ctx, k_blk], dim=1).repeat_interleave(H // Hkv, dim=2)
+        v = torch.cat([v_ctx, v_blk], dim=1).repeat_interleave(H // Hkv, dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(S, n * gamma, H * D))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return drafter.norm(x).view(S, n, gamma, -1)
+
+
+def markov_bias(drafter: DSparkDrafter, hidden: torch.Tensor, prev: torch.Tensor) -> Optional[torch.Tensor]:
+    """``B_k`` for every block position (teacher forcing: the true previous tokens),
+    as ops.markov_sample computes it; None for rank 0."""
+    c = drafter.config
+    if c.markov_rank == 0:
+        return None
+    head = drafter.markov_head
+    e = head.markov_w1(prev)  # [S, n, gamma, r]
+    if c.markov_head_type == "vanilla":
+        a = e
+    elif c.markov_head_type == "gated":
+        a = torch.sigmoid(head.gate_proj(torch.cat([hidden, e], dim=-1))) * e
+    else:
+        r = c.markov_rank
+        state = torch.zeros_like(e[..., 0, :])
+        outs = []
+        for k in range(e.shape[-2]):
+            y = head.joint_proj(torch.cat([state, e[..., k, :], hidden[..., k, :]], dim=-1))
+            gate, cand, out = y[..., :r], y[..., r:2 * r], y[..., 2 * r:]
+            state = torch.sigmoid(gate) * state + (1 - torch.sigmoid(gate)) * torch.tanh(cand)
+            outs.append(torch.tanh(out))
+        a = torch.stack(outs, dim=-2)
+    return head.markov_w2(a)
+
+
+def position_weights(gamma: int) -> torch.Tensor:
+    return torch.exp(-torch.arange(gamma, dtype=torch.float32) / gamma)
+
+
+def loss_terms(drafter: DSparkDrafter, target: TargetModel, blocks: Blocks) -> Dict[str, torch.Tensor]:
+    """The three loss terms (position-weighted means) and acceptance statistics."""
+    hidden = backbone(drafter, target, blocks)
+    lm_head = target.lm_head.weight.detach()
+    logits = F.linear(hidden, lm_head)  # U_k, [S, n, gamma, V]
+    bias = markov_bias(drafter, hidden, blocks.prev)
+    corrected = logits + bias if bias is not None else logits
+    valid = blocks.labels >= 0
+    w = position_weights(blocks.inputs.shape[-1]).expand_as(blocks.labels) * valid
+    total = w.sum().clamp(min=1e-6)
+    log_pd = torch.log_softmax(corrected, dim=-1)
+    with torch.no_grad():
+        p_t = torch.softmax(F.linear(blocks.final, lm_head), dim=-1)
+    ce = F.nll_loss(log_pd.reshape(-1, log_pd.shape[-1]), blocks.labels.clamp(min=0).reshape(-1),
+                    reduction="none").view_as(w)
+    l1 = (log_pd.exp() - p_t).abs().sum(-1)
+    terms = {"ce": (ce * w).sum() / total, "l1": (l1 * w).sum() / total}
+    accept = (1 - 0.5 * l1).detach()
+    if drafter.config.enable_confidence_head:
+        proj = drafter.confidence_head.proj
+        x = hidden.detach()
+        if drafter.config.confidence_head_with_markov and drafter.config.markov_rank > 0:
+            x = torch.cat([x, drafter.markov_head.markov_w1(blocks.prev).detach()], dim=-1)
+        conf_logit = proj(x).squeeze(-1)
+        bce = F.binary_cross_entropy_with_logits(conf_logit, accept.clamp(0, 1), reduction="none")
+        terms["bce"] = (bce * w).sum() / total
+    terms["loss"] = LOSS_CE * terms["ce"] + LOSS_L1 * terms["l1"] + LOSS_BCE * terms.get("bce", torch.zeros(()))
+    # expected accepted length per block (teacher-forced analytic acceptance): a proxy of tau
+    survive = torch.cumprod(torch.where(valid, accept, torch.zeros_like(accept)), dim=-1)
+    terms["tau_proxy"] = (1 + survive.sum(-1)).mean().detach()
+    return terms
+
+
+# ------------------------------------------------------------- evaluation
+
+
+def evaluate_tau(target: TargetModel, drafter: DSparkDrafter, prompt_ids: List[List[int]], new_tokens: int,
+                 temperature: float, seed: int, stop_tokens: Sequence[int] = (),
+                 recorder: Optional[CalibrationRecorder] = None) -> Dict[str, float]:
+    drafter.eval()
+    engine = SpeculativeEngine(target, drafter, max_concurrency=len(prompt_ids),
+                               max_model_len=max(len(p) for p in prompt_ids) + new_tokens, seed=seed,
+                               recorder=recorder)
+    params = [SamplingParams(temperature=temperature, seed=seed + i, max_new_tokens=new_tokens,
+                             stop_tokens=stop_tokens) for i in range(len(prompt_ids))]
+    engine.generate(prompt_ids, params)
+    m = engine.metrics
+    return {"tau": m.tau, "acceptance_by_position": m.acceptance_by_position, "rounds": m.request_rounds}
+
+
+# ------------------------------------------------------------- training
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out: Optional[Path] = None,
+                  eval_sets: Optional[Dict[str, List[List[int]]]] = None, stop_tokens: Sequence[int] = (),
+                  progress: bool = True, log: Callable[[str], None] = print) -> Tuple[DSparkDrafter, List[dict]]:
+    """Trains a drafter on prepared data; returns it (float32, eval mode) and the log."""
+    config.validate()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    drafter = new_drafter(target, config, config.seed)
+    if data.layer_ids != drafter.config.target_layer_ids:
+        raise ValueError(f"the data holds target layers {data.layer_ids}, the drafter reads "
+                         f"{drafter.config.target_layer_ids}")
+    usable = [i for i in range(len(data)) if len(data.tokens[i]) - data.prompt_lens[i] >= 2]
+    if not usable:
+        raise ValueError("no training sequence has two generated tokens")
+    decay = [p for n, p in drafter.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in drafter.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+    rng = random.Random(config.seed)
+    history: List[dict] = []
+    bar = _bar(progress, config.steps, "training")
+    start = time.perf_counter()
+    running: Dict[str, float] = {}
+    for step in range(config.steps):
+        drafter.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        indices = [usable[rng.randrange(len(usable))] for _ in range(config.sequences_per_step)]
+        blocks = draw_blocks(data, indices, config, rng, config.mask_token_id)
+        terms = loss_terms(drafter, target, blocks)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), config.grad_clip)
+        optimizer.step()
+        for k, v in terms.items():
+            value = float(v.detach())
+            running[k] = 0.95 * running.get(k, value) + 0.05 * value
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{running['loss']:.3f}", tau_proxy=f"{running['tau_proxy']:.2f}")
+        bar.update(1)
+        last = step + 1 == config.steps
+        if (config.eval_every and (step + 1) % config.eval_every == 0) or last:
+            entry = {"step": step + 1, "seconds": round(time.perf_counter() - start, 1), "lr": lr_at(step, config),
+                     **{k: round(v, 4) for k, v in running.items()}}
+            for domain, prompts in (eval_sets or {}).items():
+                result = evaluate_tau(target, drafter, prompts, config.eval_new_tokens, 1.0, config.seed + 7,
+                                      stop_tokens)
+                entry[f"tau_{domain}"] = round(result["tau"], 3)
+            history.append(entry)
+            log(json.dumps(entry))
+            if out is not None:
+                save_checkpoint(drafter, out, config, history)
+    bar.close()
+    drafter.eval()
+    return drafter, history
+
+
+def save_checkpoint(drafter: DSparkDrafter, out: Path, config: TrainConfig, history: List[dict]) -> None:
+    dtype = getattr(torch, config.save_dtype)
+    copy = DSparkDrafter(drafter.config)
+    copy.load_state_dict(drafter.state_dict())
+    copy.sts = drafter.sts
+    copy.to(dtype).save(out)
+    (out / "training.json").write_text(json.dumps({"config": config.to_dict(), "history": history}, indent=1))
+
+
+def calibrate(target: TargetModel, drafter: DSparkDrafter, prompt_ids: List[List[int]], new_tokens: int, seed: int,
+              stop_tokens: Sequence[int] = ()) -> dict:
+    """Fits STS on held-out rounds (temperature 1, Fixed policy) and sets drafter.sts."""
+    recorder = CalibrationRecorder()
+    drafter.sts = None
+    evaluate_tau(target, drafter, prompt_ids, new_tokens, 1.0, seed, stop_tokens, recorder)
+    sts, report = recorder.fit()
+    drafter.sts = sts
+    return {"temperatures": sts.temperatures, "report": report}
+
+
+def data_key(target_folder: Path, config: TrainConfig, layer_ids: List[int]) -> str:
+    """A cache key for the generated data: what changes it."""
+    parts = {"target": str(Path(target_folder).resolve()), "layers": layer_ids, "domains": list(config.domains),
+             "prompts": config.train_prompts, "max_prompt": config.max_prompt_tokens,
+             "max_new": config.max_new_tokens, "seed": config.seed, "version": 1}
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def domain_prompts(domains: Sequence[str], split: str, count: int, seed: int, code_root=None, text_folder=None):
+    """`count` prompts spread evenly over the domains."""
+    from . import corpus
+
+    out = []
+    per = max(1, count // len(domains))
+    for d in domains:
+        pool = corpus.code_prompts(split, code_root) if d == "code" else corpus.text_prompts(split, text_folder)
+        out += corpus.sample(pool, per, seed)
+    return out
+
+
+def run(target_dir: Path, out: Path, config: TrainConfig, device: str = "cpu", cache: Optional[Path] = None,
+        progress: bool = True, code_root=None, text_folder=None) -> DSparkDrafter:
+    """The whole recipe: data (cached), training with periodic evaluation, STS,
+    the checkpoint in `out`."""
+    from .smollm2 import cache_dir
+    from .tokenizer import Tokenizer, stop_tokens
+
+    torch.manual_seed(config.seed)
+    target = TargetModel.load(target_dir, device=device)
+    tokenizer = Tokenizer(target_dir)
+    stops = stop_tokens(target_dir)
+    layer_ids = config.target_layer_ids or default_layer_ids(target.config.num_hidden_layers)
+    prompts = domain_prompts(config.domains, "train", config.train_prompts, config.seed, code_root, text_folder)
+    cache_path = (cache or cache_dir() / "train-data") / f"{data_key(target_dir, config, layer_ids)}.pt"
+    print(f"data: {len(prompts)} prompts continued by the target (cache {cache_path})", file=sys.stderr)
+    data = build_data(target, tokenizer, prompts, config, layer_ids, stops, cache_path, progress)
+    held = domain_prompts(config.domains, "held-out", (config.eval_prompts + config.calibration_prompts)
+                          * len(config.domains), config.seed + 1, code_root, text_folder)
+    eval_sets: Dict[str, List[List[int]]] = {}
+    calibration: List[List[int]] = []
+    for d in config.domains:
+        ids = encode_prompts(tokenizer, [p for p in held if p.domain == d], config.max_prompt_tokens)
+        eval_sets[d] = ids[:config.eval_prompts]
+        calibration += ids[config.eval_prompts:]
+    out.mkdir(parents=True, exist_ok=True)
+    drafter, history = train_drafter(target, data, config, out, eval_sets, stops, progress,
+                                     log=lambda s: print(s, file=sys.stderr))
+    if config.confidence and calibration:
+        result = calibrate(target, drafter, calibration, config.eval_new_tokens, config.seed + 11, stops)
+        print(f"STS temperatures: {[round(t, 3) for t in result['temperatures']]}", file=sys.stderr)
+    save_checkpoint(drafter, out, config, history)
+    return drafter
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc)
+    except ImportError:
+        return _NoBar()
