@@ -61,12 +61,14 @@ def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] 
                 layer_ids = train.default_layer_ids(target.config.num_hidden_layers)
                 if data is None:
                     prompts = train.domain_prompts(config.domains, "train", config.train_prompts, config.seed)
-                    path = cache / "train-data" / f"{train.data_key(target_dir, config, layer_ids)}.pt"
+                    path = cache / "train-data" / f"{train.data_key(target_dir, config, layer_ids, device=device)}.pt"
                     data = train.build_data(target, tokenizer, prompts, config, layer_ids, stops, path, progress)
                 print(f"training {kind} at gamma {gamma} for {steps} steps ...", file=sys.stderr)
-                drafter, _ = train.train_drafter(target, data, config, None, None, stops, progress,
+                trained, _ = train.train_drafter(target, data, config, None, None, stops, progress,
                                                  log=lambda s: print(s, file=sys.stderr))
-                train.save_checkpoint(drafter, folder, config, [])
+                train.save_checkpoint(trained, folder, config, [])
+                # evaluated as saved (save_dtype), like a cached one
+                drafter = DSparkDrafter.load(folder, target, device=device)
             row: Dict[str, object] = {"gamma": gamma, "drafter": kind, "steps": steps}
             for domain, ids in eval_sets.items():
                 result = train.evaluate_tau(target, drafter, ids, new_tokens, 1.0, seed + 5, stops)

@@ -105,8 +105,8 @@ class Sequences:
     tokens: List[torch.Tensor]  # [L] int64 each
     prompt_lens: List[int]
     domains: List[str]
-    features: List[torch.Tensor]  # [L, m, H] bfloat16: raw outputs of target_layer_ids
-    final: List[torch.Tensor]  # [L - P, H] bfloat16: final-norm outputs at the generated positions
+    features: List[torch.Tensor]  # [L, m, H] float16: raw outputs of target_layer_ids
+    final: List[torch.Tensor]  # [L - P, H] float32: final-norm outputs at the generated positions
     layer_ids: List[int] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -185,9 +185,9 @@ def extract(target: TargetModel, sequences: List[List[int]], prompt_lens: List[i
         out = target(batch, cache, hidden_layers=layer_ids, logits_rows=rows, logits=False, final_hidden=True)
         at = 0
         for r, i in enumerate(group):
-            features[i] = out.hidden[cu[r]:cu[r + 1]].to(torch.bfloat16).cpu()
+            features[i] = out.hidden[cu[r]:cu[r + 1]].to(torch.float16).cpu()
             n_gen = lens[r] - prompt_lens[i]
-            finals[i] = out.final[at:at + n_gen].to(torch.bfloat16).cpu()
+            finals[i] = out.final[at:at + n_gen].float().cpu()
             at += n_gen
         bar.update(1)
     bar.close()
@@ -273,7 +273,7 @@ class Blocks:
 
 
 def draw_blocks(data: Sequences, indices: Sequence[int], config: TrainConfig, rng: random.Random,
-                mask_token: int) -> Blocks:
+                mask_token: int, device: torch.device = torch.device("cpu")) -> Blocks:
     gamma, n = config.block_size, config.blocks_per_sequence
     S = len(indices)
     Lmax = max(len(data.tokens[i]) for i in indices)
@@ -301,7 +301,7 @@ def draw_blocks(data: Sequences, indices: Sequence[int], config: TrainConfig, rn
                 prev[s, b, k - 1] = tokens[a + k - 1]
                 labels[s, b, k - 1] = tokens[a + k]
                 final[s, b, k - 1] = data.final[i][a + k - 1 - P].float()
-    return Blocks(context, context_len, anchors, inputs, prev, labels, final)
+    return Blocks(*(t.to(device) for t in (context, context_len, anchors, inputs, prev, labels, final)))
 
 
 def backbone(drafter: DSparkDrafter, target: TargetModel, blocks: Blocks) -> torch.Tensor:
@@ -314,11 +314,12 @@ def backbone(drafter: DSparkDrafter, target: TargetModel, blocks: Blocks) -> tor
     ctx = drafter.hidden_norm(drafter.fc(blocks.context))  # [S, Lmax, d]
     x = target.embed(blocks.inputs.reshape(S, n * gamma)).detach()  # frozen embedding
     inv_freq = drafter.inv_freq(x.device)
-    ctx_pos = torch.arange(Lmax).expand(S, Lmax)
-    blk_pos = (blocks.anchors.unsqueeze(-1) + torch.arange(gamma)).reshape(S, n * gamma)
+    device = x.device
+    ctx_pos = torch.arange(Lmax, device=device).expand(S, Lmax)
+    blk_pos = (blocks.anchors.unsqueeze(-1) + torch.arange(gamma, device=device)).reshape(S, n * gamma)
     # mask [S, n*gamma, Lmax + n*gamma]
     key_ctx = ctx_pos.unsqueeze(1) < blocks.anchors.repeat_interleave(gamma, dim=1).unsqueeze(-1)
-    block_id = torch.arange(n).repeat_interleave(gamma)
+    block_id = torch.arange(n, device=device).repeat_interleave(gamma)
     key_blk = (block_id.unsqueeze(0) == block_id.unsqueeze(1)).expand(S, -1, -1)
     mask = torch.cat([key_ctx, key_blk], dim=-1).unsqueeze(1)
     H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -375,7 +376,7 @@ def loss_terms(drafter: DSparkDrafter, target: TargetModel, blocks: Blocks) -> D
     bias = markov_bias(drafter, hidden, blocks.prev)
     corrected = logits + bias if bias is not None else logits
     valid = blocks.labels >= 0
-    w = position_weights(blocks.inputs.shape[-1]).expand_as(blocks.labels) * valid
+    w = position_weights(blocks.inputs.shape[-1]).to(valid.device).expand_as(blocks.labels) * valid
     total = w.sum().clamp(min=1e-6)
     log_pd = torch.log_softmax(corrected, dim=-1)
     with torch.no_grad():
@@ -387,13 +388,13 @@ def loss_terms(drafter: DSparkDrafter, target: TargetModel, blocks: Blocks) -> D
     accept = (1 - 0.5 * l1).detach()
     if drafter.config.enable_confidence_head:
         proj = drafter.confidence_head.proj
-        x = hidden.detach()
+        x = hidden
         if drafter.config.confidence_head_with_markov and drafter.config.markov_rank > 0:
-            x = torch.cat([x, drafter.markov_head.markov_w1(blocks.prev).detach()], dim=-1)
+            x = torch.cat([x, drafter.markov_head.markov_w1(blocks.prev)], dim=-1)
         conf_logit = proj(x).squeeze(-1)
         bce = F.binary_cross_entropy_with_logits(conf_logit, accept.clamp(0, 1), reduction="none")
         terms["bce"] = (bce * w).sum() / total
-    terms["loss"] = LOSS_CE * terms["ce"] + LOSS_L1 * terms["l1"] + LOSS_BCE * terms.get("bce", torch.zeros(()))
+    terms["loss"] = LOSS_CE * terms["ce"] + LOSS_L1 * terms["l1"] + LOSS_BCE * terms.get("bce", 0.0)
     # expected accepted length per block (teacher-forced analytic acceptance): a proxy of tau
     survive = torch.cumprod(torch.where(valid, accept, torch.zeros_like(accept)), dim=-1)
     terms["tau_proxy"] = (1 + survive.sum(-1)).mean().detach()
@@ -434,7 +435,8 @@ def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out
     config.validate()
     for p in target.parameters():
         p.requires_grad_(False)
-    drafter = new_drafter(target, config, config.seed)
+    device = next(target.parameters()).device
+    drafter = new_drafter(target, config, config.seed).to(device)
     if data.layer_ids != drafter.config.target_layer_ids:
         raise ValueError(f"the data holds target layers {data.layer_ids}, the drafter reads "
                          f"{drafter.config.target_layer_ids}")
@@ -455,7 +457,7 @@ def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
         indices = [usable[rng.randrange(len(usable))] for _ in range(config.sequences_per_step)]
-        blocks = draw_blocks(data, indices, config, rng, config.mask_token_id)
+        blocks = draw_blocks(data, indices, config, rng, config.mask_token_id, device)
         terms = loss_terms(drafter, target, blocks)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -487,7 +489,7 @@ def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out
 def save_checkpoint(drafter: DSparkDrafter, out: Path, config: TrainConfig, history: List[dict]) -> None:
     dtype = getattr(torch, config.save_dtype)
     copy = DSparkDrafter(drafter.config)
-    copy.load_state_dict(drafter.state_dict())
+    copy.load_state_dict({k: v.cpu() for k, v in drafter.state_dict().items()})
     copy.sts = drafter.sts
     copy.to(dtype).save(out)
     (out / "training.json").write_text(json.dumps({"config": config.to_dict(), "history": history}, indent=1))
@@ -504,11 +506,16 @@ def calibrate(target: TargetModel, drafter: DSparkDrafter, prompt_ids: List[List
     return {"temperatures": sts.temperatures, "report": report}
 
 
-def data_key(target_folder: Path, config: TrainConfig, layer_ids: List[int]) -> str:
+def data_key(target_folder: Path, config: TrainConfig, layer_ids: List[int], code_root=None, text_folder=None,
+             device: str = "cpu") -> str:
     """A cache key for the generated data: what changes it."""
+    from . import corpus
+
     parts = {"target": str(Path(target_folder).resolve()), "layers": layer_ids, "domains": list(config.domains),
              "prompts": config.train_prompts, "max_prompt": config.max_prompt_tokens,
-             "max_new": config.max_new_tokens, "seed": config.seed, "version": 1}
+             "max_new": config.max_new_tokens, "seed": config.seed, "concurrency": config.generation_concurrency,
+             "code": str(code_root or corpus.stdlib_dir()), "text": str(text_folder or corpus.FORTUNES_DIR),
+             "python": sys.version.split()[0], "device": device, "version": 2}
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -537,7 +544,8 @@ def run(target_dir: Path, out: Path, config: TrainConfig, device: str = "cpu", c
     stops = stop_tokens(target_dir)
     layer_ids = config.target_layer_ids or default_layer_ids(target.config.num_hidden_layers)
     prompts = domain_prompts(config.domains, "train", config.train_prompts, config.seed, code_root, text_folder)
-    cache_path = (cache or cache_dir() / "train-data") / f"{data_key(target_dir, config, layer_ids)}.pt"
+    key = data_key(target_dir, config, layer_ids, code_root, text_folder, device)
+    cache_path = (cache or cache_dir() / "train-data") / f"{key}.pt"
     print(f"data: {len(prompts)} prompts continued by the target (cache {cache_path})", file=sys.stderr)
     data = build_data(target, tokenizer, prompts, config, layer_ids, stops, cache_path, progress)
     held = domain_prompts(config.domains, "held-out", (config.eval_prompts + config.calibration_prompts)
@@ -551,10 +559,18 @@ def run(target_dir: Path, out: Path, config: TrainConfig, device: str = "cpu", c
     out.mkdir(parents=True, exist_ok=True)
     drafter, history = train_drafter(target, data, config, out, eval_sets, stops, progress,
                                      log=lambda s: print(s, file=sys.stderr))
+    save_checkpoint(drafter, out, config, history)
+    # from here on, the weights as saved (save_dtype), in float32 as the engine runs them here
+    drafter = DSparkDrafter.load(out, target, device=device)
     if config.confidence and calibration:
         result = calibrate(target, drafter, calibration, config.eval_new_tokens, config.seed + 11, stops)
         print(f"STS temperatures: {[round(t, 3) for t in result['temperatures']]}", file=sys.stderr)
-    save_checkpoint(drafter, out, config, history)
+        drafter.sts.save(out)
+    final = {d: round(evaluate_tau(target, drafter, ids, config.eval_new_tokens, 1.0, config.seed + 7,
+                                   stops)["tau"], 3) for d, ids in eval_sets.items()}
+    history.append({"step": config.steps, "saved_weights": True, **{f"tau_{d}": v for d, v in final.items()}})
+    (out / "training.json").write_text(json.dumps({"config": config.to_dict(), "history": history}, indent=1))
+    print(json.dumps(history[-1]), file=sys.stderr)
     return drafter
 
 
