@@ -30,6 +30,7 @@ import torch
 from . import ops
 from .calibration import CalibrationRecorder
 from .models import Batch, DSparkDrafter, PagedKVCache, TargetModel
+from .models.common import host_to_device
 from .models.drafter import check_compatible
 from .scheduler import Fixed, Policy, SPSTable
 
@@ -240,12 +241,11 @@ class SpeculativeEngine:
             cu = [0]
             for q in q_lens:
                 cu.append(cu[-1] + q)
-            requests = torch.tensor([r for r, q in enumerate(q_lens) for _ in range(q)], dtype=torch.int64, device=dev)
-            positions = torch.tensor([context_len + i for q in q_lens for i in range(q)], dtype=torch.int64,
-                                     device=dev)
+            requests = host_to_device([r for r, q in enumerate(q_lens) for _ in range(q)], torch.int64, dev)
+            positions = host_to_device([context_len + i for q in q_lens for i in range(q)], torch.int64, dev)
             batch = Batch(torch.zeros(B, dtype=torch.int64, device=dev), positions,
-                          torch.tensor(cu, dtype=torch.int32, device=dev), cache.block_table[:R],
-                          torch.tensor([context_len + q for q in q_lens], dtype=torch.int32, device=dev),
+                          host_to_device(cu, torch.int32, dev), cache.block_table[:R],
+                          host_to_device([context_len + q for q in q_lens], torch.int32, dev),
                           cache.slots(requests, positions))
             layers = self.drafter.config.target_layer_ids if self.drafter is not None else ()
             self.target(batch, cache, hidden_layers=layers)
@@ -376,7 +376,7 @@ class SpeculativeEngine:
         cap = torch.clamp(state.max_new - state.generated - 1, min=0).to(torch.int32)
         probabilities = conf.conf if conf is not None else torch.ones(
             state.anchors.shape[0], gamma, device=self.device)
-        lengths = self.policy(probabilities.contiguous(), cap)
+        lengths = self.policy(probabilities.contiguous(), cap, validate=False)
         lengths = torch.clamp(lengths, max=gamma)
         return _Drafted(sampled.draft_tokens, sampled.corrected_logits, lengths,
                         conf.logits if conf is not None else None)
@@ -395,24 +395,24 @@ class SpeculativeEngine:
             offsets += list(range(length + 1))
             draft_rows += range(cu[-1] + 1, cu[-1] + 1 + length)
             cu.append(cu[-1] + length + 1)
-        req_t = torch.tensor(req_index, dtype=torch.int64, device=dev)
-        off_t = torch.tensor(offsets, dtype=torch.int64, device=dev)
+        req_t = host_to_device(req_index, torch.int64, dev)
+        off_t = host_to_device(offsets, torch.int64, dev)
         if drafted is not None:
             table = torch.cat([state.anchors.unsqueeze(1), drafted.tokens], dim=1)  # [R, block + 1]
         else:
             table = state.anchors.unsqueeze(1)
         tokens = table[req_t, off_t]
         positions = state.starts[req_t] + off_t
-        lengths_t = torch.tensor(lengths, dtype=torch.int64, device=dev)
-        batch = Batch(tokens, positions, torch.tensor(cu, dtype=torch.int32, device=dev),
+        lengths_t = host_to_device(lengths, torch.int64, dev)
+        batch = Batch(tokens, positions, host_to_device(cu, torch.int32, dev),
                       self.target_cache.block_table[state.slots], (state.starts + lengths_t + 1).to(torch.int32),
                       self.target_cache.slots(state.slots[req_t], positions))
         layers = self.drafter.config.target_layer_ids if self.drafter is not None else ()
         out = self.target(batch, self.target_cache, hidden_layers=layers)
         # draft rows (offset >= 1) and their distributions
-        rows_t = torch.tensor(draft_rows, dtype=torch.int64, device=dev)
+        rows_t = host_to_device(draft_rows, torch.int64, dev)
         draft_tokens = tokens[rows_t]
-        cu_draft = torch.tensor([c - i for i, c in enumerate(cu)], dtype=torch.int32, device=dev)
+        cu_draft = host_to_device([c - i for i, c in enumerate(cu)], torch.int32, dev)
         kwargs = {}
         if drafted is not None and draft_rows:
             kwargs["draft_logits"] = drafted.corrected[req_t[rows_t], off_t[rows_t] - 1]
@@ -469,27 +469,27 @@ class SpeculativeEngine:
         cu = [0]
         for n in lens:
             cu.append(cu[-1] + n)
-        tokens = torch.tensor([t for r in joined for t in r.prompt], dtype=torch.int64, device=dev)
-        positions = torch.tensor([p for n in lens for p in range(n)], dtype=torch.int64, device=dev)
-        slot_t = torch.tensor([r.slot for r in joined], dtype=torch.int64, device=dev)
-        req_t = torch.tensor([r.slot for r in joined for _ in r.prompt], dtype=torch.int64, device=dev)
-        batch = Batch(tokens, positions, torch.tensor(cu, dtype=torch.int32, device=dev),
-                      self.target_cache.block_table[slot_t], torch.tensor(lens, dtype=torch.int32, device=dev),
+        tokens = host_to_device([t for r in joined for t in r.prompt], torch.int64, dev)
+        positions = host_to_device([p for n in lens for p in range(n)], torch.int64, dev)
+        slot_t = host_to_device([r.slot for r in joined], torch.int64, dev)
+        req_t = host_to_device([r.slot for r in joined for _ in r.prompt], torch.int64, dev)
+        batch = Batch(tokens, positions, host_to_device(cu, torch.int32, dev),
+                      self.target_cache.block_table[slot_t], host_to_device(lens, torch.int32, dev),
                       self.target_cache.slots(req_t, positions))
         layers = self.drafter.config.target_layer_ids if self.drafter is not None else ()
-        last = torch.tensor([c - 1 for c in cu[1:]], dtype=torch.int64, device=dev)
+        last = host_to_device([c - 1 for c in cu[1:]], torch.int64, dev)
         out = self.target(batch, self.target_cache, hidden_layers=layers, logits_rows=last)
         if self.drafter is not None:
             self.drafter.extend_context(out.hidden, positions, self.draft_cache.slots(req_t, positions),
                                         self.draft_cache)
         state = _State(
             anchors=torch.zeros(len(joined), dtype=torch.int64, device=dev),
-            starts=torch.tensor(lens, dtype=torch.int64, device=dev),
+            starts=host_to_device(lens, torch.int64, dev),
             slots=slot_t,
             generated=torch.ones(len(joined), dtype=torch.int64, device=dev),
-            max_new=torch.tensor([r.params.max_new_tokens for r in joined], dtype=torch.int64, device=dev),
-            temperatures=torch.tensor([float(r.params.temperature) for r in joined], dtype=torch.float32, device=dev),
-            seeds=torch.tensor([r.seed for r in joined], dtype=torch.int64, device=dev),
+            max_new=host_to_device([r.params.max_new_tokens for r in joined], torch.int64, dev),
+            temperatures=host_to_device([float(r.params.temperature) for r in joined], torch.float32, dev),
+            seeds=host_to_device([r.seed for r in joined], torch.int64, dev),
             rounds=torch.ones(len(joined), dtype=torch.int64, device=dev),
         )
         first = ops.rejection_sample(out.logits, torch.zeros(0, dtype=torch.int64, device=dev),
@@ -523,7 +523,7 @@ class _State:
                    z(torch.int64), z(torch.int64))
 
     def select(self, keep: List[int]) -> "_State":
-        index = torch.tensor(keep, dtype=torch.int64, device=self.anchors.device)
+        index = host_to_device(keep, torch.int64, self.anchors.device)
         return _State(*(getattr(self, f)[index] for f in self.FIELDS))
 
     def concat(self, other: "_State") -> "_State":
@@ -538,7 +538,7 @@ class _Drafted:
     conf_logits: Optional[torch.Tensor]  # [R, block]
 
     def select(self, keep: List[int]) -> "_Drafted":
-        index = torch.tensor(keep, dtype=torch.int64, device=self.tokens.device)
+        index = host_to_device(keep, torch.int64, self.tokens.device)
         return _Drafted(self.tokens[index], self.corrected[index], self.lengths[index],
                         self.conf_logits[index] if self.conf_logits is not None else None)
 

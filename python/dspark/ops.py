@@ -792,6 +792,7 @@ def confidence(
     bias: torch.Tensor,
     *,
     temperatures: Optional[torch.Tensor] = None,
+    validate: bool = True,
 ) -> ConfidenceOutput:
     """The confidence head: ``c_k = sigmoid(w . [h_k ; W1[x_{k-1}]] + b)`` for every
     position (``x_0`` is the anchor; position k never sees ``x_k`` itself), with
@@ -800,7 +801,9 @@ def confidence(
 
     Args: ``hidden [R, gamma, d]``, ``w1 [V, rank]``, ``anchor_tokens [R]``,
     ``draft_tokens [R, gamma]``, ``weight [1, d + rank]`` (or ``[d + rank]``),
-    ``bias [1]``.
+    ``bias [1]``. ``validate=False`` skips the value checks of token ids and
+    temperatures on CUDA (they read device memory: a synchronisation); shapes
+    and dtypes are always checked.
     """
     op = "confidence"
     device = _require_tensor(op, "hidden", hidden).device
@@ -818,7 +821,7 @@ def confidence(
         if not temperatures.is_floating_point():
             raise TypeError(f"{op}: argument 'temperatures' must be a float tensor, got {temperatures.dtype}")
         temperatures = _on_device(op, "temperatures", temperatures.to(torch.float32), device)
-    if device.type == "cuda" and not _compiling() and not is_capturing(device):
+    if validate and device.type == "cuda" and not _compiling() and not is_capturing(device):
         V = w1.shape[0]
         flags = [((anchor_tokens < 0) | (anchor_tokens >= V)).any() if anchor_tokens.numel() else
                  torch.zeros((), dtype=torch.bool, device=device),

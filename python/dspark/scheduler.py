@@ -139,7 +139,9 @@ class Policy:
 
     name = "policy"
 
-    def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
+        """Lengths ``[R]`` for confidences ``[R, gamma]``; ``validate=False`` skips
+        schedule_prefix's value checks (a synchronisation on CUDA)."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -166,10 +168,10 @@ class Fixed(Policy):
     def max_length(self) -> Optional[int]:
         return self.gamma
 
-    def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
         if self.gamma is not None and self.gamma < conf.shape[1]:
             conf = conf[:, : self.gamma]
-        return ops.schedule_prefix(conf, mode="fixed", cap=cap).lengths
+        return ops.schedule_prefix(conf, mode="fixed", cap=cap, validate=validate).lengths
 
 
 class Threshold(Policy):
@@ -180,8 +182,9 @@ class Threshold(Policy):
         self.threshold = float(threshold)
         self.name = f"threshold({self.threshold:g})"
 
-    def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return ops.schedule_prefix(conf, mode="threshold", threshold=self.threshold, cap=cap).lengths
+    def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
+        return ops.schedule_prefix(conf, mode="threshold", threshold=self.threshold, cap=cap,
+                                   validate=validate).lengths
 
 
 def _sps_tensor(sps: Union[SPSTable, torch.Tensor, Sequence[float]], device: torch.device) -> torch.Tensor:
@@ -205,8 +208,9 @@ class HardwareAware(Policy):
             self._tables[device] = _sps_tensor(self.sps, device)
         return self._tables[device]
 
-    def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return ops.schedule_prefix(conf, mode="causal", sps=self.table(conf.device), cap=cap).lengths
+    def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
+        return ops.schedule_prefix(conf, mode="causal", sps=self.table(conf.device), cap=cap,
+                                   validate=validate).lengths
 
 
 class AsyncHardwareAware(HardwareAware):
@@ -238,14 +242,14 @@ class AsyncHardwareAware(HardwareAware):
     def reset(self) -> None:
         self._batch_tokens = []
 
-    def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
         table = self.table(conf.device)
         R = conf.shape[0]
-        found = ops.schedule_prefix(conf, mode="global", sps=table, cap=cap)
+        found = ops.schedule_prefix(conf, mode="global", sps=table, cap=cap, validate=validate)
         if len(self._batch_tokens) < 2:
-            lengths = ops.schedule_prefix(conf, mode="causal", sps=table, cap=cap).lengths
+            lengths = ops.schedule_prefix(conf, mode="causal", sps=table, cap=cap, validate=validate).lengths
         else:
             budget = torch.clamp(self._batch_tokens[0] - R, min=0)
-            lengths = ops.schedule_prefix(conf, mode="budget", budget=budget, cap=cap).lengths
+            lengths = ops.schedule_prefix(conf, mode="budget", budget=budget, cap=cap, validate=validate).lengths
         self._batch_tokens = (self._batch_tokens + [found.capacity.to(torch.int64) + R])[-2:]
         return lengths

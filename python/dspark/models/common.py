@@ -34,6 +34,16 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on ``device``. On CUDA the copy goes through pinned
+    memory and does not block the host (a pageable copy would wait for the stream
+    to drain, which would serialise the engine's round)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def rope_parameters(config: dict) -> dict:
     """The rotary settings of a Hugging Face config (both the ``rope_parameters``
     form and the older ``rope_theta`` / ``rope_scaling`` one)."""
@@ -176,9 +186,8 @@ class PagedKVCache:
             raise CacheFull(f"a request of {num_tokens} tokens needs {n} pages, {len(self._free)} are free")
         pages = [self._free.pop() for _ in range(n)]
         self._owned[slot] = pages
-        row = torch.zeros(self.max_pages_per_request, dtype=torch.int32)
-        row[:n] = torch.tensor(pages, dtype=torch.int32)
-        self.block_table[slot] = row.to(self.device)
+        self.block_table[slot] = host_to_device(pages + [0] * (self.max_pages_per_request - n), torch.int32,
+                                                self.device)
 
     def release(self, slot: int) -> None:
         self._free.extend(reversed(self._owned.pop(slot, [])))

@@ -304,6 +304,13 @@ class DSparkDrafter(nn.Module):
         return {"head": "rnn", "joint_weight": head.joint_proj.weight, "joint_bias": head.joint_proj.bias,
                 "hidden": hidden}
 
+    def _sts_tensor(self, device: torch.device) -> torch.Tensor:
+        """The STS temperatures on ``device``, copied once per (STS, device)."""
+        key = (id(self.sts), str(device))
+        if getattr(self, "_sts_cache", (None, None))[0] != key:
+            self._sts_cache = (key, self.sts.tensor(device))
+        return self._sts_cache[1]
+
     @torch.inference_mode()
     def confidence(self, hidden: torch.Tensor, anchors: torch.Tensor, drafts: torch.Tensor) -> Optional[ops.ConfidenceOutput]:
         """Conditional confidences (STS-calibrated when the drafter has STS
@@ -311,10 +318,10 @@ class DSparkDrafter(nn.Module):
         if not self.config.enable_confidence_head:
             return None
         proj = self.confidence_head.proj
-        temperatures = self.sts.tensor(hidden.device)[: hidden.shape[1]] if self.sts is not None else None
+        temperatures = self._sts_tensor(hidden.device)[: hidden.shape[1]] if self.sts is not None else None
         if self.config.confidence_head_with_markov and self.config.markov_rank > 0:
             return ops.confidence(hidden, self.markov_head.markov_w1.weight, anchors, drafts, proj.weight, proj.bias,
-                                  temperatures=temperatures)
+                                  temperatures=temperatures, validate=False)
         logits = (hidden.float() @ proj.weight.float().reshape(-1)) + proj.bias.float()
         scaled = logits / temperatures if temperatures is not None else logits
         conf = torch.sigmoid(scaled)
