@@ -190,7 +190,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
     assert np.array_equal(unpermute(permuted, heads), w)
 
 
-def test_smollm2_conversion_matches_transformers(tmp_path):
+def test_smollm2_conversion_matches_transformers(tmp_path, monkeypatch):
     """The converted SmolLM2-135M-Instruct continues a fixed prompt greedily
     exactly as transformers does loading the same GGUF file."""
     from dspark import smollm2
@@ -221,6 +221,16 @@ def test_smollm2_conversion_matches_transformers(tmp_path):
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     assert prompt == hf_tokenizer.encode("def fibonacci(n):\n    ")
     assert "fibonacci" in tokenizer.decode(ours) or len(set(ours)) > 3
+    # the chat template: the model's own, and its tokenizer loaded once for many prompts
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    loads = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or real(*a, **k))
+    assert [tokenizer.apply_chat_template("Why is the sky blue?") for _ in range(3)] == [expected] * 3
+    assert len(loads) <= 1
 
 
 # ------------------------------------------------------------------- demo

@@ -50,8 +50,9 @@ class Tokenizer:
         """The prompt as a single user turn of the folder's chat template (needs transformers)."""
         from transformers import AutoTokenizer
 
-        hf = self._hf or AutoTokenizer.from_pretrained(str(self.folder))
-        ids = hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if self._hf is None:  # loaded once: it costs about a second
+            self._hf = AutoTokenizer.from_pretrained(str(self.folder))
+        ids = self._hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(t) for t in ids]
