@@ -14,6 +14,7 @@ import torch
 from dspark import corpus, ops, train
 from dspark.models import DSparkDrafter, TargetModel
 from tiny_models import hf_model
+from training_data import training_data
 
 VOCAB = 96
 
@@ -29,13 +30,7 @@ def tiny(tmp_path_factory):
 
 
 def make_data(target, config, layer_ids, count=6, new_tokens=24):
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist()
-               for n in torch.randint(3, 12, (count,), generator=g)]
-    tokens, lens, domains = train.generate_sequences(target, prompts, ["code"] * count, [], new_tokens, 4, 0,
-                                                     progress=False)
-    features, finals = train.extract(target, tokens, lens, layer_ids, progress=False)
-    return train.Sequences([torch.tensor(t) for t in tokens], lens, domains, features, finals, list(layer_ids))
+    return training_data(target, layer_ids, VOCAB, count, new_tokens)
 
 
 @pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])

@@ -15,6 +15,7 @@ from dspark.engine import SamplingParams, SpeculativeEngine
 from dspark.models import DSparkDrafter
 from dspark.scheduler import Fixed
 from test_engine_cuda import make_target
+from training_data import training_data
 
 pytestmark = pytest.mark.cuda
 
@@ -28,23 +29,13 @@ def frozen(target):
     return target
 
 
-def sequences(target, layer_ids, count=6, new_tokens=24):
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist()
-               for n in torch.randint(3, 12, (count,), generator=g)]
-    tokens, lens, domains = train.generate_sequences(target, prompts, ["code"] * count, [], new_tokens, 4, 0,
-                                                     progress=False)
-    features, finals = train.extract(target, tokens, lens, layer_ids, progress=False)
-    return train.Sequences([torch.tensor(t) for t in tokens], lens, domains, features, finals, list(layer_ids))
-
-
 def test_cuda_training_matches_cpu_lowers_the_loss_and_decodes_losslessly(tmp_path):
     cpu = frozen(make_target(VOCAB, layers=LAYERS))
     gpu = frozen(make_target(VOCAB, layers=LAYERS).cuda())  # same seed: the same weights
     config = train.TrainConfig(block_size=4, markov_rank=16, confidence=True, num_layers=1, steps=60,
                                sequences_per_step=4, blocks_per_sequence=4, lr=3e-3, warmup=5, eval_every=0, seed=1)
     layer_ids = train.default_layer_ids(LAYERS)
-    data_cpu = sequences(cpu, layer_ids)
+    data_cpu = training_data(cpu, layer_ids, VOCAB)
     # the same sequences, their features extracted on the GPU
     features, finals = train.extract(gpu, [t.tolist() for t in data_cpu.tokens], data_cpu.prompt_lens, layer_ids,
                                      progress=False)

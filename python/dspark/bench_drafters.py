@@ -34,7 +34,7 @@ def recipe(kind: str, gamma: int, steps: int, seed: int) -> train.TrainConfig:
                              eval_every=0, seed=seed)
 
 
-def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] = (7, 15), steps: int = 500,
+def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] = (7, 15), steps: int = 300,
                        eval_prompts: int = 16, new_tokens: int = 64, device: str = "cpu", seed: int = 0,
                        cache: Optional[Path] = None, progress: bool = True) -> dict:
     from . import smollm2

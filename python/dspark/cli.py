@@ -202,7 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--target", metavar="DIR", help="engine: a target folder (default: synthetic models)")
     bench.add_argument("--draft", metavar="DIR", help="engine: a DSpark drafter folder for --target")
     bench.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="engine: model dtype")
-    bench.add_argument("--steps", type=int, help="drafters: training steps per drafter (default 500)")
+    bench.add_argument("--steps", type=int, help="drafters: training steps per drafter (default 300)")
     bench.set_defaults(func=_bench)
     gen = sub.add_parser("generate", help="generate text with a target and, optionally, a DSpark drafter")
     gen.add_argument("--target", required=True, metavar="DIR", help="Hugging Face folder of a Llama / Qwen3 model")
