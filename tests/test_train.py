@@ -3,6 +3,7 @@ demo's code path, on tiny models."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -256,3 +257,50 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert "speedup" in text and "acceptance by position" in text
     pytest.importorskip("matplotlib")
     assert (tmp_path / "acceptance.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------- bench drafters
+
+
+def test_bench_drafters_seeds_share_the_data_and_reload_from_the_cache(tiny, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tokenizers")
+    from dspark import bench_drafters
+    from test_engine import write_tokenizer
+
+    folder, _ = tiny
+    write_tokenizer(folder, VOCAB)
+    def fake_prompts(domains, split, count, seed, code_root=None, text_folder=None):
+        r = random.Random(f"{split}-{seed}")
+        return [corpus.Prompt(" ".join(f"w{r.randrange(1, VOCAB)}" for _ in range(r.randrange(3, 9))), False,
+                              domains[i % len(domains)], f"{split}:{i}") for i in range(count)]
+
+    monkeypatch.setattr(train, "domain_prompts", fake_prompts)
+    built = []
+    build_data = train.build_data
+    monkeypatch.setattr(train, "build_data", lambda *a, **k: built.append(1) or build_data(*a, **k))
+    opts = dict(gammas=(3,), steps=8, seeds=2, eval_prompts=2, new_tokens=8, cache=tmp_path, progress=False)
+    small = dict(train_prompts=6, max_new_tokens=16, blocks_per_sequence=2)
+    recipe = bench_drafters.recipe
+    monkeypatch.setattr(bench_drafters, "recipe", lambda *a: dataclasses.replace(recipe(*a), **small))
+    first = bench_drafters.drafters_benchmark(folder, **opts)
+    assert len(built) == 1  # one data set for every drafter and seed
+    assert [(r["drafter"], r["seed"]) for r in first["rows"]] == [("dflash", 0), ("dflash", 1), ("dspark", 0),
+                                                                   ("dspark", 1)]
+    saved = sorted((tmp_path / "drafters-bench").iterdir())
+    assert len(saved) == 4
+    weights = [(d / "model.safetensors").read_bytes() for d in saved]
+    assert len(set(weights)) == 4  # the seeds train different drafters
+    for s in first["summary"]:
+        rows = [r for r in first["rows"] if r["drafter"] == s["drafter"]]
+        assert s["seeds"] == 2 and s["tau_code"] == pytest.approx(sum(r["tau_code"] for r in rows) / 2)
+        assert s["sd_code"] == pytest.approx(abs(rows[0]["tau_code"] - rows[1]["tau_code"]) / 2 ** 0.5)
+        assert all(r["tau_code"] >= 1.0 and r["tau_text"] >= 1.0 for r in rows)
+    capsys.readouterr()
+    again = bench_drafters.drafters_benchmark(folder, **opts)
+    assert len(built) == 1 and capsys.readouterr().err.count("loaded ") == 4
+    assert again["rows"] == first["rows"]  # cached drafters, the same evaluation
+    bench_drafters.print_drafters(again)
+    table = capsys.readouterr().out
+    assert "mean +- sd over 2 training seeds" in table and table.count(" +- ") == 1 + 4  # the header, then 2 rows x 2 domains
+    with pytest.raises(ValueError, match="seeds"):
+        bench_drafters.drafters_benchmark(folder, **dict(opts, seeds=0))

@@ -35,59 +35,103 @@ def recipe(kind: str, gamma: int, steps: int, seed: int) -> train.TrainConfig:
 
 
 def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] = (7, 15), steps: int = 300,
-                       eval_prompts: int = 16, new_tokens: int = 64, device: str = "cpu", seed: int = 0,
-                       cache: Optional[Path] = None, progress: bool = True) -> dict:
+                       seeds: int = 1, eval_prompts: int = 16, new_tokens: int = 64, device: str = "cpu",
+                       seed: int = 0, cache: Optional[Path] = None, progress: bool = True,
+                       code_root: Optional[Path] = None, text_folder: Optional[Path] = None) -> dict:
+    """Train (or load) and evaluate every (gamma, drafter, training seed).
+
+    ``seeds`` training seeds ``seed, seed + 1, ...`` per drafter measure how
+    much ``tau`` moves with the initialisation and the anchors drawn alone:
+    the data (made once, with ``seed``) and the held-out prompts are the
+    same for all of them."""
     from . import smollm2
     from .tokenizer import Tokenizer, stop_tokens
 
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     target_dir = target_dir or smollm2.prepare()
     cache = cache or smollm2.cache_dir()
     target = TargetModel.load(target_dir, device=device)
     tokenizer = Tokenizer(target_dir)
     stops = stop_tokens(target_dir)
     domains = ("code", "text")
-    held = train.domain_prompts(domains, "held-out", eval_prompts * len(domains), seed + 123)
+    held = train.domain_prompts(domains, "held-out", eval_prompts * len(domains), seed + 123, code_root, text_folder)
     eval_sets = {d: train.encode_prompts(tokenizer, [p for p in held if p.domain == d], 256) for d in domains}
+    # the data depends on the fields every recipe shares and on the base seed
+    data_config = recipe("dspark", gammas[0], steps, seed)
     rows: List[Dict[str, object]] = []
     data = None
     for gamma in gammas:
         for kind in ("dflash", "dspark"):
-            config = recipe(kind, gamma, steps, seed)
-            folder = cache / "drafters-bench" / _key(kind, config, target_dir)
-            if (folder / "config.json").is_file():
-                drafter = DSparkDrafter.load(folder, target, device=device)
-                print(f"loaded {folder}", file=sys.stderr)
-            else:
-                layer_ids = train.default_layer_ids(target.config.num_hidden_layers)
-                if data is None:
-                    prompts = train.domain_prompts(config.domains, "train", config.train_prompts, config.seed)
-                    path = cache / "train-data" / f"{train.data_key(target_dir, config, layer_ids, device=device)}.pt"
-                    data = train.build_data(target, tokenizer, prompts, config, layer_ids, stops, path, progress)
-                print(f"training {kind} at gamma {gamma} for {steps} steps ...", file=sys.stderr)
-                trained, _ = train.train_drafter(target, data, config, None, None, stops, progress,
-                                                 log=lambda s: print(s, file=sys.stderr))
-                train.save_checkpoint(trained, folder, config, [])
-                # evaluated as saved (save_dtype), like a cached one
-                drafter = DSparkDrafter.load(folder, target, device=device)
-            row: Dict[str, object] = {"gamma": gamma, "drafter": kind, "steps": steps}
-            for domain, ids in eval_sets.items():
-                result = train.evaluate_tau(target, drafter, ids, new_tokens, 1.0, seed + 5, stops)
-                row[f"tau_{domain}"] = result["tau"]
-                row[f"acceptance_{domain}"] = result["acceptance_by_position"]
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if not k.startswith("acceptance")}), file=sys.stderr)
+            for train_seed in range(seed, seed + seeds):
+                config = recipe(kind, gamma, steps, train_seed)
+                folder = cache / "drafters-bench" / _key(kind, config, target_dir)
+                if (folder / "config.json").is_file():
+                    drafter = DSparkDrafter.load(folder, target, device=device)
+                    print(f"loaded {folder}", file=sys.stderr)
+                else:
+                    layer_ids = train.default_layer_ids(target.config.num_hidden_layers)
+                    if data is None:
+                        prompts = train.domain_prompts(domains, "train", data_config.train_prompts,
+                                                       data_config.seed, code_root, text_folder)
+                        key = train.data_key(target_dir, data_config, layer_ids, code_root, text_folder, device)
+                        data = train.build_data(target, tokenizer, prompts, data_config, layer_ids, stops,
+                                                cache / "train-data" / f"{key}.pt", progress)
+                    print(f"training {kind} at gamma {gamma} for {steps} steps (seed {train_seed}) ...",
+                          file=sys.stderr)
+                    trained, _ = train.train_drafter(target, data, config, None, None, stops, progress,
+                                                     log=lambda s: print(s, file=sys.stderr))
+                    train.save_checkpoint(trained, folder, config, [])
+                    # evaluated as saved (save_dtype), like a cached one
+                    drafter = DSparkDrafter.load(folder, target, device=device)
+                row: Dict[str, object] = {"gamma": gamma, "drafter": kind, "steps": steps, "seed": train_seed}
+                for domain, ids in eval_sets.items():
+                    result = train.evaluate_tau(target, drafter, ids, new_tokens, 1.0, seed + 5, stops)
+                    row[f"tau_{domain}"] = result["tau"]
+                    row[f"acceptance_{domain}"] = result["acceptance_by_position"]
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if not k.startswith("acceptance")}), file=sys.stderr)
     return {"target": str(target_dir), "temperature": 1.0, "eval_prompts": eval_prompts, "new_tokens": new_tokens,
-            "rows": rows}
+            "seeds": seeds, "rows": rows, "summary": summarise(rows)}
+
+
+def summarise(rows: Sequence[dict]) -> List[Dict[str, object]]:
+    """Per (gamma, drafter): the mean ``tau`` over training seeds and its
+    sample standard deviation (0 for one seed), in the order first seen."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["gamma"], r["drafter"]), []).append(r)
+    out = []
+    for (gamma, kind), rs in groups.items():
+        entry: Dict[str, object] = {"gamma": gamma, "drafter": kind, "steps": rs[0]["steps"], "seeds": len(rs)}
+        for domain in ("code", "text"):
+            values = [float(r[f"tau_{domain}"]) for r in rs]
+            mean = sum(values) / len(values)
+            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+            entry[f"tau_{domain}"] = mean
+            entry[f"sd_{domain}"] = var ** 0.5
+        out.append(entry)
+    return out
 
 
 def print_drafters(result: dict) -> None:
+    seeds = int(result.get("seeds", 1))
     print(f"accepted length tau (bonus included) at temperature 1, verifying every draft; "
-          f"{result['eval_prompts']} held-out prompts per domain, {result['new_tokens']} new tokens each")
-    header = f"{'gamma':>5} {'drafter':8} {'steps':>6} {'tau code':>9} {'tau text':>9} {'vs DFlash':>10}"
+          f"{result['eval_prompts']} held-out prompts per domain, {result['new_tokens']} new tokens each"
+          + (f"; mean +- sd over {seeds} training seeds" if seeds > 1 else ""))
+    width = 14 if seeds > 1 else 9
+    header = f"{'gamma':>5} {'drafter':8} {'steps':>6} {'tau code':>{width}} {'tau text':>{width}} {'vs DFlash':>10}"
     print(header)
     print("-" * len(header))
+
+    def cell(r: dict, domain: str) -> str:
+        text = f"{r[f'tau_{domain}']:.2f}"
+        if seeds > 1:
+            text += f" +- {r[f'sd_{domain}']:.2f}"
+        return f"{text:>{width}}"
+
     base: Dict[int, dict] = {}
-    for r in result["rows"]:
+    for r in result.get("summary") or summarise(result["rows"]):
         gain = ""
         if r["drafter"] == "dflash":
             base[r["gamma"]] = r
@@ -96,4 +140,4 @@ def print_drafters(result: dict) -> None:
             code = 100 * (r["tau_code"] / b["tau_code"] - 1)
             text = 100 * (r["tau_text"] / b["tau_text"] - 1)
             gain = f"{code:+.0f}% / {text:+.0f}%"
-        print(f"{r['gamma']:5d} {r['drafter']:8} {r['steps']:6d} {r['tau_code']:9.2f} {r['tau_text']:9.2f} {gain:>10}")
+        print(f"{r['gamma']:5d} {r['drafter']:8} {r['steps']:6d} {cell(r, 'code')} {cell(r, 'text')} {gain:>10}")

@@ -51,6 +51,8 @@ def _bench(args: argparse.Namespace) -> int:
         engine_options = {"target_dir": args.target}
         if args.steps is not None:
             engine_options["steps"] = args.steps
+        if args.seeds is not None:
+            engine_options["seeds"] = args.seeds
     return bench.run(args.suite, quick=args.quick, json_path=args.json, devices=args.device,
                      engine_options=engine_options)
 
@@ -203,6 +205,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--draft", metavar="DIR", help="engine: a DSpark drafter folder for --target")
     bench.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="engine: model dtype")
     bench.add_argument("--steps", type=int, help="drafters: training steps per drafter (default 300)")
+    bench.add_argument("--seeds", type=int, help="drafters: training seeds per drafter, to see the spread of tau "
+                       "(default 1)")
     bench.set_defaults(func=_bench)
     gen = sub.add_parser("generate", help="generate text with a target and, optionally, a DSpark drafter")
     gen.add_argument("--target", required=True, metavar="DIR", help="Hugging Face folder of a Llama / Qwen3 model")
