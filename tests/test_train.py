@@ -82,6 +82,19 @@ def test_final_hidden_gives_the_target_distribution(tiny):
             assert agree > 0.9  # bf16 storage may flip a near-tie
 
 
+def test_stored_tensors_own_their_memory(tiny, tmp_path):
+    # a view into the batch's buffer would keep, and save, the whole buffer
+    _, target = tiny
+    data = make_data(target, train.TrainConfig(), [0, 2], count=4)
+    for t in data.features + data.final:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    data.save(tmp_path / "data.pt")
+    payload = sum(t.numel() * t.element_size() for t in data.features + data.final + data.tokens)
+    assert (tmp_path / "data.pt").stat().st_size < payload + 64 * 1024
+    loaded = train.Sequences.load(tmp_path / "data.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.final, data.final))
+
+
 @pytest.mark.parametrize("kind", ["dspark", "dflash"])
 def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny, tmp_path, kind):
     folder, target = tiny

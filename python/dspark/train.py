@@ -185,9 +185,10 @@ def extract(target: TargetModel, sequences: List[List[int]], prompt_lens: List[i
         out = target(batch, cache, hidden_layers=layer_ids, logits_rows=rows, logits=False, final_hidden=True)
         at = 0
         for r, i in enumerate(group):
-            features[i] = out.hidden[cu[r]:cu[r + 1]].to(torch.float16).cpu()
+            # copies that own their memory: a view would keep (and save) the whole batch's buffer
+            features[i] = out.hidden[cu[r]:cu[r + 1]].to("cpu", torch.float16, copy=True)
             n_gen = lens[r] - prompt_lens[i]
-            finals[i] = out.final[at:at + n_gen].float().cpu()
+            finals[i] = out.final[at:at + n_gen].to("cpu", torch.float32, copy=True)
             at += n_gen
         bar.update(1)
     bar.close()
