@@ -282,6 +282,7 @@ def test_bench_drafters_seeds_share_the_data_and_reload_from_the_cache(tiny, tmp
 
     folder, _ = tiny
     write_tokenizer(folder, VOCAB)
+
     def fake_prompts(domains, split, count, seed, code_root=None, text_folder=None):
         r = random.Random(f"{split}-{seed}")
         return [corpus.Prompt(" ".join(f"w{r.randrange(1, VOCAB)}" for _ in range(r.randrange(3, 9))), False,
@@ -314,6 +315,7 @@ def test_bench_drafters_seeds_share_the_data_and_reload_from_the_cache(tiny, tmp
     assert again["rows"] == first["rows"]  # cached drafters, the same evaluation
     bench_drafters.print_drafters(again)
     table = capsys.readouterr().out
-    assert "mean +- sd over 2 training seeds" in table and table.count(" +- ") == 1 + 4  # the header, then 2 rows x 2 domains
+    # the header, then 2 rows x 2 domains
+    assert "mean +- sd over 2 training seeds" in table and table.count(" +- ") == 1 + 4
     with pytest.raises(ValueError, match="seeds"):
         bench_drafters.drafters_benchmark(folder, **dict(opts, seeds=0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -59,6 +60,7 @@ def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] 
     eval_sets = {d: train.encode_prompts(tokenizer, [p for p in held if p.domain == d], 256) for d in domains}
     # the data depends on the fields every recipe shares and on the base seed
     data_config = recipe("dspark", gammas[0], steps, seed)
+    layer_ids = train.default_layer_ids(target.config.num_hidden_layers)
     rows: List[Dict[str, object]] = []
     data = None
     for gamma in gammas:
@@ -70,7 +72,6 @@ def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] 
                     drafter = DSparkDrafter.load(folder, target, device=device)
                     print(f"loaded {folder}", file=sys.stderr)
                 else:
-                    layer_ids = train.default_layer_ids(target.config.num_hidden_layers)
                     if data is None:
                         prompts = train.domain_prompts(domains, "train", data_config.train_prompts,
                                                        data_config.seed, code_root, text_folder)
@@ -106,16 +107,14 @@ def summarise(rows: Sequence[dict]) -> List[Dict[str, object]]:
         entry: Dict[str, object] = {"gamma": gamma, "drafter": kind, "steps": rs[0]["steps"], "seeds": len(rs)}
         for domain in ("code", "text"):
             values = [float(r[f"tau_{domain}"]) for r in rs]
-            mean = sum(values) / len(values)
-            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-            entry[f"tau_{domain}"] = mean
-            entry[f"sd_{domain}"] = var ** 0.5
+            entry[f"tau_{domain}"] = statistics.fmean(values)
+            entry[f"sd_{domain}"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out.append(entry)
     return out
 
 
 def print_drafters(result: dict) -> None:
-    seeds = int(result.get("seeds", 1))
+    seeds = result["seeds"]
     print(f"accepted length tau (bonus included) at temperature 1, verifying every draft; "
           f"{result['eval_prompts']} held-out prompts per domain, {result['new_tokens']} new tokens each"
           + (f"; mean +- sd over {seeds} training seeds" if seeds > 1 else ""))
@@ -131,7 +130,7 @@ def print_drafters(result: dict) -> None:
         return f"{text:>{width}}"
 
     base: Dict[int, dict] = {}
-    for r in result.get("summary") or summarise(result["rows"]):
+    for r in result["summary"]:
         gain = ""
         if r["drafter"] == "dflash":
             base[r["gamma"]] = r
