@@ -96,7 +96,7 @@ def _random_instance(rng: random.Random):
 
 @pytest.mark.parametrize("mode", ["causal", "global", "budget", "threshold", "fixed"])
 def test_matches_reference_on_random_instances(mode):
-    rng = random.Random(hash(mode) % 1000)
+    rng = random.Random(sum(map(ord, mode)))
     for _ in range(400):
         conf, sps, cap = _random_instance(rng)
         kw = dict(mode=mode, sps=sps, cap=cap)
@@ -194,6 +194,18 @@ def test_table_end_is_not_admitted():
     assert ops.schedule_prefix(torch.ones(5, 2), mode="causal", sps=sps).lengths.tolist() == [0] * 5
 
 
+def test_throughput_saturates_instead_of_overflowing():
+    """A finite table near the float32 limit: the expected throughput
+    (tokens x SPS, computed in double) is reported as FLT_MAX, not inf."""
+    conf = torch.ones(2, 3)
+    sps = torch.full((10,), 3.0e38)
+    sps[0] = 0.0
+    for mode in ("causal", "global", "fixed"):
+        out = ops.schedule_prefix(conf, mode=mode, sps=sps)
+        assert torch.isfinite(out.throughput).all(), mode
+        assert float(out.throughput) == torch.finfo(torch.float32).max
+
+
 def test_empty_batch():
     out = ops.schedule_prefix(torch.zeros(0, 5), mode="causal", sps=torch.ones(4))
     assert out.lengths.shape == (0,) and int(out.capacity) == 0 and float(out.throughput) == 0.0
@@ -276,6 +288,50 @@ def test_cuda_equals_cpu(mode, R, gamma):
     assert torch.equal(cpu.lengths, gpu.lengths.cpu())
     assert torch.equal(cpu.capacity, gpu.capacity.cpu())
     assert torch.equal(cpu.throughput, gpu.throughput.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["causal", "global", "budget"])
+@pytest.mark.parametrize("R,gamma", [(128, 8), (512, 8), (1024, 16), (7, 2)])
+def test_cuda_equals_cpu_when_every_slot_is_admitted(mode, R, gamma):
+    """R * gamma fills the kernel's slots exactly (256 x 4, 512 x 8, 1024 x 16)
+    and every step improves (constant SPS, no zero confidence): the causal
+    scan must admit all of them, not all but one."""
+    g = torch.Generator().manual_seed(R + gamma)
+    conf = torch.rand(R, gamma, generator=g) ** 0.05 * 0.5 + 0.5
+    sps = torch.ones(R * gamma + R + 1)
+    kw = dict(mode=mode, sps=sps, budget=R * gamma)
+    if mode != "budget":
+        kw.pop("budget")
+    cpu = ops.schedule_prefix(conf, **kw)
+    assert int(cpu.capacity) == R * gamma
+    gpu = ops.schedule_prefix(conf.cuda(), **{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    assert torch.equal(cpu.lengths, gpu.lengths.cpu())
+    assert torch.equal(cpu.capacity, gpu.capacity.cpu())
+    assert torch.equal(cpu.throughput, gpu.throughput.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("R,gamma", [(64, 7), (600, 6), (1024, 16)])
+def test_cuda_equals_cpu_with_many_ties(R, gamma):
+    """Confidences from three values make long runs of equal survivals; budgets
+    and SPS cliffs cut inside them, so the tie order (smaller j, then smaller r)
+    decides which requests get the last admitted slots."""
+    g = torch.Generator().manual_seed(R * gamma + 1)
+    values = torch.tensor([0.5, 0.8, 1.0])
+    conf = values[torch.randint(0, 3, (R, gamma), generator=g)]
+    for budget in (1, R // 3, R, R * gamma // 2 + 1, R * gamma):
+        cpu = ops.schedule_prefix(conf, mode="budget", budget=budget)
+        gpu = ops.schedule_prefix(conf.cuda(), mode="budget", budget=budget)
+        assert torch.equal(cpu.lengths, gpu.lengths.cpu()), budget
+    B = torch.arange(R * gamma + R + 1, dtype=torch.float32)
+    for cliff in (R + 1, R + R // 2, R + R * gamma // 3):
+        sps = torch.where(B < cliff, 1.0, 0.6) / (1 + 1e-4 * B)
+        for mode in ("causal", "global"):
+            cpu = ops.schedule_prefix(conf, mode=mode, sps=sps)
+            gpu = ops.schedule_prefix(conf.cuda(), mode=mode, sps=sps.cuda())
+            assert torch.equal(cpu.lengths, gpu.lengths.cpu()), (mode, cliff)
+            assert torch.equal(cpu.throughput, gpu.throughput.cpu())
 
 
 @pytest.mark.cuda

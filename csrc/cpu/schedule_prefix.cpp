@@ -81,7 +81,7 @@ void schedule_prefix(const SchedulePrefixArgs& a) {
   }
   a.capacity.ptr<int32_t>()[0] = static_cast<int32_t>(total);
   a.throughput.ptr<float>()[0] =
-      sps ? static_cast<float>(throughput(R, sum, R + total, sps, table)) : 0.0f;
+      sps ? saturate_float(throughput(R, sum, R + total, sps, table)) : 0.0f;
 }
 
 }  // namespace dspark::cpu

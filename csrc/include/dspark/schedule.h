@@ -90,6 +90,12 @@ DSPARK_HD DSPARK_INLINE double throughput(int64_t num_requests, uint64_t surviva
 #endif
 }
 
+// The expected throughput as reported: a double narrowed to float without
+// overflowing to inf (a finite table near the float limit stays finite).
+DSPARK_HD DSPARK_INLINE float saturate_float(double x) {
+  return x < static_cast<double>(num::kFloatMax) ? static_cast<float>(x) : num::kFloatMax;
+}
+
 // Threshold mode: positions before the first c < threshold, at most `limit`.
 DSPARK_HD DSPARK_INLINE int32_t threshold_length(const float* conf_row, int32_t limit,
                                                  float threshold) {
