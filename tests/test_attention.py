@@ -54,7 +54,7 @@ def check_against_reference(b, mask, dtype, device="cpu"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_reference(mask, Hq, Hkv, D, dtype):
     page_size = {64: 16, 128: 32}[D] if dtype != torch.float16 else 64
-    b = make_batch(7, Hq, Hkv, D, page_size, dtype, seed=Hq * 100 + D + hash(mask) % 7, empty_ctx=True)
+    b = make_batch(7, Hq, Hkv, D, page_size, dtype, seed=Hq * 100 + D + len(mask), empty_ctx=True)
     check_against_reference(b, mask, dtype)
 
 
@@ -181,6 +181,9 @@ def _args():
     (lambda b: b.update(cu_q=b["cu_q"] + 1), ValueError, "cu_q"),
     (lambda b: b.update(mask="sliding"), ValueError, "mask"),
     (lambda b: b.update(scale=-1.0), ValueError, "scale"),
+    (lambda b: b.update(scale="abc"), TypeError, "'scale' must be a float"),
+    (lambda b: b.update(q=b["q"][..., :0], k_cache=b["k_cache"][..., :0], v_cache=b["v_cache"][..., :0]),
+     ValueError, "head dim >= 1"),
 ])
 def test_bad_input(change, exc, words):
     b = _args()
@@ -202,6 +205,51 @@ def test_append_and_rope_bad_input():
         ops.rope(torch.zeros(3, 2, 64), None, torch.arange(3), rotary_dim=65)
     with pytest.raises(ValueError, match="positions"):
         ops.rope(torch.zeros(3, 2, 64), None, torch.arange(4))
+
+
+def test_append_kv_refuses_k_and_v_of_different_dtypes():
+    cache = torch.zeros(4, 16, 2, 64)
+    k = torch.zeros(3, 2, 64)
+    with pytest.raises(TypeError, match="'v' must have k's dtype float32, got bfloat16"):
+        ops.append_kv(k, k.bfloat16(), cache, cache.clone(), torch.tensor([0, 1, 2]))
+
+
+def test_rope_builds_its_frequencies_once_per_device(monkeypatch):
+    """Without inv_freq, the frequencies are built (and, on CUDA, copied to the
+    device) on the first call only: a later call, inside a captured CUDA graph
+    too, reuses them."""
+    from dspark import ops as ops_module
+    calls = []
+    real = ops_module.rope_inv_freq
+    monkeypatch.setattr(ops_module, "rope_inv_freq", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    monkeypatch.setattr(ops_module, "_INV_FREQ", {})
+    q = torch.randn(5, 2, 32)
+    for _ in range(3):
+        ops.rope(q, None, torch.arange(5), theta=12345.0)
+    assert len(calls) == 1
+    ops.rope(q, None, torch.arange(5), theta=54321.0)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("theta", [0.0, -1.0, float("nan"), float("inf"), "1e4", True])
+def test_rope_refuses_bad_theta(theta):
+    q = torch.randn(5, 2, 32)
+    before = q.clone()
+    with pytest.raises(ValueError, match="theta"):
+        ops.rope(q, None, torch.arange(5), theta=theta)
+    assert torch.equal(q, before)
+
+
+def test_split_plan_does_not_over_split_decode():
+    """Decode (one query per request) has R x H_kv busy blocks: at R = 512,
+    H_kv = 8 that fills an H200 twice over, so no split and no partials."""
+    from dspark._ext import C
+    codes = {torch.bfloat16: 2}
+    T = R = 512
+    decode = C.paged_attention_workspace_bytes(T, R, 32, 8, 128, 4096 // 16, 16, codes[torch.bfloat16])
+    assert decode < 8192  # the tile prefix only: no [splits, T, H_q, D] partials
+    long_prefill = C.paged_attention_workspace_bytes(1, 1, 32, 8, 128, 100000 // 16, 16, codes[torch.bfloat16])
+    assert long_prefill > 4 * 32 * 128  # one long request is split
 
 
 def test_custom_ops_and_compile():
@@ -249,6 +297,15 @@ def test_cuda_long_context_single_request_and_many_requests():
     check_against_reference(one, "causal", torch.bfloat16, device="cuda")
     many = make_batch(300, 8, 2, 128, 16, torch.bfloat16, seed=12, max_q=16, max_ctx=500)
     check_against_reference(many, "causal", torch.bfloat16, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_more_requests_than_one_tile_scan_pass():
+    """5000 requests (some without queries): the tile prefix is a block scan of
+    4096 requests per pass, carried across passes."""
+    b = make_batch(5000, 8, 2, 64, 16, torch.bfloat16, seed=14, max_q=3, max_ctx=40)
+    check_against_reference(b, "causal", torch.bfloat16, device="cuda")
+    check_against_reference(b, "block", torch.bfloat16, device="cuda")
 
 
 @pytest.mark.cuda

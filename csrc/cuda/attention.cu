@@ -2,7 +2,8 @@
 //
 // paged_attention (16-bit q / cache, head dim 64 or 128) is split-KV flash
 // decoding over a paged cache, for both masks (dspark/ops.h):
-//   tiles_kernel: the prefix of the query tiles per request (one block).
+//   tiles_kernel: the prefix of the query tiles per request (one block, a
+//     block-wide scan).
 //   attention_kernel: a block (4 warps) owns one (tile, kv head, split). A
 //     tile is up to 64 query rows: consecutive queries of one request times
 //     the G = H_q / H_kv query heads that share the kv head, so every key and
@@ -25,6 +26,8 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <cub/block/block_scan.cuh>
+
 #include <cstdint>
 
 #include "../ops/attention_workspace.h"
@@ -42,6 +45,8 @@ constexpr int kKeys = static_cast<int>(AttentionPlan::kKeyTile);       // 64 key
 constexpr int kFrag = 16;
 constexpr int kMaxSimtDim = 256;
 constexpr float kNegInf = -__builtin_huge_valf();
+constexpr int kTileScanThreads = 512;  // tiles_kernel: one block scans the requests
+constexpr int kTileScanItems = 8;
 
 static_assert(kRows == kWarps * kFrag, "each warp owns 16 query rows");
 
@@ -82,15 +87,33 @@ __device__ __forceinline__ int32_t search(const int32_t* values, int32_t R, int6
   return lo;
 }
 
-__global__ void tiles_kernel(AttentionParams p) {
-  if (threadIdx.x != 0) return;
-  int32_t total = 0;
-  for (int32_t r = 0; r < p.R; ++r) {
-    p.cu_tiles[r] = total;
-    const int64_t q_len = p.cu_q[r + 1] - p.cu_q[r];
-    total += static_cast<int32_t>((q_len + p.tokens_per_tile - 1) / p.tokens_per_tile);
+// One block: cu_tiles[r] = sum over r' < r of ceil(q_len_r' / tokens_per_tile),
+// a block-wide exclusive scan over kTileScanItems requests per thread per
+// pass, carried across passes (one pass up to R = 4096). Reads cu_q once.
+template <int kScanThreads, int kItems>
+__global__ void __launch_bounds__(kScanThreads) tiles_kernel(AttentionParams p) {
+  using Scan = cub::BlockScan<int32_t, kScanThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  int32_t carry = 0;
+  for (int64_t base = 0; base < p.R; base += int64_t{kScanThreads} * kItems) {
+    int32_t tiles[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t r = base + int64_t{threadIdx.x} * kItems + i;
+      const int64_t q_len = r < p.R ? max(int64_t{p.cu_q[r + 1]} - p.cu_q[r], int64_t{0}) : 0;
+      tiles[i] = static_cast<int32_t>((q_len + p.tokens_per_tile - 1) / p.tokens_per_tile);
+    }
+    int32_t pass_total;
+    Scan(scan).ExclusiveSum(tiles, tiles, pass_total);  // the aggregate reaches every thread
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t r = base + int64_t{threadIdx.x} * kItems + i;
+      if (r < p.R) p.cu_tiles[r] = carry + tiles[i];
+    }
+    carry += pass_total;
+    __syncthreads();  // the next pass reuses the scan's storage
   }
-  p.cu_tiles[p.R] = total;
+  if (threadIdx.x == 0) p.cu_tiles[p.R] = carry;
 }
 
 // Where a block's work is; returns false when the block has none.
@@ -510,7 +533,7 @@ void paged_attention(const PagedAttentionArgs& a) {
     check(cudaGetLastError(), op, "attention_simt_kernel launch");
     return;
   }
-  tiles_kernel<<<1, 32, 0, stream>>>(p);
+  tiles_kernel<kTileScanThreads, kTileScanItems><<<1, kTileScanThreads, 0, stream>>>(p);
   check(cudaGetLastError(), op, "tiles_kernel launch");
   const unsigned blocks = grid_size(plan.max_tiles * Hkv * plan.splits, op);
   if (a.q.dtype == DType::kBFloat16) {

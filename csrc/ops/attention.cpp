@@ -50,6 +50,9 @@ void append_kv(const AppendKvArgs& a) {
   }
   const int64_t T = a.k.size(0);
   DSPARK_CHECK_VALUE(a.v.size(0) == T, op, ": 'k' and 'v' must have the same number of tokens");
+  // One source dtype for both (the CUDA kernel converts k and v with one type).
+  DSPARK_CHECK_TYPE(a.v.dtype == a.k.dtype, op, ": argument 'v' must have k's dtype ", dtype_name(a.k.dtype),
+                    ", got ", dtype_name(a.v.dtype));
   check_int_vector(op, "slot_mapping", a.slot_mapping, device, T, {DType::kInt64});
   if (device.type == DeviceType::kCPU) {
     const int64_t* slots = a.slot_mapping.ptr<int64_t>();
@@ -80,6 +83,7 @@ void paged_attention(const PagedAttentionArgs& a) {
   check::dtype_in(op, "q", a.q, {DType::kFloat32, DType::kFloat16, DType::kBFloat16});
   check::inner_contiguous(op, "q", a.q);
   const int64_t T = a.q.size(0), Hq = a.q.size(1), D = a.q.size(2);
+  DSPARK_CHECK_VALUE(D >= 1, op, ": argument 'q' must have a head dim >= 1, got ", a.q.shape_str());
   check_cache(op, "k_cache", a.k_cache, device);
   check_cache(op, "v_cache", a.v_cache, device);
   const int64_t pages = a.k_cache.size(0), page_size = a.k_cache.size(1), Hkv = a.k_cache.size(2);

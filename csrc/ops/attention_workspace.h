@@ -38,10 +38,14 @@ struct AttentionPlan {
     p.tokens_per_tile = std::max<int64_t>(1, kRowsPerBlock / group);
     p.max_tiles = std::max<int64_t>(1, (T + p.tokens_per_tile - 1) / p.tokens_per_tile + R);
     const int64_t max_keys = std::max<int64_t>(1, max_pages * page_size);
-    // Enough splits that a batch of one long request fills the GPU: there are
-    // at least ceil(T / tokens_per_tile) real tiles per kv head, so a long
-    // prefill (many tiles) gets no splits and no partials.
-    const int64_t busy = std::max<int64_t>(1, (T + p.tokens_per_tile - 1) / p.tokens_per_tile) * std::max<int64_t>(Hkv, 1);
+    // Enough splits that a batch of one long request fills the GPU. The busy
+    // blocks before splitting are the real tiles times H_kv: at least
+    // ceil(T / tokens_per_tile) (a long prefill gets no splits and no
+    // partials), and one per request with a query: min(R, T) when every
+    // request has one, as in decode and verification (R x H_kv blocks, where
+    // T / tokens_per_tile would over-split).
+    const int64_t tiles = std::max<int64_t>({1, (T + p.tokens_per_tile - 1) / p.tokens_per_tile, std::min(R, T)});
+    const int64_t busy = tiles * std::max<int64_t>(Hkv, 1);
     const int64_t want = (kTargetBlocks + busy - 1) / busy;
     const int64_t by_length = (max_keys + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
     p.splits = std::max<int64_t>(1, std::min({want, by_length, kMaxSplits}));

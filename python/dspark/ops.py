@@ -11,7 +11,7 @@ host, so they can be captured in CUDA graphs.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -727,14 +727,17 @@ def markov_sample(
     temperature_value, temperatures = _temperature_args(op, temperature, device)
     rng = _random.resolve(op, device, R, generator, seed, offset)
     if validate and device.type == "cuda" and not _compiling() and not is_capturing(device):
-        flags = [((anchor_tokens < 0) | (anchor_tokens >= V)).any() if R else torch.zeros((), dtype=torch.bool, device=device)]
-        if temperatures is not None:
-            flags.append(~(temperatures >= 0).all())
+        none = torch.zeros((), dtype=torch.bool, device=device)
+        flags = [((anchor_tokens < 0) | (anchor_tokens >= V)).any() if R else none,
+                 ~(temperatures >= 0).all() if temperatures is not None else none,
+                 ((rng.offsets < 0) | (rng.offsets >= _random.OFFSET_LIMIT)).any() if rng.offsets is not None else none]
         bad = torch.stack([f.reshape(()) for f in flags]).tolist()
-        if bad[0]:
-            raise ValueError(f"{op}: argument 'anchor_tokens' holds token ids outside the vocabulary [0, {V})")
-        if len(bad) > 1 and bad[1]:
-            raise ValueError(f"{op}: argument 'temperature' must be >= 0 (NaN is not allowed)")
+        messages = (f"argument 'anchor_tokens' holds token ids outside the vocabulary [0, {V})",
+                    "argument 'temperature' must be >= 0 (NaN is not allowed)",
+                    "argument 'offset' must be in [0, 2^32)")
+        for flag, message in zip(bad, messages):
+            if flag:
+                raise ValueError(f"{op}: {message}")
     args = (base_logits, anchor_tokens, w1, w2, MARKOV_HEADS[head], gate_weight, gate_bias, joint_weight, joint_bias,
             hidden, temperature_value, temperatures, rng.seed, rng.seeds, rng.offset, rng.offsets)
     if _compiling():
@@ -974,7 +977,13 @@ def paged_attention(
     cu_q = _on_device(op, "cu_q", cu_q, device)
     if mask not in ATTENTION_MASKS:
         raise ValueError(f"{op}: argument 'mask' must be 'causal' or 'block', got {mask!r}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if q.shape[-1] == 0:
+        raise ValueError(f"{op}: argument 'q' must have a head dim >= 1, got shape {list(q.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: argument 'scale' must be a float, got {type(scale).__name__}")
+    scale = float(scale)
     if validate and device.type == "cuda" and not _compiling() and not is_capturing(device) and kv_lens.numel():
         pages, page_size = k_cache.shape[0], k_cache.shape[1]
         used = (kv_lens.long() + page_size - 1) // page_size
@@ -1005,6 +1014,24 @@ def paged_attention(
 def rope_inv_freq(rotary_dim: int, theta: float = 10000.0, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """The rotary frequencies ``1 / theta^(2i / rotary_dim)`` as Llama and Qwen3 compute them."""
     return (1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))).to(device)
+
+
+# The frequencies rope() builds from (rotary_dim, theta), once per device: the
+# host-to-device copy happens on the first call only, never inside a captured
+# CUDA graph. Scaled variants pass inv_freq themselves.
+_INV_FREQ: Dict[Tuple[str, int, float], torch.Tensor] = {}
+
+
+def _cached_inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    key = (str(device), rotary_dim, theta)
+    cached = _INV_FREQ.get(key)
+    if cached is None:
+        if is_capturing(device):
+            raise ValueError(f"rope: the frequencies for rotary_dim={rotary_dim}, theta={theta:g} on {device} are "
+                             "built on the first call, which must not be inside CUDA graph capture: call rope once "
+                             "before capturing, or pass inv_freq")
+        cached = _INV_FREQ[key] = rope_inv_freq(rotary_dim, theta, device)
+    return cached
 
 
 @torch.library.custom_op("dspark::rope", mutates_args=("q", "k"))
@@ -1045,7 +1072,9 @@ def rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tensor, *,
         rotary_dim = q.shape[-1] if rotary_dim is None else int(rotary_dim)
         if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > q.shape[-1]:
             raise ValueError(f"{op}: argument 'rotary_dim' must be even and in (0, {q.shape[-1]}], got {rotary_dim}")
-        inv_freq = rope_inv_freq(rotary_dim, theta, device)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (0.0 < float(theta) < math.inf):
+            raise ValueError(f"{op}: argument 'theta' must be a positive finite number, got {theta!r}")
+        inv_freq = _cached_inv_freq(rotary_dim, float(theta), device)
     else:
         inv_freq = _on_device(op, "inv_freq", _require_tensor(op, "inv_freq", inv_freq).to(torch.float32), device)
     if _compiling():
