@@ -1,10 +1,14 @@
-// markov_sample (vanilla head, bfloat16 weights and base logits) on the CPU
+// markov_sample (bfloat16 weights, hidden states and base logits) on the CPU
 // and, with CUDA and a GPU, on CUDA (event timing).
 //
-// Grid: requests {1, 16, 128, 512} x gamma {5, 7, 16} x vocabulary {49152,
-// 129280, 151936} x rank {128, 256}; --dspark_grid=tiny: two shapes.
+// Grid, vanilla head: requests {1, 16, 128, 512} x gamma {5, 7, 16} x
+// vocabulary {49152, 129280, 151936} x rank {128, 256}; gated and rnn heads:
+// requests {1, 16, 128, 512}, gamma 7, vocabulary 151936, rank 256, hidden
+// size d 2560 (Qwen3-4B's); --dspark_grid=tiny: four shapes.
 // Bytes that must move: gamma (V rank + R V) 2 (W2 once per position, the base
-// logits once) plus the outputs; that is the floor the achieved bandwidth is
+// logits once) plus the outputs; the gated and rnn heads add their weights
+// once per position (rank (d + rank) or 3 rank (2 rank + d) elements) and the
+// hidden states once (R gamma d). That is the floor the achieved bandwidth is
 // measured against.
 #include <benchmark/benchmark.h>
 
@@ -29,13 +33,23 @@ using dspark::DType;
 using dspark::Device;
 using dspark::TensorView;
 
+using dspark::markov::Head;
+
 struct Shape {
   int64_t requests, gamma, vocab, rank;
+  Head head = Head::kVanilla;
+  int64_t d = 0;  // hidden size (gated, rnn)
 };
+
+// Rows and columns of the head's weight (gate_weight or joint_weight).
+int64_t head_rows(const Shape& s) { return s.head == Head::kGated ? s.rank : s.head == Head::kRnn ? 3 * s.rank : 0; }
+int64_t head_cols(const Shape& s) {
+  return s.head == Head::kGated ? s.d + s.rank : s.head == Head::kRnn ? 2 * s.rank + s.d : 0;
+}
 
 struct Inputs {
   Shape s;
-  std::vector<uint8_t> U, w1, w2;
+  std::vector<uint8_t> U, w1, w2, head_w, head_b, hidden;
   std::vector<int64_t> anchors;
   explicit Inputs(Shape shape) : s(shape) {
     // base logits: a pool of 16 random rows tiled over (request, position)
@@ -49,20 +63,41 @@ struct Inputs {
     w2 = encode(normal_floats(static_cast<size_t>(s.vocab * s.rank), 0.1f, 3), DType::kBFloat16);
     anchors.resize(static_cast<size_t>(s.requests));
     for (int64_t r = 0; r < s.requests; ++r) anchors[static_cast<size_t>(r)] = (r * 7919) % s.vocab;
+    if (s.head != Head::kVanilla) {
+      head_w = encode(normal_floats(static_cast<size_t>(head_rows(s) * head_cols(s)), 0.05f, 4), DType::kBFloat16);
+      head_b = encode(normal_floats(static_cast<size_t>(head_rows(s)), 0.05f, 5), DType::kBFloat16);
+      hidden = encode(normal_floats(static_cast<size_t>(s.requests * s.gamma * s.d), 1.0f, 6), DType::kBFloat16);
+    }
   }
   double bytes() const {
-    return 2.0 * s.gamma * (s.vocab * s.rank + s.requests * s.vocab) + 16.0 * s.requests * s.gamma;
+    return 2.0 * s.gamma * (s.vocab * s.rank + s.requests * s.vocab + head_rows(s) * head_cols(s)) +
+           2.0 * s.requests * s.gamma * s.d + 16.0 * s.requests * s.gamma;
   }
 };
 
+// head_w, head_b, hidden: the gated / rnn head's tensors on `dev` (null for vanilla).
 dspark::MarkovSampleArgs make_args(const Inputs& in, Device dev, void* U, void* w1, void* w2, void* anchors,
-                                   void* tokens, void* logprobs, void* lse) {
+                                   void* tokens, void* logprobs, void* lse, void* head_w = nullptr,
+                                   void* head_b = nullptr, void* hidden = nullptr) {
   const Shape& s = in.s;
   dspark::MarkovSampleArgs a;
   a.base_logits = TensorView::contiguous(U, DType::kBFloat16, dev, {s.requests, s.gamma, s.vocab});
   a.anchor_tokens = TensorView::contiguous(anchors, DType::kInt64, dev, {s.requests});
   a.w1 = TensorView::contiguous(w1, DType::kBFloat16, dev, {s.vocab, s.rank});
   a.w2 = TensorView::contiguous(w2, DType::kBFloat16, dev, {s.vocab, s.rank});
+  a.head = s.head;
+  if (s.head != Head::kVanilla) {
+    const TensorView w = TensorView::contiguous(head_w, DType::kBFloat16, dev, {head_rows(s), head_cols(s)});
+    const TensorView b = TensorView::contiguous(head_b, DType::kBFloat16, dev, {head_rows(s)});
+    if (s.head == Head::kGated) {
+      a.gate_weight = w;
+      a.gate_bias = b;
+    } else {
+      a.joint_weight = w;
+      a.joint_bias = b;
+    }
+    a.hidden = TensorView::contiguous(hidden, DType::kBFloat16, dev, {s.requests, s.gamma, s.d});
+  }
   a.temperature = 1.0f;
   a.seed = 7;
   a.draft_tokens = TensorView::contiguous(tokens, DType::kInt64, dev, {s.requests, s.gamma});
@@ -77,7 +112,7 @@ void bench_cpu(benchmark::State& state, Shape shape) {
   std::vector<int64_t> tokens(n);
   std::vector<float> logprobs(n), lse(n);
   auto a = make_args(in, Device{}, in.U.data(), in.w1.data(), in.w2.data(), in.anchors.data(), tokens.data(),
-                     logprobs.data(), lse.data());
+                     logprobs.data(), lse.data(), in.head_w.data(), in.head_b.data(), in.hidden.data());
   time_cpu(state, in.bytes(), [&](int64_t) { dspark::markov_sample(a); });
 }
 
@@ -91,27 +126,34 @@ void bench_cuda(benchmark::State& state, Shape shape) {
   void* w1 = cuda_upload(in.w1);
   void* w2 = cuda_upload(in.w2);
   void* anchors = cuda_upload(in.anchors);
+  const bool head = shape.head != Head::kVanilla;
+  void* head_w = head ? cuda_upload(in.head_w) : nullptr;
+  void* head_b = head ? cuda_upload(in.head_b) : nullptr;
+  void* hidden = head ? cuda_upload(in.hidden) : nullptr;
   const size_t n = static_cast<size_t>(shape.requests * shape.gamma);
   void *tokens, *logprobs, *lse, *workspace;
   cuda_check(cudaMalloc(&tokens, n * 8));
   cuda_check(cudaMalloc(&logprobs, n * 4));
   cuda_check(cudaMalloc(&lse, n * 4));
-  const size_t ws = dspark::markov_sample_workspace_bytes(shape.requests, shape.gamma, shape.vocab, shape.rank, 0,
-                                                          dspark::markov::Head::kVanilla);
+  const size_t ws = dspark::markov_sample_workspace_bytes(shape.requests, shape.gamma, shape.vocab, shape.rank,
+                                                          shape.d, shape.head);
   cuda_check(cudaMalloc(&workspace, ws));
-  auto a = make_args(in, dev, U, w1, w2, anchors, tokens, logprobs, lse);
+  auto a = make_args(in, dev, U, w1, w2, anchors, tokens, logprobs, lse, head_w, head_b, hidden);
   a.workspace = TensorView::contiguous(workspace, DType::kUInt8, dev, {static_cast<int64_t>(ws)});
   time_cuda(state, in.bytes(), [&](cudaStream_t stream, int64_t) {
     a.stream = stream;
     dspark::markov_sample(a);
   });
-  for (void* p : {U, w1, w2, anchors, tokens, logprobs, lse, workspace}) cudaFree(p);
+  for (void* p : {U, w1, w2, anchors, tokens, logprobs, lse, workspace, head_w, head_b, hidden})
+    if (p) cudaFree(p);
 }
 #endif
 
 std::string name(const char* backend, const Shape& s) {
-  return std::string("markov_sample/") + backend + "/R=" + std::to_string(s.requests) + "/gamma=" +
-         std::to_string(s.gamma) + "/V=" + std::to_string(s.vocab) + "/r=" + std::to_string(s.rank);
+  const std::string head = s.head == Head::kGated ? "gated/" : s.head == Head::kRnn ? "rnn/" : "";
+  return std::string("markov_sample/") + backend + "/" + head + "R=" + std::to_string(s.requests) + "/gamma=" +
+         std::to_string(s.gamma) + "/V=" + std::to_string(s.vocab) + "/r=" + std::to_string(s.rank) +
+         (s.d ? "/d=" + std::to_string(s.d) : "");
 }
 
 }  // namespace
@@ -119,12 +161,15 @@ std::string name(const char* backend, const Shape& s) {
 void register_markov_sample() {
   std::vector<Shape> shapes;
   if (options().tiny) {
-    shapes = {{4, 3, 4099, 32}, {16, 7, 49152, 256}};
+    shapes = {{4, 3, 4099, 32}, {16, 7, 49152, 256}, {16, 7, 49152, 256, Head::kGated, 576},
+              {16, 7, 49152, 256, Head::kRnn, 576}};
   } else {
     for (int64_t v : {49152, 129280, 151936})
       for (int64_t r : {128, 256})
         for (int64_t g : {5, 7, 16})
           for (int64_t n : {1, 16, 128, 512}) shapes.push_back({n, g, v, r});
+    for (Head h : {Head::kGated, Head::kRnn})
+      for (int64_t n : {1, 16, 128, 512}) shapes.push_back({n, 7, 151936, 256, h, 2560});
   }
   for (const Shape& s : shapes) {
     // The CPU is compute-bound here: keep its grid to what runs in seconds.

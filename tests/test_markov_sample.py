@@ -3,6 +3,7 @@ joint distribution of a drafted block, losslessness of a full round with
 rejection_sample, invariance, bad input, torch integration, and CUDA."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -39,12 +40,19 @@ def head_kwargs(p, head):
     return kw
 
 
-def tolerance(head, dtype):
+def tolerance(head, dtype, w2=None):
     """With 16-bit weights the gated and RNN heads round their computed A rows
-    to 16 bits (markov.h); a float32 difference at a rounding boundary moves a
-    coordinate by one 16-bit ulp, so the logits agree to that precision only."""
+    to 16 bits (markov.h). The backends and the float64 reference compute A in
+    different precisions, so a coordinate within rounding of a 16-bit boundary
+    may round the other way: one 16-bit ulp of |a| < 2 (2^-7 for bfloat16,
+    2^-10 for float16) times a W2 entry per flipped coordinate. The bound
+    allows two flips of the largest W2 entry; decisions closer than that are
+    exempt from the token comparison."""
     if dtype != torch.float32 and head != "vanilla":
-        return dict(margin=5e-3, atol=1e-2)
+        ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+        largest = float(w2.float().abs().max()) if w2 is not None else 2.5
+        bound = 2 * ulp * largest
+        return dict(margin=bound, atol=bound)
     return dict(margin=MARGIN, atol=2e-4)
 
 
@@ -65,13 +73,13 @@ def assert_matches(out, ref, label, margin=MARGIN, atol=2e-4):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
 def test_matches_reference(head, dtype, temperature):
-    p = make_drafter(1000, 32, 24, 6, 12, seed=hash((head, temperature)) % 1000, dtype=dtype)
+    p = make_drafter(1000, 32, 24, 6, 12, seed=zlib.crc32(f"{head} {temperature}".encode()) % 1000, dtype=dtype)
     kw = head_kwargs(p, head)
     temps = torch.full((12,), temperature)
     out = ops.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], temperature=temps, seed=5, offset=1,
                             return_corrected_logits=True, **kw)
     ref = reference.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], temperature=temps, seed=5, offset=1, **kw)
-    tol = tolerance(head, dtype)
+    tol = tolerance(head, dtype, p["w2"])
     assert_matches(out, ref, f"{head} {dtype} T={temperature}", **tol)
     torch.testing.assert_close(out.corrected_logits, ref.corrected_logits, atol=tol["atol"] / 2, rtol=1e-5)
     assert out.draft_tokens.dtype == torch.int64
@@ -298,9 +306,13 @@ def test_custom_ops_and_compile():
 @pytest.mark.cuda
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("vocab,rank,R", [(1000, 32, 20), (49152, 256, 16), (4099, 128, 3)])
-def test_cuda_matches_cpu(head, dtype, vocab, rank, R):
-    p = make_drafter(vocab, rank, 64, 5, R, seed=vocab + rank, dtype=dtype, scale=0.1)
+@pytest.mark.parametrize("vocab,rank,R,d", [(1000, 32, 20, 64), (49152, 256, 16, 64), (4099, 128, 3, 64),
+                                            (3001, 40, 37, 600), (2048, 160, 33, 96)])
+def test_cuda_matches_cpu(head, dtype, vocab, rank, R, d):
+    """Shapes of the tiled head products too: rank 40 (a partial 32-row slice),
+    2 rank = 320 and d = 600 (more than one 256-column input chunk), R = 33 and
+    37 (a partial request tile, and hidden rows R gamma not a multiple of 16)."""
+    p = make_drafter(vocab, rank, d, 5, R, seed=vocab + rank, dtype=dtype, scale=0.1)
     kw = head_kwargs(p, head)
     temps = torch.linspace(0, 1.2, R)
     cpu = ops.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], temperature=temps, seed=9,
@@ -309,7 +321,7 @@ def test_cuda_matches_cpu(head, dtype, vocab, rank, R):
     ckw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     gpu = ops.markov_sample(p["U"].cuda(), p["anchor"].cuda(), p["w1"].cuda(), p["w2"].cuda(),
                             temperature=temps.cuda(), seed=9, return_corrected_logits=True, **ckw)
-    tol = tolerance(head, dtype)
+    tol = tolerance(head, dtype, p["w2"])
     assert_matches(gpu, ref, "cuda vs reference", **tol)
     assert_matches(cpu, ref, "cpu vs reference", **tol)
     torch.testing.assert_close(gpu.corrected_logits.cpu(), cpu.corrected_logits, atol=max(1e-3, tol["atol"]),
@@ -337,3 +349,14 @@ def test_cuda_joint_distribution_and_graph_capture():
         graph.replay()
         eager = ops.markov_sample(U, anchor, w1, w2, seed=seeds)
         assert torch.equal(static.draft_tokens, eager.draft_tokens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offset", [2**32 + 7, -1])
+def test_cuda_offsets_are_range_checked(offset):
+    """As on the CPU: an offset tensor outside [0, 2^32) is an error, not a
+    silently truncated stream."""
+    p = make_drafter(50, 8, 4, 3, 2, seed=1)
+    with pytest.raises(ValueError, match="offset"):
+        ops.markov_sample(p["U"].cuda(), p["anchor"].cuda(), p["w1"].cuda(), p["w2"].cuda(), seed=1,
+                          offset=torch.tensor([offset], device="cuda"))

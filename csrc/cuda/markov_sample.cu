@@ -1,13 +1,17 @@
 // CUDA backend of markov_sample and confidence.
 //
-// markov_sample: gamma + 1 launches (plus one for the gated / rnn heads),
-// all on the caller's stream, no allocation, no host synchronisation.
+// markov_sample: gamma + 1 launches for the vanilla head, 2 gamma + 1 for the
+// gated and rnn heads, all on the caller's stream, no allocation, no host
+// synchronisation.
 //
+//   vanilla_rows_kernel (vanilla, position 0): a block per request gathers
+//     its A row (W1[anchor]) and clears the per-position block counters.
 //   hidden_part_kernel (gated, rnn): W_h h for every (request, position), the
-//     part of the head that does not depend on sampled tokens.
-//   head_rows_kernel (position 0): a block per request builds its A row from
-//     the anchor (W1 row, gate or RNN cell) and clears the per-position block
-//     counters.
+//     part of the head that does not depend on sampled tokens: a tiled
+//     product (below) over the R gamma hidden rows, and the counters cleared.
+//   head_rows_kernel (gated, rnn; before each position's step): the A rows of
+//     the position from the token sampled before it, a tiled product over the
+//     batch's requests (gate, or rnn cell and state update).
 //   markov_step_kernel (one launch per position k):
 //     A block owns one 256-column chunk of the vocabulary and a tile of 16
 //     requests. It computes B = A W2^T for the tile: with 16-bit weights on
@@ -18,12 +22,21 @@
 //     fixed-point sum and the race winner (dspark/markov.h), written to the
 //     workspace. The last block to finish a request tile (a device-scope
 //     counter per position and tile) combines the tile's chunk states into
-//     tokens, log-probabilities and log-sum-exps, and builds the tile's A rows
-//     for position k + 1.
+//     tokens, log-probabilities and log-sum-exps and, for the vanilla head,
+//     gathers the tile's A rows for position k + 1 (W1 rows).
 //   Bytes per position: W2 once from HBM per concurrent request tile (V rank b;
 //   tiles of the same chunk run together and share it through L2), U once
 //   (R V b), corrected logits when asked (4 R V); the floor over the block is
 //   gamma (V rank + R V) b plus small terms.
+//
+// The tiled head products (hidden_part_kernel, head_rows_kernel) compute
+// Y = X W^T for a tile of 16 rows of X and a slice of 32 rows of W: X is
+// staged in shared memory kInputChunk columns at a time, each warp owns 4 W
+// rows and its lanes walk their columns (coalesced loads), keeping 16 partial
+// sums per W row, one per X row, which a 16-shuffle butterfly reduces. W is
+// read once per tile of 16 X rows (the head's weights: rank x rank elements
+// per tile for the gated head, 3 rank x 2 rank for the rnn head; d x the
+// hidden width for the hidden part), instead of once per request.
 //
 // confidence: a block per request, a warp per position (a dot of length
 // d + rank), then the cumulative product.
@@ -57,12 +70,15 @@ constexpr int kChunk = static_cast<int>(kMarkovChunk);  // columns per block
 constexpr int kColsPerLane = kChunk / kWarpSize;        // 8 in the epilogue
 constexpr int kWmma = 16;
 constexpr int kSimtK = 16;  // K slice of the float32 shared-memory tile
-// The next position's head rows use the step kernel's tiles as scratch (4 rank floats).
-constexpr int64_t kMarkovMaxRankCuda = (kRowTile * kChunk + kChunk * (kSimtK + 1)) / 4;
+constexpr int kHeadSlice = 32;                    // W rows per block of the tiled head products
+constexpr int kRowsPerWarp = kHeadSlice / kWarps;  // 4
+constexpr int kInputChunk = 256;                  // X columns staged at a time
 
 static_assert(kChunk == kWarps * 2 * kWmma, "each warp owns two 16-column WMMA fragments");
 static_assert(kRowTile == kWmma, "a request tile is one WMMA row block");
 static_assert(kRowTile == 2 * kWarps, "the epilogue gives each warp two requests");
+static_assert(kRowTile == 16, "warp_sum16 reduces 16 partial sums");
+static_assert(kHeadSlice % kWarps == 0, "each warp owns whole W rows");
 
 struct Params {
   // inputs
@@ -99,7 +115,7 @@ struct Params {
   float* corrected;
   // workspace
   float* a_rows;             // [R_pad, rank] float32, or 16-bit values in the first half (wmma)
-  float* state;              // [R, rank]
+  float* state;              // [2, R, rank]: the rnn state, written at k % 2, read at (k - 1) % 2
   float* hidden_part;        // [R, gamma, hidden_width]
   int64_t hidden_width;
   ChunkState* chunk_states;  // [R, chunks]
@@ -112,97 +128,206 @@ __device__ __forceinline__ float ld(const void* base, DType t, int64_t i) { retu
 
 // ------------------------------------------------------------ head rows
 
-// Block-cooperative: the A row of request r at position k from token `prev`
-// (and, for the RNN head, the state of position k - 1). `shared` holds at
-// least 4 rank floats.
-__device__ void head_row(const Params& p, int32_t r, int32_t k, int64_t prev, float* shared) {
-  const int64_t rank = p.rank;
-  float* e = shared;          // [rank]
-  float* y = shared + rank;   // [3 rank]
-  for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) e[i] = ld(p.w1, p.w1_dtype, prev * p.w1_stride + i);
-  __syncthreads();
-  float* out = p.a_rows + int64_t{r} * rank;
-  const float* part = p.hidden_part + (int64_t{r} * p.gamma + k) * p.hidden_width;
-  if (p.head == Head::kGated) {
-    for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) {
-      float s = part[i];
-      const int64_t row = i * p.gate_stride + p.d;
-      for (int64_t j = 0; j < rank; ++j) s = fmaf(ld(p.gate_weight, p.gate_dtype, row + j), e[j], s);
-      y[i] = num::mul(markov::sigmoid(num::add(s, ld(p.gate_bias, p.gate_bias_dtype, i))), e[i]);
-    }
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) e[i] = y[i];
-  } else if (p.head == Head::kRnn) {
-    float* st = p.state + int64_t{r} * rank;
-    for (int64_t i = threadIdx.x; i < 3 * rank; i += blockDim.x) {
-      float s = part[i];
-      const int64_t row = i * p.joint_stride;
-      for (int64_t j = 0; j < rank; ++j) s = fmaf(ld(p.joint_weight, p.joint_dtype, row + j), st[j], s);
-      for (int64_t j = 0; j < rank; ++j) s = fmaf(ld(p.joint_weight, p.joint_dtype, row + rank + j), e[j], s);
-      y[i] = num::add(s, ld(p.joint_bias, p.joint_bias_dtype, i));
-    }
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) {
-      const float g = markov::sigmoid(y[i]);
-      st[i] = num::add(num::mul(g, st[i]), num::mul(num::sub(1.0f, g), markov::tanh_(y[rank + i])));
-      e[i] = markov::tanh_(y[2 * rank + i]);
-    }
-  }
-  __syncthreads();
-  // 16-bit products take 16-bit inputs (markov.h): round, and store them in
-  // the layout the WMMA loads read.
-  for (int64_t i = threadIdx.x; i < rank; i += blockDim.x) {
-    const float v = round_to(e[i], p.w2_dtype);
-    if (p.wmma && p.w2_dtype == DType::kBFloat16)
-      reinterpret_cast<__nv_bfloat16*>(p.a_rows)[int64_t{r} * rank + i] = __float2bfloat16_rn(v);
-    else if (p.wmma)
-      reinterpret_cast<__half*>(p.a_rows)[int64_t{r} * rank + i] = __float2half_rn(v);
-    else
-      out[i] = v;
-  }
-  __syncthreads();
+// Stores value v of A row r, column i: rounded to W2's dtype when the product
+// takes 16-bit inputs (markov.h), in the layout the product reads.
+__device__ __forceinline__ void store_a(const Params& p, int64_t r, int64_t i, float v) {
+  v = round_to(v, p.w2_dtype);
+  if (p.wmma && p.w2_dtype == DType::kBFloat16)
+    reinterpret_cast<__nv_bfloat16*>(p.a_rows)[r * p.rank + i] = __float2bfloat16_rn(v);
+  else if (p.wmma)
+    reinterpret_cast<__half*>(p.a_rows)[r * p.rank + i] = __float2half_rn(v);
+  else
+    p.a_rows[r * p.rank + i] = v;
 }
 
-// A block per (request, position): W_h h for the gated head (W_g[:, :d]) or
-// the RNN head (W_j[:, 2 rank:]), into hidden_part. A warp per output, lanes
-// along d (coalesced weight rows).
-__global__ void __launch_bounds__(kThreads) hidden_part_kernel(Params p) {
-  const int32_t r = blockIdx.x / p.gamma, k = blockIdx.x % p.gamma;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const bool gated = p.head == Head::kGated;
-  const void* w = gated ? p.gate_weight : p.joint_weight;
-  const DType wt = gated ? p.gate_dtype : p.joint_dtype;
-  const int64_t stride = gated ? p.gate_stride : p.joint_stride;
-  const int64_t column0 = gated ? 0 : 2 * p.rank;
-  const int64_t h0 = r * p.hidden_stride0 + k * p.hidden_stride1;
-  float* out = p.hidden_part + (int64_t{r} * p.gamma + k) * p.hidden_width;
-  for (int64_t i = warp; i < p.hidden_width; i += kWarps) {
-    float s = 0.0f;
-    for (int64_t j = lane; j < p.d; j += kWarpSize)
-      s = fmaf(ld(w, wt, i * stride + column0 + j), ld(p.hidden, p.hidden_dtype, h0 + j), s);
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
-    if (lane == 0) out[i] = s;
-  }
+// Vanilla head: the A row of request r is W1[prev] (block-cooperative).
+__device__ void vanilla_row(const Params& p, int64_t r, int64_t prev) {
+  for (int64_t i = threadIdx.x; i < p.rank; i += blockDim.x) store_a(p, r, i, ld(p.w1, p.w1_dtype, prev * p.w1_stride + i));
 }
 
-// Position 0: a block per request; block 0 also clears the counters.
-__global__ void __launch_bounds__(kThreads) head_rows_kernel(Params p) {
-  extern __shared__ float shared[];
-  const int32_t r = blockIdx.x;
+// Clears the per-position block counters (block 0 of the first launch).
+__device__ void clear_counters(const Params& p) {
+  for (int64_t i = threadIdx.x; i < int64_t{p.gamma} * p.tiles; i += blockDim.x) p.counters[i] = 0;
+}
+
+// Vanilla head, position 0: a block per request; block 0 also clears the
+// counters and the padding rows of the last tile (never used, but read by
+// the WMMA loads).
+__global__ void __launch_bounds__(kThreads) vanilla_rows_kernel(Params p) {
+  const int64_t r = blockIdx.x;
   if (r == 0) {
-    for (int64_t i = threadIdx.x; i < int64_t{p.gamma} * p.tiles; i += blockDim.x) p.counters[i] = 0;
-    // Padding rows of the last tile: never used, but read by the WMMA loads.
-    const int64_t first = int64_t{p.R} * p.rank, last = p.tiles * kRowTile * p.rank;
-    for (int64_t i = first + threadIdx.x; i < last; i += blockDim.x) {
+    clear_counters(p);
+    for (int64_t i = int64_t{p.R} * p.rank + threadIdx.x; i < p.tiles * kRowTile * p.rank; i += blockDim.x) {
       if (p.wmma) reinterpret_cast<uint16_t*>(p.a_rows)[i] = 0;
       else p.a_rows[i] = 0.0f;
     }
   }
-  if (p.head == Head::kRnn)
-    for (int64_t i = threadIdx.x; i < p.rank; i += blockDim.x) p.state[int64_t{r} * p.rank + i] = 0.0f;
+  vanilla_row(p, r, load_index(p.anchors, p.anchor_dtype, r));
+}
+
+// Sums 16 per-lane values over the warp in 16 shuffles (a butterfly that
+// halves the values kept at each step): lane l returns the sum of value l / 2.
+__device__ __forceinline__ float warp_sum16(float (&v)[16], int lane) {
+#pragma unroll
+  for (int step = 0; step < 4; ++step) {
+    const int half = 8 >> step, offset = 16 >> step;
+    const bool upper = (lane & offset) != 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (i < half) {
+        const float keep = upper ? v[half + i] : v[i];
+        const float give = upper ? v[i] : v[half + i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, give, offset);
+      }
+    }
+  }
+  return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
+}
+
+// One weight operand of a tiled product: rows w_row0 + o (o < n) of a
+// [*, *] matrix, columns col0 .. col0 + K - 1.
+struct WeightSlice {
+  const void* data;
+  DType dtype;
+  int64_t stride, row0, n, col0;
+};
+
+// y[q * y_stride + o] = sum_j X(q, j) W[row0 + o][col0 + j] for q < kRowTile and
+// o < kHeadSlice (rows o >= n give 0). x_chunk holds kRowTile x kInputChunk
+// floats of shared memory; load_x(q, j) returns X(q, j) (0 past the rows).
+// Block-cooperative; ends with a barrier.
+template <typename LoadX>
+__device__ void tile_product(const WeightSlice& w, int64_t K, LoadX load_x, float* x_chunk, float* y,
+                             int y_stride) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  float acc[kRowsPerWarp][kRowTile];
+#pragma unroll
+  for (int o = 0; o < kRowsPerWarp; ++o)
+#pragma unroll
+    for (int q = 0; q < kRowTile; ++q) acc[o][q] = 0.0f;
+  for (int64_t j0 = 0; j0 < K; j0 += kInputChunk) {
+    const int64_t width = min(int64_t{kInputChunk}, K - j0);
+    for (int idx = threadIdx.x; idx < kRowTile * kInputChunk; idx += kThreads) {
+      const int q = idx / kInputChunk, j = idx % kInputChunk;
+      x_chunk[idx] = j < width ? load_x(q, j0 + j) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int o = 0; o < kRowsPerWarp; ++o) {
+      const int64_t row = warp * kRowsPerWarp + o;
+      if (row >= w.n) continue;  // warp-uniform
+      const int64_t at = (w.row0 + row) * w.stride + w.col0 + j0;
+      for (int j = lane; j < width; j += kWarpSize) {
+        const float wv = ld(w.data, w.dtype, at + j);
+#pragma unroll
+        for (int q = 0; q < kRowTile; ++q) acc[o][q] = fmaf(wv, x_chunk[q * kInputChunk + j], acc[o][q]);
+      }
+    }
+    __syncthreads();  // the next chunk overwrites x_chunk
+  }
+#pragma unroll
+  for (int o = 0; o < kRowsPerWarp; ++o) {
+    const float sum = warp_sum16(acc[o], lane);  // every lane takes part
+    if (lane % 2 == 0) y[(lane / 2) * y_stride + warp * kRowsPerWarp + o] = sum;
+  }
   __syncthreads();
-  head_row(p, r, 0, load_index(p.anchors, p.anchor_dtype, r), shared);
+}
+
+// The shared memory of a tiled-product block: X chunk, then Y.
+constexpr size_t kTileSharedFloats = kRowTile * kInputChunk + 3 * kRowTile * kHeadSlice;
+
+// Gated / rnn heads: W_h h for every (request, position) into hidden_part
+// (gated: W_g[:, :d]; rnn: W_j[:, 2 rank:]). A block owns a tile of 16 of the
+// R gamma hidden rows and a slice of 32 outputs. Block 0 clears the counters.
+__global__ void __launch_bounds__(kThreads) hidden_part_kernel(Params p) {
+  __shared__ float shared[kTileSharedFloats];
+  const int64_t slices = (p.hidden_width + kHeadSlice - 1) / kHeadSlice;
+  const int64_t tile = blockIdx.x / slices, slice = blockIdx.x % slices;
+  if (blockIdx.x == 0) clear_counters(p);
+  const bool gated = p.head == Head::kGated;
+  const int64_t rows = int64_t{p.R} * p.gamma, m0 = tile * kRowTile, o0 = slice * kHeadSlice;
+  const WeightSlice w{gated ? p.gate_weight : p.joint_weight, gated ? p.gate_dtype : p.joint_dtype,
+                      gated ? p.gate_stride : p.joint_stride, o0, min(int64_t{kHeadSlice}, p.hidden_width - o0),
+                      gated ? 0 : 2 * p.rank};
+  float* y = shared + kRowTile * kInputChunk;
+  tile_product(
+      w, p.d,
+      [&](int q, int64_t j) {
+        const int64_t m = m0 + q;
+        if (m >= rows) return 0.0f;
+        return ld(p.hidden, p.hidden_dtype, (m / p.gamma) * p.hidden_stride0 + (m % p.gamma) * p.hidden_stride1 + j);
+      },
+      shared, y, kHeadSlice);
+  for (int idx = threadIdx.x; idx < kRowTile * kHeadSlice; idx += kThreads) {
+    const int64_t m = m0 + idx / kHeadSlice, o = o0 + idx % kHeadSlice;
+    if (m < rows && o < p.hidden_width) p.hidden_part[m * p.hidden_width + o] = y[idx];
+  }
+}
+
+// Gated / rnn heads, position k: the A rows of a tile of 16 requests for a
+// slice of 32 rank indices i. X is e = W1[x] (gated) or [s_{k-1} ; e] (rnn),
+// with x the token sampled at position k - 1 (the anchor at k = 0); the
+// products are W_g[i, d:] e (gated) and W_j[part rank + i, :2 rank] [s ; e] for
+// the gate, candidate and output parts (rnn). Then the hidden part and the
+// bias are added, the gate or the rnn cell applied (the state written to the
+// other buffer), and the row stored. Padding rows of the last tile get 0.
+__global__ void __launch_bounds__(kThreads) head_rows_kernel(Params p, int32_t k) {
+  __shared__ float shared[kTileSharedFloats];
+  __shared__ int64_t prev[kRowTile];
+  const int64_t slices = (p.rank + kHeadSlice - 1) / kHeadSlice;
+  const int64_t tile = blockIdx.x / slices, slice = blockIdx.x % slices;
+  const int64_t row0 = tile * kRowTile, i0 = slice * kHeadSlice;
+  const int64_t rank = p.rank;
+  const bool rnn = p.head == Head::kRnn;
+  const float* state_in = p.state + ((k + 1) % 2) * int64_t{p.R} * rank;  // s_{k-1} (unused at k = 0)
+  float* state_out = p.state + (k % 2) * int64_t{p.R} * rank;
+  if (threadIdx.x < kRowTile) {
+    const int64_t r = row0 + threadIdx.x;
+    prev[threadIdx.x] = r >= p.R ? 0 : k == 0 ? load_index(p.anchors, p.anchor_dtype, r) : p.tokens[r * p.gamma + k - 1];
+  }
+  __syncthreads();
+  auto load_x = [&](int q, int64_t j) {
+    const int64_t r = row0 + q;
+    if (r >= p.R) return 0.0f;
+    if (rnn && j < rank) return k == 0 ? 0.0f : state_in[r * rank + j];
+    return ld(p.w1, p.w1_dtype, prev[q] * p.w1_stride + (rnn ? j - rank : j));
+  };
+  float* y = shared + kRowTile * kInputChunk;  // [kRowTile][3 kHeadSlice]
+  constexpr int kYStride = 3 * kHeadSlice;
+  const int64_t n = min(int64_t{kHeadSlice}, rank - i0);
+  if (rnn) {
+    for (int part = 0; part < 3; ++part)
+      tile_product(WeightSlice{p.joint_weight, p.joint_dtype, p.joint_stride, part * rank + i0, n, 0}, 2 * rank,
+                   load_x, shared, y + part * kHeadSlice, kYStride);
+  } else {
+    tile_product(WeightSlice{p.gate_weight, p.gate_dtype, p.gate_stride, i0, n, p.d}, rank, load_x, shared, y,
+                 kYStride);
+  }
+  for (int idx = threadIdx.x; idx < kRowTile * kHeadSlice; idx += kThreads) {
+    const int q = idx / kHeadSlice, il = idx % kHeadSlice;
+    const int64_t r = row0 + q, i = i0 + il;
+    if (i >= rank) continue;
+    float a = 0.0f;
+    if (r < p.R) {
+      const float* part = p.hidden_part + (r * p.gamma + k) * p.hidden_width;
+      const float e = ld(p.w1, p.w1_dtype, prev[q] * p.w1_stride + i);
+      if (!rnn) {
+        const float s = num::add(num::add(part[i], y[q * kYStride + il]), ld(p.gate_bias, p.gate_bias_dtype, i));
+        a = num::mul(markov::sigmoid(s), e);
+      } else {
+        float z[3];
+#pragma unroll
+        for (int c = 0; c < 3; ++c)
+          z[c] = num::add(num::add(part[c * rank + i], y[q * kYStride + c * kHeadSlice + il]),
+                          ld(p.joint_bias, p.joint_bias_dtype, c * rank + i));
+        const float g = markov::sigmoid(z[0]);
+        const float s_prev = k == 0 ? 0.0f : state_in[r * rank + i];
+        state_out[r * rank + i] = num::add(num::mul(g, s_prev), num::mul(num::sub(1.0f, g), markov::tanh_(z[1])));
+        a = markov::tanh_(z[2]);
+      }
+    }
+    store_a(p, r, i, a);
+  }
 }
 
 // ------------------------------------------------------------- the step
@@ -306,8 +431,7 @@ __device__ void tile_product_simt(const Params& p, int64_t row0, int64_t v0, flo
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t k) {
-  // 16 KB product tile, then 17 KB of W2 slice (float32 path); after the
-  // epilogue both serve as scratch for the next position's head rows.
+  // 16 KB product tile, then 17 KB of W2 slice (float32 path).
   __shared__ __align__(32) float smem[kRowTile * kChunk + kChunk * (kSimtK + 1)];
   __shared__ float a_tile[kRowTile * kSimtK];
   float* c_tile = smem;
@@ -446,10 +570,9 @@ __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t
     }
   }
   __syncthreads();
-  if (k + 1 >= p.gamma) return;
-  // A rows of position k + 1 for this tile (the tiles are free: reuse them).
-  for (int i = 0; i < kRowTile && row0 + i < p.R; ++i)
-    head_row(p, static_cast<int32_t>(row0 + i), k + 1, next_tokens[i], smem);
+  if (k + 1 >= p.gamma || p.head != Head::kVanilla) return;  // gated / rnn: head_rows_kernel
+  // Vanilla A rows of position k + 1 for this tile: W1 rows of the tokens.
+  for (int i = 0; i < kRowTile && row0 + i < p.R; ++i) vanilla_row(p, row0 + i, next_tokens[i]);
 }
 
 // ------------------------------------------------------------ confidence
@@ -581,21 +704,25 @@ void markov_sample(const MarkovSampleArgs& a) {
   // Tensor cores: 16-bit weights, rank a multiple of 16, 32-byte aligned fragments.
   p.wmma = a.w2.dtype != DType::kFloat32 && rank % kWmma == 0 && p.w2_stride % kWmma == 0 && aligned(p.w2, 32);
 
-  // Limits checked before the first launch (nothing is queued on error).
-  const size_t head_shared = static_cast<size_t>(4 * rank) * sizeof(float);
-  if (rank > kMarkovMaxRankCuda)
-    throw ValueError(std::string(kOp) + ": rank " + std::to_string(rank) + " exceeds the CUDA limit " +
-                     std::to_string(kMarkovMaxRankCuda));
+  // Grid sizes checked before the first launch (nothing is queued on error).
+  const bool vanilla = a.head == Head::kVanilla;
   const unsigned grid = grid_size(p.chunks * p.tiles, kOp);
-  const unsigned head_grid = grid_size(R, kOp);
-  const unsigned part_grid = grid_size(R * gamma, kOp);
-  if (a.head != Head::kVanilla) {
+  const int64_t rank_slices = (rank + kHeadSlice - 1) / kHeadSlice;
+  const int64_t part_tiles = (R * gamma + kRowTile - 1) / kRowTile;
+  const unsigned rows_grid = grid_size(vanilla ? R : p.tiles * rank_slices, kOp);
+  const unsigned part_grid = grid_size(vanilla ? 1 : part_tiles * ((p.hidden_width + kHeadSlice - 1) / kHeadSlice), kOp);
+  if (vanilla) {
+    vanilla_rows_kernel<<<rows_grid, kThreads, 0, stream>>>(p);
+    check(cudaGetLastError(), kOp, "vanilla_rows_kernel launch");
+  } else {
     hidden_part_kernel<<<part_grid, kThreads, 0, stream>>>(p);
     check(cudaGetLastError(), kOp, "hidden_part_kernel launch");
   }
-  head_rows_kernel<<<head_grid, kThreads, head_shared, stream>>>(p);
-  check(cudaGetLastError(), kOp, "head_rows_kernel launch");
   for (int32_t k = 0; k < gamma; ++k) {
+    if (!vanilla) {
+      head_rows_kernel<<<rows_grid, kThreads, 0, stream>>>(p, k);
+      check(cudaGetLastError(), kOp, "head_rows_kernel launch");
+    }
     switch (a.w2.dtype) {
       case DType::kBFloat16: markov_step_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, k); break;
       case DType::kFloat16: markov_step_kernel<__half><<<grid, kThreads, 0, stream>>>(p, k); break;

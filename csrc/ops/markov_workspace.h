@@ -13,7 +13,7 @@ struct MarkovWorkspace {
   static constexpr int64_t kRowTile = 16;  // requests per CUDA block (one WMMA tile)
 
   size_t a_rows = 0;        // float [R_pad, rank]: the product's left operand (16-bit ones use half of it)
-  size_t state = 0;         // float [R, rank]: the RNN state
+  size_t state = 0;         // float [2, R, rank]: the RNN state (double-buffered by position)
   size_t hidden_part = 0;   // float [R, gamma, rank or 3 rank]: W_h h_k of the gated / rnn head
   size_t chunk_states = 0;  // ChunkState [R, chunks]
   size_t counters = 0;      // uint32 [gamma, R tiles]: blocks done per position and row tile
@@ -32,7 +32,7 @@ struct MarkovWorkspace {
     w.a_rows = at;
     at = align(at + sizeof(float) * static_cast<size_t>(tiles * kRowTile * rank));
     w.state = at;
-    at = align(at + sizeof(float) * static_cast<size_t>(R * rank));
+    at = align(at + sizeof(float) * static_cast<size_t>(head == markov::Head::kRnn ? 2 * R * rank : 0));
     w.hidden_part = at;
     at = align(at + sizeof(float) * static_cast<size_t>(R * gamma * hidden_width));
     w.chunk_states = at;
