@@ -9,10 +9,15 @@
 namespace dspark {
 
 int cuda_device_count(std::string* reason) {
+  const std::string problem = cuda_driver_problem(cuda_driver_version(), CUDART_VERSION);
+  if (!problem.empty()) {
+    if (reason) *reason = problem;
+    return 0;
+  }
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
   if (status != cudaSuccess) {
-    if (reason) *reason = cudaGetErrorString(status);
+    if (reason) *reason = std::string("the CUDA runtime reports: ") + cudaGetErrorString(status);
     cudaGetLastError();  // clear the sticky error state of this thread
     return 0;
   }

@@ -239,6 +239,8 @@ PYBIND11_MODULE(_C, m) {
     const int n = dspark::cuda_device_count(&reason);
     return py::make_tuple(n, reason);
   });
+  m.def("cuda_driver_version", &dspark::cuda_driver_version);
+  m.def("cuda_driver_problem", &dspark::cuda_driver_problem, py::arg("driver_version"), py::arg("runtime_version"));
   m.def("num_threads", &dspark::cpu_num_threads);
   m.def("set_num_threads", &dspark::set_cpu_num_threads, py::arg("n"));
 

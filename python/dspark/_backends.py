@@ -18,17 +18,23 @@ def backends() -> Dict[str, Dict[str, Any]]:
     devices, reason = C.cuda_device_count() if info["cuda_compiled"] else (0, "built without CUDA")
     archs = [a for a in info["cuda_archs"].split(",") if a]
     runtime = info["cuda_runtime_version"]
+    driver = C.cuda_driver_version()
     return {
         "cpu": {"compiled": True, "usable": True, "threads": C.num_threads(), "compiler": info["compiler"]},
         "cuda": {
             "compiled": bool(info["cuda_compiled"]),
             "usable": bool(info["cuda_compiled"]) and devices > 0,
             "archs": archs,
-            "runtime_version": f"{runtime // 1000}.{runtime % 1000 // 10}" if runtime else None,
+            "runtime_version": _version(runtime),
+            "driver_version": _version(driver),  # the CUDA version the driver supports; None: no driver
             "devices": devices,
             "reason": "" if devices > 0 else reason,
         },
     }
+
+
+def _version(v: int):
+    return f"{v // 1000}.{v % 1000 // 10}" if v else None
 
 
 def num_threads() -> int:

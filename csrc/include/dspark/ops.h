@@ -28,8 +28,19 @@ struct BuildInfo {
 BuildInfo build_info();
 
 // Number of usable CUDA devices (0 without a driver or without CUDA), and the
-// reason when there are none.
+// reason when there are none: no driver, a driver older than this build's CUDA
+// runtime, the runtime's own error, or no visible device.
 int cuda_device_count(std::string* reason = nullptr);
+
+// The CUDA version the installed driver supports (e.g. 13000 for 13.0), read
+// from libcuda without initialising it; 0 when no driver library is found.
+int cuda_driver_version();
+
+// Why a build whose CUDA runtime is `runtime_version` cannot use a driver that
+// supports `driver_version` (0: no driver), or "" when it can. A runtime of
+// major version M runs on any driver for CUDA M.0 or newer (minor-version
+// compatibility).
+std::string cuda_driver_problem(int driver_version, int runtime_version);
 
 // Worker threads of the CPU backend (DSPARK_NUM_THREADS, default: all cores).
 int cpu_num_threads();
