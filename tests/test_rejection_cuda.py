@@ -179,3 +179,15 @@ def test_cuda_graph_with_default_generator_draws_fresh_seeds():
         graph.replay()
         results.append(static.output_tokens.clone())
     assert any(not torch.equal(results[0], r) for r in results[1:])
+
+
+def test_host_seed_tensor_is_refused_inside_graph_capture():
+    """A host seed tensor would be copied once at capture and never again on
+    replay: refused with an error that names it (device seeds capture fine)."""
+    target = torch.randn(3, 50, device=CUDA)
+    tokens = torch.tensor([1, 2], device=CUDA)
+    cu = torch.tensor([0, 2], dtype=torch.int32, device=CUDA)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="'seed' must be on cuda"):
+        with torch.cuda.graph(graph):
+            ops.rejection_sample(target, tokens, cu, seed=torch.tensor([5]), max_num_draft=2)

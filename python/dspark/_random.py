@@ -41,6 +41,15 @@ def default_generator(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
+def _to_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on the op's device. A host tensor for a CUDA op is copied (a
+    synchronising copy in eager mode); inside CUDA graph capture that copy
+    would not be replayed, so it is refused."""
+    if t.device != device and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"{op}: argument '{name}' must be on {device} inside CUDA graph capture, got {t.device}")
+    return t.to(device).contiguous()
+
+
 def resolve(
     op: str,
     device: torch.device,
@@ -79,7 +88,7 @@ def resolve(
             raise ValueError(
                 f"{op}: argument 'seed' must have shape [1] or [R] = [{num_requests}], got {list(seed.shape)}"
             )
-        seeds = seed.to(device).contiguous()
+        seeds = _to_device(op, "seed", seed, device)
     elif isinstance(seed, int) and not isinstance(seed, bool):
         seed_value = _signed64(seed)
     else:
@@ -94,7 +103,7 @@ def resolve(
             raise ValueError(
                 f"{op}: argument 'offset' must have shape [1] or [R] = [{num_requests}], got {list(offset.shape)}"
             )
-        offsets = offset.to(device).contiguous()
+        offsets = _to_device(op, "offset", offset, device)
     elif isinstance(offset, int) and not isinstance(offset, bool):
         if not 0 <= offset < OFFSET_LIMIT:
             raise ValueError(f"{op}: argument 'offset' must be in [0, 2^32), got {offset}")
