@@ -2,7 +2,6 @@
 random ragged batches, the special cases that define the masks, the cache
 round trip, bad input, torch integration, and CUDA."""
 
-import math
 
 import pytest
 import torch
@@ -218,7 +217,7 @@ def test_rope_builds_its_frequencies_once_per_device(monkeypatch):
     """Without inv_freq, the frequencies are built (and, on CUDA, copied to the
     device) on the first call only: a later call, inside a captured CUDA graph
     too, reuses them."""
-    from dspark import ops as ops_module
+    from dspark.ops import attention as ops_module
     calls = []
     real = ops_module.rope_inv_freq
     monkeypatch.setattr(ops_module, "rope_inv_freq", lambda *a, **kw: calls.append(a) or real(*a, **kw))
