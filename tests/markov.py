@@ -90,7 +90,7 @@ def simulate(
     """
     assert mode in MODES
     g = torch.Generator().manual_seed(seed)
-    R, V = temperatures.shape[0], chains.vocab
+    R = temperatures.shape[0]
     out = torch.full((R, num_tokens), -1, dtype=torch.int64)
     count = torch.zeros(R, dtype=torch.int64)
     anchor = torch.full((R,), start, dtype=torch.int64)

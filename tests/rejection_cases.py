@@ -5,11 +5,10 @@ threshold (see dspark.reference)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
-from dspark import reference
 
 # A decision closer than this (relative) to its threshold may legitimately go
 # either way between float32 kernels and the float64 oracle.

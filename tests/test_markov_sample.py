@@ -2,7 +2,6 @@
 joint distribution of a drafted block, losslessness of a full round with
 rejection_sample, invariance, bad input, torch integration, and CUDA."""
 
-import math
 import zlib
 
 import pytest

@@ -11,7 +11,7 @@ fixed. Temperatures are positive, so the map is order-preserving.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -29,7 +29,6 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 20) -> float:
     if probs.numel() == 0:
         return 0.0
     index = torch.clamp((probs * bins).long(), max=bins - 1)
-    count = torch.bincount(index, minlength=bins).double()
     conf_sum = torch.bincount(index, weights=probs, minlength=bins)
     label_sum = torch.bincount(index, weights=labels, minlength=bins)
     return float((conf_sum - label_sum).abs().sum() / probs.numel())

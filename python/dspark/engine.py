@@ -386,7 +386,6 @@ class SpeculativeEngine:
     def _verify(self, active: List[_Request], state: "_State", drafted: Optional["_Drafted"],
                 lengths: List[int]) -> "_Pending":
         dev = self.device
-        R = len(active)
         # flat rows of [anchor, drafts...] per request, indexed on the host (no
         # boolean masks on the device: they would synchronise)
         req_index, offsets, cu, draft_rows = [], [], [0], []

@@ -11,7 +11,7 @@ threshold; ``return_margins=True`` reports how close each request came.
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 

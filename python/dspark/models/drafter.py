@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
