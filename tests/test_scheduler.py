@@ -6,23 +6,27 @@ import pytest
 import torch
 
 from dspark import ops
-from dspark.scheduler import AsyncHardwareAware, Fixed, HardwareAware, SPSTable, Threshold
+from dspark.scheduler import AsyncHardwareAware, DraftGate, Fixed, HardwareAware, SPSTable, Threshold
 from stats import assert_fits
 
 
 class FakeClock:
     """A forward pass of B tokens 'takes' cost(B) seconds, plus jitter on one
-    repeat in five (the median must ignore it)."""
+    repeat in five of each size (the median must ignore it)."""
 
     def __init__(self, cost):
         self.now, self.cost, self.calls = 0.0, cost, 0
+        self.per_size = {}
+        self.order = []
 
     def __call__(self):
         return self.now
 
     def forward(self, b):
         self.calls += 1
-        self.now += self.cost(b) * (3.0 if self.calls % 5 == 0 else 1.0)
+        self.per_size[b] = self.per_size.get(b, 0) + 1
+        self.order.append(b)
+        self.now += self.cost(b) * (3.0 if self.per_size[b] % 5 == 3 else 1.0)
 
 
 def test_profile_takes_the_median_and_keeps_the_jagged_curve():
@@ -39,7 +43,8 @@ def test_profile_takes_the_median_and_keeps_the_jagged_curve():
 def test_profile_subset_and_roundtrip(tmp_path):
     clock = FakeClock(lambda b: 0.5)
     table = SPSTable.profile(clock.forward, 6, batch_sizes=[1, 3], repeats=3, timer=clock)
-    assert table.steps_per_second == [0.0, 2.0, 0.0, 2.0, 0.0, 0.0, 0.0]
+    # B = 2 lies between profiled sizes (interpolated); past the last one: not admitted
+    assert table.steps_per_second == [0.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0]
     table.save(tmp_path / "sps.json")
     loaded = SPSTable.load(tmp_path / "sps.json")
     assert loaded.steps_per_second == table.steps_per_second
@@ -57,14 +62,14 @@ def test_simple_policies_match_the_op():
     assert Fixed()(conf, cap).tolist() == cap.tolist()
     assert Fixed(1)(conf).tolist() == [1] * 9
     assert torch.equal(Threshold(0.4)(conf, cap), ops.schedule_prefix(conf, mode="threshold", threshold=0.4, cap=cap).lengths)
-    assert torch.equal(HardwareAware(sps)(conf, cap),
+    assert torch.equal(HardwareAware(sps, envelope=False)(conf, cap),
                        ops.schedule_prefix(conf, mode="causal", sps=sps.tensor(), cap=cap).lengths)
 
 
 def test_async_policy_cold_start_and_capacity_from_two_steps_back():
     g = torch.Generator().manual_seed(3)
     sps = SPSTable.from_curve(lambda b: 1.0 / (1 + 0.02 * b) * (0.8 if b % 16 == 1 else 1.0), 200)
-    policy = AsyncHardwareAware(sps)
+    policy = AsyncHardwareAware(sps, envelope=False)
     confs = [torch.rand(8, 5, generator=g) ** 0.3 for _ in range(3)] + [torch.rand(11, 5, generator=g) ** 0.3]
     # steps 0 and 1: the synchronous causal scheduler
     for t in range(2):
@@ -108,3 +113,132 @@ def test_async_policy_is_lossless_on_the_counterexample():
     out = ops.rejection_sample(target, draft_tokens, cu, draft_logits=torch.zeros(draft_tokens.numel(), 2),
                                seed=torch.randint(0, 2**62, (trials,), generator=g), max_num_draft=2)
     assert_fits(out.output_tokens[:, 0].long(), torch.tensor([0.7, 0.3], dtype=torch.float64), "async", epsilon=0.02)
+
+
+# ------------------------------------------------------------- round costs
+
+
+def test_profile_interleaves_the_repeats_and_keeps_the_spread():
+    """Every repeat times every size once (target sizes, then drafting sizes),
+    so a drift of the machine moves all entries alike; each entry is the
+    median and its relative interquartile range is kept."""
+    clock = FakeClock(lambda b: 0.01 * b if b > 0 else 0.0)
+    draft_cost = lambda r: 0.004 + 0.001 * r  # noqa: E731
+
+    def draft(r):
+        clock.order.append(-r)
+        clock.now += draft_cost(r)
+
+    table = SPSTable.profile(clock.forward, 4, draft=draft, max_requests=3, warmup=1, repeats=5, timer=clock)
+    one_pass = [1, 2, 3, 4, -1, -2, -3]
+    assert clock.order == one_pass * 6
+    for b in range(1, 5):
+        assert table(b) == pytest.approx(1 / (0.01 * b), rel=1e-9)  # the jittered repeat is not the median
+        assert table.spread[b] > 0  # one slow repeat in five widens the spread
+    assert table.draft_seconds[0] == 0.0
+    for r in range(1, 4):
+        assert table.draft_seconds[r] == pytest.approx(draft_cost(r), rel=1e-9)
+        assert table.draft_spread[r] == pytest.approx(0.0, abs=1e-9)
+    assert table.meta["interleaved"] and table.meta["repeats"] == 5
+
+
+def test_tables_round_trip_and_old_tables_still_load(tmp_path):
+    table = SPSTable([0.0, 10.0, 8.0, 9.0], {"x": 1}, [0.0, 0.05, 0.07], [0.0, 0.1, 0.2, 0.1], [0.0, 0.3, 0.1])
+    table.save(tmp_path / "t.json")
+    again = SPSTable.load(tmp_path / "t.json")
+    assert (again.steps_per_second, again.draft_seconds, again.spread, again.draft_spread, again.meta) == \
+        (table.steps_per_second, table.draft_seconds, table.spread, table.draft_spread, table.meta)
+    (tmp_path / "old.json").write_text('{"steps_per_second": [0.0, 5.0, 4.0], "meta": {"repeats": 3}}')
+    old = SPSTable.load(tmp_path / "old.json")
+    assert old.steps_per_second == [0.0, 5.0, 4.0] and old.draft_time(2) == 0.0
+    assert old.with_draft_cost(2) == old.steps_per_second
+    with pytest.raises(ValueError, match="draft_seconds"):
+        SPSTable([0.0, 1.0], draft_seconds=[0.0, float("inf")])
+
+
+def test_draft_time_and_the_round_rate():
+    table = SPSTable([0.0, 10.0, 5.0, 4.0, 2.0], draft_seconds=[0.0, 0.1, 0.15])
+    assert table.draft_time(0) == 0.0 and table.draft_time(2) == 0.15
+    assert table.draft_time(4) == pytest.approx(0.25)  # linear past the profiled range
+    assert table.round_rate(2, 3) == pytest.approx(1 / (0.15 + 1 / 4.0))
+    assert table.round_rate(2, 3, draft=False) == pytest.approx(4.0)
+    assert table.round_rate(2, 9) == 0.0  # past the table: not admitted
+    assert table.with_draft_cost(1) == pytest.approx([0.0] + [1 / (0.1 + 1 / s) for s in (10.0, 5.0, 4.0, 2.0)])
+
+
+def test_envelope_is_non_increasing_in_the_batch_and_keeps_cliffs():
+    table = SPSTable([0.0, 10.0, 11.0, 6.0, 7.0, 6.0, 2.0], draft_seconds=[0.0, 0.2, 0.1, 0.3])
+    env = table.envelope()
+    assert env.steps_per_second == [0.0, 10.0, 10.0, 6.0, 6.0, 6.0, 2.0]
+    assert env.draft_seconds == [0.0, 0.2, 0.2, 0.3]
+    assert table.steps_per_second == [0.0, 10.0, 11.0, 6.0, 7.0, 6.0, 2.0]  # the measurement is kept
+
+
+def test_hardware_aware_schedules_on_the_table_with_the_drafting_cost():
+    """theta = E[tau] / (t_draft(R) + 1 / SPS(B)): Algorithm 1 on SPS_R. With a
+    drafting cost that dominates the round, verifying more drafts costs little
+    in relative terms, so the policy admits more than it would if drafting
+    were free."""
+    sps = SPSTable.from_curve(lambda b: 100.0 / b, 64, draft_curve=lambda r: 0.5 * r, max_requests=8)
+    conf = torch.full((4, 6), 0.7)
+    with_cost = HardwareAware(sps, adaptive=False)
+    free = HardwareAware(sps, adaptive=False, draft_cost=False)
+    want = ops.schedule_prefix(conf, mode="causal", sps=torch.tensor(sps.with_draft_cost(4))).lengths
+    assert torch.equal(with_cost(conf), want)
+    assert torch.equal(free(conf), ops.schedule_prefix(conf, mode="causal", sps=sps.tensor()).lengths)
+    assert int(with_cost(conf).sum()) > int(free(conf).sum())
+    assert free.name == "hardware-aware (drafting free)" and with_cost.name == "hardware-aware (always drafts)"
+
+
+# ---------------------------------------------------------- adaptive drafting
+
+
+def drive(gate: DraftGate, accepted_per_round, R=4, verified=3):
+    """Runs the gate for len(accepted_per_round) rounds; drafting rounds report
+    `verified` drafts and the given acceptance per request."""
+    decisions = []
+    for accepted in accepted_per_round:
+        d = gate.decide(R)
+        decisions.append(d)
+        if d:
+            gate.observe([verified] * R, [accepted] * R)
+    return decisions
+
+
+# one plain step of 4 requests: 10 ms; a round that drafts for them: 20 ms of drafting
+COSTS = SPSTable.from_curve(lambda b: 100.0, 64, draft_curve=lambda r: 0.02, max_requests=16)
+
+
+def test_gate_turns_drafting_off_for_a_useless_drafter_and_probes_with_growing_intervals():
+    gate = DraftGate(COSTS, probe_min=2, probe_max=8)
+    decisions = drive(gate, [0] * 40)
+    # probe, 2 plain steps, probe, 4, probe, 8, probe, 8 ...
+    want = [True] + [False] * 2 + [True] + [False] * 4 + [True] + [False] * 8 + [True] + [False] * 8 + [True]
+    assert decisions[:len(want)] == want
+    drafting, plain = gate.expected_throughput(4)
+    assert drafting < plain and plain == pytest.approx(400.0)
+
+
+def test_gate_keeps_drafting_when_it_pays():
+    gate = DraftGate(COSTS)
+    assert all(drive(gate, [3] * 30))  # tau = 4 per 30 ms round against 1 per 10 ms step
+    drafting, plain = gate.expected_throughput(4)
+    assert drafting == pytest.approx(4 * 4 / 0.03) and plain == pytest.approx(400.0)
+
+
+def test_gate_switches_both_ways():
+    gate = DraftGate(COSTS, probe_min=2, probe_max=4, memory=0.0)
+    good, bad = [3] * 10, [0] * 10
+    decisions = drive(gate, good + bad + good)
+    assert all(decisions[:10])  # drafting pays
+    assert decisions[10] is True and decisions[11] is False  # the first bad round switches it off
+    assert decisions[10:20].count(True) <= 4  # only probes while it does not pay
+    resumed = decisions[20:].index(True)
+    assert resumed <= 4 and all(decisions[20 + resumed:])  # a probe sees good drafts: drafting resumes
+
+
+def test_gate_bad_arguments():
+    with pytest.raises(ValueError, match="memory"):
+        DraftGate(COSTS, memory=1.0)
+    with pytest.raises(ValueError, match="probe_min"):
+        DraftGate(COSTS, probe_min=5, probe_max=4)

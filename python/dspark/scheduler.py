@@ -13,7 +13,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -21,6 +21,7 @@ from . import ops
 
 __all__ = [
     "AsyncHardwareAware",
+    "DraftGate",
     "Fixed",
     "HardwareAware",
     "Policy",
@@ -33,17 +34,42 @@ __all__ = [
 # Throughput profiles
 
 
+def _robust(times: Sequence[float]) -> Tuple[float, float]:
+    """The median of repeated timings and their relative spread (interquartile
+    range over the median)."""
+    ordered = sorted(times)
+    median = statistics.median(ordered)
+    if len(ordered) >= 4:
+        q1, _, q3 = statistics.quantiles(ordered, n=4)
+    else:
+        q1, q3 = ordered[0], ordered[-1]
+    return median, (q3 - q1) / median if median > 0 else 0.0
+
+
 @dataclass
 class SPSTable:
-    """Target forward steps per second at ``B`` batch tokens, ``B = 0..B_max``.
+    """What a round costs on this machine: target forward steps per second at
+    ``B`` batch tokens (``B = 0..B_max``, entry 0 unused) and, when profiled, the
+    seconds the drafter takes to draft a block for ``R`` requests
+    (``draft_seconds[R]``, ``R = 0..R_max``, entry 0 is 0).
 
-    Entry 0 is unused (0.0). The measured curve is kept as it is: real curves
-    are jagged (kernel tile boundaries, CUDA graph buckets), and the scheduler's
-    point is to exploit exactly that.
+    The measured curve is kept as it is (real curves are jagged: kernel tile
+    boundaries, CUDA graph buckets); :meth:`envelope` gives its non-increasing
+    envelope in ``B``, which the hardware-aware policies use by default so that
+    timing noise that makes a larger batch look faster is not taken for a
+    cliff. Any fixed table keeps every policy lossless: the table is a
+    modelling choice, not a part of the acceptance rule.
+
+    ``spread`` / ``draft_spread`` keep the relative interquartile range of each
+    profiled entry (empty when unknown), so a caller can tell a trustworthy
+    table from a noisy one.
     """
 
     steps_per_second: List[float]
     meta: Dict[str, Any] = field(default_factory=dict)
+    draft_seconds: List[float] = field(default_factory=list)
+    spread: List[float] = field(default_factory=list)
+    draft_spread: List[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.steps_per_second) < 2:
@@ -51,6 +77,9 @@ class SPSTable:
         bad = [b for b, v in enumerate(self.steps_per_second) if not (v >= 0.0 and v < float("inf"))]
         if bad:
             raise ValueError(f"SPSTable: entries must be finite and >= 0; bad at B = {bad[:5]}")
+        bad = [r for r, v in enumerate(self.draft_seconds) if not (v >= 0.0 and v < float("inf"))]
+        if bad:
+            raise ValueError(f"SPSTable: draft_seconds must be finite and >= 0; bad at R = {bad[:5]}")
 
     @property
     def max_batch_tokens(self) -> int:
@@ -59,13 +88,60 @@ class SPSTable:
     def __call__(self, batch_tokens: int) -> float:
         return self.steps_per_second[batch_tokens] if 0 <= batch_tokens <= self.max_batch_tokens else 0.0
 
-    def tensor(self, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-        """The ``[B_max + 1]`` float32 table that schedule_prefix takes."""
-        return torch.tensor(self.steps_per_second, dtype=torch.float32, device=device)
+    def draft_time(self, requests: int) -> float:
+        """Seconds of one round's drafting for ``requests`` requests: the profiled
+        value, linear in ``R`` past the profiled range, 0 when drafting was not
+        profiled (an old table: drafting taken as free)."""
+        if requests <= 0 or len(self.draft_seconds) < 2:
+            return 0.0
+        last = len(self.draft_seconds) - 1
+        if requests <= last:
+            return self.draft_seconds[requests]
+        if last == 1:
+            return self.draft_seconds[1] * requests
+        slope = max(0.0, self.draft_seconds[last] - self.draft_seconds[last - 1])
+        return self.draft_seconds[last] + slope * (requests - last)
+
+    def round_rate(self, requests: int, batch_tokens: int, draft: bool = True) -> float:
+        """Rounds per second of a round that drafts for ``requests`` requests (or
+        not, ``draft=False``) and verifies ``batch_tokens`` tokens:
+        ``1 / (t_draft(R) + 1 / SPS(B))``; 0 where the table has no entry."""
+        sps = self(batch_tokens)
+        if sps <= 0.0:
+            return 0.0
+        return 1.0 / ((self.draft_time(requests) if draft else 0.0) + 1.0 / sps)
+
+    def with_draft_cost(self, requests: int) -> List[float]:
+        """The table a round of ``requests`` drafted requests is scheduled on:
+        ``SPS_R(B) = 1 / (t_draft(R) + 1 / SPS(B))`` (see HardwareAware)."""
+        return [0.0] + [self.round_rate(requests, b) for b in range(1, len(self.steps_per_second))]
+
+    def envelope(self) -> "SPSTable":
+        """The non-increasing envelope in ``B`` of the steps per second (a
+        running minimum) and the non-decreasing envelope in ``R`` of the
+        drafting time (a running maximum)."""
+        sps, low = [0.0], float("inf")
+        for v in self.steps_per_second[1:]:
+            low = min(low, v)
+            sps.append(low)
+        draft, high = [], 0.0
+        for v in self.draft_seconds:
+            high = max(high, v)
+            draft.append(high)
+        return SPSTable(sps, dict(self.meta, envelope=True), draft, list(self.spread), list(self.draft_spread))
+
+    def tensor(self, device: Union[str, torch.device] = "cpu", requests: Optional[int] = None) -> torch.Tensor:
+        """The ``[B_max + 1]`` float32 table that schedule_prefix takes; with
+        ``requests``, the table with that round's drafting cost folded in."""
+        values = self.steps_per_second if requests is None else self.with_draft_cost(requests)
+        return torch.tensor(values, dtype=torch.float32, device=device)
 
     @classmethod
-    def from_curve(cls, curve: Callable[[int], float], max_batch_tokens: int, **meta: Any) -> "SPSTable":
-        return cls([0.0] + [float(curve(b)) for b in range(1, max_batch_tokens + 1)], dict(meta))
+    def from_curve(cls, curve: Callable[[int], float], max_batch_tokens: int,
+                   draft_curve: Optional[Callable[[int], float]] = None, max_requests: int = 0,
+                   **meta: Any) -> "SPSTable":
+        draft = [0.0] + [float(draft_curve(r)) for r in range(1, max_requests + 1)] if draft_curve else []
+        return cls([0.0] + [float(curve(b)) for b in range(1, max_batch_tokens + 1)], dict(meta), draft)
 
     @classmethod
     def profile(
@@ -73,6 +149,8 @@ class SPSTable:
         forward: Callable[[int], Any],
         max_batch_tokens: int,
         *,
+        draft: Optional[Callable[[int], Any]] = None,
+        max_requests: int = 0,
         warmup: int = 2,
         repeats: int = 5,
         device: Union[str, torch.device, None] = None,
@@ -81,53 +159,98 @@ class SPSTable:
         timer: Callable[[], float] = time.perf_counter,
     ) -> "SPSTable":
         """Times ``forward(B)`` (a target forward over ``B`` batch tokens) for every
-        ``B`` in ``[1, max_batch_tokens]`` (or ``batch_sizes``): ``warmup`` calls, then
-        the median of ``repeats`` timed calls. On CUDA each call is timed with
-        events on the current stream (elsewhere with ``timer``). Unprofiled sizes
-        get 0 (not admitted)."""
+        ``B`` in ``[1, max_batch_tokens]`` (or ``batch_sizes``) and, with ``draft``,
+        ``draft(R)`` (one round's drafting for ``R`` requests) for ``R`` in
+        ``[1, max_requests]``.
+
+        Interleaved: after ``warmup`` calls of each, every repeat times each size
+        once, so a slow drift of the machine (another process, frequency
+        changes) moves every entry alike instead of biasing a few. Each entry is
+        the median of its ``repeats`` timings; the relative interquartile range
+        is kept as its spread. Sizes between profiled ones get the step time
+        interpolated linearly; sizes past the last profiled one get 0 (not
+        admitted). On CUDA each call is timed with events on the current stream
+        (elsewhere with ``timer``)."""
         if max_batch_tokens < 1:
             raise ValueError(f"SPSTable.profile: max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if repeats < 1:
+            raise ValueError(f"SPSTable.profile: repeats must be >= 1, got {repeats}")
         device = torch.device(device) if device is not None else None
-        sizes = list(batch_sizes) if batch_sizes is not None else list(range(1, max_batch_tokens + 1))
-        table = [0.0] * (max_batch_tokens + 1)
-        iterator: Iterable[int] = sizes
+        sizes = sorted(set(batch_sizes)) if batch_sizes is not None else list(range(1, max_batch_tokens + 1))
+        for b in sizes:
+            if not 1 <= b <= max_batch_tokens:
+                raise ValueError(f"SPSTable.profile: batch size {b} outside [1, {max_batch_tokens}]")
+        request_sizes = list(range(1, max_requests + 1)) if draft is not None else []
+
+        def timed(fn: Callable[[int], Any], n: int) -> float:
+            if device is not None and device.type == "cuda":
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(n)
+                stop.record()
+                stop.synchronize()
+                return start.elapsed_time(stop) * 1e-3
+            t0 = timer()
+            fn(n)
+            return timer() - t0
+
+        jobs = [(forward, b) for b in sizes] + [(draft, r) for r in request_sizes]
+        for _ in range(warmup):
+            for fn, n in jobs:
+                fn(n)
+        times: Dict[Tuple[int, int], List[float]] = {(id(fn), n): [] for fn, n in jobs}
+        iterator: Iterable[int] = range(repeats)
         if progress:
             try:
                 from tqdm import tqdm
 
-                iterator = tqdm(sizes, desc="profiling SPS", unit="B")
+                iterator = tqdm(iterator, desc="profiling (interleaved repeats)", unit="repeat")
             except ImportError:
                 pass
-        for b in iterator:
-            if not 1 <= b <= max_batch_tokens:
-                raise ValueError(f"SPSTable.profile: batch size {b} outside [1, {max_batch_tokens}]")
-            for _ in range(warmup):
-                forward(b)
-            times = []
-            for _ in range(repeats):
-                if device is not None and device.type == "cuda":
-                    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    forward(b)
-                    stop.record()
-                    stop.synchronize()
-                    times.append(start.elapsed_time(stop) * 1e-3)
-                else:
-                    t0 = timer()
-                    forward(b)
-                    times.append(timer() - t0)
-            table[b] = 1.0 / max(statistics.median(times), 1e-12)
-        meta = {"warmup": warmup, "repeats": repeats, "device": str(device) if device else "cpu",
-                "profiled": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        return cls(table, meta)
+        for _ in iterator:
+            for fn, n in jobs:
+                times[(id(fn), n)].append(timed(fn, n))
+        step = {b: _robust(times[(id(forward), b)]) for b in sizes}
+        # step time between profiled sizes: linear interpolation
+        seconds = [0.0] * (max_batch_tokens + 1)
+        spread = [0.0] * (max_batch_tokens + 1)
+        for lo, hi in zip(sizes, sizes[1:] + [None]):
+            seconds[lo], spread[lo] = step[lo]
+            if hi is not None:
+                for b in range(lo + 1, hi):
+                    w = (b - lo) / (hi - lo)
+                    seconds[b] = (1 - w) * step[lo][0] + w * step[hi][0]
+                    spread[b] = max(step[lo][1], step[hi][1])
+        table = [0.0] + [1.0 / max(t, 1e-12) if t > 0 else 0.0 for t in seconds[1:]]
+        draft_seconds, draft_spread = [], []
+        if request_sizes:
+            measured = [_robust(times[(id(draft), r)]) for r in request_sizes]
+            draft_seconds = [0.0] + [m[0] for m in measured]
+            draft_spread = [0.0] + [m[1] for m in measured]
+        meta = {"warmup": warmup, "repeats": repeats, "interleaved": True,
+                "device": str(device) if device else "cpu", "profiled": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if batch_sizes is not None:
+            meta["batch_sizes"] = sizes
+        return cls(table, meta, draft_seconds, spread, draft_spread)
 
     def save(self, path: Union[str, Path]) -> None:
-        Path(path).write_text(json.dumps({"steps_per_second": self.steps_per_second, "meta": self.meta}, indent=1))
+        data: Dict[str, Any] = {"steps_per_second": self.steps_per_second, "meta": self.meta}
+        if self.draft_seconds:
+            data["draft_seconds"] = self.draft_seconds
+        if self.spread:
+            data["spread"] = self.spread
+        if self.draft_spread:
+            data["draft_spread"] = self.draft_spread
+        Path(path).write_text(json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "SPSTable":
+        """Reads a table written by :meth:`save` (tables without the drafting
+        fields, written before they existed, load with drafting taken as free)."""
         data = json.loads(Path(path).read_text())
-        return cls([float(x) for x in data["steps_per_second"]], dict(data.get("meta", {})))
+        floats = lambda key: [float(x) for x in data.get(key, [])]  # noqa: E731
+        return cls(floats("steps_per_second"), dict(data.get("meta", {})), floats("draft_seconds"), floats("spread"),
+                   floats("draft_spread"))
 
 
 # --------------------------------------------------------------------------
@@ -135,7 +258,16 @@ class SPSTable:
 
 
 class Policy:
-    """Chooses per-request verification lengths each round."""
+    """Chooses, each round, whether to draft at all and then per-request
+    verification lengths.
+
+    Every decision a policy takes may depend on the past (earlier rounds'
+    confidences, acceptances, the profiled costs) and on the current round's
+    confidences, but a decision to draft is taken before the round's draft
+    exists, and a verification length of position j depends only on what was
+    drafted before j (DSPARK.md, section 3): that is what keeps every policy
+    lossless.
+    """
 
     name = "policy"
 
@@ -144,8 +276,17 @@ class Policy:
         schedule_prefix's value checks (a synchronisation on CUDA)."""
         raise NotImplementedError
 
+    def draft_this_round(self, num_requests: int) -> bool:
+        """Whether the next round drafts (else it is a plain decoding step with no
+        drafter work), decided from the past only. Default: always."""
+        return True
+
+    def observe(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
+        """What a drafting round verified and accepted, per request (host
+        values, read by the engine after the round)."""
+
     def reset(self) -> None:
-        """Forgets history (start of a new run)."""
+        """Forgets the history of a run (the engine calls it at every generate)."""
 
     @property
     def max_length(self) -> Optional[int]:
@@ -187,30 +328,172 @@ class Threshold(Policy):
                                    validate=validate).lengths
 
 
-def _sps_tensor(sps: Union[SPSTable, torch.Tensor, Sequence[float]], device: torch.device) -> torch.Tensor:
+def _as_table(sps: Union[SPSTable, torch.Tensor, Sequence[float]]) -> SPSTable:
     if isinstance(sps, SPSTable):
-        return sps.tensor(device)
-    return torch.as_tensor(sps, dtype=torch.float32).to(device)
+        return sps
+    values = sps.tolist() if isinstance(sps, torch.Tensor) else list(sps)
+    return SPSTable([float(v) for v in values])
+
+
+class DraftGate:
+    """Adaptive drafting: before each round, whether drafting is expected to pay.
+
+    Estimates, from the drafting rounds observed so far (exponentially
+    weighted, ``memory`` per round): ``tau`` = tokens committed per request and
+    round (bonus included) and ``l`` = drafts verified per request and round,
+    under the policy's own choices. For a batch of ``R`` requests the expected
+    throughput of drafting is ``R tau / (t_draft(R) + 1 / SPS(R + R l))`` and that
+    of a plain step is ``R SPS(R)`` (no drafter work). The rule:
+
+    * no observation yet: draft (a probe);
+    * drafting is expected to pay: draft, and the probing interval returns to
+      ``probe_min``;
+    * it is not: plain steps; after ``interval`` of them, one drafting round
+      (a probe) refreshes the estimates, and the interval doubles up to
+      ``probe_max`` while probes keep showing that drafting does not pay.
+
+    Lossless: the decision for round t uses only rounds before t (their
+    acceptance is known; round t's draft does not exist yet), and the cost
+    model is a fixed table. Conditioned on the past, a plain step commits a
+    token from the target distribution and a drafting round commits tokens
+    from it too (the acceptance rule is exact for any draft and any
+    verification length chosen without looking at the drafts it admits), so
+    whichever the gate picks, the committed sequence follows the target.
+    Decisions use the profiled costs, never wall time, so a run is
+    reproducible.
+    """
+
+    def __init__(self, table: SPSTable, *, memory: float = 0.8, probe_min: int = 4, probe_max: int = 64) -> None:
+        if not 0.0 <= memory < 1.0:
+            raise ValueError(f"DraftGate: memory must be in [0, 1), got {memory}")
+        if not 1 <= probe_min <= probe_max:
+            raise ValueError(f"DraftGate: need 1 <= probe_min <= probe_max, got {probe_min}, {probe_max}")
+        self.table = table
+        self.memory, self.probe_min, self.probe_max = memory, probe_min, probe_max
+        self.forget()
+
+    def forget(self) -> None:
+        self._weight = self._tokens = self._verified = 0.0  # weighted request-rounds and their sums
+        self._drafting = True  # the state before any observation: draft (a probe)
+        self._interval = self.probe_min  # plain steps before the next probe
+        self._countdown = 0
+        self.decisions: List[bool] = []  # this gate's decisions, in order (for metrics and tests)
+
+    @property
+    def estimates(self) -> Optional[Tuple[float, float]]:
+        """(tau, drafts verified) per request and round, or None before any observation."""
+        if self._weight <= 0.0:
+            return None
+        return self._tokens / self._weight, self._verified / self._weight
+
+    def expected_throughput(self, num_requests: int) -> Tuple[float, float]:
+        """(drafting, plain) expected tokens per second for a batch of ``num_requests``."""
+        R = num_requests
+        plain = R * self.table(R)
+        est = self.estimates
+        if est is None:
+            return float("nan"), plain
+        tau, verified = est
+        batch = R + int(round(R * verified))
+        return R * tau * self.table.round_rate(R, batch), plain
+
+    def decide(self, num_requests: int) -> bool:
+        if num_requests <= 0:
+            return False
+        drafting, plain = self.expected_throughput(num_requests)
+        if drafting != drafting or drafting >= plain:  # nothing observed yet (a probe), or drafting pays
+            self._drafting, self._interval, self._countdown = True, self.probe_min, 0
+            decision = True
+        else:
+            if self._drafting:  # it stopped paying: wait `interval` plain steps before probing
+                self._drafting, self._countdown = False, self._interval
+            if self._countdown > 0:
+                self._countdown -= 1
+                decision = False
+            else:  # a probe; if it still does not pay, the next wait is twice as long
+                self._interval = min(2 * self._interval, self.probe_max)
+                self._countdown = self._interval
+                decision = True
+        self.decisions.append(decision)
+        return decision
+
+    def observe(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
+        if not lengths:
+            return
+        keep = self.memory
+        self._weight = keep * self._weight + len(lengths)
+        self._tokens = keep * self._tokens + sum(a + 1 for a in accepted)
+        self._verified = keep * self._verified + sum(lengths)
 
 
 class HardwareAware(Policy):
-    """The paper's Algorithm 1 (causal, with early stopping): lossless and
-    synchronous: it decides from the current round's confidences."""
+    """The paper's Algorithm 1 (causal, with early stopping), lossless and
+    synchronous: it decides from the current round's confidences, with the
+    round's true cost.
+
+    A round drafts a block for its ``R`` requests (``t_draft(R)`` seconds, the
+    profiled ``SPSTable.draft_seconds``), then verifies ``B = R + sum_r l_r`` tokens
+    in one target forward (``1 / SPS(B)`` seconds), and commits ``tau`` tokens
+    whose expectation, by DSPARK.md's prefix survivals ``a``, is
+    ``R + sum_r sum_{j <= l_r} a[r][j]``. Its expected throughput is therefore
+
+        theta = E[tau] / (t_draft(R) + 1 / SPS(B)) = E[tau] * SPS_R(B),
+        SPS_R(B) = 1 / (t_draft(R) + 1 / SPS(B)).
+
+    ``t_draft(R)`` is the same for every candidate set of the round, so Algorithm
+    1 runs unchanged (schedule_prefix, causal mode) on the table ``SPS_R``,
+    computed once per ``R``. Without the drafting cost (``draft_cost=False``, or a
+    table profiled without it) this is the paper's ``theta = E[tau] SPS(B)``.
+    With it, drafting is a sunk cost inside the round: verifying nothing after
+    drafting (``R SPS_R(R)``) is worse than a plain step (``R SPS(R)``), which
+    the policy cannot undo once the draft exists; ``adaptive=True`` adds a
+    :class:`DraftGate` that skips drafting for rounds where it is not expected
+    to pay. ``envelope=True`` schedules on the table's non-increasing envelope
+    in ``B`` (:meth:`SPSTable.envelope`).
+    """
 
     name = "hardware-aware"
 
-    def __init__(self, sps: Union[SPSTable, torch.Tensor, Sequence[float]]) -> None:
-        self.sps = sps
-        self._tables: Dict[torch.device, torch.Tensor] = {}
+    def __init__(self, sps: Union[SPSTable, torch.Tensor, Sequence[float]], *, draft_cost: bool = True,
+                 adaptive: bool = True, envelope: bool = True, gate: Optional[DraftGate] = None) -> None:
+        self.sps = _as_table(sps)
+        self.model = self.sps.envelope() if envelope else self.sps
+        if not draft_cost:
+            self.model = SPSTable(self.model.steps_per_second, dict(self.model.meta), [], list(self.model.spread))
+        self.draft_cost = draft_cost and bool(self.sps.draft_seconds)
+        self.gate = (gate or DraftGate(self.model)) if adaptive else None
+        if not draft_cost:
+            self.name = f"{type(self).name} (drafting free)"
+        elif not adaptive:
+            self.name = f"{type(self).name} (always drafts)"
+        self._tables: Dict[Tuple[torch.device, int], torch.Tensor] = {}
 
-    def table(self, device: torch.device) -> torch.Tensor:
-        if device not in self._tables:
-            self._tables[device] = _sps_tensor(self.sps, device)
-        return self._tables[device]
+    def table(self, device: torch.device, num_requests: Optional[int] = None) -> torch.Tensor:
+        """The ``[B_max + 1]`` table schedule_prefix runs on for ``num_requests``
+        drafted requests (``SPS_R``), on ``device`` (built once per (device, R))."""
+        R = int(num_requests) if num_requests is not None and self.draft_cost else 0
+        key = (torch.device(device), R)
+        if key not in self._tables:
+            self._tables[key] = self.model.tensor(device, R if R else None)
+        return self._tables[key]
 
     def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
-        return ops.schedule_prefix(conf, mode="causal", sps=self.table(conf.device), cap=cap,
+        return ops.schedule_prefix(conf, mode="causal", sps=self.table(conf.device, conf.shape[0]), cap=cap,
                                    validate=validate).lengths
+
+    def draft_this_round(self, num_requests: int) -> bool:
+        return self.gate.decide(num_requests) if self.gate is not None else True
+
+    def observe(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
+        if self.gate is not None:
+            self.gate.observe(lengths, accepted)
+
+    def reset(self) -> None:
+        """The gate's estimates and decisions carry over between runs of the same
+        engine (they describe the drafter and the machine, not a run); only its
+        decision log restarts."""
+        if self.gate is not None:
+            self.gate.decisions = []
 
 
 class AsyncHardwareAware(HardwareAware):
@@ -223,7 +506,10 @@ class AsyncHardwareAware(HardwareAware):
     Step t then verifies ``K_t = max(0, B*_{t-2} - R_t)`` draft tokens: the top
     ``K_t`` candidates by their current survival ``a`` (schedule_prefix's budget
     mode, same tie rule). The admission of a draft never depends on that draft,
-    so the policy is lossless.
+    so the policy is lossless. The searches run on the table with the
+    drafting cost folded in, as :class:`HardwareAware`'s; the adaptive gate is
+    off by default (a skipped drafting round would break the two-step
+    pipeline of batch sizes).
 
     Cold start: steps 0 and 1 have no step t - 2; they use the synchronous
     causal scheduler (HardwareAware). Requests joining or leaving between t - 2
@@ -235,16 +521,20 @@ class AsyncHardwareAware(HardwareAware):
 
     name = "async-hardware-aware"
 
-    def __init__(self, sps: Union[SPSTable, torch.Tensor, Sequence[float]]) -> None:
-        super().__init__(sps)
+    def __init__(self, sps: Union[SPSTable, torch.Tensor, Sequence[float]], *, draft_cost: bool = True,
+                 adaptive: bool = False, envelope: bool = True) -> None:
+        super().__init__(sps, draft_cost=draft_cost, adaptive=adaptive, envelope=envelope)
+        if draft_cost and not adaptive:
+            self.name = type(self).name
         self._batch_tokens: List[torch.Tensor] = []  # B* of steps t - 2 and t - 1, on the device
 
     def reset(self) -> None:
+        super().reset()
         self._batch_tokens = []
 
     def __call__(self, conf: torch.Tensor, cap: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
-        table = self.table(conf.device)
         R = conf.shape[0]
+        table = self.table(conf.device, R)
         found = ops.schedule_prefix(conf, mode="global", sps=table, cap=cap, validate=validate)
         if len(self._batch_tokens) < 2:
             lengths = ops.schedule_prefix(conf, mode="causal", sps=table, cap=cap, validate=validate).lengths
