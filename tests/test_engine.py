@@ -14,7 +14,7 @@ import dspark.ops
 from dspark.calibration import CalibrationRecorder
 from dspark.engine import SamplingParams, SpeculativeEngine
 from dspark.models import TargetModel
-from dspark.scheduler import AsyncHardwareAware, Fixed, HardwareAware, SPSTable, Threshold
+from dspark.scheduler import AsyncHardwareAware, DraftGate, Fixed, HardwareAware, SPSTable, Threshold
 from stats import assert_fits, assert_rejects
 from tiny_models import hf_greedy, hf_model, random_drafter, set_bigram, truncate_at_stop, uneven_prompts
 
@@ -22,10 +22,13 @@ VOCAB = 128
 MAX_NEW = 24
 # a jagged steps-per-second curve: the hardware-aware policies see cliffs
 SPS = SPSTable.from_curve(lambda b: 1000.0 * min(b, 48) / 48 * (0.6 if b in (9, 33, 57) else 1.0), 128)
+GATED_FREE = SPSTable.from_curve(lambda b: 100.0, 256)
 
 
 def policies():
-    return [Fixed(), Fixed(1), Threshold(0.5), HardwareAware(SPS), AsyncHardwareAware(SPS)]
+    # envelope=False: the policies see the jagged table's cliffs as they are
+    return [Fixed(), Fixed(1), Threshold(0.5), HardwareAware(SPS, envelope=False),
+            AsyncHardwareAware(SPS, envelope=False)]
 
 
 class Setup:
@@ -100,6 +103,19 @@ def test_greedy_lossless_every_policy(llama, policy, drafter_kind):
             assert len(m.position_accepts) >= 3 and m.position_accepts[2] > 0, m
     else:  # and really rejected
         assert m.accepted_drafts < 0.2 * m.verified_drafts, m
+
+
+@pytest.mark.parametrize("policy", [Fixed(), HardwareAware(GATED_FREE)], ids=lambda p: p.name)
+def test_greedy_lossless_with_a_draft_vocabulary(llama, policy):
+    """A drafter scoring 48 of the 128 target ids (the bigram head restricted
+    to them): outputs equal the target's greedy ones, drafts are accepted, and
+    every draft token is in the map."""
+    prompts = PROMPTS[:8]
+    drafter = llama.bigram_drafter(prompts, draft_vocab=48)
+    engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=4, max_model_len=80)
+    results = engine.generate(prompts, greedy())
+    assert_matches(llama, prompts, results)
+    assert engine.metrics.accepted_drafts > 0
 
 
 def test_greedy_every_batch_size(llama):
@@ -197,17 +213,35 @@ def sample_sequences(target, drafter, policy, temperature) -> torch.Tensor:
     return index, engine.metrics
 
 
-@pytest.mark.parametrize("config", ["target-only", "fixed", "async-hardware-aware"])
+# Drafting costs as much as a step; whether it pays depends on tau (about 2
+# here), so the adaptive gate flips between drafting rounds and plain steps.
+BORDERLINE = SPSTable.from_curve(lambda b: 100.0, 2048, draft_curve=lambda r: 0.0095, max_requests=512)
+
+
+@pytest.mark.parametrize("config", ["target-only", "fixed", "async-hardware-aware", "adaptive-hardware-aware",
+                                    "draft-vocabulary"])
 def test_sampled_lossless(small, config):
+    """The first 4 tokens of 13500 requests follow the enumerated sequence
+    distribution of the tiny target (81 cells, power >= 0.99 against TV 0.05).
+    draft-vocabulary: a drafter scoring 2 of the 3 tokens (target mass outside
+    its vocabulary every round)."""
     hf, target = small
     temperature = 0.8 if config == "fixed" else 1.0
-    drafter = None if config == "target-only" else random_drafter(target, rank=16, block=3, scale=0.5, seed=2)
-    policy = AsyncHardwareAware(SPSTable.from_curve(lambda b: 100.0 * min(b, 900) / 900, 2048)) \
-        if config == "async-hardware-aware" else Fixed()
+    extra = {"draft_vocab": 2} if config == "draft-vocabulary" else {}
+    drafter = None if config == "target-only" else random_drafter(target, rank=16, block=3, scale=0.5, seed=2,
+                                                                  **extra)
+    policy = Fixed()
+    if config == "async-hardware-aware":
+        policy = AsyncHardwareAware(SPSTable.from_curve(lambda b: 100.0 * min(b, 900) / 900, 2048), envelope=False)
+    if config == "adaptive-hardware-aware":
+        policy = HardwareAware(BORDERLINE, gate=DraftGate(BORDERLINE.envelope(), memory=0.5, probe_min=1, probe_max=2))
     index, metrics = sample_sequences(target, drafter, policy, temperature)
     if drafter is not None:  # drafts were accepted and rejected, many times
         assert metrics.accepted_drafts > 500 and metrics.verified_drafts - metrics.accepted_drafts > 500, metrics
         assert len(metrics.position_accepts) >= 2 and metrics.position_accepts[1] > 100, metrics
+    if config == "adaptive-hardware-aware":  # both kinds of round, decided from the history
+        decisions = policy.gate.decisions
+        assert 0 < metrics.drafting_rounds < metrics.rounds and True in decisions and False in decisions, metrics
     assert_fits(index, sequence_distribution(hf, SAMPLED_PROMPT, temperature), f"engine {config}", epsilon=0.05)
 
 
@@ -307,12 +341,79 @@ def test_bad_engine_arguments(llama):
         SpeculativeEngine(llama.target).generate([[1], [2]], [greedy()] * 3)
 
 
-def test_profile_sps_measures_every_batch_size(llama):
+def test_profile_sps_measures_every_batch_size_and_the_drafting(llama):
     drafter = random_drafter(llama.target)
     engine = SpeculativeEngine(llama.target, drafter, max_concurrency=3)
-    table = engine.profile_sps(warmup=0, repeats=1)
+    table = engine.profile_sps(warmup=0, repeats=2)
     assert table.max_batch_tokens == 3 * 5
     assert all(v > 0 for v in table.steps_per_second[1:])
+    assert len(table.draft_seconds) == 4 and table.draft_seconds[0] == 0.0
+    assert all(t > 0 for t in table.draft_seconds[1:])
+    assert len(table.spread) == table.max_batch_tokens + 1 and table.meta["gamma"] == 4
+    assert engine.profile_sps(warmup=0, repeats=1, draft=False).draft_seconds == []
+
+
+# ------------------------------------------------------- adaptive drafting
+
+# A plain step costs 10 ms at any batch; drafting a round costs 2 ms more: a
+# drafting round pays when it commits more than 1.2 tokens per request (the
+# bigram drafter commits about 2, a useless one 1).
+GATED = SPSTable.from_curve(lambda b: 100.0, 256, draft_curve=lambda r: 0.002, max_requests=16)
+
+
+def test_adaptive_drafting_switches_both_ways_and_stays_lossless(llama):
+    """A good drafter (the bigram head), then the same drafter made useless
+    (its Markov head zeroed), then good again: the gate drafts, stops drafting
+    (plain steps and a few probes), and resumes; every output equals the
+    target's greedy one."""
+    prompts = PROMPTS[:6]
+    drafter = llama.bigram_drafter(prompts)
+    good_w2 = drafter.markov_head.markov_w2.weight.detach().clone()
+    policy = HardwareAware(GATED, gate=DraftGate(GATED, probe_min=2, probe_max=8))
+    engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=3, max_model_len=80)
+    runs = []
+    for useless in (False, True, False):
+        with torch.no_grad():
+            drafter.markov_head.markov_w2.weight.copy_(torch.zeros_like(good_w2) if useless else good_w2)
+        results = engine.generate(prompts, greedy())
+        assert_matches(llama, prompts, results)
+        runs.append(list(policy.gate.decisions))
+    good, bad, again = runs
+    assert sum(good) / len(good) > 0.9, good
+    assert sum(bad) / len(bad) < 0.4 and bad[-8:].count(True) <= 2, bad
+    assert again[-4:] == [True] * 4 and sum(again) / len(again) > 0.6, again
+
+
+def test_plain_steps_extend_the_drafter_context_like_drafting_rounds(llama):
+    """The drafter's context cache after a run of plain steps (the gate off
+    after the first round) holds the same keys and values, position for
+    position, as after a run that drafted every round."""
+
+    class FirstRoundOnly(Fixed):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def draft_this_round(self, num_requests):
+            self.calls += 1
+            return self.calls == 1
+
+    prompt = PROMPTS[2]
+    drafter = llama.bigram_drafter([prompt])
+    caches = []
+    for policy in (Fixed(), FirstRoundOnly()):
+        engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=1, max_model_len=80)
+        result = engine.generate([prompt], greedy())[0]
+        assert result.tokens == llama.reference(prompt)
+        cache = engine.draft_cache
+        positions = torch.arange(len(prompt) + len(result.tokens) - 1)
+        slots = cache.slots(torch.zeros_like(positions), positions)
+        flat = lambda t: t.reshape(t.shape[0], -1, *t.shape[3:])[:, slots]  # noqa: E731
+        caches.append((flat(cache.k), flat(cache.v), engine.metrics.drafting_rounds))
+    (k_all, v_all, drafted_all), (k_plain, v_plain, drafted_plain) = caches
+    assert drafted_plain == 1 and drafted_all > 1
+    torch.testing.assert_close(k_plain, k_all, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_plain, v_all, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------- command line

@@ -72,6 +72,7 @@ class RunMetrics:
     generated_tokens: int = 0
     wall_seconds: float = 0.0
     rounds: int = 0  # engine rounds with at least one verification
+    drafting_rounds: int = 0  # rounds that drafted (the rest were plain steps)
     request_rounds: int = 0
     verified_drafts: int = 0
     accepted_drafts: int = 0
@@ -99,6 +100,7 @@ class RunMetrics:
     def as_dict(self) -> dict:
         return {"generated_tokens": self.generated_tokens, "wall_seconds": self.wall_seconds,
                 "tokens_per_second": self.tokens_per_second, "tau": self.tau, "rounds": self.rounds,
+                "drafting_rounds": self.drafting_rounds,
                 "verified_per_round": self.verified_per_round, "acceptance_by_position": self.acceptance_by_position}
 
     def record(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
@@ -185,6 +187,8 @@ class SpeculativeEngine:
         self.target_cache = target.new_cache(total, page_size, max_concurrency, pages_per_request)
         self.draft_cache: Optional[PagedKVCache] = (
             drafter.new_cache(total, page_size, max_concurrency, pages_per_request) if drafter is not None else None)
+        # the drafter's draft vocabulary (None: it scores the whole vocabulary)
+        self.draft_vocab = drafter.vocab_map(self.device) if drafter is not None else None
         self.metrics = RunMetrics()
 
     # ----------------------------------------------------------------- API
@@ -216,24 +220,29 @@ class SpeculativeEngine:
         self.metrics.generated_tokens = sum(len(res.tokens) for res in results if res is not None)
         return results  # type: ignore[return-value]
 
-    def profile_sps(self, max_batch_tokens: Optional[int] = None, context_len: int = 256, **kwargs) -> SPSTable:
-        """Measures the target's verification throughput (forward steps per second)
-        at every batch size up to ``max_batch_tokens`` (default: every request in
-        flight verifying a whole block), for the hardware-aware policies. A batch
+    def profile_sps(self, max_batch_tokens: Optional[int] = None, context_len: int = 256, *,
+                    draft: bool = True, **kwargs) -> SPSTable:
+        """Measures what a round costs here, for the hardware-aware policies: the
+        target's verification throughput (forward steps per second) at every
+        batch size up to ``max_batch_tokens`` (default: every request in flight
+        verifying a whole block) and, with a drafter and ``draft=True``, the
+        drafting time of one round (backbone, ``markov_sample``, ``confidence``) for
+        1 .. ``max_concurrency`` requests, interleaved with the target's. A batch
         of ``B`` tokens is laid out as in a round: requests of ``gamma + 1`` rows
         after ``context_len`` cached tokens each. Keyword arguments go to
-        :meth:`SPSTable.profile`."""
+        :meth:`SPSTable.profile` (warmup, repeats, batch_sizes, progress)."""
         per = self.gamma + 1
         B_max = max_batch_tokens if max_batch_tokens is not None else self.max_concurrency * per
         if B_max < 1:
             raise ValueError(f"profile_sps: max_batch_tokens must be >= 1, got {B_max}")
-        R_max = (B_max + per - 1) // per
+        R_max = max((B_max + per - 1) // per, self.max_concurrency if draft and self.drafter is not None else 0)
         page = self.page_size
-        pages_per_request = (context_len + per + page - 1) // page
+        pages_per_request = (context_len + max(per, self.block + 1) + page - 1) // page
         cache = self.target.new_cache(R_max * pages_per_request, page, R_max, pages_per_request)
         for r in range(R_max):
             cache.allocate(r, context_len + per)
         dev = self.device
+        layers = self.drafter.config.target_layer_ids if self.drafter is not None else ()
 
         def forward(B: int) -> None:
             R = (B + per - 1) // per
@@ -247,11 +256,31 @@ class SpeculativeEngine:
                           host_to_device(cu, torch.int32, dev), cache.block_table[:R],
                           host_to_device([context_len + q for q in q_lens], torch.int32, dev),
                           cache.slots(requests, positions))
-            layers = self.drafter.config.target_layer_ids if self.drafter is not None else ()
             self.target(batch, cache, hidden_layers=layers)
 
+        draft_fn = None
+        if draft and self.drafter is not None:
+            draft_cache = self.drafter.new_cache(R_max * pages_per_request, page, R_max, pages_per_request)
+            for r in range(R_max):
+                draft_cache.allocate(r, context_len + self.block + 1)
+
+            def draft_fn(R: int) -> None:
+                state = _State(
+                    anchors=torch.zeros(R, dtype=torch.int64, device=dev),
+                    starts=torch.full((R,), context_len, dtype=torch.int64, device=dev),
+                    slots=torch.arange(R, dtype=torch.int64, device=dev),
+                    generated=torch.zeros(R, dtype=torch.int64, device=dev),
+                    max_new=torch.full((R,), 1 << 30, dtype=torch.int64, device=dev),
+                    temperatures=torch.ones(R, dtype=torch.float32, device=dev),
+                    seeds=torch.arange(R, dtype=torch.int64, device=dev),
+                    rounds=torch.ones(R, dtype=torch.int64, device=dev))
+                self._draft(state, cache=draft_cache, schedule=False)
+
         kwargs.setdefault("device", dev)
-        return SPSTable.profile(forward, B_max, **kwargs)
+        table = SPSTable.profile(forward, B_max, draft=draft_fn, max_requests=self.max_concurrency if draft_fn else 0,
+                                 **kwargs)
+        table.meta.update(gamma=self.gamma, context_len=context_len, dtype=str(next(self.target.parameters()).dtype))
+        return table
 
     # ------------------------------------------------------------- helpers
 
@@ -297,9 +326,9 @@ class SpeculativeEngine:
         pending = None  # what the last round committed, read at the next synchronisation
         bar = _progress(self.progress, sum(r.params.max_new_tokens for r in queue))
         while active or queue or pending is not None:
-            # 1. draft (device)
+            # 1. draft (device), unless the policy expects a plain step to pay more
             drafted = None
-            if active and self.drafter is not None:
+            if active and self.drafter is not None and self.policy.draft_this_round(len(active)):
                 drafted = self._draft(state)
             # 2. the one synchronisation of the round
             fetch = []
@@ -331,6 +360,9 @@ class SpeculativeEngine:
                 if round_lengths:
                     self.metrics.rounds += 1
                     self.metrics.record(round_lengths, round_accepted)
+                    if pending.drafted:
+                        self.metrics.drafting_rounds += 1
+                        self.policy.observe(round_lengths, round_accepted)
                 bar.update(sum(len(r.tokens) for r in pending.requests) - before)
             lengths = host[at:at + len(active)] if drafted is not None else [0] * len(active)
             pending = None
@@ -363,16 +395,22 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------ drafting
 
-    def _draft(self, state: "_State") -> "_Drafted":
+    def _draft(self, state: "_State", cache: Optional[PagedKVCache] = None, schedule: bool = True) -> "_Drafted":
+        """Drafts a block for every request in ``state`` and (``schedule``) lets the
+        policy choose the verification lengths."""
         drafter, target = self.drafter, self.target
         gamma = self.gamma if self.policy.max_length is None else max(1, min(self.gamma, self.policy.max_length))
-        draft = drafter.draft(target, state.anchors, state.starts, state.slots, self.draft_cache, num_positions=gamma)
+        draft = drafter.draft(target, state.anchors, state.starts, state.slots, cache or self.draft_cache,
+                              num_positions=gamma)
         w1, w2 = drafter.markov_weights(self.device)
         hidden = draft.hidden
-        sampled = ops.markov_sample(draft.base_logits, state.anchors, w1, w2, temperature=state.temperatures,
-                                    seed=state.seeds, offset=state.rounds, return_corrected_logits=True,
-                                    validate=False, **drafter.markov_kwargs(hidden))
+        sampled = ops.markov_sample(draft.base_logits, state.anchors, w1, w2, draft_vocab=self.draft_vocab,
+                                    temperature=state.temperatures, seed=state.seeds, offset=state.rounds,
+                                    return_corrected_logits=True, validate=False, **drafter.markov_kwargs(hidden))
         conf = drafter.confidence(hidden, state.anchors, sampled.draft_tokens)
+        if not schedule:
+            return _Drafted(sampled.draft_tokens, sampled.corrected_logits, None,
+                            conf.logits if conf is not None else None)
         cap = torch.clamp(state.max_new - state.generated - 1, min=0).to(torch.int32)
         probabilities = conf.conf if conf is not None else torch.ones(
             state.anchors.shape[0], gamma, device=self.device)
@@ -415,6 +453,7 @@ class SpeculativeEngine:
         kwargs = {}
         if drafted is not None and draft_rows:
             kwargs["draft_logits"] = drafted.corrected[req_t[rows_t], off_t[rows_t] - 1]
+            kwargs["draft_vocab"] = self.draft_vocab
         max_len = max(lengths) if lengths else 0
         result = ops.rejection_sample(out.logits, draft_tokens, cu_draft, temperature=state.temperatures,
                                       seed=state.seeds, offset=state.rounds, max_num_draft=max_len, validate=False,
@@ -433,7 +472,7 @@ class SpeculativeEngine:
         state.starts = state.starts + count
         state.generated = state.generated + count
         state.rounds = state.rounds + 1
-        return _Pending(list(active), result.output_tokens, result.num_accepted, list(lengths))
+        return _Pending(list(active), result.output_tokens, result.num_accepted, list(lengths), drafted is not None)
 
     # ------------------------------------------------------------ admitting
 
@@ -532,8 +571,8 @@ class _State:
 @dataclass
 class _Drafted:
     tokens: torch.Tensor  # [R, block]
-    corrected: torch.Tensor  # [R, block, V]
-    lengths: torch.Tensor  # [R] int32
+    corrected: torch.Tensor  # [R, block, V_d] (V_d = V without a draft vocabulary)
+    lengths: Optional[torch.Tensor]  # [R] int32 (None: not scheduled)
     conf_logits: Optional[torch.Tensor]  # [R, block]
 
     def select(self, keep: List[int]) -> "_Drafted":
@@ -556,6 +595,7 @@ class _Pending:
     tokens: torch.Tensor  # [R, width] committed tokens then -1
     accepted: torch.Tensor  # [R] int32
     verified: List[Optional[int]]  # draft tokens verified per request (None: a prefill)
+    drafted: bool = False  # whether the round drafted (a plain step does not)
 
     @staticmethod
     def concat(committed: Optional["_Pending"], joined: Optional[_Joined]) -> "_Pending":
@@ -567,7 +607,8 @@ class _Pending:
         width = max(committed.tokens.shape[1], prefill.tokens.shape[1])
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)  # noqa: E731
         return _Pending(committed.requests + prefill.requests, torch.cat([pad(committed.tokens), pad(prefill.tokens)]),
-                        torch.cat([committed.accepted, prefill.accepted]), committed.verified + prefill.verified)
+                        torch.cat([committed.accepted, prefill.accepted]), committed.verified + prefill.verified,
+                        committed.drafted)
 
 
 class _NoBar:
