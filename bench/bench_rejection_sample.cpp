@@ -150,7 +150,7 @@ void bench_cuda(benchmark::State& state, Shape shape) {
   cuda_check(cudaMalloc(&out, static_cast<size_t>(shape.requests * (shape.drafts + 1)) * 4));
   cuda_check(cudaMalloc(&accepted, static_cast<size_t>(shape.requests) * 4));
   const size_t ws = dspark::rejection_sample_workspace_bytes(shape.requests, in.n_draft, shape.vocab,
-                                                             shape.mode != kOneHot, false);
+                                                             shape.mode != kOneHot, false, shape.vocab, false);
   cuda_check(cudaMalloc(&workspace, ws));
   dspark::RejectionSampleArgs a = make_args(in, dev, target, draft, tokens, cu, out, accepted);
   a.workspace = TensorView::contiguous(workspace, DType::kUInt8, dev, {static_cast<int64_t>(ws)});

@@ -159,6 +159,81 @@ def test_joint_distribution_of_a_block(head):
     assert_fits(encode(out.draft_tokens, V), _exact_block_probs(p, head, 0.8, gamma, V), head)
 
 
+# ------------------------------------------------------- draft vocabulary
+
+
+def sub_drafter(V, Vd, rank, d, gamma, R, seed, dtype=torch.float32):
+    """A drafter over Vd of V target ids: U and W2 have Vd columns / rows, W1 a
+    row per target id."""
+    p = make_drafter(V, rank, d, gamma, R, seed=seed, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randperm(V, generator=g)[:Vd]
+    p["U"], p["w2"], p["ids"] = p["U"][:, :, ids].contiguous(), p["w2"][ids].contiguous(), ids.to(torch.int32)
+    return p
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_draft_vocabulary_matches_reference(head, temperature):
+    """Columns of a draft vocabulary (600 of 3000 target ids, in random order):
+    tokens are target ids from the map, W1 rows are looked up by target id."""
+    p = sub_drafter(3000, 600, 16, 8, 5, 7, seed=21)
+    kw = head_kwargs(p, head)
+    out = ops.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], draft_vocab=p["ids"], temperature=temperature,
+                            seed=4, return_corrected_logits=True, **kw)
+    ref = reference.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], draft_vocab=p["ids"],
+                                  temperature=temperature, seed=4, **kw)
+    assert_matches(out, ref, f"draft vocabulary {head}")
+    assert torch.isin(out.draft_tokens, p["ids"].long()).all()
+    assert out.corrected_logits.shape == (7, 5, 600)
+    torch.testing.assert_close(out.corrected_logits, ref.corrected_logits, atol=1e-4, rtol=1e-5)
+
+
+def test_draft_vocabulary_joint_distribution_of_a_block():
+    """gamma = 3 over a map of 3 of 5 target ids (the anchor outside it): the
+    27 blocks follow the enumerated product of the corrected softmaxes, with W1
+    rows taken at the drafted target ids (chi-square at 1e-6, power >= 0.99
+    against a 1% bias)."""
+    V, gamma = 5, 3
+    ids = torch.tensor([4, 0, 2], dtype=torch.int32)
+    p = make_drafter(V, 4, 5, gamma, 1, seed=12, spread=1.0, scale=0.8)
+    p["anchor"] = torch.tensor([1])
+    U, w2 = p["U"][:, :, ids.long()], p["w2"][ids.long()]
+    N = samples_for_power(3 ** gamma)
+    out = ops.markov_sample(U.expand(N, -1, -1).contiguous(), p["anchor"].expand(N), p["w1"], w2,
+                            draft_vocab=ids, temperature=0.8, seed=7)
+    column = {int(t): c for c, t in enumerate(ids.tolist())}
+    index = torch.zeros(N, dtype=torch.int64)
+    for k in range(gamma):
+        index = index * 3 + torch.tensor([column[int(t)] for t in out.draft_tokens[:, k]])
+    probs = torch.zeros(3 ** gamma, dtype=torch.float64)
+    w1, w2d = p["w1"].double(), w2.double()
+
+    def rec(k, prev, prob, at):
+        if k == gamma:
+            probs[at] = prob
+            return
+        q = torch.softmax((U[0, k].double() + w2d @ w1[prev]) / 0.8, -1)
+        for c in range(3):
+            rec(k + 1, int(ids[c]), prob * float(q[c]), at * 3 + c)
+
+    rec(0, 1, 1.0, 0)
+    assert_fits(index, probs, "draft vocabulary block")
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda p: p.update(ids=torch.tensor([1, 1, 2], dtype=torch.int32)), "token id 1 twice"),
+    (lambda p: p.update(ids=torch.tensor([1, 2, 99], dtype=torch.int32)), "draft_vocab"),
+    (lambda p: p.update(ids=torch.tensor([1, 2], dtype=torch.int32)), "draft_vocab"),
+    (lambda p: p.update(w2=p["w2"][:2]), "w2"),
+])
+def test_bad_draft_vocabulary(change, words):
+    p = sub_drafter(50, 3, 8, 6, 3, 2, seed=5)
+    change(p)
+    with pytest.raises(ValueError, match=words):
+        ops.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], draft_vocab=p["ids"])
+
+
 # --------------------------------------------- a full round: lossless end to end
 
 
@@ -286,7 +361,8 @@ def test_empty_block_and_batch():
 
 def test_custom_ops_and_compile():
     p = make_drafter(300, 8, 6, 3, 4, seed=61)
-    args = (p["U"], p["anchor"], p["w1"], p["w2"], 0, None, None, None, None, None, 1.0, None, 3, None, 0, None, True)
+    args = (p["U"], p["anchor"], p["w1"], p["w2"], None, 0, None, None, None, None, None, 1.0, None, 3, None, 0, None,
+            True)
     torch.library.opcheck(torch.ops.dspark.markov_sample.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -325,6 +401,25 @@ def test_cuda_matches_cpu(head, dtype, vocab, rank, R, d):
     assert_matches(cpu, ref, "cpu vs reference", **tol)
     torch.testing.assert_close(gpu.corrected_logits.cpu(), cpu.corrected_logits, atol=max(1e-3, tol["atol"]),
                                rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_matches_cpu_with_a_draft_vocabulary(head, dtype):
+    p = sub_drafter(49152, 8192, 64, 32, 5, 20, seed=8, dtype=dtype)
+    kw = head_kwargs(p, head)
+    temps = torch.linspace(0, 1.2, 20)
+    cpu = ops.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], draft_vocab=p["ids"], temperature=temps, seed=9,
+                            **kw)
+    ref = reference.markov_sample(p["U"], p["anchor"], p["w1"], p["w2"], draft_vocab=p["ids"], temperature=temps,
+                                  seed=9, **kw)
+    ckw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    gpu = ops.markov_sample(p["U"].cuda(), p["anchor"].cuda(), p["w1"].cuda(), p["w2"].cuda(),
+                            draft_vocab=p["ids"].cuda(), temperature=temps.cuda(), seed=9, **ckw)
+    tol = tolerance(head, dtype, p["w2"])
+    assert_matches(gpu, ref, "cuda vs reference", **tol)
+    assert_matches(cpu, ref, "cpu vs reference", **tol)
 
 
 @pytest.mark.cuda

@@ -118,12 +118,13 @@ def test_target_round_trip(tmp_path):
         torch.testing.assert_close(logits[0], hf(torch.tensor([SEQUENCES[0]])).logits[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("head,rank,confidence", [("vanilla", 16, True), ("gated", 16, True), ("rnn", 32, True),
-                                                  ("vanilla", 0, True), ("vanilla", 16, False)])
-def test_drafter_round_trip(tmp_path, head, rank, confidence):
+@pytest.mark.parametrize("head,rank,confidence,draft_vocab", [
+    ("vanilla", 16, True, 0), ("gated", 16, True, 0), ("rnn", 32, True, 0), ("vanilla", 0, True, 0),
+    ("vanilla", 16, False, 0), ("vanilla", 16, True, 40), ("rnn", 16, True, 40), ("vanilla", 0, False, 40)])
+def test_drafter_round_trip(tmp_path, head, rank, confidence, draft_vocab):
     hf_model(tmp_path / "t")
     target = TargetModel.load(tmp_path / "t")
-    drafter = random_drafter(target, head=head, rank=rank, confidence=confidence)
+    drafter = random_drafter(target, head=head, rank=rank, confidence=confidence, draft_vocab=draft_vocab)
     from dspark.calibration import STS
 
     drafter.sts = STS([1.5, 1.0, 0.7, 2.0]) if confidence else None
@@ -136,6 +137,43 @@ def test_drafter_round_trip(tmp_path, head, rank, confidence):
         assert torch.equal(state[name], state2[name]), name
     if confidence:
         assert again.sts.temperatures == drafter.sts.temperatures
+    if draft_vocab:
+        assert again.draft_vocab.dtype == torch.int32 and torch.equal(again.draft_vocab, drafter.draft_vocab)
+        assert json.loads((tmp_path / "d" / "config.json").read_text())["draft_vocab_size"] == draft_vocab
+        if rank:
+            assert again.markov_head.markov_w2.weight.shape == (draft_vocab, rank)
+            assert again.markov_head.markov_w1.weight.shape == (128, rank)
+
+
+def test_drafter_draft_vocabulary_scores_only_its_ids(tmp_path):
+    """The base logits of a drafter with a draft vocabulary are the full
+    drafter's logits at the map's ids; a map with a repeated or out-of-range id
+    does not load."""
+    hf_model(tmp_path / "t")
+    target = TargetModel.load(tmp_path / "t")
+    full = random_drafter(target, seed=3)
+    sub = random_drafter(target, seed=3, draft_vocab=40)
+    sub.load_state_dict({**{k: v for k, v in full.state_dict().items() if not k.startswith("markov_head.markov_w2")},
+                         "markov_head.markov_w2.weight": full.markov_head.markov_w2.weight[sub.draft_vocab.long()],
+                         "draft_vocab": sub.draft_vocab})
+    engine_args = dict(anchors=torch.tensor([5, 9]), starts=torch.tensor([0, 0]), request_slots=torch.tensor([0, 1]))
+    outs = []
+    for drafter in (full, sub):
+        cache = drafter.new_cache(4, 16, 2, 2)
+        for r in range(2):
+            cache.allocate(r, 8)
+        outs.append(drafter.draft(target, cache=cache, **engine_args).base_logits)
+    torch.testing.assert_close(outs[1], outs[0][..., sub.draft_vocab.long()])
+    sub.save(tmp_path / "d")
+    tensors = load_file(str(tmp_path / "d" / "model.safetensors"))
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    for name, ids in (("twice", [1] * 40), ("outside", [200] + list(range(39)))):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        save_file(dict(tensors, draft_vocab=torch.tensor(ids, dtype=torch.int32)), str(folder / "model.safetensors"))
+        with pytest.raises(CheckpointError, match="draft_vocab"):
+            DSparkDrafter.load(folder, target)
 
 
 def deepspec_tensors(target: TargetModel, layers: int, rank: int, head: str, ctx_layers: int):

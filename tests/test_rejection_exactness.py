@@ -89,3 +89,70 @@ def test_wrong_rules_are_caught(rule, mode):
     temps = torch.full((per_group,), 1.0)
     out = simulate(naive_sampler(rule), chains, temps, mode=mode, gamma=3, num_tokens=NUM_TOKENS, start=START, seed=9)
     assert_rejects(encode(out, VOCAB), sequence_probs(tempered(chains.target_logits, 1.0), START, NUM_TOKENS), rule)
+
+
+# --------------------------------------------------------- draft vocabulary
+
+SUB_VOCAB = 4  # the target's tokens
+SUB_MAP = torch.tensor([3, 0, 2], dtype=torch.int32)  # the drafter's columns; token 1 is never drafted
+SUB_CELLS = SUB_VOCAB**NUM_TOKENS
+
+
+def _sub_drafter(mode: str, seed: int = 11):
+    """A draft chain over the map's columns: q(column | previous target token).
+    Returns the simulate() drafter hook: drafts are target ids, rows are the
+    draft logits (or probabilities) over the V_d columns."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(SUB_VOCAB, SUB_MAP.numel(), generator=g) * 1.5
+
+    def drafter(prev, temps, gamma, call_seed):
+        gen = torch.Generator().manual_seed(call_seed)
+        drafts = torch.empty(prev.numel(), gamma, dtype=torch.int64)
+        rows = torch.empty(prev.numel(), gamma, SUB_MAP.numel())
+        t = torch.where(temps > 0, temps, torch.ones_like(temps)).double().unsqueeze(-1)
+        for k in range(gamma):
+            logits = table[prev]
+            q = torch.softmax(logits.double() / t, -1) if mode == "logits" else torch.softmax(logits.double(), -1)
+            column = torch.multinomial(q, 1, generator=gen).squeeze(-1)
+            rows[:, k] = logits if mode == "logits" else q.float()
+            prev = SUB_MAP.long()[column]
+            drafts[:, k] = prev
+        return drafts, rows
+
+    return drafter
+
+
+@pytest.mark.parametrize("mode", ["logits", "probs"])
+def test_lossless_with_a_draft_vocabulary(mode):
+    """Drafts over 3 of the target's 4 tokens (target mass outside the map: the
+    residual there is p_t), draft chains that depend on earlier drafts: the
+    first 3 committed tokens follow the target chain. 64 cells; each group has
+    stats.samples_for_power(64) requests (power >= 0.99 against TV 1%)."""
+    chains = Chains.random(SUB_VOCAB, 4)
+    per_group = samples_for_power(SUB_CELLS)
+    temps = _groups((1.0, 0.7), per_group)
+
+    def sampler(*args, **kw):
+        return ops.rejection_sample(*args, draft_vocab=SUB_MAP, **kw)
+
+    out = simulate(sampler, chains, temps, mode=mode, gamma=3, num_tokens=NUM_TOKENS, start=1, seed=5,
+                   drafter=_sub_drafter(mode))
+    for i, t in enumerate((1.0, 0.7)):
+        rows = out[i * per_group:(i + 1) * per_group]
+        assert_fits(encode(rows, SUB_VOCAB), sequence_probs(tempered(chains.target_logits, t), 1, NUM_TOKENS),
+                    f"draft vocabulary {mode} T={t}")
+
+
+def test_a_wrong_draft_vocabulary_is_caught():
+    """The same rounds verified as if the columns scored other tokens (a
+    permuted map): the committed tokens are biased and the test rejects them."""
+    chains = Chains.random(SUB_VOCAB, 4)
+    temps = _groups((1.0,), samples_for_power(SUB_CELLS))
+
+    def sampler(*args, **kw):
+        return ops.rejection_sample(*args, draft_vocab=torch.tensor([0, 3, 2], dtype=torch.int32), **kw)
+
+    out = simulate(sampler, chains, temps, mode="logits", gamma=3, num_tokens=NUM_TOKENS, start=1, seed=5,
+                   drafter=_sub_drafter("logits"))
+    assert_rejects(encode(out, SUB_VOCAB), sequence_probs(tempered(chains.target_logits, 1.0), 1, NUM_TOKENS),
+                   "permuted map")

@@ -9,7 +9,7 @@ import torch
 
 import dspark
 from dspark import ops, reference
-from rejection_cases import assert_matches_reference, random_batch
+from rejection_cases import assert_matches_reference, random_batch, sub_vocab_batch
 from stats import assert_fits
 
 MODES = ("onehot", "logits", "probs")
@@ -54,6 +54,55 @@ def test_matches_reference_large_vocab(vocab, dtype, mode):
                                      seed=2024, return_soft_acceptance=True, return_margins=True, **kw)
     assert_matches_reference(out, ref, f"V={vocab} {dtype} {mode}")
     torch.testing.assert_close(out.soft_acceptance, ref.soft_acceptance, atol=5e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["logits", "probs"])
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("vocab,draft_vocab", [(50, 7), (4099, 1000), (6000, 2500), (300, 300)])
+def test_matches_reference_with_a_draft_vocabulary(mode, temperature, vocab, draft_vocab):
+    """Draft rows over V_d of the V target ids (2500: more than one draft chunk;
+    300 of 300: a permutation), draft tokens partly outside the map."""
+    b = sub_vocab_batch(24, vocab, draft_vocab, 6, seed=vocab + draft_vocab + int(temperature * 10))
+    kw = b.kwargs(mode)
+    out = ops.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, temperature=temperature,
+                               seed=5, offset=2, return_soft_acceptance=True, **kw)
+    ref = reference.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, temperature=temperature,
+                                     seed=5, offset=2, return_soft_acceptance=True, return_margins=True, **kw)
+    assert_matches_reference(out, ref, f"V_d={draft_vocab} {mode} T={temperature}")
+    torch.testing.assert_close(out.soft_acceptance, ref.soft_acceptance, atol=2e-6, rtol=0)
+
+
+def test_draft_vocabulary_equals_the_full_vocabulary_with_zero_outside():
+    """A draft vocabulary gives the same committed tokens as the full-vocabulary
+    call whose draft probabilities are 0 outside the map (draft_probs mode,
+    where that full tensor can be written)."""
+    b = sub_vocab_batch(32, 500, 60, 5, seed=3)
+    full = torch.zeros(b.draft_probs.shape[0], 500)
+    full[:, b.draft_vocab.long()] = b.draft_probs
+    for T in (1.0, 0.6):
+        sub = ops.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, draft_probs=b.draft_probs,
+                                   draft_vocab=b.draft_vocab, temperature=T, seed=9, return_soft_acceptance=True)
+        whole = ops.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, draft_probs=full,
+                                     temperature=T, seed=9, return_soft_acceptance=True)
+        assert torch.equal(sub.output_tokens, whole.output_tokens) and torch.equal(sub.num_accepted, whole.num_accepted)
+        assert torch.equal(sub.soft_acceptance, whole.soft_acceptance)
+
+
+@pytest.mark.parametrize("vocab_map,exc,words", [
+    (torch.tensor([1, 2, 2], dtype=torch.int32), ValueError, "token id 2 twice"),
+    (torch.tensor([1, 2, 60], dtype=torch.int32), ValueError, "outside the vocabulary"),
+    (torch.tensor([1, 2, -1], dtype=torch.int32), ValueError, "outside the vocabulary"),
+    (torch.tensor([1.0, 2.0, 3.0]), TypeError, "'draft_vocab' must be int32 or int64"),
+    (torch.tensor([[1, 2, 3]], dtype=torch.int32), ValueError, "'draft_vocab' must be 1-D"),
+    (torch.tensor([1, 2], dtype=torch.int32), ValueError, "draft_logits' must have shape \\[N_draft, V_d\\]"),
+])
+def test_bad_draft_vocabulary(vocab_map, exc, words):
+    b = sub_vocab_batch(4, 50, 3, 3, seed=1)
+    with pytest.raises(exc, match=words):
+        ops.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, draft_logits=b.draft_logits,
+                             draft_vocab=vocab_map)
+    with pytest.raises(ValueError, match="'draft_vocab' needs 'draft_logits' or 'draft_probs'"):
+        ops.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, draft_vocab=b.draft_vocab)
 
 
 def test_soft_acceptance_is_one_minus_total_variation():
@@ -380,13 +429,18 @@ def test_bad_input_raises_naming_the_argument(change, exc, words):
 
 def test_registered_custom_ops_pass_opcheck():
     b = random_batch(4, 50, 3, seed=31)
-    args = (b.target_logits, b.draft_tokens, b.cu_num_draft, b.draft_logits, None, 1.0, None, 5, None, 0, None, 3, True)
+    args = (b.target_logits, b.draft_tokens, b.cu_num_draft, b.draft_logits, None, None, 1.0, None, 5, None, 0, None, 3, True)
     torch.library.opcheck(torch.ops.dspark.rejection_sample.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     out = (torch.empty(4, 4, dtype=torch.int32), torch.empty(4, dtype=torch.int32),
            torch.empty(int(b.cu_num_draft[-1])))
     torch.library.opcheck(torch.ops.dspark.rejection_sample_out.default, args[:-1] + out,
                           test_utils=("test_schema", "test_faketensor"))
+    s = sub_vocab_batch(4, 50, 9, 3, seed=32)
+    sub_args = (s.target_logits, s.draft_tokens, s.cu_num_draft, s.draft_logits, None, s.draft_vocab, 1.0, None, 5,
+                None, 0, None, 3, True)
+    torch.library.opcheck(torch.ops.dspark.rejection_sample.default, sub_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_torch_compile_matches_eager():

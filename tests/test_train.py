@@ -70,6 +70,44 @@ def test_training_forward_is_the_decoding_forward(tiny, head):
             torch.testing.assert_close(draft.base_logits + bias, out.corrected_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_draft_vocabulary_is_the_most_generated_tokens_and_keeps_the_loss_definition(tiny):
+    """frequent_tokens ranks the target's generated tokens first; a draft
+    vocabulary holding every id (in another order) gives the full-vocabulary
+    loss; a smaller one counts the target mass outside it as L1 distance and
+    drops labels outside it from the cross-entropy; the training forward is
+    still the decoding forward."""
+    _, target = tiny
+    config = train.TrainConfig(block_size=4, markov_rank=16, num_layers=1, sequences_per_step=3,
+                               blocks_per_sequence=3)
+    layer_ids = train.default_layer_ids(target.config.num_hidden_layers)
+    data = make_data(target, config, layer_ids, count=3)
+    counts = torch.zeros(VOCAB, dtype=torch.int64)
+    for tokens, P in zip(data.tokens, data.prompt_lens):
+        counts += torch.bincount(tokens[P:], minlength=VOCAB)
+    chosen = train.frequent_tokens(data, 10, VOCAB)
+    assert chosen.dtype == torch.int32 and chosen.tolist() == sorted(chosen.tolist()) and chosen.numel() == 10
+    assert int(counts[chosen.long()].min()) >= int(counts[[v for v in range(VOCAB) if v not in chosen]].max())
+    blocks = train.draw_blocks(data, [0, 1, 2], config, random.Random(4), config.mask_token_id)
+    full = train.new_drafter(target, config, 0)
+    every = train.new_drafter(target, config, 0, torch.randperm(VOCAB).to(torch.int32))
+    state = full.state_dict()
+    every.load_state_dict({**state, "markov_head.markov_w2.weight":
+                           state["markov_head.markov_w2.weight"][every.draft_vocab.long()],
+                           "draft_vocab": every.draft_vocab})
+    with torch.no_grad():
+        a, b = train.loss_terms(full, target, blocks), train.loss_terms(every, target, blocks)
+    for key in ("ce", "l1", "bce", "loss"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    sub = train.new_drafter(target, config, 0, chosen)
+    with torch.no_grad():
+        terms = train.loss_terms(sub, target, blocks)
+        p_t = torch.softmax(target.lm_head(blocks.final), -1)
+    outside = (1 - p_t[..., chosen.long()].sum(-1))
+    valid = blocks.labels >= 0
+    w = train.position_weights(4).expand_as(blocks.labels) * valid
+    assert float(terms["l1"]) >= float((outside * w).sum() / w.sum()) - 1e-6  # the mass it cannot reach
+
+
 def test_final_hidden_gives_the_target_distribution(tiny):
     _, target = tiny
     data = make_data(target, train.TrainConfig(), [0, 2], count=2)

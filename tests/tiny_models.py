@@ -49,7 +49,7 @@ def hf_model(folder: Path, kind: str = "llama", seed: int = 0, lm_head_scale: fl
 
 def drafter_config(target: TargetModel, block: int = 4, rank: int = 16, head: str = "vanilla",
                    confidence: bool = True, with_markov: bool = True, layers: int = 1,
-                   layer_ids: Sequence[int] = (0, -1)) -> DrafterConfig:
+                   layer_ids: Sequence[int] = (0, -1), draft_vocab: int = 0) -> DrafterConfig:
     t = target.config
     ids = sorted({i % t.num_hidden_layers for i in layer_ids})
     return DrafterConfig.from_dict(dict(
@@ -58,10 +58,12 @@ def drafter_config(target: TargetModel, block: int = 4, rank: int = 16, head: st
         num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=1e-6,
         vocab_size=t.vocab_size, rope_theta=10000.0, block_size=block, target_layer_ids=ids,
         mask_token_id=t.vocab_size - 1, markov_rank=rank, markov_head_type=head,
-        enable_confidence_head=confidence, confidence_head_with_markov=with_markov))
+        enable_confidence_head=confidence, confidence_head_with_markov=with_markov, draft_vocab_size=draft_vocab))
 
 
 def random_drafter(target: TargetModel, seed: int = 1, scale: float = 0.1, **kwargs) -> DSparkDrafter:
+    """Random weights; with draft_vocab=N, a draft vocabulary of N random
+    target ids in random order."""
     torch.manual_seed(seed)
     drafter = DSparkDrafter(drafter_config(target, **kwargs))
     with torch.no_grad():
@@ -70,6 +72,9 @@ def random_drafter(target: TargetModel, seed: int = 1, scale: float = 0.1, **kwa
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.normal_(0.0, scale)
+        if drafter.config.draft_vocab_size:
+            ids = torch.randperm(drafter.config.vocab_size)[:drafter.config.draft_vocab_size]
+            drafter.draft_vocab.copy_(ids.to(torch.int32))
     return drafter.eval()
 
 
@@ -85,9 +90,20 @@ def set_bigram(drafter: DSparkDrafter, sequences: Sequence[Sequence[int]], stren
         for a, b in zip(seq[:-1], seq[1:]):
             counts.setdefault(a, {}).setdefault(b, 0)
             counts[a][b] += 1
-    w2 = torch.zeros(V, V)
+    column = {v: v for v in range(V)}
+    if drafter.config.draft_vocab_size:  # the most frequent successors make the draft vocabulary
+        frequency: Dict[int, int] = {}
+        for successors in counts.values():
+            for b, n in successors.items():
+                frequency[b] = frequency.get(b, 0) + n
+        ranked = sorted(range(V), key=lambda v: (-frequency.get(v, 0), v))[:drafter.config.draft_vocab_size]
+        drafter.draft_vocab.copy_(torch.tensor(ranked, dtype=torch.int32))
+        column = {v: c for c, v in enumerate(ranked)}
+    w2 = torch.zeros(drafter.config.draft_columns, V)
     for a, successors in counts.items():
-        w2[max(successors, key=successors.get), a] = strength
+        best = max(successors, key=successors.get)
+        if best in column:
+            w2[column[best], a] = strength
     head = drafter.markov_head
     head.markov_w1.weight.copy_(torch.eye(V))
     head.markov_w2.weight.copy_(w2)

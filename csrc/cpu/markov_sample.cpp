@@ -11,7 +11,8 @@
 //      ChunkState; the [R, V] bias is never materialised (unless the caller
 //      asks for the corrected logits);
 //   3. per request: the chunks combined into the token, its log-probability
-//      and the row's log-sum-exp (dspark/markov.h).
+//      and the row's log-sum-exp (dspark/markov.h); with a draft vocabulary
+//      the winning column is mapped to its target id.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -120,6 +121,7 @@ void markov_sample(const MarkovSampleArgs& a) {
   float* logprobs = a.logprobs.ptr<float>();
   float* lse = a.lse.ptr<float>();
   float* corrected = a.corrected.defined() ? a.corrected.ptr<float>() : nullptr;
+  const int32_t* draft_vocab = a.draft_vocab.defined() ? a.draft_vocab.ptr<int32_t>() : nullptr;
   const size_t w2_size = dtype_size(a.w2.dtype);
 
   for (int64_t k = 0; k < s.gamma; ++k) {
@@ -175,10 +177,11 @@ void markov_sample(const MarkovSampleArgs& a) {
         const bool greedy = is_greedy(params.temperature_of(static_cast<int32_t>(r)));
         const markov::RowResult res =
             markov::combine_chunks(&chunk_state[static_cast<size_t>(r * chunks)], chunks, greedy);
-        tokens[r * s.gamma + k] = res.token;
+        const int64_t token = draft_vocab ? draft_vocab[res.token] : res.token;  // a target id
+        tokens[r * s.gamma + k] = token;
         logprobs[r * s.gamma + k] = res.logprob;
         lse[r * s.gamma + k] = res.lse;
-        prev[static_cast<size_t>(r)] = res.token;
+        prev[static_cast<size_t>(r)] = token;
       }
     });
   }

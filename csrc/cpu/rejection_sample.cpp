@@ -130,17 +130,32 @@ const void* column_at(const void* row, DType dtype, int64_t column) {
   return static_cast<const char*>(row) + column * static_cast<int64_t>(dtype_size(dtype));
 }
 
-// Target (and draft) probabilities of one chunk into pt (and pd).
-void chunk_probs(const Problem& p, int64_t trow, int64_t drow, float scale, const RowStats& ts,
-                 const RowStats& ds, int64_t begin, int64_t n, float* pt, float* pd) {
+// Target probabilities of target columns [begin, begin + n) into pt.
+void target_chunk_probs(const Problem& p, int64_t trow, float scale, const RowStats& ts, int64_t begin, int64_t n,
+                        float* pt) {
   convert_to_float(column_at(row_at(p.target, p.target_dtype, p.target_stride, trow), p.target_dtype, begin),
                    p.target_dtype, n, pt);
   logit_probs(pt, n, scale, ts);
-  if (pd == nullptr) return;
+}
+
+// Draft probabilities of draft columns [begin, begin + n) into pd.
+void draft_chunk_probs(const Problem& p, int64_t drow, float scale, const RowStats& ds, int64_t begin, int64_t n,
+                       float* pd) {
   convert_to_float(column_at(row_at(p.draft, p.draft_dtype, p.draft_stride, drow), p.draft_dtype, begin),
                    p.draft_dtype, n, pd);
   if (p.mode == DraftMode::kLogits) logit_probs(pd, n, scale, ds);
   else given_probs(pd, n, ds);
+}
+
+// Draft probabilities at target ids [begin, begin + n) into pd: the same
+// columns without a draft vocabulary, else looked up (0 outside the map).
+void draft_probs_at_targets(const Problem& p, int64_t drow, float scale, const RowStats& ds, int64_t begin,
+                            int64_t n, float* pd) {
+  if (!p.draft_index) {
+    draft_chunk_probs(p, drow, scale, ds, begin, n, pd);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) pd[i] = draft_prob(p, drow, begin + i, scale, ds);
 }
 
 RaceBest race_chunk(const Problem& p, const RaceRow& rr, const RowStats& ts, const RowStats& ds,
@@ -149,7 +164,8 @@ RaceBest race_chunk(const Problem& p, const RaceRow& rr, const RowStats& ts, con
   alignas(64) uint32_t bits[kChunk], keys[kChunk];
   const int64_t n = end - begin;
   const bool draft_residual = rr.kind == RaceKind::kResidual && p.mode != DraftMode::kOneHot;
-  chunk_probs(p, rr.target_row, rr.draft_row, rr.scale, ts, ds, begin, n, pt, draft_residual ? w : nullptr);
+  target_chunk_probs(p, rr.target_row, rr.scale, ts, begin, n, pt);
+  if (draft_residual) draft_probs_at_targets(p, rr.draft_row, rr.scale, ds, begin, n, w);
   if (draft_residual) {
     residual_weights(pt, w, n);
   } else if (rr.kind == RaceKind::kResidual) {  // one-hot drafter: p_t without the rejected token
@@ -175,11 +191,18 @@ DSPARK_CPU_CLONES uint64_t soft_sum(const float* pt, const float* pd, int64_t n)
   return s;
 }
 
+// The soft-acceptance sum over draft columns [begin, end).
 uint64_t soft_chunk(const Problem& p, int64_t trow, int64_t drow, float scale, const RowStats& ts,
                     const RowStats& ds, int64_t begin, int64_t end) {
-  alignas(64) float pt[kChunk], pd[kChunk];
   const int64_t n = end - begin;
-  chunk_probs(p, trow, drow, scale, ts, ds, begin, n, pt, pd);
+  if (p.draft_vocab) {
+    uint64_t s = 0;
+    for (int64_t c = begin; c < end; ++c) s += soft_column_term(p, trow, drow, c, scale, ts, ds);
+    return s;
+  }
+  alignas(64) float pt[kChunk], pd[kChunk];
+  target_chunk_probs(p, trow, scale, ts, begin, n, pt);
+  draft_chunk_probs(p, drow, scale, ds, begin, n, pd);
   return soft_sum(pt, pd, n);
 }
 
@@ -195,20 +218,23 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
   const int64_t out_stride = args.output_tokens.stride(0);
   if (R == 0) return;
 
-  const int64_t V = p.vocab;
+  const int64_t V = p.vocab, Vd = p.draft_columns;
   const int64_t chunks = (V + kChunk - 1) / kChunk;
+  const int64_t draft_chunks = (Vd + kChunk - 1) / kChunk;
   const bool draft_rows = p.mode != DraftMode::kOneHot;
   const int64_t nt = p.num_target_rows;
   const int64_t nd = draft_rows ? p.num_draft_rows : 0;
   const Rows rows = map_rows(p);
 
-  // 1. chunk statistics
-  std::vector<ChunkStats> stats(static_cast<size_t>((nt + nd) * chunks));
-  parallel_for((nt + nd) * chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
+  // 1. chunk statistics: target rows (chunks of V columns), then draft rows
+  //    (chunks of V_d columns)
+  const int64_t target_jobs = nt * chunks;
+  std::vector<ChunkStats> stats(static_cast<size_t>(target_jobs + nd * draft_chunks));
+  parallel_for(target_jobs + nd * draft_chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t row = job / chunks, c = job % chunks;
-      const bool is_target = row < nt;
-      const int64_t local = is_target ? row : row - nt;
+      const bool is_target = job < target_jobs;
+      const int64_t local = is_target ? job / chunks : (job - target_jobs) / draft_chunks;
+      const int64_t c = is_target ? job % chunks : (job - target_jobs) % draft_chunks;
       const int32_t r = is_target ? rows.target_request[static_cast<size_t>(local)]
                                   : rows.draft_request[static_cast<size_t>(local)];
       const float scale = logit_scale(request_temperature(p, r));
@@ -218,8 +244,9 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
       const void* row_ptr = static_cast<const char*>(base) +
                             local * stride * static_cast<int64_t>(dtype_size(dtype));
       const bool probs = !is_target && p.mode == DraftMode::kProbs;
+      const int64_t columns = is_target ? V : Vd;
       stats[static_cast<size_t>(job)] =
-          chunk_stats(row_ptr, dtype, c * kChunk, std::min(V, (c + 1) * kChunk), scale, probs);
+          chunk_stats(row_ptr, dtype, c * kChunk, std::min(columns, (c + 1) * kChunk), scale, probs);
     }
   });
 
@@ -227,8 +254,11 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
   std::vector<RowStats> row(static_cast<size_t>(nt + nd));
   parallel_for(nt + nd, kRequestsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const bool logits = i < nt || p.mode == DraftMode::kLogits;
-      row[static_cast<size_t>(i)] = row_stats(&stats[static_cast<size_t>(i * chunks)], chunks, logits);
+      const bool is_target = i < nt;
+      const bool logits = is_target || p.mode == DraftMode::kLogits;
+      const ChunkStats* first = is_target ? &stats[static_cast<size_t>(i * chunks)]
+                                          : &stats[static_cast<size_t>(target_jobs + (i - nt) * draft_chunks)];
+      row[static_cast<size_t>(i)] = row_stats(first, is_target ? chunks : draft_chunks, logits);
     }
   });
   const RowStats* target_stats = row.data();
@@ -256,7 +286,7 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
 
   // 3b. soft acceptance
   if (out_soft) {
-    std::vector<uint64_t> soft(static_cast<size_t>(p.num_draft_rows * chunks), 0);
+    std::vector<uint64_t> soft(static_cast<size_t>(p.num_draft_rows * draft_chunks), 0);
     std::vector<uint8_t> direct(static_cast<size_t>(p.num_draft_rows), 0);
     parallel_for(R, kRequestsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -271,9 +301,9 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
         }
       }
     });
-    parallel_for(p.num_draft_rows * chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
+    parallel_for(p.num_draft_rows * draft_chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t job = begin; job < end; ++job) {
-        const int64_t drow = job / chunks, c = job % chunks;
+        const int64_t drow = job / draft_chunks, c = job % draft_chunks;
         if (direct[static_cast<size_t>(drow)]) continue;
         const int32_t r = rows.draft_request[static_cast<size_t>(drow)];
         const Span s = request_span(p, r);
@@ -281,13 +311,13 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
         const int64_t trow = s.target_begin + (drow - s.draft_begin);
         soft[static_cast<size_t>(job)] =
             soft_chunk(p, trow, drow, logit_scale(request_temperature(p, r)), target_stats[trow],
-                       draft_stats[drow], c * kChunk, std::min(V, (c + 1) * kChunk));
+                       draft_stats[drow], c * kChunk, std::min(Vd, (c + 1) * kChunk));
       }
     });
     for (int64_t drow = 0; drow < p.num_draft_rows; ++drow) {
       if (direct[static_cast<size_t>(drow)]) continue;
       uint64_t total = 0;
-      for (int64_t c = 0; c < chunks; ++c) total += soft[static_cast<size_t>(drow * chunks + c)];
+      for (int64_t c = 0; c < draft_chunks; ++c) total += soft[static_cast<size_t>(drow * draft_chunks + c)];
       out_soft[drow] = soft_from_fixed(total);
     }
   }

@@ -93,6 +93,7 @@ struct Params {
   const void* w2;
   DType w2_dtype;
   int64_t w2_stride;
+  const int32_t* draft_vocab;  // [V] target id of each column, or null (columns are target ids)
   Head head;
   const void* gate_weight;  // [rank, d + rank], rows gate_stride apart
   const void* gate_bias;
@@ -562,6 +563,7 @@ __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t
       lse = num::mul(markov::kLn2, num::add(row_max, log2_sum));
       logprob = num::mul(markov::kLn2, num::sub(num::sub(best.z, row_max), log2_sum));
     }
+    if (p.draft_vocab) token = p.draft_vocab[token];  // the column's target id
     if (lane == 0) {
       p.tokens[r * p.gamma + k] = token;
       p.logprobs[r * p.gamma + k] = logprob;
@@ -659,6 +661,7 @@ void markov_sample(const MarkovSampleArgs& a) {
   p.w2 = a.w2.data;
   p.w2_dtype = a.w2.dtype;
   p.w2_stride = a.w2.stride(0);
+  p.draft_vocab = a.draft_vocab.defined() ? a.draft_vocab.ptr<int32_t>() : nullptr;
   p.head = a.head;
   if (a.head == Head::kGated) {
     p.gate_weight = a.gate_weight.data;

@@ -3,13 +3,15 @@
 // the caller's workspace (ops/workspace.h). The numerics are those of
 // dspark/rejection.h, shared with the CPU backend, so both agree bit for bit.
 //
-// Let V be the vocabulary, R the requests, N the draft tokens, C = ceil(V /
-// 2048) the chunks of a row, and b the bytes of a logit. Bytes that must
-// move: the target logits once, (N + R) * V * b, plus the draft rows once,
-// N * V * b (none for a one-hot drafter), plus one more target row (and its
-// draft row) per request for the race, plus a second pass over the draft
-// rows when soft acceptance is requested. Everything else is O((N + R) * C)
-// words of workspace.
+// Let V be the vocabulary, V_d the columns of a draft row (V, or the size of
+// a draft vocabulary), R the requests, N the draft tokens, C = ceil(V / 2048)
+// the chunks of a row, and b the bytes of a logit. Bytes that must move: the
+// target logits once, (N + R) * V * b, plus the draft rows once, N * V_d * b
+// (none for a one-hot drafter), plus one more target row (and its draft row)
+// per request for the race, plus a second pass over the draft rows when soft
+// acceptance is requested. Everything else is O((N + R) * C) words of
+// workspace, and with a draft vocabulary its inverse map (4 V bytes, built by
+// two small launches before the others).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -107,15 +109,15 @@ struct Vec<DType::kFloat16> {
 // ---------------------------------------------------------------------------
 template <DType kTargetType, DType kDraftType>
 __global__ void __launch_bounds__(kThreads)
-chunk_stats_kernel(Problem p, int64_t num_rows, int64_t chunks, bool vector_ok_target,
+chunk_stats_kernel(Problem p, int64_t chunks, int64_t draft_chunks, int64_t num_draft_rows, bool vector_ok_target,
                    bool vector_ok_draft, ChunkStats* __restrict__ out) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t job = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  if (job >= num_rows * chunks) return;
-  const int64_t row = job / chunks;
-  const int64_t chunk = job % chunks;
-  const bool is_target = row < p.num_target_rows;
-  const int64_t local = is_target ? row : row - p.num_target_rows;
+  const int64_t target_jobs = p.num_target_rows * chunks;
+  if (job >= target_jobs + num_draft_rows * draft_chunks) return;
+  const bool is_target = job < target_jobs;
+  const int64_t local = is_target ? job / chunks : (job - target_jobs) / draft_chunks;
+  const int64_t chunk = is_target ? job % chunks : (job - target_jobs) % draft_chunks;
   const int32_t r = is_target ? request_of_target_row(p, local) : request_of_draft_row(p, local);
   const float scale = logit_scale(request_temperature(p, r));
   const bool probs = !is_target && p.mode == DraftMode::kProbs;
@@ -124,7 +126,7 @@ chunk_stats_kernel(Problem p, int64_t num_rows, int64_t chunks, bool vector_ok_t
   const char* row_ptr = static_cast<const char*>(is_target ? p.target : p.draft) +
                         local * (is_target ? p.target_stride : p.draft_stride) * int64_t(esize);
   const int64_t begin = chunk * kChunk;
-  const int64_t count = min(kChunk, p.vocab - begin);
+  const int64_t count = min(kChunk, (is_target ? p.vocab : p.draft_columns) - begin);
 
   float z[kPerLane];
   const bool full_vector = count == kChunk && (is_target ? vector_ok_target : vector_ok_draft);
@@ -186,7 +188,7 @@ chunk_stats_kernel(Problem p, int64_t num_rows, int64_t chunks, bool vector_ok_t
 // clear the race and soft accumulators that kernel 3 adds into.
 // ---------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads)
-decide_kernel(Problem p, int64_t chunks, bool draft_rows, const ChunkStats* __restrict__ stats,
+decide_kernel(Problem p, int64_t chunks, int64_t draft_chunks, bool draft_rows, const ChunkStats* __restrict__ stats,
               RowStats* __restrict__ row_stats, Decision* __restrict__ decisions,
               unsigned long long* __restrict__ race_best, unsigned long long* __restrict__ soft_sums,
               int32_t* __restrict__ out_tokens, int64_t out_stride, int32_t* __restrict__ out_accepted,
@@ -205,13 +207,15 @@ decide_kernel(Problem p, int64_t chunks, bool draft_rows, const ChunkStats* __re
       const int64_t global = is_target ? span.target_begin + i
                                        : p.num_target_rows + span.draft_begin + (i - n - 1);
       const bool logits = is_target || p.mode == DraftMode::kLogits;
-      const ChunkStats* c = stats + global * chunks;
+      const int64_t count = is_target ? chunks : draft_chunks;
+      const ChunkStats* c = is_target ? stats + global * chunks
+                                      : stats + p.num_target_rows * chunks + (global - p.num_target_rows) * draft_chunks;
       uint64_t max_arg = 0;
-      for (int64_t j = lane; j < chunks; j += kWarpSize) max_arg = max(max_arg, c[j].max_arg);
+      for (int64_t j = lane; j < count; j += kWarpSize) max_arg = max(max_arg, c[j].max_arg);
       max_arg = warp_max_u64(max_arg);
       const float row_max = num::from_orderable(num::packed_value(max_arg));
       uint64_t total = 0;
-      for (int64_t j = lane; j < chunks; j += kWarpSize) total += chunk_share(c[j], row_max, logits);
+      for (int64_t j = lane; j < count; j += kWarpSize) total += chunk_share(c[j], row_max, logits);
       total = warp_sum_u64(total);
       if (lane == 0) row_stats[global] = finish_row(max_arg, total);
     }
@@ -253,7 +257,7 @@ decide_kernel(Problem p, int64_t chunks, bool draft_rows, const ChunkStats* __re
 // does not depend on how the chunks were scheduled. Reads the race rows once.
 // ---------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads)
-race_kernel(Problem p, int64_t chunks, bool draft_rows, bool soft,
+race_kernel(Problem p, int64_t chunks, int64_t draft_chunks, bool draft_rows, bool soft,
             const RowStats* __restrict__ row_stats, const Decision* __restrict__ decisions,
             unsigned long long* __restrict__ race_best, unsigned long long* __restrict__ soft_sums) {
   constexpr int kGroups = static_cast<int>(kChunk) / 4 / kWarpSize;  // Philox blocks per lane
@@ -298,9 +302,9 @@ race_kernel(Problem p, int64_t chunks, bool draft_rows, bool soft,
   }
   if (!soft) return;
   const int64_t soft_job = job - race_jobs;
-  if (soft_job >= p.num_draft_rows * chunks) return;
-  const int64_t drow = soft_job / chunks;
-  const int64_t chunk = soft_job % chunks;
+  if (soft_job >= p.num_draft_rows * draft_chunks) return;
+  const int64_t drow = soft_job / draft_chunks;
+  const int64_t chunk = soft_job % draft_chunks;
   const int32_t r = request_of_draft_row(p, drow);
   const Span span = request_span(p, r);
   if (!draft_row_in_span(span, drow) || !soft_needs_pass(p, r)) return;
@@ -309,11 +313,27 @@ race_kernel(Problem p, int64_t chunks, bool draft_rows, bool soft,
   const RowStats ts = target_stats[trow];
   const RowStats ds = draft_stats[drow];
   uint64_t sum = 0;
-  const int64_t begin = chunk * kChunk, end = min(p.vocab, begin + kChunk);
-  for (int64_t v = begin + lane; v < end; v += kWarpSize)
-    sum += soft_term(target_prob(p, trow, v, scale, ts), draft_prob(p, drow, v, scale, ds));
+  const int64_t begin = chunk * kChunk, end = min(p.draft_columns, begin + kChunk);
+  for (int64_t c = begin + lane; c < end; c += kWarpSize) sum += soft_column_term(p, trow, drow, c, scale, ts, ds);
   sum = warp_sum_u64(sum);
   if (lane == 0 && sum) atomicAdd(&soft_sums[drow], static_cast<unsigned long long>(sum));
+}
+
+// ---------------------------------------------------------------------------
+// Draft vocabulary (before kernel 1): the inverse map, -1 everywhere, then the
+// column of each target id of the map (a thread per element, 4 V + 8 V_d bytes).
+// ---------------------------------------------------------------------------
+__global__ void fill_index_kernel(int32_t* __restrict__ index, int64_t V) {
+  const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i < V) index[i] = -1;
+}
+
+__global__ void scatter_index_kernel(const int32_t* __restrict__ draft_vocab, int64_t Vd, int64_t V,
+                                     int32_t* __restrict__ index) {
+  const int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (c >= Vd) return;
+  const int32_t v = draft_vocab[c];
+  if (v >= 0 && v < V) index[v] = static_cast<int32_t>(c);  // out-of-range ids: rejected by validation
 }
 
 // ---------------------------------------------------------------------------
@@ -347,36 +367,49 @@ bool rows_vector_aligned(const void* base, DType dtype, int64_t stride) {
 }
 
 template <DType kTarget, DType kDraft>
-void launch_chunk_stats(const Problem& p, int64_t rows, int64_t chunks, bool vt, bool vd,
-                        ChunkStats* out, cudaStream_t stream) {
-  const int64_t blocks = ceil_div(rows * chunks, kWarpsPerBlock);
+void launch_chunk_stats(const Problem& p, int64_t chunks, int64_t draft_chunks, int64_t draft_rows, bool vt,
+                        bool vd, ChunkStats* out, cudaStream_t stream) {
+  const int64_t blocks = ceil_div(p.num_target_rows * chunks + draft_rows * draft_chunks, kWarpsPerBlock);
   chunk_stats_kernel<kTarget, kDraft><<<grid_size(blocks, kOp), kThreads, 0, stream>>>(
-      p, rows, chunks, vt, vd, out);
+      p, chunks, draft_chunks, draft_rows, vt, vd, out);
 }
 
 template <DType kTarget>
-void dispatch_draft(const Problem& p, int64_t rows, int64_t chunks, bool vt, bool vd,
+void dispatch_draft(const Problem& p, int64_t chunks, int64_t draft_chunks, int64_t draft_rows, bool vt, bool vd,
                     ChunkStats* out, cudaStream_t stream) {
   switch (p.mode == DraftMode::kOneHot ? kTarget : p.draft_dtype) {
-    case DType::kFloat32: return launch_chunk_stats<kTarget, DType::kFloat32>(p, rows, chunks, vt, vd, out, stream);
-    case DType::kFloat16: return launch_chunk_stats<kTarget, DType::kFloat16>(p, rows, chunks, vt, vd, out, stream);
-    default: return launch_chunk_stats<kTarget, DType::kBFloat16>(p, rows, chunks, vt, vd, out, stream);
+    case DType::kFloat32:
+      return launch_chunk_stats<kTarget, DType::kFloat32>(p, chunks, draft_chunks, draft_rows, vt, vd, out, stream);
+    case DType::kFloat16:
+      return launch_chunk_stats<kTarget, DType::kFloat16>(p, chunks, draft_chunks, draft_rows, vt, vd, out, stream);
+    default:
+      return launch_chunk_stats<kTarget, DType::kBFloat16>(p, chunks, draft_chunks, draft_rows, vt, vd, out, stream);
   }
 }
 
 }  // namespace
 
-void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
-  if (p.num_requests == 0) return;
+void rejection_sample(const Problem& problem, const RejectionSampleArgs& args) {
+  if (problem.num_requests == 0) return;
   DeviceGuard guard(args.target_logits.device.index, kOp);
   const cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
+  Problem p = problem;
   const bool draft_rows = p.mode != DraftMode::kOneHot;
   const bool soft = args.soft_acceptance.defined();
   const int64_t chunks = ceil_div(p.vocab, kChunk);
-  const int64_t rows = p.num_target_rows + (draft_rows ? p.num_draft_rows : 0);
-  const RejectionWorkspace w =
-      RejectionWorkspace::layout(p.num_requests, p.num_draft_rows, p.vocab, draft_rows, soft);
+  const int64_t draft_chunks = ceil_div(p.draft_columns, kChunk);
+  const RejectionWorkspace w = RejectionWorkspace::layout(p.num_requests, p.num_draft_rows, p.vocab, draft_rows,
+                                                          soft, p.draft_columns, p.draft_vocab != nullptr);
   char* ws = args.workspace.ptr<char>();
+  if (p.draft_vocab) {
+    auto* index = reinterpret_cast<int32_t*>(ws + w.draft_index);
+    fill_index_kernel<<<grid_size(ceil_div(p.vocab, kFinalizeThreads), kOp), kFinalizeThreads, 0, stream>>>(
+        index, p.vocab);
+    scatter_index_kernel<<<grid_size(ceil_div(p.draft_columns, kFinalizeThreads), kOp), kFinalizeThreads, 0,
+                           stream>>>(p.draft_vocab, p.draft_columns, p.vocab, index);
+    check(cudaGetLastError(), kOp, "draft index launches");
+    p.draft_index = index;
+  }
   auto* stats = reinterpret_cast<ChunkStats*>(ws + w.chunk_stats);
   auto* row_stats = reinterpret_cast<RowStats*>(ws + w.row_stats);
   auto* decisions = reinterpret_cast<Decision*>(ws + w.decisions);
@@ -388,21 +421,22 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
 
   const bool vt = rows_vector_aligned(p.target, p.target_dtype, p.target_stride);
   const bool vd = draft_rows && rows_vector_aligned(p.draft, p.draft_dtype, p.draft_stride);
+  const int64_t n_draft_rows = draft_rows ? p.num_draft_rows : 0;
   switch (p.target_dtype) {
-    case DType::kFloat32: dispatch_draft<DType::kFloat32>(p, rows, chunks, vt, vd, stats, stream); break;
-    case DType::kFloat16: dispatch_draft<DType::kFloat16>(p, rows, chunks, vt, vd, stats, stream); break;
-    default: dispatch_draft<DType::kBFloat16>(p, rows, chunks, vt, vd, stats, stream); break;
+    case DType::kFloat32: dispatch_draft<DType::kFloat32>(p, chunks, draft_chunks, n_draft_rows, vt, vd, stats, stream); break;
+    case DType::kFloat16: dispatch_draft<DType::kFloat16>(p, chunks, draft_chunks, n_draft_rows, vt, vd, stats, stream); break;
+    default: dispatch_draft<DType::kBFloat16>(p, chunks, draft_chunks, n_draft_rows, vt, vd, stats, stream); break;
   }
   check(cudaGetLastError(), kOp, "chunk_stats_kernel launch");
 
   decide_kernel<<<static_cast<unsigned>(p.num_requests), kThreads, 0, stream>>>(
-      p, chunks, draft_rows, stats, row_stats, decisions, race_best, soft_sums, out_tokens,
+      p, chunks, draft_chunks, draft_rows, stats, row_stats, decisions, race_best, soft_sums, out_tokens,
       out_stride, args.num_accepted.ptr<int32_t>(), out_soft);
   check(cudaGetLastError(), kOp, "decide_kernel launch");
 
-  const int64_t race_jobs = int64_t{p.num_requests} * chunks + (soft ? p.num_draft_rows * chunks : 0);
+  const int64_t race_jobs = int64_t{p.num_requests} * chunks + (soft ? p.num_draft_rows * draft_chunks : 0);
   race_kernel<<<grid_size(ceil_div(race_jobs, kWarpsPerBlock), kOp), kThreads, 0, stream>>>(
-      p, chunks, draft_rows, soft, row_stats, decisions, race_best, soft_sums);
+      p, chunks, draft_chunks, draft_rows, soft, row_stats, decisions, race_best, soft_sums);
   check(cudaGetLastError(), kOp, "race_kernel launch");
 
   const int64_t finalize_items = std::max<int64_t>(p.num_requests, soft ? p.num_draft_rows : 0);

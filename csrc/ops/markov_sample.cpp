@@ -1,5 +1,6 @@
 // Argument validation and dispatch of markov_sample and confidence.
 #include <cstdint>
+#include <vector>
 
 #include "dspark/markov.h"
 #include "dspark/ops.h"
@@ -71,16 +72,24 @@ void markov_sample(const MarkovSampleArgs& a) {
   check::ndim(op, "base_logits", a.base_logits, 3);
   check::dtype_in(op, "base_logits", a.base_logits, {DType::kFloat32, DType::kFloat16, DType::kBFloat16});
   check::inner_contiguous(op, "base_logits", a.base_logits);
-  const int64_t R = a.base_logits.size(0), gamma = a.base_logits.size(1), V = a.base_logits.size(2);
-  DSPARK_CHECK_VALUE(V >= 1 && V <= rejection::kMaxVocab, op, ": vocabulary size ", V,
+  // Vd: the columns sampled (the draft vocabulary); V: the target vocabulary (W1's rows).
+  const int64_t R = a.base_logits.size(0), gamma = a.base_logits.size(1), Vd = a.base_logits.size(2);
+  DSPARK_CHECK_VALUE(Vd >= 1 && Vd <= rejection::kMaxVocab, op, ": vocabulary size ", Vd,
                      " must be in [1, ", rejection::kMaxVocab, "]");
   DSPARK_CHECK_VALUE(gamma <= 255, op, ": block size gamma = ", gamma, " exceeds 255");
   check::defined(op, "w1", a.w1);
   check::ndim(op, "w1", a.w1, 2);
   const int64_t rank = a.w1.size(1);
   DSPARK_CHECK_VALUE(rank >= 1, op, ": the Markov rank (w1's second dimension) must be >= 1");
+  int64_t V = Vd;
+  if (a.draft_vocab.defined()) {
+    check_vector(op, "draft_vocab", a.draft_vocab, device, Vd, {DType::kInt32});
+    V = a.w1.size(0);
+    DSPARK_CHECK_VALUE(V >= Vd && V <= rejection::kMaxVocab, op, ": argument 'w1' must have a row per target id, ",
+                       "at least V_d = ", Vd, ", got shape ", a.w1.shape_str());
+  }
   check_weight(op, "w1", a.w1, device, V, rank);
-  check_weight(op, "w2", a.w2, device, V, rank);
+  check_weight(op, "w2", a.w2, device, Vd, rank);
   check_vector(op, "anchor_tokens", a.anchor_tokens, device, R, {DType::kInt32, DType::kInt64});
 
   int64_t d = 0;
@@ -111,16 +120,26 @@ void markov_sample(const MarkovSampleArgs& a) {
   check_output(op, "draft_tokens", a.draft_tokens, device, {R, gamma}, DType::kInt64);
   check_output(op, "logprobs", a.logprobs, device, {R, gamma}, DType::kFloat32);
   check_output(op, "lse", a.lse, device, {R, gamma}, DType::kFloat32);
-  if (a.corrected.defined()) check_output(op, "corrected_logits", a.corrected, device, {R, gamma, V}, DType::kFloat32);
+  if (a.corrected.defined()) check_output(op, "corrected_logits", a.corrected, device, {R, gamma, Vd}, DType::kFloat32);
 
   if (device.type == DeviceType::kCPU) {
     check_tokens_on_host(op, "anchor_tokens", a.anchor_tokens, V);
+    if (a.draft_vocab.defined()) {
+      check_tokens_on_host(op, "draft_vocab", a.draft_vocab, V);
+      std::vector<uint8_t> seen(static_cast<size_t>(V), 0);
+      const int32_t* ids = a.draft_vocab.ptr<int32_t>();
+      for (int64_t c = 0; c < Vd; ++c) {
+        DSPARK_CHECK_VALUE(!seen[static_cast<size_t>(ids[c])], op, ": argument 'draft_vocab' holds token id ", ids[c],
+                           " twice");
+        seen[static_cast<size_t>(ids[c])] = 1;
+      }
+    }
     check_request_values_on_host(op, R, a.temperatures, a.offsets);
     cpu::markov_sample(a);
     return;
   }
 #if defined(DSPARK_WITH_CUDA)
-  const size_t need = markov_sample_workspace_bytes(R, gamma, V, rank, d, a.head);
+  const size_t need = markov_sample_workspace_bytes(R, gamma, Vd, rank, d, a.head);
   check::defined(op, "workspace", a.workspace);
   check::same_device(op, "workspace", a.workspace, device);
   DSPARK_CHECK_VALUE(static_cast<size_t>(a.workspace.numel()) >= need &&

@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "dspark/ops.h"
 #include "dspark/rejection.h"
@@ -42,12 +43,28 @@ void check_values_on_host(const RejectionSampleArgs& a, int64_t R, int64_t n_dra
   check_request_values_on_host(kOp, R, a.temperatures, a.offsets);
 }
 
+// The inverse of a draft vocabulary: the column of each target id, or -1;
+// ids outside [0, V) or repeated are errors.
+std::vector<int32_t> draft_index_on_host(const int32_t* draft_vocab, int64_t Vd, int64_t V) {
+  std::vector<int32_t> index(static_cast<size_t>(V), -1);
+  for (int64_t c = 0; c < Vd; ++c) {
+    const int32_t v = draft_vocab[c];
+    DSPARK_CHECK_VALUE(v >= 0 && v < V, kOp, ": argument 'draft_vocab' holds token id ", v, " at column ", c,
+                       ", outside the vocabulary [0, ", V, ")");
+    DSPARK_CHECK_VALUE(index[static_cast<size_t>(v)] < 0, kOp, ": argument 'draft_vocab' holds token id ", v,
+                       " twice (columns ", index[static_cast<size_t>(v)], " and ", c, ")");
+    index[static_cast<size_t>(v)] = static_cast<int32_t>(c);
+  }
+  return index;
+}
+
 }  // namespace
 
 size_t rejection_sample_workspace_bytes(int64_t num_requests, int64_t num_draft_rows,
-                                        int64_t vocab, bool draft_rows, bool soft_acceptance) {
+                                        int64_t vocab, bool draft_rows, bool soft_acceptance,
+                                        int64_t draft_columns, bool draft_vocab) {
   return RejectionWorkspace::layout(num_requests, num_draft_rows, vocab, draft_rows,
-                                    soft_acceptance)
+                                    soft_acceptance, draft_columns, draft_vocab)
       .bytes;
 }
 
@@ -100,11 +117,22 @@ void rejection_sample(const RejectionSampleArgs& a) {
     draft = &a.draft_probs;
     check_float_matrix("draft_probs", a.draft_probs, device);
   }
+  int64_t Vd = V;
+  if (a.draft_vocab.defined()) {
+    DSPARK_CHECK_VALUE(draft != nullptr, kOp, ": argument 'draft_vocab' needs 'draft_logits' or 'draft_probs'");
+    check::ndim(kOp, "draft_vocab", a.draft_vocab, 1);
+    check::dtype_in(kOp, "draft_vocab", a.draft_vocab, {DType::kInt32});
+    check::same_device(kOp, "draft_vocab", a.draft_vocab, device);
+    check::contiguous(kOp, "draft_vocab", a.draft_vocab);
+    Vd = a.draft_vocab.size(0);
+    DSPARK_CHECK_VALUE(Vd >= 1 && Vd <= V, kOp, ": argument 'draft_vocab' must hold 1 to V = ", V,
+                       " target ids, got shape ", a.draft_vocab.shape_str());
+  }
   if (draft) {
     const char* name = mode == rejection::DraftMode::kLogits ? "draft_logits" : "draft_probs";
-    DSPARK_CHECK_VALUE(draft->size(0) == n_draft && draft->size(1) == V, kOp, ": argument '",
-                       name, "' must have shape [N_draft, V] = [", n_draft, ", ", V, "], got ",
-                       draft->shape_str());
+    DSPARK_CHECK_VALUE(draft->size(0) == n_draft && draft->size(1) == Vd, kOp, ": argument '", name,
+                       "' must have shape [N_draft, ", a.draft_vocab.defined() ? "V_d" : "V", "] = [", n_draft,
+                       ", ", Vd, "], got ", draft->shape_str());
   }
 
   check_request_params(kOp, device, R, a.temperature, a.temperatures, a.seeds, a.offset, a.offsets);
@@ -139,6 +167,9 @@ void rejection_sample(const RejectionSampleArgs& a) {
   p.draft_dtype = draft ? draft->dtype : DType::kFloat32;
   p.draft_stride = draft ? draft->stride(0) : 0;
   p.mode = mode;
+  p.draft_columns = Vd;
+  p.draft_vocab = a.draft_vocab.defined() ? a.draft_vocab.ptr<int32_t>() : nullptr;
+  p.draft_index = nullptr;
   p.tokens = a.draft_tokens.data;
   p.token_dtype = a.draft_tokens.dtype;
   p.cu_num_draft = a.cu_num_draft.ptr<int32_t>();
@@ -151,12 +182,17 @@ void rejection_sample(const RejectionSampleArgs& a) {
 
   if (device.type == DeviceType::kCPU) {
     check_values_on_host(a, R, n_draft, V);
+    std::vector<int32_t> index;
+    if (p.draft_vocab) {
+      index = draft_index_on_host(p.draft_vocab, Vd, V);
+      p.draft_index = index.data();
+    }
     cpu::rejection_sample(p, a);
     return;
   }
 #if defined(DSPARK_WITH_CUDA)
   const size_t need = rejection_sample_workspace_bytes(R, n_draft, V, draft != nullptr,
-                                                       a.soft_acceptance.defined());
+                                                       a.soft_acceptance.defined(), Vd, p.draft_vocab != nullptr);
   check::defined(kOp, "workspace", a.workspace);
   check::dtype_in(kOp, "workspace", a.workspace, {DType::kUInt8});
   check::same_device(kOp, "workspace", a.workspace, device);

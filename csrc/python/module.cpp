@@ -59,7 +59,7 @@ namespace {
 using dspark::TensorView;
 
 void rejection_sample(TensorView target_logits, TensorView draft_tokens, TensorView cu_num_draft,
-                      TensorView draft_logits, TensorView draft_probs, double temperature,
+                      TensorView draft_logits, TensorView draft_probs, TensorView draft_vocab, double temperature,
                       TensorView temperatures, int64_t seed, TensorView seeds, int64_t offset,
                       TensorView offsets, int64_t max_num_draft, TensorView output_tokens,
                       TensorView num_accepted, TensorView soft_acceptance, TensorView workspace,
@@ -70,6 +70,7 @@ void rejection_sample(TensorView target_logits, TensorView draft_tokens, TensorV
   a.cu_num_draft = cu_num_draft;
   a.draft_logits = draft_logits;
   a.draft_probs = draft_probs;
+  a.draft_vocab = draft_vocab;
   a.temperature = static_cast<float>(temperature);
   a.temperatures = temperatures;
   a.seed = static_cast<uint64_t>(seed);  // any 64-bit pattern
@@ -109,7 +110,7 @@ void schedule_prefix(TensorView conf, TensorView cap, int32_t mode, TensorView s
 }
 
 void markov_sample(TensorView base_logits, TensorView anchor_tokens, TensorView w1, TensorView w2,
-                   int32_t head, TensorView gate_weight, TensorView gate_bias, TensorView joint_weight,
+                   TensorView draft_vocab, int32_t head, TensorView gate_weight, TensorView gate_bias, TensorView joint_weight,
                    TensorView joint_bias, TensorView hidden, double temperature, TensorView temperatures,
                    int64_t seed, TensorView seeds, int64_t offset, TensorView offsets,
                    TensorView draft_tokens, TensorView logprobs, TensorView lse, TensorView corrected,
@@ -122,6 +123,7 @@ void markov_sample(TensorView base_logits, TensorView anchor_tokens, TensorView 
   a.anchor_tokens = anchor_tokens;
   a.w1 = w1;
   a.w2 = w2;
+  a.draft_vocab = draft_vocab;
   a.head = static_cast<dspark::markov::Head>(head);
   a.gate_weight = gate_weight;
   a.gate_bias = gate_bias;
@@ -246,9 +248,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("rejection_sample_workspace_bytes", &dspark::rejection_sample_workspace_bytes,
         py::arg("num_requests"), py::arg("num_draft_rows"), py::arg("vocab"),
-        py::arg("draft_rows"), py::arg("soft_acceptance"));
+        py::arg("draft_rows"), py::arg("soft_acceptance"), py::arg("draft_columns"), py::arg("draft_vocab"));
   m.def("rejection_sample", &rejection_sample, py::arg("target_logits"), py::arg("draft_tokens"),
-        py::arg("cu_num_draft"), py::arg("draft_logits"), py::arg("draft_probs"),
+        py::arg("cu_num_draft"), py::arg("draft_logits"), py::arg("draft_probs"), py::arg("draft_vocab"),
         py::arg("temperature"), py::arg("temperatures"), py::arg("seed"), py::arg("seeds"),
         py::arg("offset"), py::arg("offsets"), py::arg("max_num_draft"), py::arg("output_tokens"),
         py::arg("num_accepted"), py::arg("soft_acceptance"), py::arg("workspace"),
@@ -267,7 +269,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_requests"),
         py::arg("gamma"), py::arg("vocab"), py::arg("rank"), py::arg("hidden_size"), py::arg("head"));
   m.def("markov_sample", &markov_sample, py::arg("base_logits"), py::arg("anchor_tokens"), py::arg("w1"),
-        py::arg("w2"), py::arg("head"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("joint_weight"),
+        py::arg("w2"), py::arg("draft_vocab"), py::arg("head"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("joint_weight"),
         py::arg("joint_bias"), py::arg("hidden"), py::arg("temperature"), py::arg("temperatures"),
         py::arg("seed"), py::arg("seeds"), py::arg("offset"), py::arg("offsets"), py::arg("draft_tokens"),
         py::arg("logprobs"), py::arg("lse"), py::arg("corrected"), py::arg("workspace"), py::arg("stream"),

@@ -145,7 +145,8 @@ def train_config_from_args(args: argparse.Namespace):
                        confidence=not args.no_confidence, num_layers=args.layers, steps=args.steps,
                        sequences_per_step=args.sequences_per_step, blocks_per_sequence=args.blocks_per_sequence,
                        lr=args.lr, seed=args.seed, train_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
-                       eval_every=args.eval_every, domains=tuple(args.domains.split(",")))
+                       eval_every=args.eval_every, domains=tuple(args.domains.split(",")),
+                       draft_vocab=args.draft_vocab)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -168,6 +169,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=d.block_size, help="gamma (default %(default)s)")
     parser.add_argument("--markov-rank", type=int, default=d.markov_rank, help="0: DFlash-style (default %(default)s)")
     parser.add_argument("--markov-head", default=d.markov_head, choices=["vanilla", "gated", "rnn"])
+    parser.add_argument("--draft-vocab", type=int, default=d.draft_vocab,
+                        help="draft vocabulary: the N most frequent tokens of the target's generations "
+                             "(0: the whole vocabulary; default %(default)s)")
     parser.add_argument("--no-confidence", action="store_true", help="no confidence head")
     parser.add_argument("--layers", type=int, default=d.num_layers, help="draft layers (default %(default)s)")
     parser.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")

@@ -159,6 +159,7 @@ def rejection_sample(
     *,
     draft_logits: Optional[torch.Tensor] = None,
     draft_probs: Optional[torch.Tensor] = None,
+    draft_vocab: Optional[torch.Tensor] = None,
     temperature: Union[float, torch.Tensor] = 1.0,
     seed: Union[int, torch.Tensor] = 0,
     offset: Union[int, torch.Tensor] = 0,
@@ -168,7 +169,10 @@ def rejection_sample(
 ) -> ReferenceOutput:
     """The oracle of :func:`dspark.ops.rejection_sample` (same arguments, explicit
     seeds only). ``margins[r]`` is the smallest relative distance of request r's
-    decisions from their thresholds (inf when all were exact comparisons)."""
+    decisions from their thresholds (inf when all were exact comparisons). With
+    ``draft_vocab`` the draft distribution over the target vocabulary is the
+    draft row's, placed at the map's ids, and 0 elsewhere (built here in full:
+    the oracle is allowed what the op avoids)."""
     target_logits = target_logits.cpu()
     draft_tokens = draft_tokens.cpu().to(torch.int64)
     cu = [int(x) for x in cu_num_draft.cpu()]
@@ -185,6 +189,14 @@ def rejection_sample(
     draft = draft_logits if draft_logits is not None else draft_probs
     draft = draft.cpu() if draft is not None else None
     columns = torch.arange(vocab, dtype=torch.int64)
+    vocab_map = draft_vocab.cpu().to(torch.int64) if draft_vocab is not None else None
+
+    def on_targets(dist: torch.Tensor) -> torch.Tensor:
+        if vocab_map is None:
+            return dist
+        full = torch.zeros(vocab, dtype=dist.dtype)
+        full[vocab_map] = dist
+        return full
 
     output = torch.full((num_requests, max_num_draft + 1), -1, dtype=torch.int32)
     accepted = torch.zeros(num_requests, dtype=torch.int32)
@@ -204,8 +216,8 @@ def rejection_sample(
 
         def draft_dist(k: int) -> torch.Tensor:
             if draft_logits is not None:
-                return _softmax2(draft[begin + k], T)
-            return _given_probs(draft[begin + k])
+                return on_targets(_softmax2(draft[begin + k], T))
+            return on_targets(_given_probs(draft[begin + k]))
 
         if return_soft_acceptance:
             for k in range(n):
@@ -215,9 +227,10 @@ def rejection_sample(
                     if draft is None:
                         value = float(x == best)
                     elif draft_logits is not None:
-                        value = float(_greedy_argmax(draft[begin + k]) == best)
+                        column = _greedy_argmax(draft[begin + k])
+                        value = float((int(vocab_map[column]) if vocab_map is not None else column) == best)
                     else:
-                        value = float(_given_probs(draft[begin + k])[best])
+                        value = float(on_targets(_given_probs(draft[begin + k]))[best])
                 elif draft is None:
                     value = float(target_dist(k)[x])
                 else:
@@ -381,6 +394,7 @@ def markov_sample(
     w1: torch.Tensor,
     w2: torch.Tensor,
     *,
+    draft_vocab: Optional[torch.Tensor] = None,
     head: str = "vanilla",
     gate_weight: Optional[torch.Tensor] = None,
     gate_bias: Optional[torch.Tensor] = None,
@@ -396,9 +410,11 @@ def markov_sample(
     the project's random numbers: the token of position k is
     ``argmax_v 2^(z_v) / E_v``, ``z = sanitize(c log2(e) / T)`` from the float32
     corrected logits ``c`` (computed here in float64 and rounded), E from
-    Philox (purpose 3, position k, column v)."""
+    Philox (purpose 3, position k, column v). With ``draft_vocab`` the rows have
+    its V_d columns and the sampled column is reported as its target id."""
     base_logits = base_logits.cpu()
     R, gamma, V = base_logits.shape
+    ids = draft_vocab.cpu().to(torch.int64) if draft_vocab is not None else torch.arange(V)
     w1d, w2d = w1.cpu().double(), w2.cpu().double()
     rank = w1.shape[1]
     temps = ([float(t) for t in temperature.cpu()] if isinstance(temperature, torch.Tensor)
@@ -435,7 +451,7 @@ def markov_sample(
             T = temps[r]
             if not T > 0:
                 clean = _sanitize_logits(c)
-                token = int(torch.argmax(clean))
+                token = int(ids[int(torch.argmax(clean))])
                 top = torch.topk(clean.double(), min(2, V)).values
                 if top.numel() > 1:
                     margins[r, k] = float((top[0] - top[1]) / max(1.0, abs(float(top[0]))))
@@ -448,11 +464,12 @@ def markov_sample(
                 s = w.sum()
                 bits = random_bits(seeds[r if per_request_seed else 0], offsets[r if len(offsets) > 1 else 0],
                                    0 if per_request_seed else r, k, PURPOSE_DRAFT, columns)
-                token, _, margin = _race(w, bits)
+                column, _, margin = _race(w, bits)
+                token = int(ids[column])
                 margins[r, k] = margin
                 tokens[r, k] = token
                 lse[r, k] = float(math.log(2.0) * (m + torch.log2(s)))
-                logprobs[r, k] = float(math.log(2.0) * (z[token] - m - torch.log2(s)))
+                logprobs[r, k] = float(math.log(2.0) * (z[column] - m - torch.log2(s)))
             prev = int(tokens[r, k])
     return MarkovReference(tokens, logprobs, lse, corrected, margins)
 

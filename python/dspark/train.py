@@ -54,6 +54,7 @@ class TrainConfig:
     block_size: int = 7
     markov_rank: int = 64
     markov_head: str = "vanilla"
+    draft_vocab: int = 0  # the N most frequent tokens of the target's generations; 0: the whole vocabulary
     confidence: bool = True
     num_layers: int = 2
     target_layer_ids: Optional[List[int]] = None  # default: three layers spread over the target
@@ -90,6 +91,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.markov_rank < 0:
             raise ValueError(f"markov_rank must be >= 0, got {self.markov_rank}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -224,7 +227,24 @@ def build_data(target: TargetModel, tokenizer, prompts, config: TrainConfig, lay
 # ------------------------------------------------------------- the model
 
 
-def new_drafter(target: TargetModel, config: TrainConfig, seed: int) -> DSparkDrafter:
+def frequent_tokens(data: Sequences, count: int, vocab: int) -> torch.Tensor:
+    """The draft vocabulary: the ``count`` tokens the target generated most often
+    (ties: smaller id), then the most frequent prompt tokens, then the smallest
+    unused ids; as int32 ids in increasing order."""
+    generated = torch.zeros(vocab, dtype=torch.int64)
+    prompted = torch.zeros(vocab, dtype=torch.int64)
+    for tokens, P in zip(data.tokens, data.prompt_lens):
+        generated += torch.bincount(tokens[P:], minlength=vocab)
+        prompted += torch.bincount(tokens[:P], minlength=vocab)
+    ids = torch.arange(vocab)
+    # lexicographic: generated count, then prompt count, then id
+    order = sorted(range(vocab), key=lambda v: (-int(generated[v]), -int(prompted[v]), v))
+    chosen = ids[torch.tensor(order[:min(count, vocab)])]
+    return torch.sort(chosen).values.to(torch.int32)
+
+
+def new_drafter(target: TargetModel, config: TrainConfig, seed: int,
+                draft_vocab: Optional[torch.Tensor] = None) -> DSparkDrafter:
     t = target.config
     layer_ids = config.target_layer_ids or default_layer_ids(t.num_hidden_layers)
     dconfig = DrafterConfig.from_dict(dict(
@@ -235,9 +255,12 @@ def new_drafter(target: TargetModel, config: TrainConfig, seed: int) -> DSparkDr
         rope_parameters=dict(t.rope), block_size=config.block_size, target_layer_ids=layer_ids,
         target_hidden_size=t.hidden_size, mask_token_id=config.mask_token_id, markov_rank=config.markov_rank,
         markov_head_type=config.markov_head, enable_confidence_head=config.confidence,
-        confidence_head_with_markov=config.markov_rank > 0))
+        confidence_head_with_markov=config.markov_rank > 0,
+        draft_vocab_size=int(draft_vocab.numel()) if draft_vocab is not None else 0))
     torch.manual_seed(seed)
     drafter = DSparkDrafter(dconfig)
+    if draft_vocab is not None:
+        drafter.draft_vocab.copy_(draft_vocab)
     with torch.no_grad():
         for name, p in drafter.named_parameters():
             if name.endswith("norm.weight"):
@@ -373,7 +396,7 @@ def loss_terms(drafter: DSparkDrafter, target: TargetModel, blocks: Blocks) -> D
     """The three loss terms (position-weighted means) and acceptance statistics."""
     hidden = backbone(drafter, target, blocks)
     lm_head = target.lm_head.weight.detach()
-    logits = F.linear(hidden, lm_head)  # U_k, [S, n, gamma, V]
+    logits = F.linear(hidden, drafter.lm_head_rows(target).detach())  # U_k, [S, n, gamma, V_d]
     bias = markov_bias(drafter, hidden, blocks.prev)
     corrected = logits + bias if bias is not None else logits
     valid = blocks.labels >= 0
@@ -381,11 +404,26 @@ def loss_terms(drafter: DSparkDrafter, target: TargetModel, blocks: Blocks) -> D
     total = w.sum().clamp(min=1e-6)
     log_pd = torch.log_softmax(corrected, dim=-1)
     with torch.no_grad():
-        p_t = torch.softmax(F.linear(blocks.final, lm_head), dim=-1)
-    ce = F.nll_loss(log_pd.reshape(-1, log_pd.shape[-1]), blocks.labels.clamp(min=0).reshape(-1),
-                    reduction="none").view_as(w)
+        p_t = torch.softmax(F.linear(blocks.final, lm_head), dim=-1)  # over the whole vocabulary
+    labels = blocks.labels.clamp(min=0)
+    outside = None
+    w_ce = w
+    if drafter.config.draft_vocab_size:
+        # p_d is 0 outside the draft vocabulary: p_t's mass there is all L1 distance, and a
+        # label outside it has no column (no cross-entropy term)
+        ids = drafter.draft_vocab.long()
+        column = torch.full((drafter.config.vocab_size,), -1, dtype=torch.int64, device=ids.device)
+        column[ids] = torch.arange(ids.numel(), device=ids.device)
+        p_t = p_t[..., ids]
+        outside = (1.0 - p_t.sum(-1)).clamp(min=0.0)
+        labels = column[labels]
+        w_ce = w * (labels >= 0)
+        labels = labels.clamp(min=0)
+    ce = F.nll_loss(log_pd.reshape(-1, log_pd.shape[-1]), labels.reshape(-1), reduction="none").view_as(w)
     l1 = (log_pd.exp() - p_t).abs().sum(-1)
-    terms = {"ce": (ce * w).sum() / total, "l1": (l1 * w).sum() / total}
+    if outside is not None:
+        l1 = l1 + outside
+    terms = {"ce": (ce * w_ce).sum() / w_ce.sum().clamp(min=1e-6), "l1": (l1 * w).sum() / total}
     accept = (1 - 0.5 * l1).detach()
     if drafter.config.enable_confidence_head:
         proj = drafter.confidence_head.proj
@@ -437,7 +475,8 @@ def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out
     for p in target.parameters():
         p.requires_grad_(False)
     device = next(target.parameters()).device
-    drafter = new_drafter(target, config, config.seed).to(device)
+    draft_vocab = frequent_tokens(data, config.draft_vocab, target.config.vocab_size) if config.draft_vocab else None
+    drafter = new_drafter(target, config, config.seed, draft_vocab).to(device)
     if data.layer_ids != drafter.config.target_layer_ids:
         raise ValueError(f"the data holds target layers {data.layer_ids}, the drafter reads "
                          f"{drafter.config.target_layer_ids}")

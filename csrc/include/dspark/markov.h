@@ -24,6 +24,12 @@
 // lse = ln 2 (M + log2(S 2^-40)), logprob = ln 2 (z_x - M - log2(S 2^-40)).
 // Greedy (T <= 0): the token is the first argmax of c, logprob = 0, lse = max c.
 //
+// Draft vocabulary (DESIGN.md, decision 10): U, W2 and the corrected rows have
+// V_d columns, column c scoring target id draft_vocab[c]; the sampled column is
+// reported as its target id, which also indexes W1 at the next position (W1
+// keeps a row per target id: the anchor can be any token). Random numbers are
+// addressed by column.
+//
 // When W2 is 16-bit, the A rows are rounded to W2's dtype before the product
 // (round to nearest even), so both backends multiply the same 16-bit values
 // with float32 accumulation ("bf16 in, fp32 accumulate").

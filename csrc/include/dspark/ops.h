@@ -52,8 +52,9 @@ struct RejectionSampleArgs {
   TensorView target_logits;  // [N_draft + R, V] float32 / float16 / bfloat16
   TensorView draft_tokens;   // [N_draft] int32 / int64
   TensorView cu_num_draft;   // [R + 1] int32
-  TensorView draft_logits;   // optional [N_draft, V]
-  TensorView draft_probs;    // optional [N_draft, V]
+  TensorView draft_logits;   // optional [N_draft, V] (or [N_draft, V_d] with draft_vocab)
+  TensorView draft_probs;    // optional [N_draft, V] (or [N_draft, V_d] with draft_vocab)
+  TensorView draft_vocab;    // optional [V_d] int32: target id of each draft column (distinct)
   float temperature = 1.0f;  // used when `temperatures` is absent
   TensorView temperatures;   // optional [R] float32
   uint64_t seed = 0;         // used when `seeds` is absent
@@ -69,8 +70,10 @@ struct RejectionSampleArgs {
   void* stream = nullptr;
 };
 
+// draft_columns: columns of a draft row (V_d with a draft vocabulary, else vocab).
 size_t rejection_sample_workspace_bytes(int64_t num_requests, int64_t num_draft_rows,
-                                        int64_t vocab, bool draft_rows, bool soft_acceptance);
+                                        int64_t vocab, bool draft_rows, bool soft_acceptance,
+                                        int64_t draft_columns, bool draft_vocab);
 
 // Validates shapes, dtypes and devices and, for CPU tensors, the values of
 // cu_num_draft, the draft tokens and the temperatures.
@@ -101,10 +104,11 @@ void schedule_prefix(const SchedulePrefixArgs& args);
 // ----------------------------------------------------------- markov_sample
 
 struct MarkovSampleArgs {
-  TensorView base_logits;    // [R, gamma, V] float32 / float16 / bfloat16
-  TensorView anchor_tokens;  // [R] int32 / int64
-  TensorView w1;             // [V, rank] embedding table
-  TensorView w2;             // [V, rank] projection (a linear layer's weight)
+  TensorView base_logits;    // [R, gamma, V_d] float32 / float16 / bfloat16 (V_d = V without draft_vocab)
+  TensorView anchor_tokens;  // [R] int32 / int64 target ids
+  TensorView w1;             // [V, rank] embedding table, indexed by target id
+  TensorView w2;             // [V_d, rank] projection (a linear layer's weight)
+  TensorView draft_vocab;    // optional [V_d] int32: the target id of each column (distinct)
   markov::Head head = markov::Head::kVanilla;
   TensorView gate_weight, gate_bias;    // gated: [rank, d + rank], [rank]
   TensorView joint_weight, joint_bias;  // rnn: [3 rank, 2 rank + d], [3 rank]
@@ -119,7 +123,7 @@ struct MarkovSampleArgs {
   TensorView draft_tokens;  // [R, gamma] int64
   TensorView logprobs;      // [R, gamma] float32: log p_d of each sampled token
   TensorView lse;           // [R, gamma] float32: log-sum-exp of (U + B) / T
-  TensorView corrected;     // optional [R, gamma, V] float32: U + B
+  TensorView corrected;     // optional [R, gamma, V_d] float32: U + B
   TensorView workspace;     // uint8, markov_sample_workspace_bytes (CUDA only)
   void* stream = nullptr;
 };

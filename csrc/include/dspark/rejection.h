@@ -22,6 +22,15 @@
 //     After n_r acceptances, race over p_t of the last row (the bonus).
 //   A race picks argmax_v w_v / E_v with E_v exponential (ties: smallest v).
 // Token ids outside [0, V) read nothing: p_t = p_d = 0, so they are rejected.
+//
+// Draft vocabulary (DESIGN.md, decision 10). A drafter may score only V_d
+// target ids: its rows have V_d columns and draft_vocab[c] is the target id of
+// column c (distinct ids). Then p_d(v) is the draft row's probability at the
+// column of v, and exactly 0 for an id outside the map: the residual there is
+// p_t itself. Nothing of size [N, V] is built: the backends look columns up
+// through the inverse map draft_index [V] (the column of each id, or -1).
+// Draft row statistics and soft-acceptance sums run over the V_d draft
+// columns; races run over the V target columns.
 #pragma once
 
 #include <cstdint>
@@ -67,10 +76,13 @@ struct Problem {
   const void* target;  // [num_target_rows, vocab], rows target_stride apart
   DType target_dtype;
   int64_t target_stride;
-  const void* draft;  // [num_draft_rows, vocab] logits or probabilities, or null
+  const void* draft;  // [num_draft_rows, draft_columns] logits or probabilities, or null
   DType draft_dtype;
   int64_t draft_stride;
   DraftMode mode;
+  int64_t draft_columns;        // columns of a draft row: V_d with a draft vocabulary, else vocab
+  const int32_t* draft_vocab;   // [draft_columns] target id of each draft column, or null (identity)
+  const int32_t* draft_index;   // [vocab] draft column of each target id, -1 outside the map; null: identity
   const void* tokens;  // [num_draft_rows] int32 or int64
   DType token_dtype;
   const int32_t* cu_num_draft;  // [num_requests + 1]
@@ -159,12 +171,30 @@ DSPARK_HD DSPARK_INLINE float target_prob(const Problem& p, int64_t row, int64_t
                     s);
 }
 
-// p_d(v) of draft row `row` (1 for a one-hot drafter: only its own token is asked).
+// The draft column of target id v (-1 outside the draft vocabulary).
+DSPARK_HD DSPARK_INLINE int64_t draft_column(const Problem& p, int64_t v) {
+  return p.draft_index ? p.draft_index[v] : v;
+}
+
+// The target id of draft column c.
+DSPARK_HD DSPARK_INLINE int64_t draft_token_of(const Problem& p, int64_t c) {
+  return p.draft_vocab ? p.draft_vocab[c] : c;
+}
+
+// p_d of draft column c of draft row `row`.
+DSPARK_HD DSPARK_INLINE float draft_column_prob(const Problem& p, int64_t row, int64_t c, float scale,
+                                                const RowStats& s) {
+  const float x = load_float(p.draft, p.draft_dtype, row * p.draft_stride + c);
+  return p.mode == DraftMode::kLogits ? logit_prob(scaled_logit(x, scale), s) : given_prob(x, s);
+}
+
+// p_d(v) of draft row `row` for target id v (1 for a one-hot drafter: only its
+// own token is asked; 0 outside the draft vocabulary).
 DSPARK_HD DSPARK_INLINE float draft_prob(const Problem& p, int64_t row, int64_t v, float scale,
                                          const RowStats& s) {
   if (p.mode == DraftMode::kOneHot) return 1.0f;
-  const float x = load_float(p.draft, p.draft_dtype, row * p.draft_stride + v);
-  return p.mode == DraftMode::kLogits ? logit_prob(scaled_logit(x, scale), s) : given_prob(x, s);
+  const int64_t c = draft_column(p, v);
+  return c < 0 ? 0.0f : draft_column_prob(p, row, c, scale, s);
 }
 
 DSPARK_HD DSPARK_INLINE bool valid_token(const Problem& p, int64_t x) {
@@ -291,10 +321,9 @@ DSPARK_HD inline bool soft_acceptance_direct(const Problem& p, int32_t r, int32_
     if (p.mode == DraftMode::kOneHot) {
       value = x == best ? 1.0f : 0.0f;
     } else if (p.mode == DraftMode::kLogits) {
-      value = draft_stats[drow].argmax == best ? 1.0f : 0.0f;
+      value = draft_token_of(p, draft_stats[drow].argmax) == best ? 1.0f : 0.0f;
     } else {
-      value = given_prob(load_float(p.draft, p.draft_dtype, drow * p.draft_stride + best),
-                         draft_stats[drow]);
+      value = draft_prob(p, drow, best, 1.0f, draft_stats[drow]);
     }
     return true;
   }
@@ -321,6 +350,13 @@ DSPARK_HD DSPARK_INLINE bool soft_needs_pass(const Problem& p, int32_t r) {
 
 DSPARK_HD DSPARK_INLINE uint64_t soft_term(float pt, float pd) {
   return num::to_fixed(num::fmin(pt, pd));
+}
+
+// The soft-acceptance term of draft column c (min(p_t, p_d) is 0 at every
+// target id outside the draft vocabulary, so the sum runs over draft columns).
+DSPARK_HD DSPARK_INLINE uint64_t soft_column_term(const Problem& p, int64_t trow, int64_t drow, int64_t c,
+                                                  float scale, const RowStats& ts, const RowStats& ds) {
+  return soft_term(target_prob(p, trow, draft_token_of(p, c), scale, ts), draft_column_prob(p, drow, c, scale, ds));
 }
 
 DSPARK_HD DSPARK_INLINE float soft_from_fixed(uint64_t total) {

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -45,6 +46,7 @@ class DrafterConfig:
     target_hidden_size: int
     mask_token_id: int
     markov_rank: int = 0
+    draft_vocab_size: int = 0  # 0: the drafter scores the whole vocabulary
     markov_head_type: str = "vanilla"
     enable_confidence_head: bool = False
     confidence_head_with_markov: bool = True
@@ -79,6 +81,7 @@ class DrafterConfig:
                 target_hidden_size=int(get("target_hidden_size", c["hidden_size"])),
                 mask_token_id=int(need("mask_token_id")),
                 markov_rank=int(get("markov_rank", 0) or 0),
+                draft_vocab_size=int(get("draft_vocab_size", 0) or 0),
                 markov_head_type=str(get("markov_head_type", "vanilla") or "vanilla"),
                 enable_confidence_head=bool(get("enable_confidence_head", False)),
                 confidence_head_with_markov=bool(get("confidence_head_with_markov", True)),
@@ -91,7 +94,15 @@ class DrafterConfig:
             raise CheckpointError(f"markov_head_type must be one of {HEADS}, got {cfg.markov_head_type!r}")
         if cfg.block_size < 1:
             raise CheckpointError(f"block_size must be >= 1, got {cfg.block_size}")
+        if not 0 <= cfg.draft_vocab_size <= cfg.vocab_size:
+            raise CheckpointError(f"draft_vocab_size must be in [0, vocab_size = {cfg.vocab_size}], "
+                                  f"got {cfg.draft_vocab_size}")
         return cfg
+
+    @property
+    def draft_columns(self) -> int:
+        """Columns of the drafter's logits: the draft vocabulary, or the vocabulary."""
+        return self.draft_vocab_size or self.vocab_size
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.raw.items() if k not in ("dspark_config", "dflash_config")}
@@ -102,11 +113,14 @@ class DrafterConfig:
             vocab_size=self.vocab_size, block_size=self.block_size, target_layer_ids=list(self.target_layer_ids),
             target_hidden_size=self.target_hidden_size, mask_token_id=self.mask_token_id,
             markov_rank=self.markov_rank, markov_head_type=self.markov_head_type,
+            draft_vocab_size=self.draft_vocab_size,
             enable_confidence_head=self.enable_confidence_head,
             confidence_head_with_markov=self.confidence_head_with_markov,
             rope_parameters=dict(self.rope),
         )
         out.setdefault("model_type", "dspark")
+        if not self.draft_vocab_size:
+            out.pop("draft_vocab_size", None)  # the DeepSpec layout has no draft vocabulary
         out.pop("rope_theta", None)
         out.pop("rope_scaling", None)
         return out
@@ -143,8 +157,8 @@ class MarkovHead(nn.Module):
     def __init__(self, c: DrafterConfig) -> None:
         super().__init__()
         r, d, V = c.markov_rank, c.hidden_size, c.vocab_size
-        self.markov_w1 = nn.Embedding(V, r)
-        self.markov_w2 = nn.Linear(r, V, bias=False)
+        self.markov_w1 = nn.Embedding(V, r)  # indexed by target id (the anchor can be any token)
+        self.markov_w2 = nn.Linear(r, c.draft_columns, bias=False)
         if c.markov_head_type == "gated":
             self.gate_proj = nn.Linear(d + r, r)
         elif c.markov_head_type == "rnn":
@@ -177,7 +191,11 @@ class DSparkDrafter(nn.Module):
             self.markov_head = MarkovHead(c)
         if c.enable_confidence_head:
             self.confidence_head = ConfidenceHead(c)
+        if c.draft_vocab_size:
+            # the target id of each draft column (distinct ids; saved with the weights)
+            self.register_buffer("draft_vocab", torch.arange(c.draft_vocab_size, dtype=torch.int32))
         self.sts: Optional[STS] = None
+        self._lm_rows: dict = {}
         self._inv_freq = {torch.device("cpu"): rope_inv_freq(c.head_dim, c.rope)}
         self._zero_markov: dict = {}
 
@@ -194,7 +212,10 @@ class DSparkDrafter(nn.Module):
         if target is not None:
             check_compatible(config, target)
         drafter = cls(config)
+        if "draft_vocab" in tensors:
+            tensors["draft_vocab"] = tensors["draft_vocab"].to(torch.int32)
         load_state(drafter, tensors, f"drafter {folder}")
+        check_draft_vocab(drafter, f"drafter {folder}")
         sts_path = Path(folder) / "sts.json"
         if sts_path.is_file():
             drafter.sts = STS.load(sts_path)
@@ -279,8 +300,26 @@ class DSparkDrafter(nn.Module):
             raise ValueError(f"draft: num_positions must be in [1, {gamma}], got {keep}")
         x = x.view(R, gamma, -1)[:, :keep]
         h = self.norm(x)
-        logits = target.lm_head(h.to(target.lm_head.weight.dtype))
+        lm_rows = self.lm_head_rows(target)
+        logits = F.linear(h.to(lm_rows.dtype), lm_rows)
         return Draft(h.contiguous(), logits.contiguous())
+
+    def lm_head_rows(self, target: TargetModel) -> torch.Tensor:
+        """The target's LM head rows the drafter scores: all of them, or those of
+        the draft vocabulary (gathered once per target weight, device and dtype)."""
+        weight = target.lm_head.weight
+        if not self.config.draft_vocab_size:
+            return weight
+        key = (weight.data_ptr(), weight.device, weight.dtype, weight._version)
+        if self._lm_rows.get("key") != key:
+            self._lm_rows = {"key": key, "rows": weight.detach()[self.draft_vocab.long()].contiguous()}
+        return self._lm_rows["rows"]
+
+    def vocab_map(self, device: torch.device) -> Optional[torch.Tensor]:
+        """The ``[V_d]`` int32 draft vocabulary on ``device`` (None: the whole vocabulary)."""
+        if not self.config.draft_vocab_size:
+            return None
+        return self.draft_vocab if self.draft_vocab.device == torch.device(device) else self.draft_vocab.to(device)
 
     def markov_weights(self, device: torch.device):
         """(w1, w2) for markov_sample; a rank-0 (DFlash-style) drafter gets zero
@@ -288,8 +327,10 @@ class DSparkDrafter(nn.Module):
         if self.config.markov_rank > 0:
             return self.markov_head.markov_w1.weight, self.markov_head.markov_w2.weight
         if device not in self._zero_markov:
-            zeros = torch.zeros(self.config.vocab_size, 16, dtype=next(self.parameters()).dtype, device=device)
-            self._zero_markov[device] = (zeros, zeros)
+            dtype = next(self.parameters()).dtype
+            w1 = torch.zeros(self.config.vocab_size, 16, dtype=dtype, device=device)
+            w2 = torch.zeros(self.config.draft_columns, 16, dtype=dtype, device=device)
+            self._zero_markov[device] = (w1, w2)
         return self._zero_markov[device]
 
     def markov_kwargs(self, hidden: torch.Tensor) -> dict:
@@ -342,3 +383,15 @@ def check_compatible(config: DrafterConfig, target: TargetModel) -> None:
         raise CheckpointError(f"target_layer_ids {bad} are not layers of the target ({t.num_hidden_layers})")
     if not 0 <= config.mask_token_id < t.vocab_size:
         raise CheckpointError(f"mask_token_id {config.mask_token_id} is outside the vocabulary")
+
+
+def check_draft_vocab(drafter: "DSparkDrafter", what: str) -> None:
+    """The draft vocabulary holds distinct target ids."""
+    if not drafter.config.draft_vocab_size:
+        return
+    ids = drafter.draft_vocab
+    V = drafter.config.vocab_size
+    if bool(((ids < 0) | (ids >= V)).any()):
+        raise CheckpointError(f"{what}: draft_vocab holds ids outside the vocabulary [0, {V})")
+    if int(torch.unique(ids).numel()) != ids.numel():
+        raise CheckpointError(f"{what}: draft_vocab holds an id twice")

@@ -64,3 +64,25 @@ def temperature_args(op: str, temperature, device: torch.device):
             raise ValueError(f"{op}: argument 'temperature' must be >= 0, got {temperature}")
         return float(temperature), None
     raise TypeError(f"{op}: argument 'temperature' must be a float or a tensor, got {type(temperature).__name__}")
+
+
+def vocab_map(op: str, t: object, device: torch.device) -> torch.Tensor:
+    """A draft vocabulary ``[V_d]`` (target ids of the draft columns) as int32 on
+    ``device``; the values are checked by the kernels' validation (CPU) or by
+    :func:`check_vocab_map_on_device` (CUDA)."""
+    t = require_tensor(op, "draft_vocab", t)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: argument 'draft_vocab' must be int32 or int64, got {t.dtype}")
+    if t.dim() != 1 or t.numel() < 1:
+        raise ValueError(f"{op}: argument 'draft_vocab' must be 1-D with V_d >= 1 ids, got shape {list(t.shape)}")
+    return on_device(op, "draft_vocab", t.to(torch.int32), device)
+
+
+def check_vocab_map_on_device(op: str, draft_vocab: torch.Tensor, vocab: int) -> None:
+    """The checks the C++ layer makes on the host for a CUDA draft vocabulary:
+    ids in [0, V) and distinct (one host synchronisation)."""
+    bad_range = bool(((draft_vocab < 0) | (draft_vocab >= vocab)).any())
+    if bad_range:
+        raise ValueError(f"{op}: argument 'draft_vocab' holds token ids outside the vocabulary [0, {vocab})")
+    if int(torch.unique(draft_vocab).numel()) != draft_vocab.numel():
+        raise ValueError(f"{op}: argument 'draft_vocab' holds a token id twice")

@@ -10,7 +10,8 @@ import torch
 from .. import _random
 from .._ext import C
 from .._tensor import is_capturing, stream_handle, view
-from ._common import compiling, float_tensor, on_device, require_tensor, temperature_args, token_tensor
+from ._common import (check_vocab_map_on_device, compiling, float_tensor, on_device, require_tensor,
+                      temperature_args, token_tensor, vocab_map)
 
 __all__ = ["MARKOV_HEADS", "ConfidenceOutput", "MarkovOutput", "confidence", "markov_sample"]
 
@@ -25,8 +26,9 @@ class MarkovOutput(NamedTuple):
     logprobs: ``[R, gamma]`` float32, ``log p_d`` of each sampled token (0 when greedy).
     lse: ``[R, gamma]`` float32, log-sum-exp of each corrected row ``(U + B) / T``
         (greedy: ``max(U + B)``), so ``log p_d(v) = (U + B)_v / T - lse``.
-    corrected_logits: ``[R, gamma, V]`` float32 ``U + B`` when requested (feed it to
-        :func:`rejection_sample` as ``draft_logits``), else None.
+    corrected_logits: ``[R, gamma, V]`` (``[R, gamma, V_d]`` with a draft vocabulary)
+        float32 ``U + B`` when requested (feed it to :func:`rejection_sample` as
+        ``draft_logits``, with the same ``draft_vocab``), else None.
     """
 
     draft_tokens: torch.Tensor
@@ -35,7 +37,7 @@ class MarkovOutput(NamedTuple):
     corrected_logits: Optional[torch.Tensor]
 
 
-def _markov_launch(base_logits, anchor_tokens, w1, w2, head: int, gate_weight, gate_bias, joint_weight,
+def _markov_launch(base_logits, anchor_tokens, w1, w2, draft_vocab, head: int, gate_weight, gate_bias, joint_weight,
                    joint_bias, hidden, temperature: float, temperatures, seed: int, seeds, offset: int, offsets,
                    draft_tokens, logprobs, lse, corrected) -> None:
     op = "markov_sample"
@@ -48,7 +50,7 @@ def _markov_launch(base_logits, anchor_tokens, w1, w2, head: int, gate_weight, g
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
     C.markov_sample(
         view(base_logits, op, "base_logits"), view(anchor_tokens, op, "anchor_tokens"), view(w1, op, "w1"),
-        view(w2, op, "w2"), head, view(gate_weight, op, "gate_weight"), view(gate_bias, op, "gate_bias"),
+        view(w2, op, "w2"), view(draft_vocab, op, "draft_vocab"), head, view(gate_weight, op, "gate_weight"), view(gate_bias, op, "gate_bias"),
         view(joint_weight, op, "joint_weight"), view(joint_bias, op, "joint_bias"), view(hidden, op, "hidden"),
         temperature, view(temperatures, op, "temperature"), seed, view(seeds, op, "seed"), offset,
         view(offsets, op, "offset"), view(draft_tokens, op, "draft_tokens"), view(logprobs, op, "logprobs"),
@@ -68,23 +70,23 @@ def _markov_allocate(base_logits: torch.Tensor, corrected: bool):
 
 @torch.library.custom_op("dspark::markov_sample", mutates_args=())
 def _markov_sample_op(base_logits: torch.Tensor, anchor_tokens: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                      head: int, gate_weight: Optional[torch.Tensor], gate_bias: Optional[torch.Tensor],
+                      draft_vocab: Optional[torch.Tensor], head: int, gate_weight: Optional[torch.Tensor], gate_bias: Optional[torch.Tensor],
                       joint_weight: Optional[torch.Tensor], joint_bias: Optional[torch.Tensor],
                       hidden: Optional[torch.Tensor], temperature: float, temperatures: Optional[torch.Tensor],
                       seed: int, seeds: Optional[torch.Tensor], offset: int, offsets: Optional[torch.Tensor],
                       corrected: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     out = _markov_allocate(base_logits, corrected)
-    _markov_launch(base_logits, anchor_tokens, w1, w2, head, gate_weight, gate_bias, joint_weight, joint_bias,
+    _markov_launch(base_logits, anchor_tokens, w1, w2, draft_vocab, head, gate_weight, gate_bias, joint_weight,
+                   joint_bias,
                    hidden, temperature, temperatures, seed, seeds, offset, offsets, out[0], out[1], out[2],
                    out[3] if corrected else None)
     return out
 
 
 @_markov_sample_op.register_fake
-def _markov_sample_fake(base_logits, anchor_tokens, w1, w2, head, gate_weight, gate_bias, joint_weight, joint_bias,
-                        hidden, temperature, temperatures, seed, seeds, offset, offsets, corrected):
+def _markov_sample_fake(base_logits, anchor_tokens, w1, w2, draft_vocab, head, gate_weight, gate_bias, joint_weight,
+                        joint_bias, hidden, temperature, temperatures, seed, seeds, offset, offsets, corrected):
     return _markov_allocate(base_logits, corrected)
-
 
 
 def markov_sample(
@@ -93,6 +95,7 @@ def markov_sample(
     w1: torch.Tensor,
     w2: torch.Tensor,
     *,
+    draft_vocab: Optional[torch.Tensor] = None,
     head: str = "vanilla",
     gate_weight: Optional[torch.Tensor] = None,
     gate_bias: Optional[torch.Tensor] = None,
@@ -116,6 +119,10 @@ def markov_sample(
         w1: ``[V, rank]`` the head's embedding table; w2: ``[V, rank]`` its
             projection (``B = W1[x] @ w2.T``). With 16-bit ``w2`` the product takes
             16-bit inputs with float32 accumulation.
+        draft_vocab: ``[V_d]`` int32 / int64 distinct target ids: ``base_logits``
+            and ``w2`` cover these ``V_d`` columns only (``[R, gamma, V_d]``,
+            ``[V_d, rank]``) while ``w1`` keeps a row per target id; the sampled
+            tokens are target ids.
         head: ``vanilla``, ``gated`` (``gate_weight [rank, d + rank]``, ``gate_bias
             [rank]``) or ``rnn`` (``joint_weight [3 rank, 2 rank + d]``, ``joint_bias
             [3 rank]``); the last two need ``hidden [R, gamma, d]``.
@@ -153,9 +160,14 @@ def markov_sample(
             joint_weight = float_tensor(op, "joint_weight", joint_weight, device, 2).contiguous()
             joint_bias = float_tensor(op, "joint_bias", joint_bias, device, 1).contiguous()
             gate_weight = gate_bias = None
+    if draft_vocab is not None:
+        draft_vocab = vocab_map(op, draft_vocab, device)
+        V = w1.shape[0]  # anchors and tokens are target ids
     temperature_value, temperatures = temperature_args(op, temperature, device)
     rng = _random.resolve(op, device, R, generator, seed, offset)
     if validate and device.type == "cuda" and not compiling() and not is_capturing(device):
+        if draft_vocab is not None:
+            check_vocab_map_on_device(op, draft_vocab, V)
         none = torch.zeros((), dtype=torch.bool, device=device)
         flags = [((anchor_tokens < 0) | (anchor_tokens >= V)).any() if R else none,
                  ~(temperatures >= 0).all() if temperatures is not None else none,
@@ -167,8 +179,8 @@ def markov_sample(
         for flag, message in zip(bad, messages):
             if flag:
                 raise ValueError(f"{op}: {message}")
-    args = (base_logits, anchor_tokens, w1, w2, MARKOV_HEADS[head], gate_weight, gate_bias, joint_weight, joint_bias,
-            hidden, temperature_value, temperatures, rng.seed, rng.seeds, rng.offset, rng.offsets)
+    args = (base_logits, anchor_tokens, w1, w2, draft_vocab, MARKOV_HEADS[head], gate_weight, gate_bias, joint_weight,
+            joint_bias, hidden, temperature_value, temperatures, rng.seed, rng.seeds, rng.offset, rng.offsets)
     if compiling():
         tokens, logprobs, lse, corrected = torch.ops.dspark.markov_sample(*args, return_corrected_logits)
     else:

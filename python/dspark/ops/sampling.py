@@ -10,7 +10,8 @@ import torch
 from .. import _random
 from .._ext import C
 from .._tensor import is_capturing, stream_handle, view
-from ._common import compiling, float_matrix, on_device, require_tensor, temperature_args
+from ._common import (check_vocab_map_on_device, compiling, float_matrix, on_device, require_tensor,
+                      temperature_args, vocab_map)
 
 __all__ = ["RejectionOutput", "rejection_sample"]
 
@@ -41,6 +42,7 @@ def _launch(
     cu_num_draft: torch.Tensor,
     draft_logits: Optional[torch.Tensor],
     draft_probs: Optional[torch.Tensor],
+    draft_vocab: Optional[torch.Tensor],
     temperature: float,
     temperatures: Optional[torch.Tensor],
     seed: int,
@@ -56,12 +58,15 @@ def _launch(
     device = target_logits.device
     workspace = None
     if device.type == "cuda":
+        draft = draft_logits if draft_logits is not None else draft_probs
         nbytes = C.rejection_sample_workspace_bytes(
             cu_num_draft.shape[0] - 1,
             draft_tokens.shape[0],
             target_logits.shape[1],
-            draft_logits is not None or draft_probs is not None,
+            draft is not None,
             soft_acceptance is not None,
+            draft.shape[1] if draft is not None else target_logits.shape[1],
+            draft_vocab is not None,
         )
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
     C.rejection_sample(
@@ -70,6 +75,7 @@ def _launch(
         view(cu_num_draft, op, "cu_num_draft"),
         view(draft_logits, op, "draft_logits"),
         view(draft_probs, op, "draft_probs"),
+        view(draft_vocab, op, "draft_vocab"),
         temperature,
         view(temperatures, op, "temperature"),
         seed,
@@ -105,6 +111,7 @@ def _rejection_sample_op(
     cu_num_draft: torch.Tensor,
     draft_logits: Optional[torch.Tensor],
     draft_probs: Optional[torch.Tensor],
+    draft_vocab: Optional[torch.Tensor],
     temperature: float,
     temperatures: Optional[torch.Tensor],
     seed: int,
@@ -116,15 +123,16 @@ def _rejection_sample_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens, accepted, soft = _allocate(target_logits, draft_tokens, cu_num_draft, max_num_draft, soft_acceptance)
     _launch(
-        target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, temperatures,
-        seed, seeds, offset, offsets, max_num_draft, tokens, accepted, soft if soft_acceptance else None,
+        target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, draft_vocab, temperature,
+        temperatures, seed, seeds, offset, offsets, max_num_draft, tokens, accepted,
+        soft if soft_acceptance else None,
     )
     return tokens, accepted, soft
 
 
 @_rejection_sample_op.register_fake
 def _rejection_sample_fake(
-    target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, temperatures,
+    target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, draft_vocab, temperature, temperatures,
     seed, seeds, offset, offsets, max_num_draft, soft_acceptance,
 ):
     return _allocate(target_logits, draft_tokens, cu_num_draft, max_num_draft, soft_acceptance)
@@ -139,6 +147,7 @@ def _rejection_sample_out_op(
     cu_num_draft: torch.Tensor,
     draft_logits: Optional[torch.Tensor],
     draft_probs: Optional[torch.Tensor],
+    draft_vocab: Optional[torch.Tensor],
     temperature: float,
     temperatures: Optional[torch.Tensor],
     seed: int,
@@ -151,8 +160,8 @@ def _rejection_sample_out_op(
     soft_acceptance: Optional[torch.Tensor],
 ) -> None:
     _launch(
-        target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, temperatures,
-        seed, seeds, offset, offsets, max_num_draft, output_tokens, num_accepted, soft_acceptance,
+        target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, draft_vocab, temperature,
+        temperatures, seed, seeds, offset, offsets, max_num_draft, output_tokens, num_accepted, soft_acceptance,
     )
 
 
@@ -161,8 +170,7 @@ def _rejection_sample_out_fake(*args) -> None:
     return None
 
 
-
-def _check_valueson_device(
+def _check_values_on_device(
     op: str,
     draft_tokens: torch.Tensor,
     cu_num_draft: torch.Tensor,
@@ -213,6 +221,7 @@ def rejection_sample(
     *,
     draft_logits: Optional[torch.Tensor] = None,
     draft_probs: Optional[torch.Tensor] = None,
+    draft_vocab: Optional[torch.Tensor] = None,
     temperature: Union[float, torch.Tensor] = 1.0,
     generator: Optional[torch.Generator] = None,
     seed: _random.SeedArg = None,
@@ -243,6 +252,11 @@ def rejection_sample(
         draft_probs: ``[N_draft, V]``: the drafter's probabilities (used as given,
             normalised), or neither: a one-hot drafter (accept with probability
             ``p_t(x)``; the residual is ``p_t`` without ``x``).
+        draft_vocab: ``[V_d]`` int32 (or int64), distinct target ids: the draft rows
+            have ``V_d`` columns, column ``c`` scoring token ``draft_vocab[c]``; the
+            draft probability of every other token is 0, so the residual there is
+            ``p_t`` itself. Draft tokens are target ids. No ``[N_draft, V]`` tensor
+            is built.
         temperature: float or ``[R]`` float32; 0 means greedy for that request
             (accept iff the draft equals the target argmax; no randomness).
         generator: draws the call's seed (default: the device's default generator).
@@ -287,6 +301,10 @@ def rejection_sample(
         draft_logits = float_matrix(op, "draft_logits", draft_logits, device)
     if draft_probs is not None:
         draft_probs = float_matrix(op, "draft_probs", draft_probs, device)
+    if draft_vocab is not None:
+        draft_vocab = vocab_map(op, draft_vocab, device)
+        if draft_logits is None and draft_probs is None:
+            raise ValueError(f"{op}: argument 'draft_vocab' needs 'draft_logits' or 'draft_probs'")
 
     temperature_value, temperatures = temperature_args(op, temperature, device)
 
@@ -299,13 +317,15 @@ def rejection_sample(
         max_num_draft = int((cu_num_draft[1:] - cu_num_draft[:-1]).max()) if num_requests > 0 else 0
         max_num_draft = max(max_num_draft, 0)
     if validate and host_sync_allowed and device.type == "cuda":
-        _check_valueson_device(
+        _check_values_on_device(
             op, draft_tokens, cu_num_draft, target_logits.shape[1], max_num_draft, temperatures, rng.offsets
         )
+        if draft_vocab is not None:
+            check_vocab_map_on_device(op, draft_vocab, target_logits.shape[1])
 
     args = (
-        target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature_value, temperatures,
-        rng.seed, rng.seeds, rng.offset, rng.offsets, int(max_num_draft),
+        target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, draft_vocab, temperature_value,
+        temperatures, rng.seed, rng.seeds, rng.offset, rng.offsets, int(max_num_draft),
     )
     if out is not None:
         output_tokens, num_accepted, soft = out
