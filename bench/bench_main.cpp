@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "bench_common.h"
+#include "dspark/ops.h"
 
 #if defined(DSPARK_BENCH_CUDA)
 #include <cuda_runtime.h>
@@ -241,8 +242,10 @@ int main(int argc, char** argv) {
     } else rest.push_back(argv[i]);
   }
   int rest_argc = static_cast<int>(rest.size());
-  std::printf("dspark_bench: grid=%s, CPU copy bandwidth %.1f GB/s",
-              options().tiny ? "tiny" : "full", dspark_bench::cpu_copy_bandwidth() * 1e-9);
+  std::printf("dspark_bench: grid=%s, CPU kernels %s (DSPARK_CPU_ISA; this CPU runs", options().tiny ? "tiny" : "full",
+              dspark::cpu_isa().c_str());
+  for (const std::string& isa : dspark::cpu_isas_supported()) std::printf(" %s", isa.c_str());
+  std::printf("), CPU copy bandwidth %.1f GB/s", dspark_bench::cpu_copy_bandwidth() * 1e-9);
 #if defined(DSPARK_BENCH_CUDA)
   if (dspark_bench::cuda_available())
     std::printf(", CUDA copy bandwidth %.1f GB/s (theoretical %.1f GB/s)",

@@ -1,9 +1,13 @@
 // C = A W^T for the CPU kernels: A [M, K] float32 (rows lda apart), W [N, K]
 // float32 / float16 / bfloat16 (rows ldw apart, e.g. a linear layer's
 // weight), C [M, N] float32 (rows ldc apart). Every element is a dot product
-// along K, so W is read in its stored layout, row by row; a 2 x 4 register
-// block reads each W row once per pair of A rows. On x86 with AVX2 + FMA the
-// kernel uses 8-wide FMAs; elsewhere a portable loop.
+// along K, so W is read in its stored layout, row by row; a register block
+// of A rows x W rows reads each W row once per block of A rows. The copy of
+// the selected instruction set runs (isa.h): AVX-512 16-wide FMAs in 4 x 4,
+// 2 x 8 and 1 x 8 blocks, AVX2 8-wide FMAs in 2 x 4 blocks, or a portable
+// loop. With `a_exact16` the caller guarantees that A's values are bfloat16
+// values (rounded already, as the Markov head's inputs are): with bfloat16 W
+// and AVX-512 BF16 the products then take 16-bit inputs directly.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +17,6 @@
 namespace dspark::cpu {
 
 void matmul_nt(const float* a, int64_t lda, int64_t m, const void* w, DType w_dtype, int64_t ldw,
-               int64_t n, int64_t k, float* c, int64_t ldc);
+               int64_t n, int64_t k, float* c, int64_t ldc, bool a_exact16 = false);
 
 }  // namespace dspark::cpu

@@ -137,8 +137,9 @@ void markov_sample(const MarkovSampleArgs& a) {
         const void* w2_chunk = static_cast<const char*>(a.w2.data) + v0 * a.w2.stride(0) * static_cast<int64_t>(w2_size);
         for (int64_t r0 = 0; r0 < s.R; r0 += kRowBlock) {
           const int64_t rows = std::min(kRowBlock, s.R - r0);
+          // A rows are rounded to W2's 16-bit dtype already (head_rows): exact as 16-bit inputs
           matmul_nt(&A[static_cast<size_t>(r0 * s.rank)], s.rank, rows, w2_chunk, a.w2.dtype, a.w2.stride(0), n,
-                    s.rank, bias, kMarkovChunk);
+                    s.rank, bias, kMarkovChunk, /*a_exact16=*/a.w2.dtype != DType::kFloat32);
           for (int64_t i = 0; i < rows; ++i) {
             const int64_t r = r0 + i;
             load_row(a.base_logits, r * a.base_logits.stride(0) + k * a.base_logits.stride(1) + v0, n, row);

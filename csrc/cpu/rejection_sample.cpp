@@ -9,7 +9,7 @@
 //      acceptance sums (parallel over row x chunk);
 //   4. the outputs.
 // The inner loops are written so that GCC vectorises them; the hot ones are
-// compiled twice (AVX2 and baseline) and picked at load time.
+// compiled for every instruction set of isa.h and picked at run time.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -19,6 +19,7 @@
 #include "dspark/ops.h"
 #include "dspark/rejection.h"
 #include "fp_env.h"
+#include "isa.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -31,21 +32,10 @@ constexpr int64_t kChunksPerTask = 4;    // grain of the row x chunk loops
 constexpr int64_t kRequestsPerTask = 8;  // grain of the per-request loops
 
 // ------------------------------------------------------- vectorised loops
+// (the copies of the selected instruction set: isa.h, kernels.inc)
 
-DSPARK_CPU_CLONES uint32_t prob_max(const float* q, int64_t n) {
-  uint32_t best = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t o = num::orderable(num::sanitize_prob(q[i]));
-    best = o > best ? o : best;
-  }
-  return best;
-}
-
-DSPARK_CPU_CLONES uint64_t prob_sum(const float* q, int64_t n) {
-  uint64_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += prob_term(q[i]);
-  return s;
-}
+uint32_t prob_max(const float* q, int64_t n) { return kernels().prob_max(q, n); }
+uint64_t prob_sum(const float* q, int64_t n) { return kernels().prob_sum(q, n); }
 
 int64_t first_prob_index_of(const float* q, int64_t n, uint32_t ordered) {
   for (int64_t i = 0; i < n; ++i)
@@ -109,18 +99,11 @@ struct RaceBest {
 };
 
 // Probabilities of a chunk of a logit row, in place: z <- p(z).
-DSPARK_CPU_CLONES void logit_probs(float* x, int64_t n, float scale, RowStats s) {
-  for (int64_t i = 0; i < n; ++i) x[i] = logit_prob(scaled_logit(x[i], scale), s);
-}
-
-DSPARK_CPU_CLONES void given_probs(float* x, int64_t n, RowStats s) {
-  for (int64_t i = 0; i < n; ++i) x[i] = given_prob(x[i], s);
-}
+void logit_probs(float* x, int64_t n, float scale, RowStats s) { kernels().logit_probs(x, n, scale, s); }
+void given_probs(float* x, int64_t n, RowStats s) { kernels().given_probs(x, n, s); }
 
 // w <- max(0, pt - pd) flushed, in place over pd.
-DSPARK_CPU_CLONES void residual_weights(const float* pt, float* pd, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) pd[i] = pt[i] > pd[i] ? num::flush_weight(num::sub(pt[i], pd[i])) : 0.0f;
-}
+void residual_weights(const float* pt, float* pd, int64_t n) { kernels().residual_weights(pt, pd, n); }
 
 const void* row_at(const void* base, DType dtype, int64_t stride, int64_t row) {
   return static_cast<const char*>(base) + row * stride * static_cast<int64_t>(dtype_size(dtype));
@@ -185,11 +168,7 @@ RaceBest race_chunk(const Problem& p, const RaceRow& rr, const RowStats& ts, con
   return best;
 }
 
-DSPARK_CPU_CLONES uint64_t soft_sum(const float* pt, const float* pd, int64_t n) {
-  uint64_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += soft_term(pt[i], pd[i]);
-  return s;
-}
+uint64_t soft_sum(const float* pt, const float* pd, int64_t n) { return kernels().soft_sum(pt, pd, n); }
 
 // The soft-acceptance sum over draft columns [begin, end).
 uint64_t soft_chunk(const Problem& p, int64_t trow, int64_t drow, float scale, const RowStats& ts,

@@ -1,51 +1,21 @@
+// The vectorised loops of vec.h: each forwards to the copy compiled for the
+// selected instruction set (isa.h, kernels.inc).
 #include "vec.h"
 
-#include <cstring>
-
-#include "dspark/dtype_load.h"
 #include "dspark/numerics.h"
-#include "dspark/philox.h"
-#include "dspark/sampling.h"
+#include "isa.h"
 
 namespace dspark::cpu {
 
-DSPARK_CPU_CLONES void convert_to_float(const void* src, DType dtype, int64_t n, float* dst) {
-  if (dtype == DType::kFloat32) {
-    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
-  } else if (dtype == DType::kBFloat16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]);
-  } else {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < n; ++i) dst[i] = fp16_bits_to_float(s[i]);
-  }
+void convert_to_float(const void* src, DType dtype, int64_t n, float* dst) {
+  kernels().convert_to_float(src, dtype, n, dst);
 }
 
-DSPARK_CPU_CLONES uint32_t scale_and_max(float* z, int64_t n, float scale) {
-  uint32_t best = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = scaled_logit(z[i], scale);
-    z[i] = v;
-    const uint32_t o = num::orderable(v);
-    best = o > best ? o : best;
-  }
-  return best;
-}
+uint32_t scale_and_max(float* z, int64_t n, float scale) { return kernels().scale_and_max(z, n, scale); }
 
-DSPARK_CPU_CLONES uint32_t sanitized_max(const float* z, int64_t n) {
-  uint32_t best = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t o = num::orderable(num::sanitize_logit(z[i]));
-    best = o > best ? o : best;
-  }
-  return best;
-}
+uint32_t sanitized_max(const float* z, int64_t n) { return kernels().sanitized_max(z, n); }
 
-DSPARK_CPU_CLONES uint64_t logit_sum(const float* z, int64_t n, float chunk_max) {
-  uint64_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += num::to_fixed(num::exp2(num::sub(z[i], chunk_max)));
-  return s;
-}
+uint64_t logit_sum(const float* z, int64_t n, float chunk_max) { return kernels().logit_sum(z, n, chunk_max); }
 
 int64_t first_index_of(const float* z, int64_t n, uint32_t ordered) {
   const uint32_t bits = num::float_bits(num::from_orderable(ordered));
@@ -54,57 +24,32 @@ int64_t first_index_of(const float* z, int64_t n, uint32_t ordered) {
   return 0;
 }
 
-DSPARK_CPU_CLONES static void words_by_lane(RandomStream s, Purpose purpose, uint32_t position,
-                                            uint32_t g0, int64_t groups,
-                                            uint32_t* DSPARK_RESTRICT w0, uint32_t* DSPARK_RESTRICT w1,
-                                            uint32_t* DSPARK_RESTRICT w2, uint32_t* DSPARK_RESTRICT w3) {
-  for (int64_t g = 0; g < groups; ++g) {
-    const Philox4x32 b = s.block(purpose, position, g0 + static_cast<uint32_t>(g));
-    w0[g] = b.v[0];
-    w1[g] = b.v[1];
-    w2[g] = b.v[2];
-    w3[g] = b.v[3];
-  }
-}
-
 void random_words(const RandomStream& s, Purpose purpose, uint32_t position, uint32_t g0,
                   int64_t groups, uint32_t* bits) {
   constexpr int64_t kGroups = 512;  // blocks per pass (2048 columns)
   alignas(64) uint32_t lane[4][kGroups];
+  const Kernels& k = kernels();
   for (int64_t done = 0; done < groups; done += kGroups) {
     const int64_t count = groups - done < kGroups ? groups - done : kGroups;
-    words_by_lane(s, purpose, position, g0 + static_cast<uint32_t>(done), count, lane[0], lane[1],
-                  lane[2], lane[3]);
+    k.words_by_lane(s, purpose, position, g0 + static_cast<uint32_t>(done), count, lane[0], lane[1], lane[2],
+                    lane[3]);
     uint32_t* out = bits + 4 * done;
     for (int64_t i = 0; i < 4 * count; ++i) out[i] = lane[i & 3][i >> 2];
   }
 }
 
-DSPARK_CPU_CLONES void race_keys(const float* w, const uint32_t* bits, int64_t n, uint32_t* keys) {
-  for (int64_t i = 0; i < n; ++i) keys[i] = num::float_bits(num::div(w[i], num::exponential(bits[i])));
+void race_keys(const float* w, const uint32_t* bits, int64_t n, uint32_t* keys) {
+  kernels().race_keys(w, bits, n, keys);
 }
 
-DSPARK_CPU_CLONES void logit_race_keys(const float* z, float chunk_max, const uint32_t* bits,
-                                       int64_t n, uint32_t* keys) {
-  for (int64_t i = 0; i < n; ++i)
-    keys[i] = num::float_bits(
-        num::div(num::exp2(num::sub(z[i], chunk_max)), num::exponential(bits[i])));
+void logit_race_keys(const float* z, float chunk_max, const uint32_t* bits, int64_t n, uint32_t* keys) {
+  kernels().logit_race_keys(z, chunk_max, bits, n, keys);
 }
 
-DSPARK_CPU_CLONES uint32_t max_u32(const uint32_t* x, int64_t n) {
-  uint32_t best = 0;
-  for (int64_t i = 0; i < n; ++i) best = x[i] > best ? x[i] : best;
-  return best;
-}
+uint32_t max_u32(const uint32_t* x, int64_t n) { return kernels().max_u32(x, n); }
 
-DSPARK_CPU_CLONES float exp_shifted(float* x, int64_t visible, int64_t n, float shift) {
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = i < visible ? num::exp2(num::mul(num::sub(x[i], shift), num::kLog2e)) : 0.0f;
-    x[i] = e;
-    sum += e;
-  }
-  return sum;
+float exp_shifted(float* x, int64_t visible, int64_t n, float shift) {
+  return kernels().exp_shifted(x, visible, n, shift);
 }
 
 uint64_t best_key(const uint32_t* keys, int64_t n, int64_t begin) {

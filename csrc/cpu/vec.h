@@ -1,20 +1,13 @@
 // Vectorised loops over a chunk of a row, shared by the CPU kernels. Each is
-// compiled for AVX2 and for the baseline ISA and picked at load time; the
-// per-element arithmetic is the shared numerics (dspark/numerics.h), so the
-// two clones give identical results.
+// compiled for every instruction set of isa.h and runs the copy of the one
+// selected; the per-element arithmetic is the shared numerics
+// (dspark/numerics.h), so every copy gives identical results.
 #pragma once
 
 #include <cstdint>
 
 #include "dspark/random.h"
 #include "dspark/tensor.h"
-
-// Compiles a function for AVX2 and for the baseline ISA, picked at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DSPARK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define DSPARK_CPU_CLONES
-#endif
 
 namespace dspark::cpu {
 

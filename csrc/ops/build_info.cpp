@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #endif
 
+#include "../cpu/isa.h"
 #include "../cpu/parallel.h"
 #include "dspark/ops.h"
 
@@ -93,5 +94,22 @@ int cuda_device_count(std::string* reason) {
 
 int cpu_num_threads() { return cpu::num_threads(); }
 void set_cpu_num_threads(int n) { cpu::set_num_threads(n); }
+
+std::string cpu_isa() { return cpu::isa_name(cpu::current_isa()); }
+
+std::vector<std::string> cpu_isas_supported() {
+  std::vector<std::string> out;
+  for (int i = 0; i < cpu::kNumIsa; ++i)
+    if (cpu::isa_supported(static_cast<cpu::Isa>(i))) out.emplace_back(cpu::isa_name(static_cast<cpu::Isa>(i)));
+  return out;
+}
+
+void set_cpu_isa(const std::string& name) {
+  cpu::Isa isa;
+  if (!cpu::parse_isa(name, &isa))
+    throw ValueError("set_cpu_isa: argument 'name' must be one of baseline, avx2, avx512, avx512bf16, got '" + name +
+                     "'");
+  cpu::set_isa(isa);
+}
 
 }  // namespace dspark

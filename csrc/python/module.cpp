@@ -243,6 +243,9 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("cuda_driver_version", &dspark::cuda_driver_version);
   m.def("cuda_driver_problem", &dspark::cuda_driver_problem, py::arg("driver_version"), py::arg("runtime_version"));
+  m.def("cpu_isa", &dspark::cpu_isa);
+  m.def("cpu_isas_supported", &dspark::cpu_isas_supported);
+  m.def("set_cpu_isa", &dspark::set_cpu_isa, py::arg("name"));
   m.def("num_threads", &dspark::cpu_num_threads);
   m.def("set_num_threads", &dspark::set_cpu_num_threads, py::arg("n"));
 

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 from . import ops, reference
-from ._backends import backends, num_threads, set_num_threads
+from ._backends import backends, cpu_isa, num_threads, set_cpu_isa, set_num_threads
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "num_threads", "ops", "reference", "set_num_threads", "__version__"]
+__all__ = ["backends", "cpu_isa", "num_threads", "ops", "reference", "set_cpu_isa", "set_num_threads", "__version__"]

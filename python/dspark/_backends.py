@@ -20,7 +20,8 @@ def backends() -> Dict[str, Dict[str, Any]]:
     runtime = info["cuda_runtime_version"]
     driver = C.cuda_driver_version()
     return {
-        "cpu": {"compiled": True, "usable": True, "threads": C.num_threads(), "compiler": info["compiler"]},
+        "cpu": {"compiled": True, "usable": True, "threads": C.num_threads(), "compiler": info["compiler"],
+                "isa": C.cpu_isa(), "isas": list(C.cpu_isas_supported())},
         "cuda": {
             "compiled": bool(info["cuda_compiled"]),
             "usable": bool(info["cuda_compiled"]) and devices > 0,
@@ -40,6 +41,21 @@ def _version(v: int):
 def num_threads() -> int:
     """Worker threads of the CPU backend (env DSPARK_NUM_THREADS, default: all cores)."""
     return int(C.num_threads())
+
+
+def cpu_isa() -> str:
+    """The instruction set whose CPU kernels run (baseline, avx2, avx512,
+    avx512bf16): the widest this CPU has, or DSPARK_CPU_ISA."""
+    return str(C.cpu_isa())
+
+
+def set_cpu_isa(name: str) -> None:
+    """Runs the CPU kernels compiled for ``name`` (one of
+    ``backends()["cpu"]["isas"]``). The ops that decide sampled tokens give the
+    same bits on every ISA; matrix products differ in rounding."""
+    if not isinstance(name, str):
+        raise TypeError(f"set_cpu_isa: argument 'name' must be a str, got {type(name).__name__}")
+    C.set_cpu_isa(name)
 
 
 def set_num_threads(n: int) -> None:

@@ -46,6 +46,13 @@ std::string cuda_driver_problem(int driver_version, int runtime_version);
 int cpu_num_threads();
 void set_cpu_num_threads(int n);
 
+// The instruction set whose CPU kernels run ("baseline", "avx2", "avx512",
+// "avx512bf16"; DSPARK_CPU_ISA, default: the widest this CPU has), those this
+// CPU can run, and a switch (ValueError for one it cannot run).
+std::string cpu_isa();
+std::vector<std::string> cpu_isas_supported();
+void set_cpu_isa(const std::string& name);
+
 // -------------------------------------------------------- rejection_sample
 
 struct RejectionSampleArgs {
