@@ -35,6 +35,7 @@ class Setup:
     """A tiny Llama target, its transformers twin, and greedy references."""
 
     def __init__(self, folder, kind: str = "llama") -> None:
+        self.folder = folder
         self.hf = hf_model(folder, kind, vocab=VOCAB)
         self.target = TargetModel.load(folder)
         self._refs: Dict[Tuple[int, ...], List[int]] = {}
@@ -115,6 +116,19 @@ def test_greedy_lossless_with_a_draft_vocabulary(llama, policy):
     engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=4, max_model_len=80)
     results = engine.generate(prompts, greedy())
     assert_matches(llama, prompts, results)
+    assert engine.metrics.accepted_drafts > 0
+
+
+def test_bfloat16_speculative_equals_plain_in_the_same_dtype(llama):
+    """In bfloat16 (linear layers packed for the CPU), greedy speculative output
+    is token for token the plain decoding of the same bfloat16 model."""
+    prompts = PROMPTS[:4]
+    target = TargetModel.load(llama.folder, dtype=torch.bfloat16)
+    drafter = llama.bigram_drafter(prompts).to(torch.bfloat16)
+    plain = SpeculativeEngine(target, None, max_concurrency=4, max_model_len=80).generate(prompts, greedy())
+    engine = SpeculativeEngine(target, drafter, max_concurrency=4, max_model_len=80)
+    spec = engine.generate(prompts, greedy())
+    assert [r.tokens for r in spec] == [r.tokens for r in plain]
     assert engine.metrics.accepted_drafts > 0
 
 

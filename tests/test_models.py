@@ -339,3 +339,28 @@ def test_paged_cache_accounting():
     assert len(set(pages0) | set(pages1[:2])) == 5
     cache.release(0)
     assert cache.can_hold(12)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 33])
+def test_packed_bfloat16_linear_equals_torch_and_never_goes_stale(rows):
+    """A Linear packed for CPU inference gives torch's linear results; after its
+    weight changes (or under autograd) it uses the weight itself."""
+    from dspark.models.common import Linear, PackedWeight
+
+    torch.manual_seed(rows)
+    layer = Linear(96, 200, bias=True).to(torch.bfloat16)
+    x = torch.randn(rows, 96).to(torch.bfloat16)
+    packed = layer.pack_cpu()
+    assert packed == PackedWeight.usable(layer.weight)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-2,
+                                   atol=1e-2)
+    with torch.no_grad():
+        layer.weight.mul_(-1.0)  # the packed copy is stale now
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    layer.pack_cpu()
+    y = layer(x.requires_grad_(True))  # autograd: the plain path, with gradients
+    y.float().sum().backward()
+    assert x.grad is not None
+    assert not Linear(4, 4).pack_cpu()  # float32 weights are not packed

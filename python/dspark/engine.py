@@ -30,7 +30,7 @@ import torch
 from . import ops
 from .calibration import CalibrationRecorder
 from .models import Batch, DSparkDrafter, PagedKVCache, TargetModel
-from .models.common import host_to_device
+from .models.common import host_to_device, pack_cpu_linears
 from .models.drafter import check_compatible
 from .scheduler import Fixed, Policy, SPSTable
 
@@ -189,6 +189,10 @@ class SpeculativeEngine:
             drafter.new_cache(total, page_size, max_concurrency, pages_per_request) if drafter is not None else None)
         # the drafter's draft vocabulary (None: it scores the whole vocabulary)
         self.draft_vocab = drafter.vocab_map(self.device) if drafter is not None else None
+        if self.device.type == "cpu":  # bfloat16 layers run on weights packed once (models.common.PackedWeight)
+            pack_cpu_linears(target)
+            if drafter is not None:
+                drafter.pack_cpu()
         self.metrics = RunMetrics()
 
     # ----------------------------------------------------------------- API
@@ -235,6 +239,23 @@ class SpeculativeEngine:
         B_max = max_batch_tokens if max_batch_tokens is not None else self.max_concurrency * per
         if B_max < 1:
             raise ValueError(f"profile_sps: max_batch_tokens must be >= 1, got {B_max}")
+        forward, draft_fn = self.cost_probes(B_max, context_len, draft=draft)
+        kwargs.setdefault("device", self.device)
+        table = SPSTable.profile(forward, B_max, draft=draft_fn, max_requests=self.max_concurrency if draft_fn else 0,
+                                 **kwargs)
+        table.meta.update(gamma=self.gamma, context_len=context_len, dtype=str(next(self.target.parameters()).dtype))
+        return table
+
+    def cost_probes(self, max_batch_tokens: int, context_len: int = 256, draft: bool = True,
+                    rows_per_request: Optional[int] = None):
+        """The two callables :meth:`profile_sps` times: ``forward(B)``, a target
+        forward over ``B`` batch tokens laid out as in a round (requests of
+        ``rows_per_request`` rows, default ``gamma + 1``, after ``context_len``
+        cached tokens), and ``draft(R)``, one round's drafting for ``R``
+        requests (None without a drafter or with ``draft=False``). Their caches
+        are their own."""
+        per = rows_per_request or self.gamma + 1
+        B_max = max_batch_tokens
         R_max = max((B_max + per - 1) // per, self.max_concurrency if draft and self.drafter is not None else 0)
         page = self.page_size
         pages_per_request = (context_len + max(per, self.block + 1) + page - 1) // page
@@ -276,11 +297,7 @@ class SpeculativeEngine:
                     rounds=torch.ones(R, dtype=torch.int64, device=dev))
                 self._draft(state, cache=draft_cache, schedule=False)
 
-        kwargs.setdefault("device", dev)
-        table = SPSTable.profile(forward, B_max, draft=draft_fn, max_requests=self.max_concurrency if draft_fn else 0,
-                                 **kwargs)
-        table.meta.update(gamma=self.gamma, context_len=context_len, dtype=str(next(self.target.parameters()).dtype))
-        return table
+        return forward, draft_fn
 
     # ------------------------------------------------------------- helpers
 

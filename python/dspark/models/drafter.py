@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..calibration import STS
-from .common import (CheckpointError, PagedKVCache, PathLike, RMSNorm, load_safetensors, load_state, read_config,
-                     rope_inv_freq, rope_parameters, save_safetensors)
+from .common import (CheckpointError, Linear, PackedWeight, PagedKVCache, PathLike, RMSNorm, linear, load_safetensors,
+                     load_state, pack_cpu_linears, read_config, rope_inv_freq, rope_parameters, save_safetensors)
 from .target import MLP, TargetModel
 
 HEADS = ("vanilla", "gated", "rnn")
@@ -130,10 +129,10 @@ class DrafterAttention(nn.Module):
     def __init__(self, c: DrafterConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
+        self.q_proj = Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
 
@@ -183,7 +182,7 @@ class DSparkDrafter(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.fc = nn.Linear(len(c.target_layer_ids) * c.target_hidden_size, c.hidden_size, bias=False)
+        self.fc = Linear(len(c.target_layer_ids) * c.target_hidden_size, c.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.layers = nn.ModuleList([DrafterLayer(c) for _ in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -196,6 +195,7 @@ class DSparkDrafter(nn.Module):
             self.register_buffer("draft_vocab", torch.arange(c.draft_vocab_size, dtype=torch.int32))
         self.sts: Optional[STS] = None
         self._lm_rows: dict = {}
+        self._pack_rows = False
         self._inv_freq = {torch.device("cpu"): rope_inv_freq(c.head_dim, c.rope)}
         self._zero_markov: dict = {}
 
@@ -300,20 +300,33 @@ class DSparkDrafter(nn.Module):
             raise ValueError(f"draft: num_positions must be in [1, {gamma}], got {keep}")
         x = x.view(R, gamma, -1)[:, :keep]
         h = self.norm(x)
-        lm_rows = self.lm_head_rows(target)
-        logits = F.linear(h.to(lm_rows.dtype), lm_rows)
+        if not self.config.draft_vocab_size:
+            logits = target.lm_head(h.to(target.lm_head.weight.dtype))
+        else:
+            rows = self.lm_head_rows(target)
+            logits = linear(h.to(rows.dtype), rows, None, self._lm_rows.get("packed"))
         return Draft(h.contiguous(), logits.contiguous())
 
     def lm_head_rows(self, target: TargetModel) -> torch.Tensor:
         """The target's LM head rows the drafter scores: all of them, or those of
-        the draft vocabulary (gathered once per target weight, device and dtype)."""
+        the draft vocabulary (gathered once per target weight, device and dtype,
+        and packed for CPU inference after :meth:`pack_cpu`)."""
         weight = target.lm_head.weight
         if not self.config.draft_vocab_size:
             return weight
         key = (weight.data_ptr(), weight.device, weight.dtype, weight._version)
         if self._lm_rows.get("key") != key:
-            self._lm_rows = {"key": key, "rows": weight.detach()[self.draft_vocab.long()].contiguous()}
+            rows = weight.detach()[self.draft_vocab.long()].contiguous()
+            packed = PackedWeight(rows) if self._pack_rows and PackedWeight.usable(rows) else None
+            self._lm_rows = {"key": key, "rows": rows, "packed": packed}
         return self._lm_rows["rows"]
+
+    def pack_cpu(self) -> int:
+        """Packs the drafter's bfloat16 linear layers (and its LM head rows) for
+        CPU inference (common.PackedWeight); returns how many layers were packed."""
+        self._pack_rows = True
+        self._lm_rows = {}
+        return pack_cpu_linears(self)
 
     def vocab_map(self, device: torch.device) -> Optional[torch.Tensor]:
         """The ``[V_d]`` int32 draft vocabulary on ``device`` (None: the whole vocabulary)."""

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .common import (CheckpointError, PagedKVCache, PathLike, RMSNorm, load_safetensors, load_state, read_config,
-                     rope_inv_freq, rope_parameters, save_safetensors)
+from .common import (CheckpointError, Linear, PagedKVCache, PathLike, RMSNorm, load_safetensors, load_state,
+                     read_config, rope_inv_freq, rope_parameters, save_safetensors)
 
 SUPPORTED = ("llama", "qwen3")
 
@@ -88,10 +88,10 @@ class Attention(nn.Module):
     def __init__(self, c: TargetConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, self.heads * self.head_dim, bias=c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
+        self.o_proj = Linear(self.heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
         if c.model_type == "qwen3":  # per-head norms of q and k, before the rotation
             self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
@@ -115,9 +115,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -147,7 +147,7 @@ class TargetModel(nn.Module):
         super().__init__()
         self.config = config
         self.model = _Body(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # float32 whatever the model's dtype: kept outside the module's buffers
