@@ -428,6 +428,16 @@ def run(suite: str, quick: bool = False, json_path: Optional[str] = None, device
             result = engine_benchmark(quick=quick, device=device, **opts)
             print_engine(result)
             results.append(result)
+    elif suite == "round":
+        from .bench_round import print_round, round_benchmark
+
+        opts = engine_options or {}
+        results = []
+        for device in devices or (["cuda"] if backends()["cuda"].get("usable") else ["cpu"]):
+            result = round_benchmark(quick=quick, device=device, dtype=opts.get("dtype", "auto"),
+                                     target_dir=opts.get("target_dir"))
+            print_round(result)
+            results.append(result)
     elif suite == "drafters":
         from pathlib import Path
 

@@ -19,24 +19,28 @@ drafter's quality.
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 from .engine import SamplingParams, SpeculativeEngine
 from .models import DrafterConfig, DSparkDrafter, TargetConfig, TargetModel
-from .scheduler import AsyncHardwareAware, Fixed, HardwareAware, Policy, Threshold
+from .scheduler import Fixed, HardwareAware, Policy
 
 
 def synthetic_target(quick: bool, seed: int = 0) -> TargetModel:
+    """A random Llama. Untied embeddings and weights of std 0.05 make its greedy
+    text varied (tied random embeddings repeat the last token forever, which
+    any drafter predicts)."""
     torch.manual_seed(seed)
     hidden, layers, vocab = (256, 4, 4096) if quick else (512, 8, 8192)
     config = TargetConfig.from_dict(dict(
         model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
-        head_dim=64, rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=10000.0,
+        head_dim=64, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0,
         max_position_embeddings=4096, bos_token_id=None, eos_token_id=None))
     model = TargetModel(config)
     with torch.no_grad():
@@ -44,7 +48,7 @@ def synthetic_target(quick: bool, seed: int = 0) -> TargetModel:
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02)
+                p.normal_(0.0, 0.05)
     return model.eval()
 
 
@@ -69,10 +73,14 @@ def synthetic_drafter(target: TargetModel, block_size: int = 8, rank: int = 256,
 
 
 @torch.no_grad()
-def fit_markov_bigram(drafter: DSparkDrafter, sequences: Sequence[Sequence[int]], strength: float = 60.0) -> None:
+def fit_markov_bigram(drafter: DSparkDrafter, sequences: Sequence[Sequence[int]], strength: float = 60.0,
+                      corrupt: float = 0.0, seed: int = 0) -> None:
     """Sets the Markov head so that ``B(x)`` peaks at the most frequent successor
     of ``x`` in the sequences: random unit codes ``e_x`` in ``W1`` and
-    ``W2[v] = strength * sum of e_x over the x whose successor is v``."""
+    ``W2[v] = strength * sum of e_x over the x whose successor is v``. With
+    ``corrupt`` = f, a random fraction f of the tokens x get a random successor
+    instead (a drafter that is right about 1 - f of the time)."""
+    g = torch.Generator().manual_seed(seed)
     V, r = drafter.config.vocab_size, drafter.config.markov_rank
     counts: Dict[int, Dict[int, int]] = {}
     for seq in sequences:
@@ -85,6 +93,8 @@ def fit_markov_bigram(drafter: DSparkDrafter, sequences: Sequence[Sequence[int]]
     w2 = torch.zeros(V, r)
     for a, successors in counts.items():
         b = max(successors, key=successors.get)
+        if corrupt and torch.rand(1, generator=g).item() < corrupt:
+            b = int(torch.randint(0, V, (1,), generator=g))
         w2[b] += strength * codes[a]
     head.markov_w1.weight.copy_(codes.to(head.markov_w1.weight))
     head.markov_w2.weight.copy_(w2.to(head.markov_w2.weight))
@@ -152,68 +162,140 @@ def transformers_ratio(target: TargetModel, prompt: List[int], max_new_tokens: i
             "ratio": theirs_s / ours_s, "same_tokens": ours == theirs}
 
 
+QUALITIES = ("good", "mediocre", "useless")
+
+
+def fit_drafter(drafter: DSparkDrafter, quality: str, sequences: Sequence[Sequence[int]], seed: int = 0) -> None:
+    """Makes a synthetic drafter good (the bigram head of the target's own
+    greedy text), mediocre (the same with the successor of 40% of the tokens
+    replaced at random) or useless (random weights, and an over-confident
+    confidence head: 0.9 at every position, so only measured acceptance can
+    tell)."""
+    if quality == "useless":
+        set_constant_confidence(drafter, 0.9)
+        return
+    fit_markov_bigram(drafter, sequences, corrupt=0.4 if quality == "mediocre" else 0.0, seed=seed)
+
+
+def _policies(sps) -> Dict[str, Policy]:
+    return {"fixed(gamma)": Fixed(),
+            "hardware-aware": HardwareAware(sps),
+            "hardware-aware (drafting free)": HardwareAware(sps, draft_cost=False, adaptive=False)}
+
+
 def engine_benchmark(quick: bool = False, device: str = "cpu", target_dir: Optional[str] = None,
-                     draft_dir: Optional[str] = None, dtype: torch.dtype = torch.float32) -> dict:
+                     draft_dir: Optional[str] = None, dtype: Union[str, torch.dtype] = "auto",
+                     concurrency: Sequence[int] = (1, 4, 16), repeats: int = 3) -> dict:
+    """Plain decoding against speculative decoding with a good, a mediocre and a
+    useless drafter (synthetic models) or with the given drafter (checkpoints),
+    at each concurrency: fixed(gamma), hardware-aware (the drafting cost in the
+    decision, adaptive drafting) and hardware-aware with drafting taken as free
+    (no gate). Every configuration of a concurrency runs once to warm up, then
+    ``repeats`` times interleaved with the others; tokens per second is the
+    median over the repeats, with its relative spread (max - min over median).
+    """
+    from .precision import choose
+
     synthetic = target_dir is None
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
     if synthetic:
-        target = synthetic_target(quick).to(device=device, dtype=dtype)
-        drafter = synthetic_drafter(target, block_size=8)
+        target = synthetic_target(quick).to(device=device)
     else:
-        target = TargetModel.load(target_dir, dtype=dtype, device=device)
-        drafter = DSparkDrafter.load(draft_dir, target, dtype=dtype, device=device) if draft_dir else None
+        target = TargetModel.load(target_dir, device=device)
+    dtype, dtype_reason = choose(name, device, target if torch.device(device).type == "cpu" else None)
+    target = target.to(dtype)
     V = target.config.vocab_size
     max_new = 32 if quick else 96
-    concurrency = [1, 4] if quick else [1, 8]
+    if quick:
+        concurrency, repeats = tuple(concurrency)[:2], 1
     out: Dict[str, object] = {"synthetic": synthetic, "device": device, "dtype": str(dtype).replace("torch.", ""),
-                              "max_new_tokens": max_new, "rows": []}
+                              "dtype_reason": dtype_reason, "max_new_tokens": max_new, "repeats": repeats,
+                              "cpu_isa": _cpu_isa(), "rows": []}
     rows: List[dict] = out["rows"]  # type: ignore[assignment]
+    prompts_by_R = {R: _prompts(R, V, seed=R) for R in concurrency}
+    greedy = lambda n: [SamplingParams(temperature=0.0, max_new_tokens=max_new) for _ in range(n)]  # noqa: E731
+    base_tokens: Dict[int, List[List[int]]] = {}
+    for R, prompts in prompts_by_R.items():
+        base_tokens[R] = [r.tokens for r in SpeculativeEngine(target, None, max_concurrency=R,
+                                                               max_model_len=64 + max_new).generate(prompts,
+                                                                                                    greedy(R))]
+    if synthetic:
+        texts = [p + t for R in concurrency for p, t in zip(prompts_by_R[R], base_tokens[R])]
+        drafters = {}
+        for quality in QUALITIES:
+            drafter = synthetic_drafter(target, block_size=8).to(dtype)
+            fit_drafter(drafter, quality, texts, seed=1)
+            if quality != "useless":  # calibrated: the confidence is the measured acceptance
+                probe = SpeculativeEngine(target, drafter, max_concurrency=max(concurrency), max_model_len=64 + max_new)
+                probe.generate(prompts_by_R[max(concurrency)], greedy(max(concurrency)))
+                m = probe.metrics
+                accepted = [a / t for a, t in zip(m.position_accepts, m.position_trials) if t]
+                set_constant_confidence(drafter, sum(accepted) / len(accepted) if accepted else 0.5)
+            drafters[quality] = drafter
+    else:
+        drafters = {"checkpoint": DSparkDrafter.load(draft_dir, target, dtype=dtype, device=device)} if draft_dir else {}
     for R in concurrency:
-        prompts = _prompts(R, V, seed=R)
-        params = [SamplingParams(temperature=0.0, max_new_tokens=max_new) for _ in prompts]
-        base_engine = SpeculativeEngine(target, None, max_concurrency=R, max_model_len=64 + max_new)
-        base = _run(base_engine, prompts, params)
-        rows.append({"R": R, "config": "target only", **{k: v for k, v in base.items() if k != "tokens"},
-                     "speedup": 1.0})
-        if drafter is None:
-            continue
-        if synthetic:
-            fit_markov_bigram(drafter, [p + t for p, t in zip(prompts, base["tokens"])])
-            probe = SpeculativeEngine(target, drafter, max_concurrency=R, max_model_len=64 + max_new)
-            probe.generate(prompts, params)
-            accepted = [a / t for a, t in zip(probe.metrics.position_accepts, probe.metrics.position_trials) if t]
-            set_constant_confidence(drafter, sum(accepted) / len(accepted) if accepted else 0.5)
-        engine = SpeculativeEngine(target, drafter, max_concurrency=R, max_model_len=64 + max_new)
-        policies: List[Policy] = [Fixed(), Fixed(1)]
-        if drafter.config.enable_confidence_head:
-            sps = engine.profile_sps(warmup=1, repeats=3)
-            policies += [Threshold(0.5), HardwareAware(sps), AsyncHardwareAware(sps)]
-        for policy in policies:
-            engine.policy = policy
-            result = _run(engine, prompts, params)
-            lossless = result["tokens"] == base["tokens"]
-            rows.append({"R": R, "config": policy.name, **{k: v for k, v in result.items() if k != "tokens"},
-                         "speedup": result["tokens_per_second"] / base["tokens_per_second"],
-                         "same_tokens": lossless})
-    if device == "cpu":
+        prompts, params = prompts_by_R[R], greedy(R)
+        runs = {("-", "plain decoding"): (SpeculativeEngine(target, None, max_concurrency=R, max_model_len=64 + max_new),
+                                          None)}
+        for quality, drafter in drafters.items():
+            engine = SpeculativeEngine(target, drafter, max_concurrency=R, max_model_len=64 + max_new)
+            sps = engine.profile_sps(warmup=1, repeats=5)
+            for config, policy in _policies(sps).items():
+                runs[(quality, config)] = (engine, policy)
+        samples: Dict[tuple, List[dict]] = {key: [] for key in runs}
+        for rep in range(repeats + 1):  # the first pass warms up every configuration
+            for key, (engine, policy) in runs.items():
+                if policy is not None:
+                    engine.policy = policy
+                results = engine.generate(prompts, params)
+                if any(r.error for r in results):
+                    raise RuntimeError(f"bench engine: a request failed: {next(r.error for r in results if r.error)}")
+                m = engine.metrics
+                if rep:
+                    samples[key].append({"tokens_per_second": m.tokens_per_second, "tau": m.tau,
+                                         "verified_per_round": m.verified_per_round, "rounds": m.rounds,
+                                         "drafting_rounds": m.drafting_rounds,
+                                         "same_tokens": [r.tokens for r in results] == base_tokens[R]})
+        plain = statistics.median(x["tokens_per_second"] for x in samples[("-", "plain decoding")])
+        for (quality, config), xs in samples.items():
+            tps = [x["tokens_per_second"] for x in xs]
+            median = statistics.median(tps)
+            rows.append({"R": R, "drafter": quality, "config": config, "tokens_per_second": median,
+                         "spread": (max(tps) - min(tps)) / median if median else 0.0, "speedup": median / plain,
+                         "tau": xs[-1]["tau"], "verified_per_round": xs[-1]["verified_per_round"],
+                         "rounds": xs[-1]["rounds"], "drafting_rounds": xs[-1]["drafting_rounds"],
+                         "same_tokens": all(x["same_tokens"] for x in xs)})
+    if torch.device(device).type == "cpu":
         prompt = _prompts(1, V, seed=99)[0]
         out["transformers"] = transformers_ratio(target, prompt, max_new)
     return out
 
 
+def _cpu_isa() -> str:
+    from ._backends import cpu_isa
+
+    return cpu_isa()
+
+
 def print_engine(result: dict) -> None:
     kind = "synthetic models (see `python -m dspark bench engine --help`)" if result["synthetic"] else "checkpoints"
-    print(f"engine, {kind}, {result['device']} {result['dtype']}, greedy, {result['max_new_tokens']} new tokens "
-          "per request; x target = tokens/s against target only in this run")
-    header = f"{'R':>3} {'config':24} {'tok/s':>9} {'x target':>9} {'tau':>6} {'verified':>9} {'rounds':>7} {'same':>5}"
+    print(f"engine, {kind}, {result['device']} {result['dtype']} ({result['dtype_reason']}), CPU kernels "
+          f"{result['cpu_isa']}; greedy, {result['max_new_tokens']} new tokens per request; tok/s = median of "
+          f"{result['repeats']} interleaved runs after a warm-up (spread = (max - min) / median); "
+          "x plain = against plain decoding in this run")
+    header = (f"{'R':>3} {'drafter':9} {'config':32} {'tok/s':>8} {'spread':>7} {'x plain':>8} {'tau':>6} "
+              f"{'verified':>9} {'drafting':>9} {'same':>5}")
     print(header)
     print("-" * len(header))
     for r in result["rows"]:
-        same = "" if "same_tokens" not in r else ("yes" if r["same_tokens"] else "NO")
-        print(f"{r['R']:3d} {r['config']:24} {r['tokens_per_second']:9.1f} {r['speedup']:9.2f} {r['tau']:6.2f} "
-              f"{r['verified_per_round']:9.2f} {r['rounds']:7d} {same:>5}")
+        same = "" if r["drafter"] == "-" else ("yes" if r["same_tokens"] else "NO")
+        drafting = "" if r["drafter"] == "-" else f"{r['drafting_rounds']}/{r['rounds']}"
+        print(f"{r['R']:3d} {r['drafter']:9} {r['config']:32} {r['tokens_per_second']:8.1f} {r['spread']:6.0%} "
+              f"{r['speedup']:8.2f} {r['tau']:6.2f} {r['verified_per_round']:9.2f} {drafting:>9} {same:>5}")
     hf = result.get("transformers")
     if hf:
-        print(f"\ntarget only vs transformers generate (batch 1, greedy, same weights): dspark "
+        print(f"\nplain decoding vs transformers generate (batch 1, greedy, same weights): dspark "
               f"{hf['dspark_tokens_per_second']:.1f} tok/s, transformers {hf['transformers_tokens_per_second']:.1f} "
               f"tok/s: x{hf['ratio']:.2f}; same tokens: {'yes' if hf['same_tokens'] else 'NO'}")
     elif result["device"] == "cpu":

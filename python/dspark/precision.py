@@ -1,0 +1,99 @@
+"""``--dtype auto``: the model dtype that runs fastest on this device.
+
+On CUDA it is bfloat16 (the tensor-core attention kernels take 16-bit
+inputs). On the CPU it is bfloat16 when the CPU multiplies bfloat16 natively
+(AVX512-BF16 or AMX) and a short measurement of the target's forward, in a
+plain step and in a verification batch, says it is faster than float32 here;
+float32 otherwise. Whatever is chosen, speculative and plain decoding use the
+same dtype, so greedy speculative output stays identical to plain decoding.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Tuple, Union
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (/proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bfloat16() -> str:
+    """The native bfloat16 matrix units of this CPU ("AMX", "AVX512-BF16"), or ""."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return ""
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def choose(name: str, device: Union[str, torch.device], target=None, gamma: int = 7, repeats: int = 5
+           ) -> Tuple[torch.dtype, str]:
+    """(dtype, reason) for ``--dtype name``; ``auto`` measures ``target`` (a
+    float32 TargetModel on the CPU) when the CPU has native bfloat16."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+        return DTYPES[name], f"{name} (as asked)"
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16, "bfloat16 (auto: the GPU's tensor cores)"
+    units = native_bfloat16()
+    if not units:
+        return torch.float32, "float32 (auto: this CPU has no native bfloat16 matrix units)"
+    if target is None:
+        return torch.bfloat16, f"bfloat16 (auto: {units})"
+    cost = {dtype: forward_cost(target, dtype, gamma, repeats) for dtype in (torch.float32, torch.bfloat16)}
+    fp32, bf16 = cost[torch.float32], cost[torch.bfloat16]
+    if bf16 < fp32:
+        return torch.bfloat16, (f"bfloat16 (auto: {units}; a plain step and a verification of {gamma + 1} tokens "
+                                f"take {bf16 * 1e3:.1f} ms against {fp32 * 1e3:.1f} ms in float32)")
+    return torch.float32, (f"float32 (auto: {units}, but a plain step and a verification of {gamma + 1} tokens "
+                           f"take {fp32 * 1e3:.1f} ms against {bf16 * 1e3:.1f} ms in bfloat16 here)")
+
+
+def forward_cost(target, dtype: torch.dtype, gamma: int, repeats: int) -> float:
+    """Median seconds of a target forward over 1 token plus one over gamma + 1,
+    in `dtype` (a copy of the target; linear layers packed as the engine packs
+    them), after a context of 128 tokens."""
+    from .engine import SpeculativeEngine
+
+    model = target if next(target.parameters()).dtype == dtype else _copy_as(target, dtype)
+    engine = SpeculativeEngine(model, None, max_concurrency=1, max_model_len=256)
+    forward, _ = engine.cost_probes(gamma + 1, context_len=128, draft=False, rows_per_request=gamma + 1)
+
+    def step() -> None:
+        forward(1)
+        forward(gamma + 1)
+
+    step()
+    return _median_seconds(step, repeats)
+
+
+def _copy_as(target, dtype: torch.dtype):
+    import copy
+
+    model = copy.deepcopy(target)
+    return model.to(dtype)
