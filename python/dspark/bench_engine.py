@@ -113,8 +113,10 @@ def _run(engine: SpeculativeEngine, prompts: List[List[int]], params: List[Sampl
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"bench engine: a request failed: {errors[0]}")
+    d = m.as_dict()
     return {"tokens_per_second": m.tokens_per_second, "tau": m.tau, "verified_per_round": m.verified_per_round,
-            "rounds": m.rounds, "tokens": [r.tokens for r in results]}
+            "rounds": m.rounds, "acceptance_by_position": d["acceptance_by_position"],
+            "prefix_acceptance_by_position": d["prefix_acceptance_by_position"], "tokens": [r.tokens for r in results]}
 
 
 def transformers_ratio(target: TargetModel, prompt: List[int], max_new_tokens: int) -> Optional[dict]:
@@ -200,6 +202,11 @@ def engine_benchmark(quick: bool = False, device: str = "cpu", target_dir: Optio
     return out
 
 
+def format_rates(rates: List[Optional[float]]) -> str:
+    """Rates as '0.91 0.80 -' (None or nan: no round verified that position)."""
+    return " ".join("  - " if a is None or a != a else f"{a:.2f}" for a in rates)
+
+
 def print_engine(result: dict) -> None:
     kind = "synthetic models (see `python -m dspark bench engine --help`)" if result["synthetic"] else "checkpoints"
     print(f"engine, {kind}, {result['device']} {result['dtype']}, greedy, {result['max_new_tokens']} new tokens "
@@ -211,6 +218,12 @@ def print_engine(result: dict) -> None:
         same = "" if "same_tokens" not in r else ("yes" if r["same_tokens"] else "NO")
         print(f"{r['R']:3d} {r['config']:24} {r['tokens_per_second']:9.1f} {r['speedup']:9.2f} {r['tau']:6.2f} "
               f"{r['verified_per_round']:9.2f} {r['rounds']:7d} {same:>5}")
+    print("\nacceptance at draft positions 1..: conditional (given 1..k-1 accepted) | prefix (1..k all accepted, "
+          "DeepSpec's accept_rate)")
+    for r in result["rows"]:
+        if r.get("acceptance_by_position"):
+            print(f"{r['R']:3d} {r['config']:24} {format_rates(r['acceptance_by_position'])} | "
+                  f"{format_rates(r['prefix_acceptance_by_position'])}")
     hf = result.get("transformers")
     if hf:
         print(f"\ntarget only vs transformers generate (batch 1, greedy, same weights): dspark "
