@@ -481,7 +481,7 @@ def test_generate_command(tmp_path, capsys):
     hf = hf_model(tmp_path / "t", vocab=VOCAB)
     write_tokenizer(tmp_path / "t", VOCAB)
     target = TargetModel.load(tmp_path / "t")
-    random_drafter(target, scale=0.3).save(tmp_path / "d")
+    random_drafter(target, scale=0.3).save(tmp_path / "d", target)
     prompts = ["w5 w17 w3 w99", "w1 w2"]
     for extra in ([], ["--draft", str(tmp_path / "d")], ["--draft", str(tmp_path / "d"), "--policy", "async"]):
         code = main(["generate", "--target", str(tmp_path / "t"), "--prompt", prompts[0], "--prompt", prompts[1],

@@ -128,7 +128,7 @@ def test_drafter_round_trip(tmp_path, head, rank, confidence, draft_vocab):
     from dspark.calibration import STS
 
     drafter.sts = STS([1.5, 1.0, 0.7, 2.0]) if confidence else None
-    drafter.save(tmp_path / "d")
+    drafter.save(tmp_path / "d", copies=False)
     again = DSparkDrafter.load(tmp_path / "d", target)
     assert again.config.to_dict() == drafter.config.to_dict()
     state, state2 = drafter.state_dict(), again.state_dict()
@@ -237,10 +237,13 @@ def test_deepspec_layout_loads_and_runs(tmp_path, head, rank):
     out = engine.generate(prompts, SamplingParams(0.0, max_new_tokens=12))
     assert [r.tokens for r in out] == [r.tokens for r in base]
     assert engine.metrics.verified_drafts > 0
-    # written back in the same layout (nested config keys become top-level ones)
+    # written back in the same layout (nested config keys become top-level ones), with the copies of the
+    # target's embedding and LM head that DeepSpec's loader needs
     drafter.save(tmp_path / "again")
     written = load_file(str(tmp_path / "again" / "model.safetensors"))
-    assert set(written) == set(tensors)
+    assert set(written) == set(tensors) | {"embed_tokens.weight", "lm_head.weight"}
+    assert torch.equal(written["embed_tokens.weight"], target.model.embed_tokens.weight)
+    assert torch.equal(written["lm_head.weight"], target.lm_head.weight)
 
 
 # ------------------------------------------------------------ bad inputs
@@ -289,7 +292,7 @@ def test_bad_drafter_checkpoints(tmp_path):
     hf_model(tmp_path / "wide", hidden=96, head_dim=24)
     wide = TargetModel.load(tmp_path / "wide")
     drafter = random_drafter(target)
-    drafter.save(tmp_path / "d")
+    drafter.save(tmp_path / "d", copies=False)
     with pytest.raises(CheckpointError, match="vocabulary 128 != target vocabulary 100"):
         DSparkDrafter.load(tmp_path / "d", other)
     with pytest.raises(CheckpointError, match="hidden size 64 != target hidden size 96"):

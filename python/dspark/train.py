@@ -531,7 +531,7 @@ def save_checkpoint(drafter: DSparkDrafter, out: Path, config: TrainConfig, hist
     copy = DSparkDrafter(drafter.config)
     copy.load_state_dict({k: v.cpu() for k, v in drafter.state_dict().items()})
     copy.sts = drafter.sts
-    copy.to(dtype).save(out)
+    copy.to(dtype).save(out, copies=False)  # dspark's layout; drafter.save(folder, target) adds DeepSpec's copies
     (out / "training.json").write_text(json.dumps({"config": config.to_dict(), "history": history}, indent=1))
 
 
