@@ -52,24 +52,25 @@ def dspark_draft(target: TargetModel, drafter: DSparkDrafter, prompt, anchor: in
     features, the backbone's hidden states and base logits, the greedy
     Markov-corrected sample and the confidences."""
     L, gamma, page = len(prompt), drafter.block_size, 8
+    dev = next(target.parameters()).device
     pages = (L + gamma + page) // page + 1
     cache_t = target.new_cache(pages, page, 1, pages)
     cache_d = drafter.new_cache(pages, page, 1, pages)
     cache_t.allocate(0, L + gamma + 1)
     cache_d.allocate(0, L + gamma + 1)
-    positions = torch.arange(L)
-    zeros = torch.zeros(L, dtype=torch.int64)
-    batch = Batch(torch.tensor(prompt), positions, torch.tensor([0, L], dtype=torch.int32), cache_t.block_table,
-                  torch.tensor([L], dtype=torch.int32), cache_t.slots(zeros, positions))
+    positions = torch.arange(L, device=dev)
+    zeros = torch.zeros(L, dtype=torch.int64, device=dev)
+    batch = Batch(torch.tensor(prompt, device=dev), positions, torch.tensor([0, L], dtype=torch.int32, device=dev),
+                  cache_t.block_table, torch.tensor([L], dtype=torch.int32, device=dev), cache_t.slots(zeros, positions))
     out = target(batch, cache_t, hidden_layers=drafter.config.target_layer_ids)
     drafter.extend_context(out.hidden, positions, cache_d.slots(zeros, positions), cache_d)
-    anchors = torch.tensor([anchor])
-    draft = drafter.draft(target, anchors, torch.tensor([L]), torch.tensor([0]), cache_d)
-    w1, w2 = drafter.markov_weights(anchors.device)
+    anchors = torch.tensor([anchor], device=dev)
+    draft = drafter.draft(target, anchors, torch.tensor([L], device=dev), torch.tensor([0], device=dev), cache_d)
+    w1, w2 = drafter.markov_weights(dev)
     sampled = ops.markov_sample(draft.base_logits, anchors, w1, w2, temperature=0.0, seed=0,
                                 return_corrected_logits=True, **drafter.markov_kwargs(draft.hidden))
     conf = drafter.confidence(draft.hidden, anchors, sampled.draft_tokens)
-    return out.hidden.reshape(L, -1), draft, sampled, conf
+    return out.hidden.reshape(L, -1).float().cpu(), draft, sampled, conf
 
 
 def check_against_reference(target, drafter, tensors, folder, prompt, anchor, tol=5e-6):
@@ -82,19 +83,19 @@ def check_against_reference(target, drafter, tensors, folder, prompt, anchor, to
     tokens = sampled.draft_tokens[0].tolist()
     tensors = dict(tensors)
     if not hasattr(drafter, "embed_tokens"):
-        tensors["embed_tokens.weight"] = target.model.embed_tokens.weight.detach()
+        tensors["embed_tokens.weight"] = target.model.embed_tokens.weight.detach().cpu()
     if not hasattr(drafter, "lm_head"):
-        tensors["lm_head.weight"] = target.lm_head.weight.detach()
+        tensors["lm_head.weight"] = target.lm_head.weight.detach().cpu()
     ref = reference_draft(tensors, config, features, anchor, [anchor] + tokens)
     close = dict(rtol=tol, atol=tol)
-    torch.testing.assert_close(draft.hidden[0].float(), ref["hidden"], **close)
-    torch.testing.assert_close(draft.base_logits[0].float(), ref["base_logits"], **close)
-    torch.testing.assert_close(sampled.corrected_logits[0].float(), ref["corrected_logits"], **close)
+    torch.testing.assert_close(draft.hidden[0].float().cpu(), ref["hidden"], **close)
+    torch.testing.assert_close(draft.base_logits[0].float().cpu(), ref["base_logits"], **close)
+    torch.testing.assert_close(sampled.corrected_logits[0].float().cpu(), ref["corrected_logits"], **close)
     assert tokens == greedy_block(ref)  # DeepSpec's greedy block: argmax of each corrected row
     if ref["confidence_logits"] is None:
         assert conf is None
     else:
-        torch.testing.assert_close(conf.logits[0].float(), ref["confidence_logits"], **close)
+        torch.testing.assert_close(conf.logits[0].float().cpu(), ref["confidence_logits"], **close)
     return tokens
 
 
@@ -285,3 +286,53 @@ def test_config_fields_deepspec_reads(tmp_path, qwen3_target):
     (biased / "config.json").write_text(json.dumps(config_b))
     drafter = DSparkDrafter.load(biased, target)
     check_against_reference(target, drafter, tensors, biased, [3, 1, 4, 1, 5, 9, 2, 6], 5)
+
+
+# ------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["vanilla", "gated", "rnn", "dflash", "embedding-feature"])
+def test_deepspec_checkpoint_on_cuda(tmp_path, qwen3_target, case):
+    """The same checkpoints on CUDA (float32): the draft as DeepSpec computes
+    it (CUDA attention and Markov sampler against the dense reference), and
+    greedy decoding equal to the CPU's plain decoding."""
+    target_dir, target = qwen3_target
+    tensors = write_checkpoint(tmp_path / "d", target_dir, target, **CASES[case])
+    gpu = TargetModel.load(target_dir, device="cuda")
+    drafter = DSparkDrafter.load(tmp_path / "d", gpu, device="cuda")
+    check_against_reference(gpu, drafter, tensors, tmp_path / "d", [5, 9, 17, 3, 3, 80, 2, 44, 61, 7, 1], 12,
+                            tol=2e-5)
+    prompts = uneven_prompts(5, 128, seed=11, low=1, high=24)
+    params = SamplingParams(temperature=0.0, max_new_tokens=14)
+    base = SpeculativeEngine(target, max_model_len=64).generate(prompts, params)
+    engine = SpeculativeEngine(gpu, drafter, max_concurrency=3, max_model_len=64)
+    assert [r.tokens for r in engine.generate(prompts, params)] == [r.tokens for r in base]
+
+
+@pytest.mark.cuda
+def test_gemma4_deepspec_checkpoint_on_cuda(tmp_path):
+    """A Gemma 4 drafter of Gemma 4's real head dims (global 512) on CUDA, in
+    float32 against DeepSpec's computation and in bfloat16 decoding (the
+    tensor-core attention at head dim 512)."""
+    target_dir = tmp_path / "t"
+    hf_gemma4_model(target_dir, hidden=128, heads=4, kv_heads=2, head_dim=256, global_head_dim=512,
+                    global_kv_heads=1, window=6, shared=0, ple=0, double_wide=False)
+    target = TargetModel.load(target_dir)
+    tensors = write_checkpoint(tmp_path / "d", target_dir, target, form="gemma4", target_layer_ids=(-1, 2, 3),
+                               markov_rank=16, markov_head_type="vanilla", scale=0.05)
+    gpu = TargetModel.load(target_dir, device="cuda")
+    drafter = DSparkDrafter.load(tmp_path / "d", gpu, device="cuda")
+    check_against_reference(gpu, drafter, tensors, tmp_path / "d", [5, 9, 17, 3, 3, 80, 2, 44, 61, 7, 1], 12,
+                            tol=1e-4)
+    prompts = uneven_prompts(4, 128, seed=12, low=2, high=20)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    base = SpeculativeEngine(target, max_model_len=64).generate(prompts, params)
+    engine = SpeculativeEngine(gpu, drafter, max_concurrency=4, max_model_len=64)
+    assert [r.tokens for r in engine.generate(prompts, params)] == [r.tokens for r in base]
+    gpu16 = TargetModel.load(target_dir, device="cuda", dtype=torch.bfloat16)
+    drafter16 = DSparkDrafter.load(tmp_path / "d", gpu16, device="cuda", dtype=torch.bfloat16)
+    plain16 = SpeculativeEngine(gpu16, max_model_len=64).generate(prompts, params)
+    spec16 = SpeculativeEngine(gpu16, drafter16, max_model_len=64).generate(prompts, params)
+    same = sum(a.tokens == b.tokens for a, b in zip(plain16, spec16))
+    assert same >= 3 and all(len(r.tokens) == 12 for r in spec16)  # 16-bit: equal where the top logits are apart

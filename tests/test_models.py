@@ -19,6 +19,7 @@ def run_ragged(model: TargetModel, sequences, split, hidden_layers=()):
     `split[i]` tokens of each, then the rest) and returns per-sequence logits and
     hidden states of every position."""
     R = len(sequences)
+    dev = next(model.parameters()).device
     pages_per = (max(len(s) for s in sequences) + PAGE - 1) // PAGE
     cache = model.new_cache(R * pages_per, PAGE, R, pages_per)
     for r, s in enumerate(sequences):
@@ -28,20 +29,21 @@ def run_ragged(model: TargetModel, sequences, split, hidden_layers=()):
     for step in range(2):
         pieces = [(r, list(range(0, split[r]) if step == 0 else range(split[r], len(s))))
                   for r, s in enumerate(sequences)]
-        tokens = torch.tensor([sequences[r][p] for r, ps in pieces for p in ps], dtype=torch.int64)
-        positions = torch.tensor([p for _, ps in pieces for p in ps], dtype=torch.int64)
-        requests = torch.tensor([r for r, ps in pieces for _ in ps], dtype=torch.int64)
+        tokens = torch.tensor([sequences[r][p] for r, ps in pieces for p in ps], dtype=torch.int64, device=dev)
+        positions = torch.tensor([p for _, ps in pieces for p in ps], dtype=torch.int64, device=dev)
+        requests = torch.tensor([r for r, ps in pieces for _ in ps], dtype=torch.int64, device=dev)
         cu = [0]
         for _, ps in pieces:
             cu.append(cu[-1] + len(ps))
-        kv_lens = torch.tensor([split[r] if step == 0 else len(s) for r, s in enumerate(sequences)], dtype=torch.int32)
-        batch = Batch(tokens, positions, torch.tensor(cu, dtype=torch.int32), cache.block_table, kv_lens,
+        kv_lens = torch.tensor([split[r] if step == 0 else len(s) for r, s in enumerate(sequences)], dtype=torch.int32,
+                               device=dev)
+        batch = Batch(tokens, positions, torch.tensor(cu, dtype=torch.int32, device=dev), cache.block_table, kv_lens,
                       cache.slots(requests, positions))
         out = model(batch, cache, hidden_layers=hidden_layers)
         for r in range(R):
-            logits[r].append(out.logits[cu[r]:cu[r + 1]])
+            logits[r].append(out.logits[cu[r]:cu[r + 1]].cpu())
             if out.hidden is not None:
-                hidden[r].append(out.hidden[cu[r]:cu[r + 1]])
+                hidden[r].append(out.hidden[cu[r]:cu[r + 1]].cpu())
     return [torch.cat(x) for x in logits], [torch.cat(x) if x else None for x in hidden]
 
 
