@@ -417,7 +417,8 @@ class DSparkDrafter(nn.Module):
                        "embedding and LM head to write, which DeepSpec's loader expects (pass target=)")
             if copies:
                 raise ValueError(message)
-            warnings.warn(message + "; dspark loads the folder with its target", stacklevel=2)
+            if not self.config.draft_vocab_size:  # (a draft vocabulary is dspark's alone: DeepSpec cannot read it)
+                warnings.warn(message + "; dspark loads the folder with its target", stacklevel=2)
         save_safetensors(tensors, folder, self.config.to_dict())
         if self.sts is not None:
             self.sts.save(Path(folder))

@@ -240,13 +240,6 @@ class TargetModel(nn.Module):
             return self.model.embed(tokens)
         return self.model.embed_tokens(tokens)
 
-    def lm_logits(self, final: torch.Tensor) -> torch.Tensor:
-        """The LM head on final-norm states as the model applies it (Gemma 4:
-        soft-capped, in float32, returned in the head's dtype)."""
-        logits = self.lm_head(final)
-        cap = self.config.final_logit_softcapping
-        return softcap(logits.float(), cap).to(logits.dtype) if cap else logits
-
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
             self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
