@@ -115,7 +115,7 @@ def print_tables(results: List[DomainResult], gamma: int, out=sys.stdout) -> Non
         head = (f"{'[' + d.domain + ']':28} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'verified':>9}  "
                 f"acceptance by position: conditional | prefix")
         print(head, file=out)
-        print("-" * (len(head) + 8 * gamma - 20), file=out)
+        print("-" * max(len(head), 68 + 2 * (5 * gamma - 1)), file=out)  # a row with both rates
         for c in d.configs:
             m = c.metrics
             accept = " ".join(f"{a:.2f}" if a == a else "  - " for a in m.acceptance_by_position[:gamma])
