@@ -122,7 +122,8 @@ memcheck() {  # memcheck OP SECONDS PYTEST-ARGS...
 }
 memcheck rejection_sample 45 tests/test_rejection_cuda.py -k "equals_cpu and (4099 or 2048 or -7-) or unaligned or graph or out_of_range"
 memcheck markov_sample 45 tests/test_markov_sample.py -m cuda -k "(1000-32-20 or 3001-40-37) or graph"
-memcheck paged_attention 45 tests/test_attention.py -m cuda -k "(bfloat16 and 64-8-2 and 16) or float32-64-64-4-4 or graph"
+memcheck paged_attention 60 tests/test_attention.py -m cuda -k "16-bfloat16-64-8-2 or 64-float32-64-4-4 or graph \
+  or (large_head_dims and bfloat16 and 512 and 32-4 and causal-100) or (never_reads and 512)"
 memcheck schedule_prefix 40 tests/test_schedule_prefix.py -m cuda -k "not 16384 and not many_ties"
 
 # 5. The engine, target only against speculative decoding, on synthetic models.

@@ -11,6 +11,11 @@ from dspark import ops, reference
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+def name(value):
+    """Test ids with dtype names (float32, bfloat16), which bench/gpu_check.sh selects by."""
+    return str(value).replace("torch.", "")
+
+
 def make_batch(R, Hq, Hkv, D, page_size, dtype, *, seed, max_q=6, max_ctx=300, empty_ctx=False):
     """A ragged batch over a paged cache with pages in random order."""
     g = torch.Generator().manual_seed(seed)
@@ -34,10 +39,10 @@ def rel_err(got, want):
     return float((got.double() - want.double()).norm() / max(float(want.double().norm()), 1e-12))
 
 
-def check_against_reference(b, mask, dtype, device="cpu"):
+def check_against_reference(b, mask, dtype, device="cpu", window=None):
     args = {k: v.to(device) for k, v in b.items()}
-    out, lse = ops.paged_attention(**args, mask=mask, return_lse=True)
-    ref_out, ref_lse = reference.paged_attention(**b, mask=mask)
+    out, lse = ops.paged_attention(**args, mask=mask, window=window, return_lse=True)
+    ref_out, ref_lse = reference.paged_attention(**b, mask=mask, window=window)
     assert out.dtype == dtype and out.shape == b["q"].shape
     assert rel_err(out.cpu(), ref_out) < TOLERANCE[dtype]
     finite = torch.isfinite(ref_lse)
@@ -50,7 +55,7 @@ def check_against_reference(b, mask, dtype, device="cpu"):
 @pytest.mark.parametrize("mask", ["causal", "block"])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=name)
 def test_matches_reference(mask, Hq, Hkv, D, dtype):
     page_size = {64: 16, 128: 32}[D] if dtype != torch.float16 else 64
     b = make_batch(7, Hq, Hkv, D, page_size, dtype, seed=Hq * 100 + D + len(mask), empty_ctx=True)
@@ -66,6 +71,73 @@ def test_uneven_lengths_long_context_and_block_longer_than_context():
 
 def test_odd_head_dim_on_cpu():
     check_against_reference(make_batch(3, 6, 3, 80, 16, torch.float32, seed=4), "causal", torch.float32)
+
+
+@pytest.mark.parametrize("mask", ["causal", "block"])
+@pytest.mark.parametrize("window", [1, 3, 64, 150, 5000])
+@pytest.mark.parametrize("D,dtype", [(64, torch.float32), (64, torch.bfloat16), (256, torch.float32),
+                                     (512, torch.bfloat16)], ids=name)
+def test_sliding_window_matches_reference(mask, window, D, dtype):
+    """Query i at position p = kv - q_len + i sees keys j > p - window (and what
+    the mask allows): window 1 is the query's own key under the causal mask, a
+    window longer than the context is no window."""
+    b = make_batch(7, 8, 2, D, 16, dtype, seed=window + D, max_q=9, max_ctx=400, empty_ctx=True)
+    check_against_reference(b, mask, dtype, window=window)
+
+
+def test_sliding_window_is_gemmas_mask():
+    """The window against a dense mask written as transformers writes Gemma's
+    sliding layers (kv_idx > q_idx - window, kv_idx <= q_idx), decode and a
+    verification block."""
+    g = torch.Generator().manual_seed(21)
+    window, kv, q_len, D = 5, 17, 4, 32
+    k = torch.randn(kv, 1, D, generator=g)
+    v = torch.randn(kv, 1, D, generator=g)
+    q = torch.randn(q_len, 2, D, generator=g)
+    k_cache, v_cache = k.reshape(1, kv, 1, D), v.reshape(1, kv, 1, D)
+    out = ops.paged_attention(q, k_cache, v_cache, torch.zeros(1, 1, dtype=torch.int32),
+                              torch.tensor([kv], dtype=torch.int32), torch.tensor([0, q_len], dtype=torch.int32),
+                              window=window, scale=1.0)
+    q_idx = torch.arange(kv - q_len, kv).unsqueeze(1)
+    kv_idx = torch.arange(kv).unsqueeze(0)
+    allowed = (kv_idx > q_idx - window) & (kv_idx <= q_idx)
+    scores = torch.einsum("qhd,kd->hqk", q.double(), k[:, 0].double()).masked_fill(~allowed, float("-inf"))
+    want = torch.einsum("hqk,kd->qhd", torch.softmax(scores, -1), v[:, 0].double())
+    assert rel_err(out, want) < 1e-6
+
+
+def _poison_before_window(b, window):
+    """NaN keys and values before the first key any query of its request sees:
+    an implementation that reads them (even to mask them) returns NaN."""
+    poisoned = {k: v.clone() for k, v in b.items()}
+    page_size = b["k_cache"].shape[1]
+    for r in range(b["kv_lens"].shape[0]):
+        q_len = int(b["cu_q"][r + 1] - b["cu_q"][r])
+        first = int(b["kv_lens"][r]) - q_len - window + 1  # the first query's first key
+        for j in range(max(first, 0)):
+            page = int(b["block_table"][r, j // page_size])
+            for name in ("k_cache", "v_cache"):
+                poisoned[name][page, j % page_size] = float("nan")
+                b[name][page, j % page_size] = 0.0  # what the reference sees instead (never visible)
+    return poisoned
+
+
+@pytest.mark.parametrize("mask", ["causal", "block"])
+def test_sliding_window_never_reads_keys_before_the_window(mask):
+    b = make_batch(5, 4, 2, 64, 16, torch.float32, seed=22, max_q=6, max_ctx=700)
+    poisoned = _poison_before_window(b, 40)
+    out = ops.paged_attention(**poisoned, mask=mask, window=40)
+    assert torch.isfinite(out).all()
+    ref, _ = reference.paged_attention(**b, mask=mask, window=40)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("D", [256, 512])
+@pytest.mark.parametrize("mask", ["causal", "block"])
+def test_large_head_dims_on_cpu(D, mask):
+    """Gemma 4's head dims: 256 (sliding layers) and 512 (global layers)."""
+    b = make_batch(4, 8, 1, D, 16, torch.bfloat16, seed=D, max_q=8, max_ctx=200, empty_ctx=True)
+    check_against_reference(b, mask, torch.bfloat16)
 
 
 def test_block_mask_is_bidirectional_inside_the_block():
@@ -98,7 +170,7 @@ def test_causal_with_one_query_is_decode_attention():
         assert rel_err(out[r], torch.einsum("hk,khd->hd", p, V.double())) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=name)
 def test_append_then_attend_equals_contiguous_attention(dtype):
     """append_kv into a fresh paged cache (with padding slots), then
     paged_attention, equals attention over the contiguous keys."""
@@ -128,7 +200,7 @@ def test_append_then_attend_equals_contiguous_attention(dtype):
         assert rel_err(out[r], torch.einsum("hk,khd->hd", p, V)) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=name)
 @pytest.mark.parametrize("rotary_dim", [None, 32])
 def test_rope_matches_reference(dtype, rotary_dim):
     g = torch.Generator().manual_seed(8)
@@ -181,6 +253,10 @@ def _args():
     (lambda b: b.update(mask="sliding"), ValueError, "mask"),
     (lambda b: b.update(scale=-1.0), ValueError, "scale"),
     (lambda b: b.update(scale="abc"), TypeError, "'scale' must be a float"),
+    (lambda b: b.update(window=-1), ValueError, "'window' must be an int"),
+    (lambda b: b.update(window=2.5), ValueError, "'window' must be an int"),
+    (lambda b: b.update(window=True), ValueError, "'window' must be an int"),
+    (lambda b: b.update(window=2 ** 31), ValueError, "'window' must be an int"),
     (lambda b: b.update(q=b["q"][..., :0], k_cache=b["k_cache"][..., :0], v_cache=b["v_cache"][..., :0]),
      ValueError, "head dim >= 1"),
 ])
@@ -251,11 +327,28 @@ def test_split_plan_does_not_over_split_decode():
     assert long_prefill > 4 * 32 * 128  # one long request is split
 
 
+def test_split_plan_covers_only_the_window():
+    """With a sliding window the splits cover the keys a tile can see (window +
+    tile - 1 under the causal mask), not the whole context: a 100k-token decode
+    with a 512-key window needs at most ceil(575 / 256) = 3 splits of partials."""
+    from dspark._ext import C
+    bf16 = 2
+    full = C.paged_attention_workspace_bytes(1, 1, 32, 8, 128, 100000 // 16, 16, bf16)
+    windowed = C.paged_attention_workspace_bytes(1, 1, 32, 8, 128, 100000 // 16, 16, bf16, 512, 0)
+    assert windowed < full
+    partials_per_split = 32 * (128 + 1) * 4  # T = 1 query, H_q = 32: output and lse in float32
+    assert windowed <= 3 * partials_per_split + 4096
+    # the block mask with a window: window + T - 1 keys
+    block = C.paged_attention_workspace_bytes(8, 1, 32, 8, 128, 100000 // 16, 16, bf16, 512, 1)
+    assert block < C.paged_attention_workspace_bytes(8, 1, 32, 8, 128, 100000 // 16, 16, bf16, 0, 1)
+
+
 def test_custom_ops_and_compile():
     b = _args()
-    args = (b["q"], b["k_cache"], b["v_cache"], b["block_table"], b["kv_lens"], b["cu_q"], 0, 0.125)
-    torch.library.opcheck(torch.ops.dspark.paged_attention.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    for window in (0, 7):
+        args = (b["q"], b["k_cache"], b["v_cache"], b["block_table"], b["kv_lens"], b["cu_q"], 0, 0.125, window)
+        torch.library.opcheck(torch.ops.dspark.paged_attention.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
     def layer(q, k, positions, k_cache, v_cache, table, kv_lens, cu):
         q, k = q.clone(), k.clone()
@@ -277,11 +370,56 @@ def test_custom_ops_and_compile():
 @pytest.mark.parametrize("mask", ["causal", "block"])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (32, 4)])
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=name)
 @pytest.mark.parametrize("page_size", [16, 32, 64])
 def test_cuda_matches_reference(mask, Hq, Hkv, D, dtype, page_size):
     b = make_batch(9, Hq, Hkv, D, page_size, dtype, seed=D + page_size + Hq, max_q=32, max_ctx=2000, empty_ctx=True)
     check_against_reference(b, mask, dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mask,window", [("causal", None), ("causal", 100), ("block", 37)])
+@pytest.mark.parametrize("Hq,Hkv", [(8, 8), (32, 4), (64, 1)])
+@pytest.mark.parametrize("D", [256, 512])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=name)
+def test_cuda_large_head_dims_match_reference_and_cpu(mask, window, Hq, Hkv, D, dtype):
+    """Head dims 256 and 512 (Gemma 4's sliding and global layers): the
+    tensor-core kernel for 16-bit caches when G = H_q / H_kv fits a tile (64
+    rows; 32 at 512), the float32 kernel otherwise (G = 64 at 512, float32),
+    against the reference and the CPU backend."""
+    b = make_batch(6, Hq, Hkv, D, 16, dtype, seed=D + Hq + Hkv, max_q=12, max_ctx=700, empty_ctx=True)
+    check_against_reference(b, mask, dtype, device="cuda", window=window)
+    cuda = ops.paged_attention(**{k: v.cuda() for k, v in b.items()}, mask=mask, window=window)
+    cpu = ops.paged_attention(**b, mask=mask, window=window)
+    assert rel_err(cuda.cpu(), cpu) < TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mask", ["causal", "block"])
+@pytest.mark.parametrize("window", [1, 7, 65, 300, 4096])
+@pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (128, torch.float16), (512, torch.float16),
+                                     (128, torch.float32)], ids=name)
+def test_cuda_sliding_window_matches_reference_and_cpu(mask, window, D, dtype):
+    """Windows shorter than a key step, across step and split boundaries, and
+    longer than the context; long contexts so that the splits matter."""
+    b = make_batch(5, 8, 2, D, 16, dtype, seed=window + D, max_q=20, max_ctx=3000, empty_ctx=True)
+    check_against_reference(b, mask, dtype, device="cuda", window=window)
+    cuda = ops.paged_attention(**{k: v.cuda() for k, v in b.items()}, mask=mask, window=window)
+    assert rel_err(cuda.cpu(), ops.paged_attention(**b, mask=mask, window=window)) < TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D,dtype", [(128, torch.bfloat16), (512, torch.bfloat16), (64, torch.float32)], ids=name)
+def test_cuda_sliding_window_never_reads_keys_before_the_window(D, dtype):
+    """NaN keys and values before the window: the CUDA kernels skip those
+    keys (the tensor-core kernel's splits start at the window), they do not
+    load and mask them."""
+    b = make_batch(6, 8, 2, D, 16, dtype, seed=23, max_q=10, max_ctx=5000)
+    poisoned = _poison_before_window(b, 200)
+    out = ops.paged_attention(**{k: v.cuda() for k, v in poisoned.items()}, window=200)
+    assert torch.isfinite(out).all()
+    ref, _ = reference.paged_attention(**b, window=200)
+    assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.cuda

@@ -12,7 +12,7 @@ import torch
 
 import dspark.ops
 from dspark.calibration import CalibrationRecorder
-from dspark.engine import SamplingParams, SpeculativeEngine
+from dspark.engine import RunMetrics, SamplingParams, SpeculativeEngine
 from dspark.models import TargetModel
 from dspark.scheduler import AsyncHardwareAware, DraftGate, Fixed, HardwareAware, SPSTable, Threshold
 from stats import assert_fits, assert_rejects
@@ -311,8 +311,40 @@ def test_metrics_and_calibration_recorder(llama):
         trials = m.position_trials[k] if k < len(m.position_trials) else 0
         accepts = m.position_accepts[k] if k < len(m.position_accepts) else 0
         assert trials == int(tried.sum()) and accepts == int((tried & accepted[:, k]).sum())
+        # prefix acceptance (DeepSpec's accept_rate@k): among rounds that verified k + 1 drafts,
+        # those whose drafts 1..k+1 were all accepted
+        verified = observed[:, k]
+        all_accepted = accepted[:, : k + 1].all(dim=1)
+        trials = m.prefix_trials[k] if k < len(m.prefix_trials) else 0
+        accepts = m.prefix_accepts[k] if k < len(m.prefix_accepts) else 0
+        assert trials == int(verified.sum()) and accepts == int((verified & all_accepted).sum())
     sts, _ = recorder.fit()
     assert len(sts.temperatures) == drafter.block_size
+
+
+def test_prefix_and_conditional_acceptance_definitions():
+    """The two per-position rates on hand-made rounds (verified, accepted):
+    conditional at k = accepted >= k among rounds with verified >= k and
+    accepted >= k - 1; prefix at k (DeepSpec's accept_rate@(k-1), computed as
+    its evaluator does from proposal and accepted lengths) = accepted >= k
+    among rounds with verified >= k."""
+    rounds = [(3, 3), (3, 0), (3, 1), (2, 2), (1, 0), (0, 0), (3, 2)]
+    m = RunMetrics()
+    m.record([v for v, _ in rounds], [a for _, a in rounds])
+    gamma = 3
+    # DeepSpec's evaluator: proposals_at_pos[i] += proposal_length > i; accepted_at_pos[i] += accepted > i
+    proposals = [sum(v > i for v, _ in rounds) for i in range(gamma)]
+    accepted_at = [sum(a > i for _, a in rounds) for i in range(gamma)]
+    assert m.prefix_acceptance_by_position == pytest.approx([a / p for a, p in zip(accepted_at, proposals)])
+    assert m.prefix_acceptance_by_position == pytest.approx([4 / 6, 3 / 5, 1 / 4])
+    assert m.acceptance_by_position == pytest.approx([4 / 6, 3 / 4, 1 / 2])
+    assert m.tau == pytest.approx((8 + 7) / 7)
+    d = m.as_dict()
+    assert d["prefix_acceptance_by_position"] == pytest.approx([4 / 6, 3 / 5, 1 / 4])
+    empty = RunMetrics()
+    empty.record([2], [0])
+    assert empty.as_dict()["acceptance_by_position"] == [0.0, None]  # JSON-safe: no nan
+    assert empty.as_dict()["prefix_acceptance_by_position"] == [0.0, 0.0]
 
 
 # --------------------------------------------------------------- bad input
@@ -449,7 +481,7 @@ def test_generate_command(tmp_path, capsys):
     hf = hf_model(tmp_path / "t", vocab=VOCAB)
     write_tokenizer(tmp_path / "t", VOCAB)
     target = TargetModel.load(tmp_path / "t")
-    random_drafter(target, scale=0.3).save(tmp_path / "d")
+    random_drafter(target, scale=0.3).save(tmp_path / "d", target)
     prompts = ["w5 w17 w3 w99", "w1 w2"]
     for extra in ([], ["--draft", str(tmp_path / "d")], ["--draft", str(tmp_path / "d"), "--policy", "async"]):
         code = main(["generate", "--target", str(tmp_path / "t"), "--prompt", prompts[0], "--prompt", prompts[1],
@@ -462,11 +494,12 @@ def test_generate_command(tmp_path, capsys):
             assert expected in out
         assert "tok/s" in out and "tau" in out
         if extra:
-            assert "position-wise conditional acceptance" in out
+            assert "position-wise conditional acceptance" in out and "position-wise prefix acceptance" in out
     import json
 
     saved = json.loads((tmp_path / "out.json").read_text())
     assert len(saved["results"]) == 2 and saved["metrics"]["generated_tokens"] == 24
+    assert len(saved["metrics"]["prefix_acceptance_by_position"]) == len(saved["metrics"]["acceptance_by_position"])
     # a bad drafter folder: a clear message, exit code 2
     assert main(["generate", "--target", str(tmp_path / "t"), "--draft", str(tmp_path / "nowhere"),
                  "--prompt", "w1"]) == 2

@@ -19,6 +19,7 @@ def run_ragged(model: TargetModel, sequences, split, hidden_layers=()):
     `split[i]` tokens of each, then the rest) and returns per-sequence logits and
     hidden states of every position."""
     R = len(sequences)
+    dev = next(model.parameters()).device
     pages_per = (max(len(s) for s in sequences) + PAGE - 1) // PAGE
     cache = model.new_cache(R * pages_per, PAGE, R, pages_per)
     for r, s in enumerate(sequences):
@@ -28,20 +29,21 @@ def run_ragged(model: TargetModel, sequences, split, hidden_layers=()):
     for step in range(2):
         pieces = [(r, list(range(0, split[r]) if step == 0 else range(split[r], len(s))))
                   for r, s in enumerate(sequences)]
-        tokens = torch.tensor([sequences[r][p] for r, ps in pieces for p in ps], dtype=torch.int64)
-        positions = torch.tensor([p for _, ps in pieces for p in ps], dtype=torch.int64)
-        requests = torch.tensor([r for r, ps in pieces for _ in ps], dtype=torch.int64)
+        tokens = torch.tensor([sequences[r][p] for r, ps in pieces for p in ps], dtype=torch.int64, device=dev)
+        positions = torch.tensor([p for _, ps in pieces for p in ps], dtype=torch.int64, device=dev)
+        requests = torch.tensor([r for r, ps in pieces for _ in ps], dtype=torch.int64, device=dev)
         cu = [0]
         for _, ps in pieces:
             cu.append(cu[-1] + len(ps))
-        kv_lens = torch.tensor([split[r] if step == 0 else len(s) for r, s in enumerate(sequences)], dtype=torch.int32)
-        batch = Batch(tokens, positions, torch.tensor(cu, dtype=torch.int32), cache.block_table, kv_lens,
+        kv_lens = torch.tensor([split[r] if step == 0 else len(s) for r, s in enumerate(sequences)], dtype=torch.int32,
+                               device=dev)
+        batch = Batch(tokens, positions, torch.tensor(cu, dtype=torch.int32, device=dev), cache.block_table, kv_lens,
                       cache.slots(requests, positions))
         out = model(batch, cache, hidden_layers=hidden_layers)
         for r in range(R):
-            logits[r].append(out.logits[cu[r]:cu[r + 1]])
+            logits[r].append(out.logits[cu[r]:cu[r + 1]].cpu())
             if out.hidden is not None:
-                hidden[r].append(out.hidden[cu[r]:cu[r + 1]])
+                hidden[r].append(out.hidden[cu[r]:cu[r + 1]].cpu())
     return [torch.cat(x) for x in logits], [torch.cat(x) if x else None for x in hidden]
 
 
@@ -128,7 +130,7 @@ def test_drafter_round_trip(tmp_path, head, rank, confidence, draft_vocab):
     from dspark.calibration import STS
 
     drafter.sts = STS([1.5, 1.0, 0.7, 2.0]) if confidence else None
-    drafter.save(tmp_path / "d")
+    drafter.save(tmp_path / "d", copies=False)
     again = DSparkDrafter.load(tmp_path / "d", target)
     assert again.config.to_dict() == drafter.config.to_dict()
     state, state2 = drafter.state_dict(), again.state_dict()
@@ -237,10 +239,13 @@ def test_deepspec_layout_loads_and_runs(tmp_path, head, rank):
     out = engine.generate(prompts, SamplingParams(0.0, max_new_tokens=12))
     assert [r.tokens for r in out] == [r.tokens for r in base]
     assert engine.metrics.verified_drafts > 0
-    # written back in the same layout (nested config keys become top-level ones)
+    # written back in the same layout (nested config keys become top-level ones), with the copies of the
+    # target's embedding and LM head that DeepSpec's loader needs
     drafter.save(tmp_path / "again")
     written = load_file(str(tmp_path / "again" / "model.safetensors"))
-    assert set(written) == set(tensors)
+    assert set(written) == set(tensors) | {"embed_tokens.weight", "lm_head.weight"}
+    assert torch.equal(written["embed_tokens.weight"], target.model.embed_tokens.weight)
+    assert torch.equal(written["lm_head.weight"], target.lm_head.weight)
 
 
 # ------------------------------------------------------------ bad inputs
@@ -289,7 +294,7 @@ def test_bad_drafter_checkpoints(tmp_path):
     hf_model(tmp_path / "wide", hidden=96, head_dim=24)
     wide = TargetModel.load(tmp_path / "wide")
     drafter = random_drafter(target)
-    drafter.save(tmp_path / "d")
+    drafter.save(tmp_path / "d", copies=False)
     with pytest.raises(CheckpointError, match="vocabulary 128 != target vocabulary 100"):
         DSparkDrafter.load(tmp_path / "d", other)
     with pytest.raises(CheckpointError, match="hidden size 64 != target hidden size 96"):

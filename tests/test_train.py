@@ -14,7 +14,7 @@ import torch
 
 from dspark import corpus, ops, train
 from dspark.models import DSparkDrafter, TargetModel
-from tiny_models import hf_model
+from tiny_models import hf_gemma4_model, hf_model
 from training_data import training_data
 
 VOCAB = 96
@@ -30,15 +30,27 @@ def tiny(tmp_path_factory):
     return folder, target
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma4(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gemma4-target")
+    hf_gemma4_model(folder, vocab=VOCAB, layers=4, shared=0)
+    target = TargetModel.load(folder)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return folder, target
+
+
 def make_data(target, config, layer_ids, count=6, new_tokens=24):
     return training_data(target, layer_ids, VOCAB, count, new_tokens)
 
 
-@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
-def test_training_forward_is_the_decoding_forward(tiny, head):
-    """The autograd backbone and Markov bias of training equal what decoding
-    computes with the paged ops (same blocks, same context, same tokens)."""
-    _, target = tiny
+@pytest.mark.parametrize("head,kind", [("vanilla", "llama"), ("gated", "llama"), ("rnn", "llama"),
+                                       ("vanilla", "gemma4")])
+def test_training_forward_is_the_decoding_forward(tiny, tiny_gemma4, head, kind):
+    """The autograd backbone, base logits (a Gemma 4 target's soft-capped LM
+    head) and Markov bias of training equal what decoding computes with the
+    paged ops (same blocks, same context, same tokens)."""
+    _, target = tiny if kind == "llama" else tiny_gemma4
     config = train.TrainConfig(block_size=4, markov_rank=16, markov_head=head, num_layers=2, sequences_per_step=2,
                                blocks_per_sequence=3)
     drafter = train.new_drafter(target, config, 0)
@@ -62,6 +74,9 @@ def test_training_forward_is_the_decoding_forward(tiny, head):
             anchor = data.tokens[s][a:a + 1]
             draft = drafter.draft(target, anchor, torch.tensor([a]), torch.tensor([0]), cache)
             torch.testing.assert_close(draft.hidden[0], hidden[s, b], rtol=1e-4, atol=1e-4)
+            logits = train.softcap(torch.nn.functional.linear(hidden[s, b], target.lm_head.weight),
+                                   target.config.final_logit_softcapping)
+            torch.testing.assert_close(draft.base_logits[0], logits, rtol=1e-4, atol=1e-4)
             out = ops.markov_sample(draft.base_logits, anchor, w1, w2, temperature=0.0, return_corrected_logits=True,
                                     **drafter.markov_kwargs(draft.hidden))
             prev = torch.cat([anchor, out.draft_tokens[0, :-1]]).unsqueeze(0)

@@ -47,6 +47,61 @@ def hf_model(folder: Path, kind: str = "llama", seed: int = 0, lm_head_scale: fl
     return model
 
 
+GEMMA4_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                      "sliding_attention", "full_attention"]
+
+
+def gemma4_config(vocab: int = 128, hidden: int = 64, layers: int = 6, heads: int = 4, kv_heads: int = 2,
+                  head_dim: int = 16, global_head_dim: int = 32, global_kv_heads: int = 1, k_eq_v: bool = True,
+                  window: int = 4, softcap: float = 3.0, ple: int = 8, shared: int = 2, double_wide: bool = True,
+                  tie: bool = True, init: float = 0.1, **extra):
+    """A small Gemma 4 text config with every dense feature on by default:
+    sliding (window 4) and global layers of other head dims and kv heads,
+    keys = values in the global layers, proportional rotary embedding on a
+    quarter of the global pairs, soft-capping, per-layer embeddings, two
+    KV-sharing layers with double-width MLPs."""
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        __import__("pytest").skip(f"transformers {transformers.__version__} has no Gemma 4")
+    types = (GEMMA4_LAYER_TYPES * layers)[:layers]
+    types[-1] = "full_attention"
+    return transformers.Gemma4TextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, global_head_dim=global_head_dim,
+        num_global_key_value_heads=global_kv_heads, attention_k_eq_v=k_eq_v, sliding_window=window,
+        layer_types=types, final_logit_softcapping=softcap, hidden_size_per_layer_input=ple,
+        vocab_size_per_layer_input=vocab, num_kv_shared_layers=shared, use_double_wide_mlp=double_wide,
+        tie_word_embeddings=tie, max_position_embeddings=1024, initializer_range=init, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None, rms_norm_eps=1e-6, **extra)
+
+
+def hf_gemma4_model(folder: Path, seed: int = 0, multimodal: bool = False, **config):
+    """A random transformers Gemma 4 text model saved to `folder` (as
+    Gemma4ForCausalLM, or inside Gemma4ForConditionalGeneration without vision
+    or audio towers); returns the causal LM (float32, eval). Norm weights and
+    layer scalars are random too, so that they are tested."""
+    torch.manual_seed(seed)
+    text = gemma4_config(**config)
+    if multimodal:
+        text.pad_token_id = 0  # the wrapper's forward masks special tokens with it
+        wrapper = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(
+            text_config=text, vision_config=None, audio_config=None,
+            tie_word_embeddings=text.tie_word_embeddings)).eval()
+        model = wrapper
+    else:
+        model = transformers.Gemma4ForCausalLM(text).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand_like(b))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(str(folder))
+    return model
+
+
 def drafter_config(target: TargetModel, block: int = 4, rank: int = 16, head: str = "vanilla",
                    confidence: bool = True, with_markov: bool = True, layers: int = 1,
                    layer_ids: Sequence[int] = (0, -1), draft_vocab: int = 0) -> DrafterConfig:

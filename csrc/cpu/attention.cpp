@@ -5,7 +5,9 @@
 // values are gathered from the pages 64 at a time, so every loaded key and
 // value serves all the rows; scores and P V are small products per tile, and
 // the online softmax keeps a running maximum, sum and output per row (no
-// score matrix over the whole context).
+// score matrix over the whole context). With a sliding window the walk starts
+// at the first key the request's first query sees (keys before it are never
+// read), and each row masks the keys outside its own window.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -66,6 +68,7 @@ void paged_attention(const PagedAttentionArgs& a) {
   const int32_t* lens = a.kv_lens.ptr<int32_t>();
   const int32_t* table = a.block_table.ptr<int32_t>();
   const float scale = a.scale;
+  const int64_t window = a.window;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   parallel_for(R * Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -89,7 +92,9 @@ void paged_attention(const PagedAttentionArgs& a) {
       pv.resize(static_cast<size_t>(rows * D));
       alpha_row.resize(static_cast<size_t>(rows));
       s.resize(static_cast<size_t>(rows * kKeyTile));
-      for (int64_t j0 = 0; j0 < kv; j0 += kKeyTile) {
+      // query i is at position kv - q_len + i; its window starts window - 1 keys before it
+      const int64_t key_begin = window > 0 ? std::max<int64_t>(0, kv - q_len - window + 1) : 0;
+      for (int64_t j0 = key_begin; j0 < kv; j0 += kKeyTile) {
         const int64_t n = std::min(kKeyTile, kv - j0);
         for (int64_t j = 0; j < n; ++j) {
           const int64_t key = j0 + j;
@@ -103,16 +108,21 @@ void paged_attention(const PagedAttentionArgs& a) {
         for (int64_t row = 0; row < rows; ++row) {
           const int64_t i = row / G;
           const int64_t last = a.mask == AttentionMask::kCausal ? kv - q_len + i : kv - 1;  // last visible key
+          const int64_t first = window > 0 ? kv - q_len + i - window + 1 : 0;             // first visible key
+          // visible keys of this tile: [begin, visible)
           const int64_t visible = std::max<int64_t>(0, std::min(n, last - j0 + 1));
+          const int64_t begin = std::min(visible, std::max<int64_t>(0, first - j0));
           float* sr = &s[static_cast<size_t>(row * kKeyTile)];
           float tile_max = kNegInf;
-          for (int64_t j = 0; j < visible; ++j) {
+          for (int64_t j = begin; j < visible; ++j) {
             sr[j] *= scale;
             tile_max = std::max(tile_max, sr[j]);
           }
           const float m_old = m[static_cast<size_t>(row)];
           const float m_new = std::max(m_old, tile_max);
-          const float sum = m_new == kNegInf ? (std::fill(sr, sr + n, 0.0f), 0.0f) : exp_shifted(sr, visible, n, m_new);
+          std::fill(sr, sr + begin, 0.0f);
+          const float sum = m_new == kNegInf ? (std::fill(sr, sr + n, 0.0f), 0.0f)
+                                             : exp_shifted(sr + begin, visible - begin, n - begin, m_new);
           const float alpha = m_new == kNegInf ? 1.0f : std::exp(m_old - m_new);
           alpha_row[static_cast<size_t>(row)] = alpha;
           l[static_cast<size_t>(row)] = l[static_cast<size_t>(row)] * alpha + sum;

@@ -1,26 +1,33 @@
 // CUDA backend of append_kv, rope and paged_attention.
 //
-// paged_attention (16-bit q / cache, head dim 64 or 128) is split-KV flash
-// decoding over a paged cache, for both masks (dspark/ops.h):
+// paged_attention (16-bit q / cache, head dim 64, 128, 256 or 512) is split-KV
+// flash decoding over a paged cache, for both masks and an optional sliding
+// window (dspark/ops.h):
 //   tiles_kernel: the prefix of the query tiles per request (one block, a
 //     block-wide scan).
-//   attention_kernel: a block (4 warps) owns one (tile, kv head, split). A
-//     tile is up to 64 query rows: consecutive queries of one request times
-//     the G = H_q / H_kv query heads that share the kv head, so every key and
-//     value loaded serves all of them. The block walks its slice of the
-//     context 64 keys at a time: keys and values are gathered from the pages
-//     into shared memory with 16-byte loads, each warp computes the scores of
-//     its 16 rows on tensor cores (WMMA 16x16x16, float32 accumulate), runs
-//     the online softmax on them, and adds P V (tensor cores again) into its
-//     float32 output rows.
+//   attention_kernel: a block (Tile::kWarps warps of 16 rows) owns one (tile,
+//     kv head, split). A tile is up to Tile::kRows query rows (64; 32 at head
+//     dim 512): consecutive queries of one request times the G = H_q / H_kv
+//     query heads that share the kv head, so every key and value loaded serves
+//     all of them. The block walks its slice of the keys the tile can see,
+//     Tile::kKeys keys at a time (64; 32 from head dim 256): keys and values
+//     are gathered from the pages into shared memory with 16-byte loads, each
+//     warp computes the scores of its 16 rows on tensor cores (WMMA 16x16x16,
+//     float32 accumulate), runs the online softmax on them, and adds P V
+//     (tensor cores again) into its float32 output rows; from head dim 256 the
+//     P V product accumulates straight into the output rows in shared memory
+//     (rescaled first), which is what lets 64 rows of 256 dims and 32 rows of
+//     512 fit. With a sliding window W the slice starts at the tile's first
+//     query position - W + 1: keys outside every row's window are never loaded.
 //   merge_kernel (more than one split): the partial outputs are combined by
 //     their log-sum-exps.
 //   Bytes: keys and values are read once per (request, kv head, query tile):
-//   for decode and verification (q_len * G <= 64) that is once per request and
-//   kv head, 2 kv_len H_kv D b bytes per request, plus q and the output; the
-//   splits add 4 (D + 1) H_q bytes per query and split of partials.
-// Other dtypes and head dims use a float32 kernel with a warp per query row
-// (correct, not tuned). append_kv and rope are elementwise.
+//   for decode and verification (q_len * G <= rows per tile) that is once per
+//   request and kv head, 2 n H_kv D b bytes per request with n = kv_len, or at
+//   most W + q_len - 1 keys under a window, plus q and the output; the splits
+//   add 4 (D + 1) H_q bytes per query and split of partials.
+// Other dtypes and head dims (up to 512) use a float32 kernel with a warp per
+// query row (correct, not tuned). append_kv and rope are elementwise.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -38,17 +45,29 @@
 namespace dspark::cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kRows = static_cast<int>(AttentionPlan::kRowsPerBlock);  // 64 query rows per block
-constexpr int kKeys = static_cast<int>(AttentionPlan::kKeyTile);       // 64 keys per step
 constexpr int kFrag = 16;
-constexpr int kMaxSimtDim = 256;
+constexpr int kSimtWarps = 4;  // attention_simt_kernel: warps (query rows) per block
+constexpr int kSimtThreads = kSimtWarps * kWarpSize;
+constexpr int kMaxSimtDim = 512;
 constexpr float kNegInf = -__builtin_huge_valf();
 constexpr int kTileScanThreads = 512;  // tiles_kernel: one block scans the requests
 constexpr int kTileScanItems = 8;
 
-static_assert(kRows == kWarps * kFrag, "each warp owns 16 query rows");
+// The tensor-core kernel's block shape for a head dim; shared memory per
+// block (bytes, 16-bit): 64: 64 KB, 128: 120 KB, 256: 141 KB, 512: 166 KB.
+template <int kDim>
+struct Tile {
+  static constexpr int kRows = static_cast<int>(AttentionPlan::rows_per_block(kDim));  // query rows per block
+  static constexpr int kKeys = kDim >= 256 ? 32 : 64;  // keys per step
+  static constexpr int kWarps = kRows / kFrag;         // a warp owns 16 rows
+  static constexpr int kThreads = kWarps * kWarpSize;
+  // P V accumulates into the output rows (true) or goes through the warp's
+  // work rows first (false: the layout the smaller head dims were tuned with).
+  static constexpr bool kPvIntoOutput = kDim >= 256;
+  static constexpr int kWorkCols = kPvIntoOutput ? kKeys : (kDim > kKeys ? kDim : kKeys);
+  static_assert(kRows % kFrag == 0 && kKeys % kFrag == 0 && kDim % kFrag == 0, "WMMA tiles");
+  static_assert(AttentionPlan::kKeyTile % kKeys == 0, "a split is a whole number of key steps");
+};
 
 struct AttentionParams {
   const void* q;
@@ -68,6 +87,7 @@ struct AttentionParams {
   int64_t T;
   bool causal;
   float scale;
+  int64_t window;  // 0: none
   int64_t tokens_per_tile, max_tiles, splits, keys_per_split;
 };
 
@@ -138,14 +158,22 @@ __device__ bool block_work(const AttentionParams& p, BlockWork& w) {
   w.i1 = min(w.q_len, w.i0 + p.tokens_per_tile);
   w.rows = static_cast<int>((w.i1 - w.i0) * p.G);
   w.kv = p.kv_lens[w.r];
-  w.key_begin = int64_t{w.split} * p.keys_per_split;
+  // The splits cover the keys from the first one the tile's first query sees
+  // (its position - window + 1 under a window, else key 0).
+  const int64_t lo = p.window > 0 ? max(w.kv - w.q_len + w.i0 - p.window + 1, int64_t{0}) : 0;
+  w.key_begin = lo + int64_t{w.split} * p.keys_per_split;
   w.key_end = min(w.kv, w.key_begin + p.keys_per_split);
   if (p.causal) w.key_end = min(w.key_end, w.kv - w.q_len + w.i1);  // the tile's last query sees no further
   return true;
 }
 
+// Query i of the request is at position kv - q_len + i.
 __device__ __forceinline__ int64_t last_visible(const AttentionParams& p, const BlockWork& w, int64_t i) {
   return p.causal ? w.kv - w.q_len + i : w.kv - 1;
+}
+
+__device__ __forceinline__ int64_t first_visible(const AttentionParams& p, const BlockWork& w, int64_t i) {
+  return p.window > 0 ? w.kv - w.q_len + i - p.window + 1 : 0;
 }
 
 // Writes one finished row: to the output (one split) or to the partials.
@@ -169,19 +197,25 @@ __device__ __forceinline__ void write_row(const AttentionParams& p, const BlockW
 
 template <typename T, int kDim>
 struct Smem {
-  T q[kRows * kDim];
-  T k[kKeys * kDim];
-  T v[kKeys * kDim];
-  T p[kWarps * kFrag * kKeys];
-  float work[kWarps * kFrag * kDim];  // per warp: scores [16][64], then P V [16][D]
-  float o[kRows * kDim];
-  float m[kRows], l[kRows], alpha[kRows];
+  using C = Tile<kDim>;
+  T q[C::kRows * kDim];
+  T k[C::kKeys * kDim];
+  T v[C::kKeys * kDim];
+  T p[C::kRows * C::kKeys];
+  float work[C::kRows * C::kWorkCols];  // per warp: scores [16][kKeys] (then P V [16][D] below head dim 256)
+  float o[C::kRows * kDim];
+  float m[C::kRows], l[C::kRows], alpha[C::kRows];
 };
 
 template <typename T, int kDim>
-__global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) {
+// (Shared memory holds a block or two per SM: the launch bounds leave ptxas the
+// registers it wants, which keeps every instantiation free of spills.)
+__global__ void __launch_bounds__(Tile<kDim>::kThreads, 1) attention_kernel(AttentionParams p) {
   using namespace nvcuda;
-  static_assert(kDim % kFrag == 0 && kDim >= kKeys, "head dim");
+  using C = Tile<kDim>;
+  constexpr int kRows = C::kRows, kKeys = C::kKeys, kWarps = C::kWarps, kThreads = C::kThreads;
+  constexpr int kWork = C::kWorkCols;
+  constexpr int kKeysPerLane = kKeys / 2;  // the softmax runs two lanes per row
   extern __shared__ __align__(128) unsigned char raw[];
   Smem<T, kDim>& s = *reinterpret_cast<Smem<T, kDim>*>(raw);
   BlockWork w;
@@ -208,11 +242,21 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
   }
   __syncthreads();
 
-  float* work = s.work + warp * kFrag * kDim;
+  float* work = s.work + warp * kFrag * kWork;
   T* pw = s.p + warp * kFrag * kKeys;
   const int row0 = warp * kFrag;
   const bool has_rows = row0 < w.rows;  // warp-uniform
-  for (int64_t j0 = w.key_begin; j0 < w.key_end; j0 += kKeys) {
+  // The softmax runs two lanes per row: this lane's row sees the keys
+  // [key_begin + seen_begin, key_begin + seen_end) of the slice (offsets fit
+  // in int32: kv_lens are int32).
+  const int softmax_row = row0 + lane / 2;
+  const int64_t softmax_i = w.i0 + softmax_row / p.G;
+  const int32_t span = static_cast<int32_t>(w.key_end - w.key_begin);
+  const int32_t seen_end =
+      softmax_row < w.rows ? static_cast<int32_t>(min(last_visible(p, w, softmax_i) + 1, w.key_end) - w.key_begin) : 0;
+  const int32_t seen_begin = static_cast<int32_t>(max(first_visible(p, w, softmax_i) - w.key_begin, int64_t{0}));
+  for (int32_t offset = 0; offset < span; offset += kKeys) {
+    const int64_t j0 = w.key_begin + offset;
     // Keys and values of this step, zero past the slice.
     for (int idx = threadIdx.x; idx < kKeys * kVecPerRow; idx += kThreads) {
       const int j = idx / kVecPerRow, c = idx % kVecPerRow;
@@ -226,12 +270,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     }
     __syncthreads();
     if (has_rows) {
-      // S = Q K^T for the warp's 16 rows and the 64 keys.
+      // S = Q K^T for the warp's 16 rows and the step's keys.
 #pragma unroll
       for (int n = 0; n < kKeys / kFrag; ++n) {
         wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc;
         wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
+#pragma unroll 8  // all of head dims 64 and 128; bounded register use at 256 and 512
         for (int kk = 0; kk < kDim; kk += kFrag) {
           wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> a;
           wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major> b;
@@ -242,14 +286,15 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
         wmma::store_matrix_sync(work + n * kFrag, acc, kKeys, wmma::mem_row_major);
       }
       __syncwarp();
-      // Online softmax: two lanes per row, 32 keys each.
+      // Online softmax: two lanes per row, half of the keys each; this step's
+      // visible columns are [c_begin, c_end) (the window's start, the mask's end).
       const int row = lane / 2, half = lane % 2;
-      const int grow = row0 + row;
-      const int64_t i = w.i0 + grow / p.G;
-      const int64_t last = grow < w.rows ? min(last_visible(p, w, i), w.key_end - 1) : j0 - 1;
+      const int grow = softmax_row;
+      const int c_end = max(min(seen_end - offset, kKeys), 0);
+      const int c_begin = min(max(seen_begin - offset, 0), kKeys);
       float tile_max = kNegInf;
-      for (int c = half * 32; c < half * 32 + 32; ++c) {
-        const float v = (j0 + c <= last) ? work[row * kKeys + c] * p.scale : kNegInf;
+      for (int c = half * kKeysPerLane; c < (half + 1) * kKeysPerLane; ++c) {
+        const float v = (c >= c_begin && c < c_end) ? work[row * kKeys + c] * p.scale : kNegInf;
         work[row * kKeys + c] = v;
         tile_max = fmaxf(tile_max, v);
       }
@@ -259,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
       const bool empty = m_new == kNegInf;  // no visible key yet
       const float alpha = empty ? 1.0f : __expf(m_old - m_new);
       float sum = 0.0f;
-      for (int c = half * 32; c < half * 32 + 32; ++c) {
+      for (int c = half * kKeysPerLane; c < (half + 1) * kKeysPerLane; ++c) {
         const float e = empty ? 0.0f : __expf(work[row * kKeys + c] - m_new);
         sum += e;
         pw[row * kKeys + c] = static_cast<T>(e);
@@ -272,26 +317,46 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
         s.m[grow] = m_new;
       }
       __syncwarp();
-      // P V into the work rows, then O = alpha O + P V.
+      if constexpr (C::kPvIntoOutput) {
+        // O = alpha O, then O += P V with the accumulator loaded from O.
+        for (int idx = lane; idx < kFrag * kDim; idx += kWarpSize) s.o[row0 * kDim + idx] *= s.alpha[row0 + idx / kDim];
+        __syncwarp();
+#pragma unroll 4
+        for (int n = 0; n < kDim / kFrag; ++n) {
+          wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc;
+          wmma::load_matrix_sync(acc, &s.o[row0 * kDim + n * kFrag], kDim, wmma::mem_row_major);
 #pragma unroll
-      for (int n = 0; n < kDim / kFrag; ++n) {
-        wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-        for (int kk = 0; kk < kKeys; kk += kFrag) {
-          wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> b;
-          wmma::load_matrix_sync(a, pw + kk, kKeys);
-          wmma::load_matrix_sync(b, &s.v[kk * kDim + n * kFrag], kDim);
-          wmma::mma_sync(acc, a, b, acc);
+          for (int kk = 0; kk < kKeys; kk += kFrag) {
+            wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> b;
+            wmma::load_matrix_sync(a, pw + kk, kKeys);
+            wmma::load_matrix_sync(b, &s.v[kk * kDim + n * kFrag], kDim);
+            wmma::mma_sync(acc, a, b, acc);
+          }
+          wmma::store_matrix_sync(&s.o[row0 * kDim + n * kFrag], acc, kDim, wmma::mem_row_major);
         }
-        wmma::store_matrix_sync(work + n * kFrag, acc, kDim, wmma::mem_row_major);
-      }
-      __syncwarp();
-      for (int idx = lane; idx < kFrag * kDim; idx += kWarpSize) {
-        const int rr = idx / kDim;
-        float* o = &s.o[(row0 + rr) * kDim + idx % kDim];
-        *o = s.alpha[row0 + rr] * *o + work[idx];
+      } else {
+        // P V into the work rows, then O = alpha O + P V.
+#pragma unroll
+        for (int n = 0; n < kDim / kFrag; ++n) {
+          wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc;
+          wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+          for (int kk = 0; kk < kKeys; kk += kFrag) {
+            wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> b;
+            wmma::load_matrix_sync(a, pw + kk, kKeys);
+            wmma::load_matrix_sync(b, &s.v[kk * kDim + n * kFrag], kDim);
+            wmma::mma_sync(acc, a, b, acc);
+          }
+          wmma::store_matrix_sync(work + n * kFrag, acc, kDim, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int idx = lane; idx < kFrag * kDim; idx += kWarpSize) {
+          const int rr = idx / kDim;
+          float* o = &s.o[(row0 + rr) * kDim + idx % kDim];
+          *o = s.alpha[row0 + rr] * *o + work[idx];
+        }
       }
     }
     __syncthreads();  // the next step overwrites k and v
@@ -303,9 +368,11 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
 }
 
 // float32 path (and other head dims): a warp per query row and head, keys one
-// at a time, no splits.
-__global__ void __launch_bounds__(kThreads) attention_simt_kernel(AttentionParams p) {
-  const int64_t row_id = int64_t{blockIdx.x} * kWarps + threadIdx.x / kWarpSize;
+// at a time (from the first in the row's window), no splits; a lane holds kPer
+// dimensions of q and of the output (head dims up to 32 kPer).
+template <int kPer>
+__global__ void __launch_bounds__(kSimtThreads) attention_simt_kernel(AttentionParams p) {
+  const int64_t row_id = int64_t{blockIdx.x} * kSimtWarps + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (row_id >= p.T * p.Hq) return;
   const int64_t t = row_id / p.Hq;
@@ -320,7 +387,7 @@ __global__ void __launch_bounds__(kThreads) attention_simt_kernel(AttentionParam
   w.i0 = t - w.q0;
   w.kv = p.kv_lens[r];
   const int64_t last = min(last_visible(p, w, w.i0), w.kv - 1);
-  constexpr int kPer = kMaxSimtDim / kWarpSize;
+  const int64_t first = max(first_visible(p, w, w.i0), int64_t{0});
   float q[kPer], o[kPer];
 #pragma unroll
   for (int e = 0; e < kPer; ++e) {
@@ -330,7 +397,7 @@ __global__ void __launch_bounds__(kThreads) attention_simt_kernel(AttentionParam
   }
   const int esize = p.dtype == DType::kFloat32 ? 4 : 2;
   float m = kNegInf, l = 0.0f;
-  for (int64_t j = 0; j <= last; ++j) {
+  for (int64_t j = first; j <= last; ++j) {
     const char* krow = cache_row(p.k_cache, p, r, j, w.h, esize);
     float dot = 0.0f;
 #pragma unroll
@@ -390,7 +457,28 @@ void launch_attention(const AttentionParams& p, unsigned blocks, cudaStream_t st
   check(cudaFuncSetAttribute(attention_kernel<T, kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)),
         "paged_attention", "cudaFuncSetAttribute");
-  attention_kernel<T, kDim><<<blocks, kThreads, smem, stream>>>(p);
+  attention_kernel<T, kDim><<<blocks, Tile<kDim>::kThreads, smem, stream>>>(p);
+}
+
+template <typename T>
+void launch_attention(const AttentionParams& p, unsigned blocks, cudaStream_t stream) {
+  switch (p.D) {
+    case 64: launch_attention<T, 64>(p, blocks, stream); break;
+    case 128: launch_attention<T, 128>(p, blocks, stream); break;
+    case 256: launch_attention<T, 256>(p, blocks, stream); break;
+    default: launch_attention<T, 512>(p, blocks, stream); break;
+  }
+}
+
+// Shared memory the tensor-core kernel needs at a head dim (0: no such kernel).
+size_t tensor_core_smem(int64_t D) {
+  switch (D) {
+    case 64: return sizeof(Smem<__half, 64>);
+    case 128: return sizeof(Smem<__half, 128>);
+    case 256: return sizeof(Smem<__half, 256>);
+    case 512: return sizeof(Smem<__half, 512>);
+    default: return 0;
+  }
 }
 
 // ------------------------------------------------------------- elementwise
@@ -481,7 +569,7 @@ void paged_attention(const PagedAttentionArgs& a) {
   int smem_optin = 0;
   check(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, a.q.device.index), op,
         "cudaDeviceGetAttribute");
-  const size_t smem_needed = D == 64 ? sizeof(Smem<__half, 64>) : sizeof(Smem<__half, 128>);
+  const size_t smem_needed = tensor_core_smem(D);
   const bool shapes_ok = AttentionPlan::tensor_core_shapes(a.q.dtype != DType::kFloat32, Hq, Hkv, D);
   const bool tensor_cores = shapes_ok && static_cast<size_t>(smem_optin) >= smem_needed &&
                             a.q.stride(1) % 8 == 0 && a.q.stride(0) % 8 == 0 &&
@@ -489,12 +577,14 @@ void paged_attention(const PagedAttentionArgs& a) {
                             reinterpret_cast<uintptr_t>(a.k_cache.data) % 16 == 0 &&
                             reinterpret_cast<uintptr_t>(a.v_cache.data) % 16 == 0;
   if (!tensor_cores && D > kMaxSimtDim)
-    throw ValueError(std::string(op) + ": head dim " + std::to_string(D) + " needs 16-bit q/cache with head dim 64 "
-                     "or 128 on CUDA, or at most " + std::to_string(kMaxSimtDim));
+    throw ValueError(std::string(op) + ": head dim " + std::to_string(D) + " needs 16-bit q/cache with head dim 64, "
+                     "128, 256 or 512 on CUDA, or at most " + std::to_string(kMaxSimtDim));
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  const AttentionPlan plan = AttentionPlan::make(T, R, Hq, Hkv, max_pages, page_size);
+  const bool causal = a.mask == AttentionMask::kCausal;
+  const AttentionPlan plan = AttentionPlan::make(T, R, Hq, Hkv, D, max_pages, page_size, a.window, causal);
   // Laid out as the caller sized it (by shapes), whichever kernel runs.
-  const AttentionWorkspace layout = AttentionWorkspace::layout(T, R, Hq, Hkv, D, max_pages, page_size, shapes_ok);
+  const AttentionWorkspace layout =
+      AttentionWorkspace::layout(T, R, Hq, Hkv, D, max_pages, page_size, shapes_ok, a.window, causal);
   char* ws = a.workspace.ptr<char>();
 
   AttentionParams p{};
@@ -520,8 +610,9 @@ void paged_attention(const PagedAttentionArgs& a) {
   p.page_size = static_cast<int32_t>(page_size);
   p.max_pages = static_cast<int32_t>(max_pages);
   p.T = T;
-  p.causal = a.mask == AttentionMask::kCausal;
+  p.causal = causal;
   p.scale = a.scale;
+  p.window = a.window;
   p.tokens_per_tile = plan.tokens_per_tile;
   p.max_tiles = plan.max_tiles;
   p.splits = plan.splits;
@@ -529,20 +620,17 @@ void paged_attention(const PagedAttentionArgs& a) {
 
   if (!tensor_cores || R == 0) {
     if (R == 0) return;
-    attention_simt_kernel<<<grid_size((T * Hq + kWarps - 1) / kWarps, op), kThreads, 0, stream>>>(p);
+    const unsigned blocks = grid_size((T * Hq + kSimtWarps - 1) / kSimtWarps, op);
+    if (D <= 256) attention_simt_kernel<256 / kWarpSize><<<blocks, kSimtThreads, 0, stream>>>(p);
+    else attention_simt_kernel<kMaxSimtDim / kWarpSize><<<blocks, kSimtThreads, 0, stream>>>(p);
     check(cudaGetLastError(), op, "attention_simt_kernel launch");
     return;
   }
   tiles_kernel<kTileScanThreads, kTileScanItems><<<1, kTileScanThreads, 0, stream>>>(p);
   check(cudaGetLastError(), op, "tiles_kernel launch");
   const unsigned blocks = grid_size(plan.max_tiles * Hkv * plan.splits, op);
-  if (a.q.dtype == DType::kBFloat16) {
-    if (D == 64) launch_attention<__nv_bfloat16, 64>(p, blocks, stream);
-    else launch_attention<__nv_bfloat16, 128>(p, blocks, stream);
-  } else {
-    if (D == 64) launch_attention<__half, 64>(p, blocks, stream);
-    else launch_attention<__half, 128>(p, blocks, stream);
-  }
+  if (a.q.dtype == DType::kBFloat16) launch_attention<__nv_bfloat16>(p, blocks, stream);
+  else launch_attention<__half>(p, blocks, stream);
   check(cudaGetLastError(), op, "attention_kernel launch");
   if (plan.splits > 1) {
     merge_kernel<<<grid_size(T * Hq, op), kElementwiseThreads, 0, stream>>>(p);

@@ -1,4 +1,5 @@
 // Argument validation and dispatch of append_kv, paged_attention and rope.
+#include <algorithm>
 #include <cstdint>
 
 #include "dspark/dtype_load.h"
@@ -70,9 +71,11 @@ void append_kv(const AppendKvArgs& a) {
 }
 
 size_t paged_attention_workspace_bytes(int64_t T, int64_t R, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_pages,
-                                       int64_t page_size, DType dtype) {
+                                       int64_t page_size, DType dtype, int64_t window, AttentionMask mask) {
   const bool tensor_cores = AttentionPlan::tensor_core_shapes(dtype != DType::kFloat32, Hq, Hkv, D);
-  return AttentionWorkspace::layout(T, R, Hq, Hkv, D, max_pages, page_size, tensor_cores).bytes;
+  return AttentionWorkspace::layout(T, R, Hq, Hkv, D, max_pages, page_size, tensor_cores, std::max<int64_t>(window, 0),
+                                    mask == AttentionMask::kCausal)
+      .bytes;
 }
 
 void paged_attention(const PagedAttentionArgs& a) {
@@ -106,6 +109,8 @@ void paged_attention(const PagedAttentionArgs& a) {
   check_int_vector(op, "kv_lens", a.kv_lens, device, R, {DType::kInt32});
   check_int_vector(op, "cu_q", a.cu_q, device, R + 1, {DType::kInt32});
   DSPARK_CHECK_VALUE(a.scale > 0.0f && a.scale < num::kFloatMax, op, ": 'scale' must be positive and finite");
+  DSPARK_CHECK_VALUE(a.window >= 0 && a.window <= INT32_MAX, op, ": 'window' must be in [0, 2^31) (0: no window), got ",
+                     a.window);
   check::defined(op, "out", a.out);
   check::ndim(op, "out", a.out, 3);
   check::dtype_in(op, "out", a.out, {a.q.dtype});
@@ -138,7 +143,8 @@ void paged_attention(const PagedAttentionArgs& a) {
     return;
   }
 #if defined(DSPARK_WITH_CUDA)
-  const size_t need = paged_attention_workspace_bytes(T, R, Hq, Hkv, D, max_pages, page_size, a.q.dtype);
+  const size_t need = paged_attention_workspace_bytes(T, R, Hq, Hkv, D, max_pages, page_size, a.q.dtype, a.window,
+                                                      a.mask);
   check::defined(op, "workspace", a.workspace);
   check::same_device(op, "workspace", a.workspace, device);
   DSPARK_CHECK_VALUE(static_cast<size_t>(a.workspace.numel()) >= need &&

@@ -176,8 +176,8 @@ void append_kv(TensorView k, TensorView v, TensorView k_cache, TensorView v_cach
 }
 
 void paged_attention(TensorView q, TensorView k_cache, TensorView v_cache, TensorView block_table,
-                     TensorView kv_lens, TensorView cu_q, int32_t mask, double scale, TensorView out,
-                     TensorView lse, TensorView workspace, uintptr_t stream) {
+                     TensorView kv_lens, TensorView cu_q, int32_t mask, double scale, int64_t window,
+                     TensorView out, TensorView lse, TensorView workspace, uintptr_t stream) {
   if (mask != 0 && mask != 1) throw dspark::ValueError("paged_attention: unknown mask " + std::to_string(mask));
   dspark::PagedAttentionArgs a;
   a.q = q;
@@ -188,6 +188,7 @@ void paged_attention(TensorView q, TensorView k_cache, TensorView v_cache, Tenso
   a.cu_q = cu_q;
   a.mask = static_cast<dspark::AttentionMask>(mask);
   a.scale = static_cast<float>(scale);
+  a.window = window;
   a.out = out;
   a.lse = lse;
   a.workspace = workspace;
@@ -285,15 +286,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("slot_mapping"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("paged_attention_workspace_bytes",
         [](int64_t T, int64_t R, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_pages, int64_t page_size,
-           int32_t dtype) {
+           int32_t dtype, int64_t window, int32_t mask) {
+          if (mask != 0 && mask != 1)
+            throw dspark::ValueError("paged_attention_workspace_bytes: unknown mask " + std::to_string(mask));
           return dspark::paged_attention_workspace_bytes(T, R, Hq, Hkv, D, max_pages, page_size,
-                                                         static_cast<dspark::DType>(dtype));
+                                                         static_cast<dspark::DType>(dtype), window,
+                                                         static_cast<dspark::AttentionMask>(mask));
         },
         py::arg("num_tokens"), py::arg("num_requests"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"),
-        py::arg("max_pages"), py::arg("page_size"), py::arg("dtype"));
+        py::arg("max_pages"), py::arg("page_size"), py::arg("dtype"), py::arg("window") = 0, py::arg("mask") = 0);
   m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("block_table"), py::arg("kv_lens"), py::arg("cu_q"), py::arg("mask"), py::arg("scale"),
-        py::arg("out"), py::arg("lse"), py::arg("workspace"), py::arg("stream"),
+        py::arg("window"), py::arg("out"), py::arg("lse"), py::arg("workspace"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("rope", &rope, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("inv_freq"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());

@@ -349,53 +349,78 @@ def _attention_batch(R: int, q_len: int, context: int, Hq: int, Hkv: int, D: int
     return q, k_cache, v_cache, table, kv_lens, cu
 
 
+# (name, H_q, H_kv, head dim, sliding window): the headline layer, and Gemma 4's sliding-window and global layers
+ATTENTION_LAYERS = (("headline", 32, 8, 128, 0), ("gemma4-sliding", 32, 16, 256, 1024),
+                    ("gemma4-global", 32, 4, 512, 0))
+
+
 def attention_timing(quick: bool = False, devices: Optional[Sequence[str]] = None) -> List[dict]:
     if devices is None:
         devices = ["cpu"] + (["cuda"] if backends()["cuda"]["usable"] and torch.cuda.is_available() else [])
     rows = []
-    Hq, Hkv, D, page_size = 32, 8, 128, 16
+    page_size = 16
     for dev_name in devices:
         device = torch.device(dev_name)
-        if device.type == "cpu":
-            shapes = [(1, 1, 1024), (4, 4, 1024)] if quick else [(1, 1, 4096), (4, 4, 2048), (16, 1, 1024), (8, 8, 1024)]
-            dtype = torch.float32
-        else:
-            shapes = [(1, 1, 8192), (16, 4, 4096)] if quick else [
-                (R, ql, ctx) for R in (1, 16, 64, 256) for ql in (1, 4, 16) for ctx in (1024, 8192, 32768)
-                if R * ctx <= 256 * 8192]
-            dtype = torch.bfloat16
-        for R, q_len, context in shapes:
-            q, k_cache, v_cache, table, kv_lens, cu = _attention_batch(R, q_len, context, Hq, Hkv, D, page_size,
-                                                                       dtype, device)
-            repeats = 3 if device.type == "cpu" else 20
-            dspark_s = _time(lambda: ops.paged_attention(q, k_cache, v_cache, table, kv_lens, cu, validate=False),
-                             device, repeats)
-            # the same data as a padded batch for scaled_dot_product_attention
-            kv = context + q_len
-            K = k_cache[table.long()].reshape(R, -1, Hkv, D)[:, :kv].transpose(1, 2)
-            V = v_cache[table.long()].reshape(R, -1, Hkv, D)[:, :kv].transpose(1, 2)
-            Q = q.reshape(R, q_len, Hq, D).transpose(1, 2)
-            i = torch.arange(q_len, device=device).unsqueeze(1)
-            j = torch.arange(kv, device=device).unsqueeze(0)
-            mask = j <= kv - q_len + i
-            sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(Q, K, V, attn_mask=mask, enable_gqa=True)
-            sdpa_s = _time(sdpa, device, repeats)
-            bytes_moved = 2 * R * kv * Hkv * D * k_cache.element_size() + 2 * q.numel() * q.element_size()
-            rows.append(dict(device=dev_name, R=R, q_len=q_len, context=context, dtype=str(dtype).replace("torch.", ""),
-                             dspark_ms=dspark_s * 1e3, sdpa_ms=sdpa_s * 1e3, speedup_vs_sdpa=sdpa_s / dspark_s,
-                             gbytes_per_s=bytes_moved / dspark_s * 1e-9))
+        for layer, Hq, Hkv, D, window in ATTENTION_LAYERS:
+            headline = layer == "headline"
+            if device.type == "cpu":
+                if quick:
+                    shapes = [(1, 1, 1024), (4, 4, 1024)] if headline else [(1, 1, 2048)]
+                else:
+                    shapes = [(1, 1, 4096), (4, 4, 2048), (16, 1, 1024), (8, 8, 1024)] if headline else [
+                        (1, 1, 4096), (4, 8, 2048)]
+                dtype = torch.float32
+            else:
+                if quick:
+                    shapes = [(1, 1, 8192), (16, 4, 4096)] if headline else [(16, 8, 8192)]
+                else:
+                    shapes = [(R, ql, ctx) for R in (1, 16, 64, 256) for ql in (1, 4, 16) for ctx in (1024, 8192, 32768)
+                              if R * ctx <= 256 * 8192] if headline else [
+                        (R, ql, ctx) for R in (1, 16, 64) for ql in (1, 8) for ctx in (8192, 32768)
+                        if R * ctx <= 64 * 8192]
+                dtype = torch.bfloat16
+            for R, q_len, context in shapes:
+                rows.append(_attention_row(dev_name, device, dtype, layer, Hq, Hkv, D, window, page_size, R, q_len,
+                                           context))
     return rows
 
 
+def _attention_row(dev_name: str, device: torch.device, dtype: torch.dtype, layer: str, Hq: int, Hkv: int, D: int,
+                   window: int, page_size: int, R: int, q_len: int, context: int) -> dict:
+    q, k_cache, v_cache, table, kv_lens, cu = _attention_batch(R, q_len, context, Hq, Hkv, D, page_size, dtype, device)
+    repeats = 3 if device.type == "cpu" else 20
+    dspark_s = _time(lambda: ops.paged_attention(q, k_cache, v_cache, table, kv_lens, cu, window=window,
+                                                 validate=False), device, repeats)
+    # the same data as a padded batch for scaled_dot_product_attention
+    kv = context + q_len
+    K = k_cache[table.long()].reshape(R, -1, Hkv, D)[:, :kv].transpose(1, 2)
+    V = v_cache[table.long()].reshape(R, -1, Hkv, D)[:, :kv].transpose(1, 2)
+    Q = q.reshape(R, q_len, Hq, D).transpose(1, 2)
+    i = torch.arange(q_len, device=device).unsqueeze(1)
+    j = torch.arange(kv, device=device).unsqueeze(0)
+    mask = j <= kv - q_len + i
+    if window:
+        mask = mask & (j > kv - q_len + i - window)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(Q, K, V, attn_mask=mask, enable_gqa=True)
+    sdpa_s = _time(sdpa, device, repeats)
+    seen = min(kv, window + q_len - 1) if window else kv  # keys the queries can see
+    bytes_moved = 2 * R * seen * Hkv * D * k_cache.element_size() + 2 * q.numel() * q.element_size()
+    return dict(device=dev_name, layer=layer, H_q=Hq, H_kv=Hkv, D=D, window=window, R=R, q_len=q_len,
+                context=context, dtype=str(dtype).replace("torch.", ""), dspark_ms=dspark_s * 1e3,
+                sdpa_ms=sdpa_s * 1e3, speedup_vs_sdpa=sdpa_s / dspark_s, gbytes_per_s=bytes_moved / dspark_s * 1e-9)
+
+
 def _print_attention(rows: List[dict]) -> None:
-    print("paged_attention (causal, H_q 32, H_kv 8, D 128, pages of 16): median time per call, against")
-    print("scaled_dot_product_attention on the same data as a padded contiguous batch (gathered outside the timing)")
-    header = f"{'device':6} {'R':>4} {'q_len':>5} {'context':>7} {'dtype':8} {'dspark ms':>10} {'sdpa ms':>9} {'x sdpa':>7} {'GB/s':>8}"
+    print("paged_attention (causal, pages of 16): median time per call, against scaled_dot_product_attention on the")
+    print("same data as a padded contiguous batch (gathered outside the timing). Layers: headline (H_q 32, H_kv 8,")
+    print("D 128), gemma4-sliding (H_q 32, H_kv 16, D 256, window 1024), gemma4-global (H_q 32, H_kv 4, D 512)")
+    header = (f"{'device':6} {'layer':15} {'R':>4} {'q_len':>5} {'context':>7} {'dtype':8} {'dspark ms':>10} "
+              f"{'sdpa ms':>9} {'x sdpa':>7} {'GB/s':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['device']:6} {r['R']:4d} {r['q_len']:5d} {r['context']:7d} {r['dtype']:8} {r['dspark_ms']:10.3f} "
-              f"{r['sdpa_ms']:9.3f} {r['speedup_vs_sdpa']:7.2f} {r['gbytes_per_s']:8.1f}")
+        print(f"{r['device']:6} {r['layer']:15} {r['R']:4d} {r['q_len']:5d} {r['context']:7d} {r['dtype']:8} "
+              f"{r['dspark_ms']:10.3f} {r['sdpa_ms']:9.3f} {r['speedup_vs_sdpa']:7.2f} {r['gbytes_per_s']:8.1f}")
 
 
 def run(suite: str, quick: bool = False, json_path: Optional[str] = None, devices: Optional[Sequence[str]] = None,

@@ -123,8 +123,10 @@ def _run(engine: SpeculativeEngine, prompts: List[List[int]], params: List[Sampl
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"bench engine: a request failed: {errors[0]}")
+    d = m.as_dict()
     return {"tokens_per_second": m.tokens_per_second, "tau": m.tau, "verified_per_round": m.verified_per_round,
-            "rounds": m.rounds, "tokens": [r.tokens for r in results]}
+            "rounds": m.rounds, "acceptance_by_position": d["acceptance_by_position"],
+            "prefix_acceptance_by_position": d["prefix_acceptance_by_position"], "tokens": [r.tokens for r in results]}
 
 
 def transformers_ratio(target: TargetModel, prompt: List[int], max_new_tokens: int) -> Optional[dict]:
@@ -253,9 +255,12 @@ def engine_benchmark(quick: bool = False, device: str = "cpu", target_dir: Optio
                     raise RuntimeError(f"bench engine: a request failed: {next(r.error for r in results if r.error)}")
                 m = engine.metrics
                 if rep:
+                    d = m.as_dict()
                     samples[key].append({"tokens_per_second": m.tokens_per_second, "tau": m.tau,
                                          "verified_per_round": m.verified_per_round, "rounds": m.rounds,
                                          "drafting_rounds": m.drafting_rounds,
+                                         "acceptance_by_position": d["acceptance_by_position"],
+                                         "prefix_acceptance_by_position": d["prefix_acceptance_by_position"],
                                          "same_tokens": [r.tokens for r in results] == base_tokens[R]})
         plain = statistics.median(x["tokens_per_second"] for x in samples[("-", "plain decoding")])
         for (quality, config), xs in samples.items():
@@ -265,6 +270,8 @@ def engine_benchmark(quick: bool = False, device: str = "cpu", target_dir: Optio
                          "spread": (max(tps) - min(tps)) / median if median else 0.0, "speedup": median / plain,
                          "tau": xs[-1]["tau"], "verified_per_round": xs[-1]["verified_per_round"],
                          "rounds": xs[-1]["rounds"], "drafting_rounds": xs[-1]["drafting_rounds"],
+                         "acceptance_by_position": xs[-1]["acceptance_by_position"] if quality != "-" else None,
+                         "prefix_acceptance_by_position": xs[-1]["prefix_acceptance_by_position"],
                          "same_tokens": all(x["same_tokens"] for x in xs)})
     if torch.device(device).type == "cpu":
         prompt = _prompts(1, V, seed=99)[0]
@@ -276,6 +283,11 @@ def _cpu_isa() -> str:
     from ._backends import cpu_isa
 
     return cpu_isa()
+
+
+def format_rates(rates: List[Optional[float]]) -> str:
+    """Rates as '0.91 0.80 -' (None or nan: no round verified that position)."""
+    return " ".join("  - " if a is None or a != a else f"{a:.2f}" for a in rates)
 
 
 def print_engine(result: dict) -> None:
@@ -293,6 +305,12 @@ def print_engine(result: dict) -> None:
         drafting = "" if r["drafter"] == "-" else f"{r['drafting_rounds']}/{r['rounds']}"
         print(f"{r['R']:3d} {r['drafter']:9} {r['config']:32} {r['tokens_per_second']:8.1f} {r['spread']:6.0%} "
               f"{r['speedup']:8.2f} {r['tau']:6.2f} {r['verified_per_round']:9.2f} {drafting:>9} {same:>5}")
+    print("\nacceptance at draft positions 1..: conditional (given 1..k-1 accepted) | prefix (1..k all accepted, "
+          "DeepSpec's accept_rate)")
+    for r in result["rows"]:
+        if r.get("acceptance_by_position"):
+            print(f"{r['R']:3d} {r['drafter']:9} {r['config']:32} {format_rates(r['acceptance_by_position'])} | "
+                  f"{format_rates(r['prefix_acceptance_by_position'])}")
     hf = result.get("transformers")
     if hf:
         print(f"\nplain decoding vs transformers generate (batch 1, greedy, same weights): dspark "

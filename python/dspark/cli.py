@@ -132,7 +132,9 @@ def _generate(args: argparse.Namespace) -> int:
           f"{metrics.rounds} rounds")
     if drafter is not None:
         accept = ", ".join(f"{a:.2f}" for a in metrics.acceptance_by_position)
-        print(f"position-wise conditional acceptance: {accept}")
+        prefix = ", ".join(f"{a:.2f}" for a in metrics.prefix_acceptance_by_position)
+        print(f"position-wise conditional acceptance (k accepted given 1..k-1 accepted): {accept}")
+        print(f"position-wise prefix acceptance (1..k all accepted, DeepSpec's accept_rate): {prefix}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"metrics": metrics.as_dict(), "results": [

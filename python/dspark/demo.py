@@ -7,8 +7,9 @@ speculative decoding with the fixed policy (verify every draft) and with the
 hardware-aware scheduler (on a throughput table profiled here and now). The
 speculative outputs are checked to be identical to plain decoding; a table
 per domain gives tokens per second, the speedup, ``tau``, drafts verified per
-round and the conditional acceptance at each position; a PNG plots the
-acceptance by position.
+round and the acceptance at each position, both conditional (given the
+earlier drafts accepted) and prefix (DeepSpec's accept_rate: all drafts up to
+it accepted); a PNG plots both.
 """
 
 from __future__ import annotations
@@ -111,15 +112,20 @@ def run_demo(target_dir: Path, drafter_dir: Path, prompts: Dict[str, Sequence[st
 def print_tables(results: List[DomainResult], gamma: int, out=sys.stdout) -> None:
     for d in results:
         base = d.configs[0].metrics.tokens_per_second
-        head = f"{'[' + d.domain + ']':28} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'verified':>9}  acceptance by position"
+        head = (f"{'[' + d.domain + ']':28} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'verified':>9}  "
+                f"acceptance by position: conditional | prefix")
         print(head, file=out)
-        print("-" * (len(head) + 4 * gamma), file=out)
+        print("-" * max(len(head), 68 + 2 * (5 * gamma - 1)), file=out)  # a row with both rates
         for c in d.configs:
             m = c.metrics
             accept = " ".join(f"{a:.2f}" if a == a else "  - " for a in m.acceptance_by_position[:gamma])
+            prefix = " ".join(f"{a:.2f}" if a == a else "  - " for a in m.prefix_acceptance_by_position[:gamma])
+            rates = f"  {accept} | {prefix}" if accept else ""
             print(f"{c.name:28} {m.tokens_per_second:8.1f} {m.tokens_per_second / base:7.2f}x {m.tau:6.2f} "
-                  f"{m.verified_per_round:9.2f}  {accept}", file=out)
+                  f"{m.verified_per_round:9.2f}{rates}", file=out)
         print(file=out)
+    print("conditional: x_k accepted given x_1..x_(k-1) accepted; prefix: x_1..x_k all accepted, among rounds that "
+          "verified k drafts (DeepSpec's accept_rate@(k-1), the paper's tables)", file=out)
 
 
 def plot_acceptance(results: List[DomainResult], gamma: int, path: Path) -> bool:
@@ -134,11 +140,13 @@ def plot_acceptance(results: List[DomainResult], gamma: int, path: Path) -> bool
     for d in results:
         for c in d.configs[1:]:
             values = c.metrics.acceptance_by_position[:gamma]
-            ax.plot(range(1, len(values) + 1), values, marker="o", label=f"{d.domain}: {c.name}")
+            line, = ax.plot(range(1, len(values) + 1), values, marker="o", label=f"{d.domain}: {c.name}")
+            prefix = c.metrics.prefix_acceptance_by_position[:gamma]
+            ax.plot(range(1, len(prefix) + 1), prefix, marker=".", linestyle="--", color=line.get_color())
     ax.set_xlabel("draft position k")
-    ax.set_ylabel("conditional acceptance")
+    ax.set_ylabel("acceptance")
     ax.set_ylim(0, 1)
-    ax.set_title("DSpark: acceptance at position k given 1..k-1 accepted")
+    ax.set_title("DSpark: x_k accepted given 1..k-1 accepted (solid), 1..k all accepted (dashed)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -69,6 +69,23 @@ class GenerationResult:
 
 @dataclass
 class RunMetrics:
+    """Counters of a ``generate`` call and the rates derived from them.
+
+    Two per-position acceptance rates are kept, for draft position ``k = 1..gamma``
+    (list index ``k - 1``), over request-rounds:
+
+    - ``acceptance_by_position`` (conditional, DSPARK.md): rounds that accepted
+      ``k`` drafts or more, among rounds that verified ``k`` or more drafts and
+      accepted the first ``k - 1``: ``P(x_k accepted | x_1..x_{k-1} accepted)``.
+    - ``prefix_acceptance_by_position`` (DeepSpec's ``accept_rate@{k-1}``, the
+      rate of the paper's tables): rounds that accepted ``k`` drafts or more,
+      among rounds that verified ``k`` or more drafts, whatever happened before
+      ``k``: ``P(x_1..x_k all accepted)`` when every round verifies ``k``.
+
+    With every round verifying the whole block, the prefix rate at ``k`` is the
+    product of the conditional rates at ``1..k``. ``nan`` where no round
+    verified ``k`` drafts (``None`` in ``as_dict``)."""
+
     generated_tokens: int = 0
     wall_seconds: float = 0.0
     rounds: int = 0  # engine rounds with at least one verification
@@ -76,10 +93,12 @@ class RunMetrics:
     request_rounds: int = 0
     verified_drafts: int = 0
     accepted_drafts: int = 0
-    # position-wise conditional acceptance: at k, accepted at k among request-rounds that
-    # verified k and accepted 1..k-1
+    # conditional: at k, accepted k among request-rounds that verified k and accepted 1..k-1
     position_trials: List[int] = field(default_factory=list)
     position_accepts: List[int] = field(default_factory=list)
+    # prefix: at k, request-rounds that verified k or more drafts, and of those, that accepted k or more
+    prefix_trials: List[int] = field(default_factory=list)
+    prefix_accepts: List[int] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -87,6 +106,7 @@ class RunMetrics:
 
     @property
     def tau(self) -> float:
+        """Tokens committed per request-round, the bonus included (DeepSpec's ``accept_len``)."""
         return (self.accepted_drafts + self.request_rounds) / self.request_rounds if self.request_rounds else 0.0
 
     @property
@@ -95,13 +115,24 @@ class RunMetrics:
 
     @property
     def acceptance_by_position(self) -> List[float]:
+        """Conditional acceptance at positions 1..: see the class docstring."""
         return [a / t if t else float("nan") for a, t in zip(self.position_accepts, self.position_trials)]
 
+    @property
+    def prefix_acceptance_by_position(self) -> List[float]:
+        """Prefix (unconditional) acceptance at positions 1.., DeepSpec's accept_rate: see the class docstring."""
+        return [a / t if t else float("nan") for a, t in zip(self.prefix_accepts, self.prefix_trials)]
+
     def as_dict(self) -> dict:
+        def rates(values: List[float]) -> List[Optional[float]]:
+            return [v if v == v else None for v in values]  # JSON has no nan
+
         return {"generated_tokens": self.generated_tokens, "wall_seconds": self.wall_seconds,
                 "tokens_per_second": self.tokens_per_second, "tau": self.tau, "rounds": self.rounds,
-                "drafting_rounds": self.drafting_rounds,
-                "verified_per_round": self.verified_per_round, "acceptance_by_position": self.acceptance_by_position}
+                "drafting_rounds": self.drafting_rounds, "request_rounds": self.request_rounds,
+                "verified_per_round": self.verified_per_round,
+                "acceptance_by_position": rates(self.acceptance_by_position),
+                "prefix_acceptance_by_position": rates(self.prefix_acceptance_by_position)}
 
     def record(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
         for length, acc in zip(lengths, accepted):
@@ -111,10 +142,16 @@ class RunMetrics:
             while len(self.position_trials) < length:
                 self.position_trials.append(0)
                 self.position_accepts.append(0)
+                self.prefix_trials.append(0)
+                self.prefix_accepts.append(0)
             for k in range(min(length, acc + 1)):  # positions 1..acc+1 were tried (if verified)
                 self.position_trials[k] += 1
                 if k < acc:
                     self.position_accepts[k] += 1
+            for k in range(length):  # every verified position counts for the prefix rate
+                self.prefix_trials[k] += 1
+                if k < acc:
+                    self.prefix_accepts[k] += 1
 
 
 @dataclass

@@ -515,11 +515,13 @@ def paged_attention(
     *,
     mask: str = "causal",
     scale: Optional[float] = None,
+    window: Optional[int] = None,
 ):
     """The oracle of :func:`dspark.ops.paged_attention`: gathers each request's
     pages and runs ``scaled_dot_product_attention`` with an explicit mask, in
     float64. Returns (output in q's dtype, lse float32); queries that see no
-    key get a zero output and lse -inf."""
+    key get a zero output and lse -inf. ``window`` W: query i (at position
+    ``kv - q_len + i``) also sees only keys ``j > kv - q_len + i - W``."""
     q64 = q.cpu().double()
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -537,6 +539,8 @@ def paged_attention(
         i = torch.arange(q_len).unsqueeze(1)
         j = torch.arange(kv).unsqueeze(0)
         visible = j <= kv - q_len + i if mask == "causal" else torch.ones(q_len, kv, dtype=torch.bool)
+        if window:
+            visible = visible & (j > kv - q_len + i - window)
         rows = visible.any(dim=1)
         if kv == 0 or not rows.any():
             continue

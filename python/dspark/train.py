@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .calibration import CalibrationRecorder
 from .engine import SamplingParams, SpeculativeEngine
 from .models import Batch, DrafterConfig, DSparkDrafter, TargetModel
+from .models.common import softcap
 from .models.drafter import HEADS
 
 LOSS_CE, LOSS_L1, LOSS_BCE = 0.1, 0.9, 1.0
@@ -396,7 +397,8 @@ def loss_terms(drafter: DSparkDrafter, target: TargetModel, blocks: Blocks) -> D
     """The three loss terms (position-weighted means) and acceptance statistics."""
     hidden = backbone(drafter, target, blocks)
     lm_head = target.lm_head.weight.detach()
-    logits = F.linear(hidden, drafter.lm_head_rows(target).detach())  # U_k, [S, n, gamma, V_d]
+    cap = target.config.final_logit_softcapping  # the LM head as the target applies it (Gemma 4)
+    logits = softcap(F.linear(hidden, drafter.lm_head_rows(target).detach()), cap)  # U_k, [S, n, gamma, V_d]
     bias = markov_bias(drafter, hidden, blocks.prev)
     corrected = logits + bias if bias is not None else logits
     valid = blocks.labels >= 0
@@ -404,7 +406,7 @@ def loss_terms(drafter: DSparkDrafter, target: TargetModel, blocks: Blocks) -> D
     total = w.sum().clamp(min=1e-6)
     log_pd = torch.log_softmax(corrected, dim=-1)
     with torch.no_grad():
-        p_t = torch.softmax(F.linear(blocks.final, lm_head), dim=-1)  # over the whole vocabulary
+        p_t = torch.softmax(softcap(F.linear(blocks.final, lm_head), cap), dim=-1)  # over the whole vocabulary
     labels = blocks.labels.clamp(min=0)
     outside = None
     w_ce = w
@@ -531,7 +533,7 @@ def save_checkpoint(drafter: DSparkDrafter, out: Path, config: TrainConfig, hist
     copy = DSparkDrafter(drafter.config)
     copy.load_state_dict({k: v.cpu() for k, v in drafter.state_dict().items()})
     copy.sts = drafter.sts
-    copy.to(dtype).save(out)
+    copy.to(dtype).save(out, copies=False)  # dspark's layout; drafter.save(folder, target) adds DeepSpec's copies
     (out / "training.json").write_text(json.dumps({"config": config.to_dict(), "history": history}, indent=1))
 
 

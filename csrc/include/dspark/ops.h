@@ -164,6 +164,10 @@ enum class AttentionMask : int32_t {
   kCausal = 0,  // query i of request r sees keys [0, kv_len - q_len + i]
   kBlock = 1,   // every query of request r sees all kv_len keys
 };
+// A sliding window W > 0 (either mask) also hides the keys more than W - 1
+// positions before the query: query i, at position p = kv_len - q_len + i,
+// sees only keys j > p - W (W keys, itself included, under the causal mask;
+// Gemma's and Mistral's sliding-window layers).
 
 struct AppendKvArgs {
   TensorView k, v;                // [T, H_kv, D]
@@ -181,6 +185,7 @@ struct PagedAttentionArgs {
   TensorView cu_q;                // [R + 1] int32
   AttentionMask mask = AttentionMask::kCausal;
   float scale = 0.0f;
+  int64_t window = 0;             // 0: no window; else the sliding window (see AttentionMask)
   // outputs
   TensorView out;                 // [T, H_q, D], q's dtype
   TensorView lse;                 // optional [T, H_q] float32 (natural log; -inf when no key is visible)
@@ -188,7 +193,8 @@ struct PagedAttentionArgs {
   void* stream = nullptr;
 };
 size_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_requests, int64_t q_heads, int64_t kv_heads,
-                                       int64_t head_dim, int64_t max_pages, int64_t page_size, DType dtype);
+                                       int64_t head_dim, int64_t max_pages, int64_t page_size, DType dtype,
+                                       int64_t window = 0, AttentionMask mask = AttentionMask::kCausal);
 void paged_attention(const PagedAttentionArgs& args);
 
 struct RopeArgs {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,49 @@ def pack_cpu_linears(module: nn.Module, rows_hint: int = 8) -> int:
     return sum(m.pack_cpu(rows_hint) for m in module.modules() if isinstance(m, Linear))
 
 
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm as Gemma 4 computes it: normalise and scale in float32, then round
+    to the input dtype (the weight multiplies directly, no ``1 +``);
+    ``with_scale=False`` has no weight (Gemma 4's value norm)."""
+
+    def __init__(self, size: int, eps: float, with_scale: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        if with_scale:
+            self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if hasattr(self, "weight"):
+            x32 = x32 * self.weight.float()
+        return x32.to(x.dtype)
+
+
+ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_python_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+def activation(name: str, what: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP activation of a config's ``hidden_act`` / ``hidden_activation``."""
+    if name not in ACTIVATIONS:
+        raise CheckpointError(f"{what}: unsupported activation {name!r} ({', '.join(ACTIVATIONS)} are)")
+    return ACTIVATIONS[name]
+
+
+def softcap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """``tanh(logits / cap) * cap`` (Gemma's final-logit soft-capping), or the logits as they are."""
+    if not cap:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
 def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a tensor on ``device``. On CUDA the copy goes through pinned
     memory and does not block the host (a pageable copy would wait for the stream
@@ -127,11 +170,18 @@ def rope_parameters(config: dict) -> dict:
 
 
 def rope_inv_freq(head_dim: int, params: dict) -> torch.Tensor:
-    """``[head_dim / 2]`` float32 rotary frequencies (default, linear and llama3 scaling)."""
+    """``[head_dim / 2]`` float32 rotary frequencies (default, linear, llama3 and
+    proportional, Gemma 4's: only the first ``partial_rotary_factor`` of the
+    pairs rotate, at frequencies of the whole head dim; the rest get 0, no
+    rotation)."""
     base = float(params.get("rope_theta", 10000.0))
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     kind = params.get("rope_type", "default")
-    if kind == "linear":
+    if kind == "proportional":
+        angles = int(float(params.get("partial_rotary_factor", 1.0)) * head_dim // 2)
+        inv_freq = torch.cat([inv_freq[:angles], torch.zeros(head_dim // 2 - angles, device="cpu")])
+        inv_freq = inv_freq / float(params.get("factor", 1.0))
+    elif kind == "linear":
         inv_freq = inv_freq / float(params["factor"])
     elif kind == "llama3":
         factor = float(params["factor"])
@@ -145,7 +195,7 @@ def rope_inv_freq(head_dim: int, params: dict) -> torch.Tensor:
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
     elif kind != "default":
-        raise CheckpointError(f"unsupported rope type {kind!r} (default, linear and llama3 are)")
+        raise CheckpointError(f"unsupported rope type {kind!r} (default, linear, llama3 and proportional are)")
     return inv_freq.float()
 
 
@@ -219,10 +269,23 @@ class PagedKVCache:
     tables are device tensors, so a round needs no host synchronisation."""
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, max_requests: int, max_pages_per_request: int) -> None:
-        shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device, max_requests: int, max_pages_per_request: int,
+                 layer_shapes: Optional[Sequence[Optional[Tuple[int, int]]]] = None) -> None:
+        """``layer_shapes``: per layer ``(kv_heads, head_dim)`` when layers differ
+        (Gemma 4's sliding and global layers), ``None`` for a layer that keeps no
+        cache of its own (it reads another layer's); ``k`` and ``v`` are then
+        lists of per-layer tensors, indexed like the single tensor."""
+        if layer_shapes is None:
+            shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            def tensor(s):
+                size = (num_pages, page_size) + tuple(s) if s is not None else (0, page_size, 1, 1)
+                return torch.zeros(size, dtype=dtype, device=device)
+
+            self.k = [tensor(s) for s in layer_shapes]
+            self.v = [tensor(s) for s in layer_shapes]
         self.page_size = page_size
         self.max_pages_per_request = max_pages_per_request
         self.block_table = torch.zeros(max_requests, max_pages_per_request, dtype=torch.int32, device=device)
@@ -232,7 +295,7 @@ class PagedKVCache:
 
     @property
     def device(self) -> torch.device:
-        return self.k.device
+        return self.block_table.device
 
     def pages_for(self, num_tokens: int) -> int:
         return (num_tokens + self.page_size - 1) // self.page_size

@@ -10,24 +10,51 @@ own keys are written to the cache for the round only (``block`` mask: every
 block query sees the whole context before the anchor and the whole block).
 The Markov head and the confidence head run through dspark.ops. A
 ``markov_rank = 0`` checkpoint is a DFlash-style drafter.
+
+Two forms, as DeepSpec writes them: Qwen3DSparkModel (Qwen3 layers: RMSNorm,
+q / k norms, SwiGLU; the form dspark trains for any target) and
+Gemma4DSparkModel (Gemma 4 layers: Gemma RMSNorm before and after attention
+and MLP, q / k / weightless v norms, attention scale 1, keys = values with
+``attention_k_eq_v``, the global layers' head dim and rotary settings, layer
+scalars, GELU MLP, soft-capped logits).
+
+Embedding and LM head: DeepSpec's drafter holds frozen copies of the target's
+(``embed_tokens.weight``, ``lm_head.weight``). Loaded with its target, a
+drafter whose copies equal the target's weights (in the checkpoint's dtype, to
+within one unit in the last place) drops them and uses the target's: no extra
+memory. Copies that differ are refused with a CheckpointError naming the
+largest difference, unless ``embeddings="own"`` asks for the drafter's own
+copies (then kept and used for drafting; verification always uses the target,
+so decoding stays exact either way). Loaded without a target, the copies are
+kept and used. ``save`` writes the copies (the drafter's own, or its target's)
+so that DeepSpec's loader, which needs them, reads the folder.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..calibration import STS
-from .common import (CheckpointError, Linear, PackedWeight, PagedKVCache, PathLike, RMSNorm, linear, load_safetensors,
-                     load_state, pack_cpu_linears, read_config, rope_inv_freq, rope_parameters, save_safetensors)
-from .target import MLP, TargetModel
+from . import gemma4
+from .common import (CheckpointError, GemmaRMSNorm, Linear, PackedWeight, PagedKVCache, PathLike, RMSNorm, activation,
+                     linear, load_safetensors, load_state, pack_cpu_linears, read_config, rope_inv_freq,
+                     rope_parameters, save_safetensors, softcap)
+from .target import TargetModel
 
 HEADS = ("vanilla", "gated", "rnn")
+FORMS = ("qwen3", "gemma4")  # DeepSpec's Qwen3DSparkModel and Gemma4DSparkModel
+ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "gemma4": "Gemma4DSparkModel"}
+COPIES = ("embed_tokens.weight", "lm_head.weight")  # DeepSpec's copies of the target's embedding and LM head
+DEFAULT_NUM_ANCHORS = 512  # a training setting DeepSpec's loader requires; written when the config has none
 
 
 @dataclass
@@ -51,6 +78,14 @@ class DrafterConfig:
     confidence_head_with_markov: bool = True
     rope: dict = field(default_factory=lambda: {"rope_theta": 10000.0, "rope_type": "default"})
     raw: dict = field(default_factory=dict)
+    # DeepSpec's fields beyond the above (see the README's DeepSpec section)
+    form: str = "qwen3"  # "qwen3" or "gemma4" (the layers' kind)
+    attention_bias: bool = False
+    hidden_act: str = "silu"  # the MLP activation (Gemma 4: hidden_activation)
+    attention_k_eq_v: bool = False  # Gemma 4: values are the key projection
+    final_logit_softcapping: Optional[float] = None  # Gemma 4: applied to logits of the drafter's own LM head
+    num_target_layers: Optional[int] = None  # checked against the target
+    intermediate_sizes: Optional[List[int]] = None  # per layer, when they differ (Gemma 4's double-wide MLPs)
 
     @classmethod
     def from_dict(cls, c: dict) -> "DrafterConfig":
@@ -81,7 +116,7 @@ class DrafterConfig:
                 mask_token_id=int(need("mask_token_id")),
                 markov_rank=int(get("markov_rank", 0) or 0),
                 draft_vocab_size=int(get("draft_vocab_size", 0) or 0),
-                markov_head_type=str(get("markov_head_type", "vanilla") or "vanilla"),
+                markov_head_type=str(get("markov_head_type", "vanilla") or "vanilla").lower(),
                 enable_confidence_head=bool(get("enable_confidence_head", False)),
                 confidence_head_with_markov=bool(get("confidence_head_with_markov", True)),
                 rope=rope_parameters(c),
@@ -89,6 +124,7 @@ class DrafterConfig:
             )
         except (KeyError, TypeError) as missing:
             raise CheckpointError(f"drafter config.json lacks {missing}") from None
+        _deepspec_fields(cfg, c, get)
         if cfg.markov_head_type not in HEADS:
             raise CheckpointError(f"markov_head_type must be one of {HEADS}, got {cfg.markov_head_type!r}")
         if cfg.block_size < 1:
@@ -104,52 +140,142 @@ class DrafterConfig:
         return self.draft_vocab_size or self.vocab_size
 
     def to_dict(self) -> dict:
+        """config.json as DeepSpec's loaders read it (the fields dspark reads
+        rewritten from this config; other fields of the original kept)."""
         out = {k: v for k, v in self.raw.items() if k not in ("dspark_config", "dflash_config")}
         out.update(
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
-            vocab_size=self.vocab_size, block_size=self.block_size, target_layer_ids=list(self.target_layer_ids),
+            rms_norm_eps=self.rms_norm_eps, vocab_size=self.vocab_size, block_size=self.block_size,
+            target_layer_ids=list(self.target_layer_ids),
             target_hidden_size=self.target_hidden_size, mask_token_id=self.mask_token_id,
             markov_rank=self.markov_rank, markov_head_type=self.markov_head_type,
             draft_vocab_size=self.draft_vocab_size,
             enable_confidence_head=self.enable_confidence_head,
             confidence_head_with_markov=self.confidence_head_with_markov,
-            rope_parameters=dict(self.rope),
+            architectures=[ARCHITECTURES[self.form]], tie_word_embeddings=False,
+            layer_types=["full_attention"] * self.num_hidden_layers, attention_bias=self.attention_bias,
         )
-        out.setdefault("model_type", "dspark")
+        out.setdefault("num_anchors", DEFAULT_NUM_ANCHORS)
+        if self.num_target_layers is not None:
+            out["num_target_layers"] = self.num_target_layers
         if not self.draft_vocab_size:
             out.pop("draft_vocab_size", None)  # the DeepSpec layout has no draft vocabulary
         out.pop("rope_theta", None)
         out.pop("rope_scaling", None)
+        if self.form == "gemma4":
+            # Gemma4DSparkModel reads the global layers' fields; its layers are all "full_attention"
+            rope = dict(out.get("rope_parameters") or gemma4.default_rope_parameters())
+            rope["full_attention"] = dict(self.rope)
+            out.update(model_type="gemma4_text", global_head_dim=self.head_dim, hidden_activation=self.hidden_act,
+                       attention_k_eq_v=self.attention_k_eq_v, final_logit_softcapping=self.final_logit_softcapping,
+                       rope_parameters=rope, enable_moe_block=False, hidden_size_per_layer_input=0)
+            out.pop("per_layer_config", None)  # the global fields above say the same for every layer
+            if self.attention_k_eq_v:
+                out["num_global_key_value_heads"] = self.num_key_value_heads
+            else:
+                out["num_key_value_heads"] = self.num_key_value_heads
+        else:
+            out.update(model_type="qwen3", head_dim=self.head_dim, num_key_value_heads=self.num_key_value_heads,
+                       hidden_act=self.hidden_act, rope_parameters=dict(self.rope))
         return out
+
+
+def _deepspec_fields(cfg: DrafterConfig, c: dict, get) -> None:
+    """The fields of DeepSpec's configs beyond the core ones: the form (Gemma 4
+    when the architecture or model type says so), the attention bias, the MLP
+    activation, the expected target depth, and for Gemma 4 the global layers'
+    head dim, kv heads and rotary settings (Gemma4DSparkModel's layers are all
+    global ones), keys = values and soft-capping. Layers DeepSpec would run
+    with a sliding window are refused (its trainer never writes them)."""
+    architectures = c.get("architectures") or []
+    kind = str(c.get("model_type") or "")
+    cfg.form = "gemma4" if "Gemma4DSparkModel" in architectures or kind.startswith("gemma4") else "qwen3"
+    cfg.attention_bias = bool(c.get("attention_bias", False))
+    layers = get("num_target_layers")
+    cfg.num_target_layers = int(layers) if layers is not None else None
+    if cfg.form == "gemma4":
+        if c.get("enable_moe_block") or int(c.get("hidden_size_per_layer_input") or 0):
+            raise CheckpointError("Gemma 4 drafter: mixture-of-experts layers and per-layer inputs are not part of "
+                                  "DeepSpec's drafter (enable_moe_block, hidden_size_per_layer_input must be off)")
+        cfg.attention_k_eq_v = bool(c.get("attention_k_eq_v", False))
+        layer_types = ["full_attention"] * cfg.num_hidden_layers
+        dims, kvs = gemma4.layer_head_shapes(c, layer_types, "drafter config.json")
+        if len(set(dims)) != 1 or len(set(kvs)) != 1:
+            raise CheckpointError(f"Gemma 4 drafter: its layers must share one head dim and kv head count, got "
+                                  f"{dims} and {kvs}")
+        cfg.head_dim, cfg.num_key_value_heads = dims[0], kvs[0]
+        rope = c.get("rope_parameters") or gemma4.default_rope_parameters()
+        cfg.rope = dict(rope.get("full_attention") or gemma4.default_rope_parameters()["full_attention"])
+        cfg.hidden_act = str(c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh")
+        cap = c.get("final_logit_softcapping")
+        cfg.final_logit_softcapping = float(cap) if cap else None
+    else:
+        cfg.hidden_act = str(c.get("hidden_act") or "silu")
+        layer_types = c.get("layer_types")
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            raise CheckpointError(f"drafter config.json: layer_types {layer_types}: sliding-window drafter layers are "
+                                  "not supported (DeepSpec's trainer writes full_attention layers)")
+    activation(cfg.hidden_act, "drafter config.json")
 
 
 class DrafterAttention(nn.Module):
     def __init__(self, c: DrafterConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        gemma = c.form == "gemma4"
+        norm = GemmaRMSNorm if gemma else RMSNorm
+        bias = c.attention_bias
+        self.q_proj = Linear(c.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        if not (gemma and c.attention_k_eq_v):
+            self.v_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.heads * self.head_dim, c.hidden_size, bias=bias)
+        self.q_norm = norm(self.head_dim, c.rms_norm_eps)
+        self.k_norm = norm(self.head_dim, c.rms_norm_eps)
+        if gemma:
+            self.v_norm = GemmaRMSNorm(self.head_dim, c.rms_norm_eps, with_scale=False)
+        self.scale = 1.0 if gemma else 1.0 / math.sqrt(self.head_dim)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries (normed, not rotated) of x [n, d]."""
+        return self.q_norm(self.q_proj(x).view(x.shape[0], self.heads, self.head_dim)).contiguous()
 
     def context_kv(self, x: torch.Tensor):
-        """Keys (normed, not rotated) and values of context features x [n, d]."""
+        """Keys (normed, not rotated) and values of x [n, d] (context features or
+        block states: the same projections)."""
         n = x.shape[0]
-        k = self.k_norm(self.k_proj(x).view(n, self.kv_heads, self.head_dim))
-        return k.contiguous(), self.v_proj(x).view(n, self.kv_heads, self.head_dim).contiguous()
+        k = self.k_proj(x).view(n, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim) if hasattr(self, "v_proj") else k
+        k = self.k_norm(k)
+        if hasattr(self, "v_norm"):
+            v = self.v_norm(v)
+        return k.contiguous(), v.contiguous()
 
 
 class DrafterLayer(nn.Module):
-    def __init__(self, c: DrafterConfig) -> None:
+    def __init__(self, c: DrafterConfig, index: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.gemma = c.form == "gemma4"
+        norm = GemmaRMSNorm if self.gemma else RMSNorm
+        width = c.intermediate_sizes[index] if c.intermediate_sizes else c.intermediate_size
+        self.input_layernorm = norm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = DrafterAttention(c)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size)
+        self.post_attention_layernorm = norm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = gemma4.GatedMLP(c.hidden_size, width, c.hidden_act)
+        if self.gemma:
+            self.pre_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+            self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+            self.register_buffer("layer_scalar", torch.ones(1))
+
+    def after_attention(self, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the layer, given its attention output."""
+        if self.gemma:
+            x = x + self.post_attention_layernorm(attention)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x * self.layer_scalar
+        x = x + attention
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class MarkovHead(nn.Module):
@@ -182,10 +308,11 @@ class DSparkDrafter(nn.Module):
         super().__init__()
         self.config = config
         c = config
+        norm = GemmaRMSNorm if c.form == "gemma4" else RMSNorm
         self.fc = Linear(len(c.target_layer_ids) * c.target_hidden_size, c.hidden_size, bias=False)
-        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.layers = nn.ModuleList([DrafterLayer(c) for _ in range(c.num_hidden_layers)])
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = norm(c.hidden_size, c.rms_norm_eps)
+        self.layers = nn.ModuleList([DrafterLayer(c, i) for i in range(c.num_hidden_layers)])
+        self.norm = norm(c.hidden_size, c.rms_norm_eps)
         if c.markov_rank > 0:
             self.markov_head = MarkovHead(c)
         if c.enable_confidence_head:
@@ -198,17 +325,33 @@ class DSparkDrafter(nn.Module):
         self._pack_rows = False
         self._inv_freq = {torch.device("cpu"): rope_inv_freq(c.head_dim, c.rope)}
         self._zero_markov: dict = {}
+        # the target this drafter was loaded or bound with (weak: the drafter does not keep it alive)
+        object.__setattr__(self, "_target", None)
 
     # ------------------------------------------------------------ loading
 
     @classmethod
     def load(cls, folder: PathLike, target: Optional[TargetModel] = None, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu") -> "DSparkDrafter":
+             device: torch.device | str = "cpu", embeddings: str = "target") -> "DSparkDrafter":
+        """Loads a drafter folder (DeepSpec's layout, see the module docstring).
+
+        ``embeddings``: what to do with the checkpoint's copies of the target's
+        embedding and LM head (``embed_tokens.weight``, ``lm_head.weight``):
+        ``"target"`` (default) checks them against ``target``'s weights and uses
+        the target's (refusing copies that differ), ``"own"`` keeps and uses the
+        drafter's copies. Without a target the copies are kept and used."""
+        if embeddings not in ("target", "own"):
+            raise ValueError(f"DSparkDrafter.load: embeddings must be 'target' or 'own', got {embeddings!r}")
         config = DrafterConfig.from_dict(read_config(folder))
         tensors = load_safetensors(folder)
+        copies = {name: tensors.pop(name) for name in COPIES if name in tensors}
         fc = tensors.get("fc.weight")
         if fc is not None and fc.shape[1] % len(config.target_layer_ids) == 0:
             config.target_hidden_size = fc.shape[1] // len(config.target_layer_ids)
+        if config.form == "gemma4":
+            config.intermediate_sizes = _layer_widths(config, tensors)
+            for i in range(config.num_hidden_layers):  # a buffer DeepSpec saves; transformers' initial value is 1
+                tensors.setdefault(f"layers.{i}.layer_scalar", torch.ones(1))
         if target is not None:
             check_compatible(config, target)
         drafter = cls(config)
@@ -216,13 +359,67 @@ class DSparkDrafter(nn.Module):
             tensors["draft_vocab"] = tensors["draft_vocab"].to(torch.int32)
         load_state(drafter, tensors, f"drafter {folder}")
         check_draft_vocab(drafter, f"drafter {folder}")
+        if target is not None and embeddings == "target":
+            for name, copy in copies.items():
+                check_copy(name, copy, target)
+        elif copies:
+            drafter.use_own_embeddings(copies)
+        elif embeddings == "own":
+            raise CheckpointError(f"drafter {folder}: embeddings='own' but the checkpoint has no embed_tokens.weight "
+                                  "or lm_head.weight")
+        if target is not None:
+            drafter.bind(target)
         sts_path = Path(folder) / "sts.json"
         if sts_path.is_file():
             drafter.sts = STS.load(sts_path)
         return drafter.to(device=device, dtype=dtype).eval()
 
-    def save(self, folder: PathLike) -> None:
-        save_safetensors(dict(self.state_dict()), folder, self.config.to_dict())
+    def use_own_embeddings(self, copies: Dict[str, torch.Tensor]) -> None:
+        """Keeps copies of an embedding / LM head (DeepSpec's names) and drafts with them."""
+        c = self.config
+        for name, value in copies.items():
+            if tuple(value.shape) != (c.vocab_size, c.hidden_size):
+                raise CheckpointError(f"drafter: {name} has shape {list(value.shape)}, the config implies "
+                                      f"{[c.vocab_size, c.hidden_size]}")
+            module = nn.Embedding(c.vocab_size, c.hidden_size) if name == "embed_tokens.weight" else \
+                Linear(c.hidden_size, c.vocab_size, bias=False)
+            with torch.no_grad():
+                module.weight.copy_(value)
+            setattr(self, name.split(".")[0], module)
+
+    def bind(self, target: TargetModel) -> None:
+        """Remembers the target (weakly) for ``save``; checks that it fits."""
+        check_compatible(self.config, target)
+        object.__setattr__(self, "_target", weakref.ref(target))
+
+    def save(self, folder: PathLike, target: Optional[TargetModel] = None, copies: Optional[bool] = None) -> None:
+        """Writes the drafter in DeepSpec's layout, with the copies of the
+        embedding and LM head that DeepSpec's loader needs: the drafter's own,
+        else those of ``target`` or of the target it was loaded with, cast to the
+        drafter's dtype. ``copies``: None (default) writes them when it can and
+        warns when it cannot (DeepSpec would initialise them randomly; dspark
+        loads such a folder with its target), False never writes them (a smaller
+        folder for dspark alone), True requires them."""
+        tensors = dict(self.state_dict())
+        if target is None and self._target is not None:
+            target = self._target()
+        dtype = self.fc.weight.dtype
+        if copies is False:
+            for name in COPIES:
+                tensors.pop(name, None)
+        elif target is not None:
+            if "embed_tokens.weight" not in tensors:
+                tensors["embed_tokens.weight"] = target.model.embed_tokens.weight.detach().to(dtype=dtype, copy=True)
+            if "lm_head.weight" not in tensors:
+                tensors["lm_head.weight"] = target.lm_head.weight.detach().to(dtype=dtype, copy=True)
+        elif not all(name in tensors for name in COPIES):
+            message = (f"DSparkDrafter.save({str(folder)!r}): without a target there are no copies of the target's "
+                       "embedding and LM head to write, which DeepSpec's loader expects (pass target=)")
+            if copies:
+                raise ValueError(message)
+            if not self.config.draft_vocab_size:  # (a draft vocabulary is dspark's alone: DeepSpec cannot read it)
+                warnings.warn(message + "; dspark loads the folder with its target", stacklevel=2)
+        save_safetensors(tensors, folder, self.config.to_dict())
         if self.sts is not None:
             self.sts.save(Path(folder))
 
@@ -280,32 +477,58 @@ class DSparkDrafter(nn.Module):
         block_table = cache.block_table[request_slots.long()]
         kv_lens = (starts + gamma).to(torch.int32)
         cu = torch.arange(0, R * gamma + 1, gamma, dtype=torch.int32, device=device)
-        x = target.embed(tokens.reshape(-1)).to(next(self.parameters()).dtype)
+        x = self.embed(target, tokens.reshape(-1)).to(next(self.parameters()).dtype)
         inv_freq = self.inv_freq(device)
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             a = layer.input_layernorm(x)
             n = a.shape[0]
-            q = attn.q_norm(attn.q_proj(a).view(n, attn.heads, attn.head_dim)).contiguous()
-            k = attn.k_norm(attn.k_proj(a).view(n, attn.kv_heads, attn.head_dim)).contiguous()
-            v = attn.v_proj(a).view(n, attn.kv_heads, attn.head_dim).contiguous()
+            q = attn.query(a)
+            k, v = attn.context_kv(a)
             ops.rope(q, k, positions, inv_freq=inv_freq)
             ops.append_kv(k, v, cache.k[index], cache.v[index], slots, validate=False)  # the block's keys, this round only
             out = ops.paged_attention(q, cache.k[index], cache.v[index], block_table, kv_lens, cu, mask="block",
-                                      validate=False)
-            x = x + attn.o_proj(out.view(n, attn.heads * attn.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+                                      scale=attn.scale, validate=False)
+            x = layer.after_attention(x, attn.o_proj(out.view(n, attn.heads * attn.head_dim)))
         keep = gamma if num_positions is None else num_positions
         if not 1 <= keep <= gamma:
             raise ValueError(f"draft: num_positions must be in [1, {gamma}], got {keep}")
         x = x.view(R, gamma, -1)[:, :keep]
         h = self.norm(x)
-        if not self.config.draft_vocab_size:
-            logits = target.lm_head(h.to(target.lm_head.weight.dtype))
+        return Draft(h.contiguous(), self.logits(target, h).contiguous())
+
+    def embed(self, target: TargetModel, tokens: torch.Tensor) -> torch.Tensor:
+        """The block's input embedding: the target's (as the target embeds:
+        Gemma 4 scales it), or the drafter's own copy (scaled the same way in the
+        Gemma 4 form)."""
+        own = getattr(self, "embed_tokens", None)
+        if own is None:
+            return target.embed(tokens)
+        x = own(tokens)
+        if self.config.form == "gemma4":
+            x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=torch.float32).to(x.dtype).item()
+        return x
+
+    def logits(self, target: TargetModel, h: torch.Tensor) -> torch.Tensor:
+        """Base logits ``U`` of the backbone's states over the draft columns: the
+        target's LM head as the target applies it (Gemma 4: soft-capped), or the
+        drafter's own copy with its config's soft-capping."""
+        own = getattr(self, "lm_head", None)
+        if own is None:
+            cap = target.config.final_logit_softcapping
+            if not self.config.draft_vocab_size:
+                logits = target.lm_head(h.to(target.lm_head.weight.dtype))
+            else:
+                rows = self.lm_head_rows(target)
+                logits = linear(h.to(rows.dtype), rows, None, self._lm_rows.get("packed"))
         else:
-            rows = self.lm_head_rows(target)
-            logits = linear(h.to(rows.dtype), rows, None, self._lm_rows.get("packed"))
-        return Draft(h.contiguous(), logits.contiguous())
+            cap = self.config.final_logit_softcapping
+            if not self.config.draft_vocab_size:
+                logits = own(h.to(own.weight.dtype))
+            else:
+                rows = own.weight[self.draft_vocab.long()]
+                logits = linear(h.to(rows.dtype), rows)
+        return softcap(logits.float(), cap).to(logits.dtype) if cap else logits
 
     def lm_head_rows(self, target: TargetModel) -> torch.Tensor:
         """The target's LM head rows the drafter scores: all of them, or those of
@@ -391,9 +614,14 @@ def check_compatible(config: DrafterConfig, target: TargetModel) -> None:
     if config.target_hidden_size != t.hidden_size:
         raise CheckpointError(f"drafter fc expects target hidden size {config.target_hidden_size}, "
                               f"the target has {t.hidden_size}")
-    bad = [i for i in config.target_layer_ids if not 0 <= i < t.num_hidden_layers]
+    # -1 is the embedding output (DeepSpec's convention)
+    bad = [i for i in config.target_layer_ids if not -1 <= i < t.num_hidden_layers]
     if bad:
-        raise CheckpointError(f"target_layer_ids {bad} are not layers of the target ({t.num_hidden_layers})")
+        raise CheckpointError(f"target_layer_ids {bad} are not layers of the target ({t.num_hidden_layers}; -1 is "
+                              "the embedding output)")
+    if config.num_target_layers is not None and config.num_target_layers != t.num_hidden_layers:
+        raise CheckpointError(f"the drafter was trained on a target of {config.num_target_layers} layers "
+                              f"(num_target_layers), this target has {t.num_hidden_layers}")
     if not 0 <= config.mask_token_id < t.vocab_size:
         raise CheckpointError(f"mask_token_id {config.mask_token_id} is outside the vocabulary")
 
@@ -408,3 +636,46 @@ def check_draft_vocab(drafter: "DSparkDrafter", what: str) -> None:
         raise CheckpointError(f"{what}: draft_vocab holds ids outside the vocabulary [0, {V})")
     if int(torch.unique(ids).numel()) != ids.numel():
         raise CheckpointError(f"{what}: draft_vocab holds an id twice")
+
+
+def check_copy(name: str, copy: torch.Tensor, target: TargetModel) -> None:
+    """A checkpoint's copy of the target's embedding or LM head must equal the
+    target's weight in the checkpoint's dtype, to within one unit in the last
+    place of that dtype (so a target loaded in another precision still matches);
+    compared in row chunks on the target's device."""
+    weight = target.model.embed_tokens.weight if name == "embed_tokens.weight" else target.lm_head.weight
+    what = "embedding" if name == "embed_tokens.weight" else "LM head"
+    if tuple(copy.shape) != tuple(weight.shape):
+        raise CheckpointError(f"drafter {name} has shape {list(copy.shape)}, the target's {what} "
+                              f"{list(weight.shape)}")
+    ulp = torch.finfo(copy.dtype).eps if copy.dtype.is_floating_point else 0.0
+    worst, count = 0.0, 0
+    rows = max(1, (1 << 24) // max(1, copy.shape[-1]))
+    with torch.no_grad():
+        for start in range(0, copy.shape[0], rows):
+            theirs = copy[start:start + rows].to(weight.device).float()
+            ours = weight[start:start + rows].detach().to(copy.dtype).float()
+            diff = (ours - theirs).abs()
+            bad = diff > ulp * theirs.abs()
+            if bool(bad.any()):
+                worst = max(worst, float(diff.max()))
+                count += int(bad.sum())
+    if count:
+        raise CheckpointError(
+            f"drafter {name} differs from the target's {what}: {count} of {copy.numel()} entries, largest absolute "
+            f"difference {worst:.6g} (compared in the checkpoint's {str(copy.dtype).replace('torch.', '')}). The "
+            "drafter was trained with another target; load it with its own target, or pass embeddings='own' to "
+            "draft with the drafter's copies (verification still uses this target, so decoding stays exact)")
+
+
+def _layer_widths(config: DrafterConfig, tensors: Dict[str, torch.Tensor]) -> Optional[List[int]]:
+    """Per-layer MLP widths of a Gemma 4 drafter, read from its weights (double
+    width in the layers its target config marks as KV-sharing): the base width or
+    twice it."""
+    widths = []
+    for i in range(config.num_hidden_layers):
+        w = tensors.get(f"layers.{i}.mlp.gate_proj.weight")
+        width = int(w.shape[0]) if w is not None else config.intermediate_size
+        widths.append(width if width in (config.intermediate_size, 2 * config.intermediate_size)
+                      else config.intermediate_size)
+    return widths if any(w != config.intermediate_size for w in widths) else None

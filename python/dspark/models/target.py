@@ -1,26 +1,30 @@
-"""Target models of the Llama family and Qwen3, over a paged KV cache.
+"""Target models of the Llama family, Qwen3 and Gemma 4 (dense, text), over a
+paged KV cache.
 
 The forward takes a flattened ragged batch (the tokens of R requests packed
 along one dimension with ``cu_q`` offsets) and runs every attention layer with
-dspark's ops: ``rope``, ``append_kv`` and ``paged_attention`` (causal). It can
-return the raw outputs of chosen decoder layers (before the final norm), which
-feed the DSpark drafter's context.
+dspark's ops: ``rope``, ``append_kv`` and ``paged_attention`` (causal, with a
+sliding window on Gemma 4's sliding layers). It can return the raw outputs of
+chosen decoder layers (before the final norm; layer -1 is the embedding
+output), which feed the DSpark drafter's context. Gemma 4's specifics are in
+``gemma4.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from . import gemma4
 from .common import (CheckpointError, Linear, PagedKVCache, PathLike, RMSNorm, load_safetensors, load_state,
-                     read_config, rope_inv_freq, rope_parameters, save_safetensors)
+                     read_config, rope_inv_freq, rope_parameters, save_safetensors, softcap)
 
-SUPPORTED = ("llama", "qwen3")
+SUPPORTED = ("llama", "qwen3") + gemma4.MODEL_TYPES
 
 
 @dataclass
@@ -38,12 +42,22 @@ class TargetConfig:
     attention_bias: bool
     rope: dict
     raw: dict  # the config.json it came from (saved back as is)
+    # Gemma 4 (text): per-layer shapes and options; None for Llama and Qwen3. The
+    # fields above then describe the sliding-window layers (head_dim,
+    # num_key_value_heads) and the base MLP width.
+    gemma4: Optional[gemma4.Gemma4Spec] = None
+
+    @property
+    def final_logit_softcapping(self) -> Optional[float]:
+        return self.gemma4.final_logit_softcapping if self.gemma4 is not None else None
 
     @classmethod
     def from_dict(cls, c: dict) -> "TargetConfig":
         kind = c.get("model_type")
         if kind not in SUPPORTED:
             raise CheckpointError(f"unsupported model_type {kind!r}: dspark runs {', '.join(SUPPORTED)}")
+        if kind in gemma4.MODEL_TYPES:
+            return cls._from_gemma4(c)
         try:
             heads = int(c["num_attention_heads"])
             return cls(
@@ -60,6 +74,31 @@ class TargetConfig:
                 attention_bias=bool(c.get("attention_bias", False)),
                 rope=rope_parameters(c),
                 raw=dict(c),
+            )
+        except KeyError as missing:
+            raise CheckpointError(f"config.json lacks {missing}") from None
+
+    @classmethod
+    def _from_gemma4(cls, c: dict) -> "TargetConfig":
+        text, spec = gemma4.parse(c)
+        try:
+            heads = int(text["num_attention_heads"])
+            return cls(
+                model_type="gemma4",
+                vocab_size=int(text["vocab_size"]),
+                hidden_size=int(text["hidden_size"]),
+                intermediate_size=int(text["intermediate_size"]),
+                num_hidden_layers=int(text["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(text.get("num_key_value_heads") or heads),
+                head_dim=int(text["head_dim"]),
+                rms_norm_eps=float(text["rms_norm_eps"]),
+                tie_word_embeddings=bool(text["tie_word_embeddings"]),
+                attention_bias=bool(text.get("attention_bias", False)),
+                rope=dict(spec.rope["sliding_attention"] if "sliding_attention" in spec.rope
+                          else spec.rope["full_attention"]),
+                raw=dict(c),
+                gemma4=spec,
             )
         except KeyError as missing:
             raise CheckpointError(f"config.json lacks {missing}") from None
@@ -141,12 +180,12 @@ class _Body(nn.Module):  # the "model." prefix of Hugging Face checkpoints
 
 
 class TargetModel(nn.Module):
-    """A Llama / Qwen3 causal LM (weights as in a Hugging Face folder)."""
+    """A Llama / Qwen3 / Gemma 4 causal LM (weights as in a Hugging Face folder)."""
 
     def __init__(self, config: TargetConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = _Body(config)
+        self.model = gemma4.Gemma4Body(config) if config.gemma4 is not None else _Body(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -163,6 +202,8 @@ class TargetModel(nn.Module):
             model = cls(config)
         model = model.to_empty(device="cpu")
         tensors = load_safetensors(folder)
+        if config.gemma4 is not None:
+            tensors = gemma4.checkpoint_tensors(tensors, config.gemma4)
         if config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
         load_state(_Untied(model), tensors, f"target {folder}")
@@ -171,20 +212,32 @@ class TargetModel(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
     def save(self, folder: PathLike) -> None:
+        """The Hugging Face layout; a Gemma 4 target is written as its text model
+        (Gemma4ForCausalLM: a ``gemma4_text`` config, keys ``model.*``)."""
         tensors = dict(self.state_dict())
         if self.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
-        save_safetensors(tensors, folder, self.config.raw)
+        config = self.config.raw if self.config.gemma4 is None else gemma4.text_only_config(self.config.raw)
+        save_safetensors(tensors, folder, config)
 
     # ------------------------------------------------------------ running
 
     def new_cache(self, num_pages: int, page_size: int, max_requests: int, max_pages_per_request: int) -> PagedKVCache:
         p = next(self.parameters())
         c = self.config
+        shapes = None
+        if c.gemma4 is not None:  # per-layer shapes; KV-sharing layers keep no cache
+            g = c.gemma4
+            shapes = [(g.kv_heads[i], g.head_dims[i]) if g.kv_source[i] == i else None
+                      for i in range(c.num_hidden_layers)]
         return PagedKVCache(c.num_hidden_layers, num_pages, page_size, c.num_key_value_heads, c.head_dim, p.dtype,
-                            p.device, max_requests, max_pages_per_request)
+                            p.device, max_requests, max_pages_per_request, layer_shapes=shapes)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding the first layer reads (Gemma 4: scaled by sqrt(hidden));
+        context-feature layer -1."""
+        if self.config.gemma4 is not None:
+            return self.model.embed(tokens)
         return self.model.embed_tokens(tokens)
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
@@ -201,22 +254,29 @@ class TargetModel(nn.Module):
         Returns float32 logits of `logits_rows` (all rows by default; none with
         ``logits=False``), the raw outputs of the decoder layers in
         `hidden_layers` for every row, and with ``final_hidden`` the final-norm
-        outputs of `logits_rows` (what the LM head reads)."""
+        outputs of `logits_rows` (what the LM head reads). Layer -1 in
+        `hidden_layers` is the embedding output (DeepSpec's convention)."""
         x = self.embed(batch.tokens)
-        inv_freq = self.inv_freq(x.device)
-        kept = []
         wanted = {layer: i for i, layer in enumerate(hidden_layers)}
-        for index, layer in enumerate(self.model.layers):
-            h = layer.self_attn(layer.input_layernorm(x), batch, inv_freq, cache.k[index], cache.v[index])
-            x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            if index in wanted:
-                kept.append(x)
-        hidden = torch.stack(kept, dim=1) if kept else None
+        kept: Dict[int, torch.Tensor] = {-1: x} if -1 in wanted else {}
+        if self.config.gemma4 is not None:
+            x = self.model.run(x, batch, cache, wanted, kept)
+        else:
+            inv_freq = self.inv_freq(x.device)
+            for index, layer in enumerate(self.model.layers):
+                h = layer.self_attn(layer.input_layernorm(x), batch, inv_freq, cache.k[index], cache.v[index])
+                x = x + h
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                if index in wanted:
+                    kept[index] = x
+        hidden = torch.stack([kept[layer] for layer in hidden_layers], dim=1) if hidden_layers else None
         if logits_rows is not None:
             x = x[logits_rows]
         final = self.model.norm(x)
-        return TargetOutput(self.lm_head(final).float() if logits else None, hidden, final if final_hidden else None)
+        out = None
+        if logits:
+            out = softcap(self.lm_head(final).float(), self.config.final_logit_softcapping)
+        return TargetOutput(out, hidden, final if final_hidden else None)
 
 
 class _Untied(nn.Module):

@@ -64,32 +64,33 @@ def _append_kv_launch(k, v, k_cache, v_cache, slot_mapping) -> None:
                 view(slot_mapping, op, "slot_mapping"), stream_handle(k.device))
 
 
-def _attention_launch(q, k_cache, v_cache, block_table, kv_lens, cu_q, mask: int, scale: float, out, lse) -> None:
+def _attention_launch(q, k_cache, v_cache, block_table, kv_lens, cu_q, mask: int, scale: float, window: int, out,
+                      lse) -> None:
     op = "paged_attention"
     workspace = None
     if q.device.type == "cuda":
         nbytes = C.paged_attention_workspace_bytes(q.shape[0], block_table.shape[0], q.shape[1], k_cache.shape[2],
                                                    q.shape[2], block_table.shape[1], k_cache.shape[1],
-                                                   _DTYPE_CODES[q.dtype])
+                                                   _DTYPE_CODES[q.dtype], window, mask)
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
     C.paged_attention(view(q, op, "q"), view(k_cache, op, "k_cache"), view(v_cache, op, "v_cache"),
                       view(block_table, op, "block_table"), view(kv_lens, op, "kv_lens"), view(cu_q, op, "cu_q"),
-                      mask, scale, view(out, op, "out"), view(lse, op, "lse"), view(workspace, op, "workspace"),
-                      stream_handle(q.device))
+                      mask, scale, window, view(out, op, "out"), view(lse, op, "lse"),
+                      view(workspace, op, "workspace"), stream_handle(q.device))
 
 
 @torch.library.custom_op("dspark::paged_attention", mutates_args=())
 def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                        kv_lens: torch.Tensor, cu_q: torch.Tensor, mask: int, scale: float
+                        kv_lens: torch.Tensor, cu_q: torch.Tensor, mask: int, scale: float, window: int = 0
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    _attention_launch(q, k_cache, v_cache, block_table, kv_lens, cu_q, mask, scale, out, lse)
+    _attention_launch(q, k_cache, v_cache, block_table, kv_lens, cu_q, mask, scale, window, out, lse)
     return out, lse
 
 
 @_paged_attention_op.register_fake
-def _paged_attention_fake(q, k_cache, v_cache, block_table, kv_lens, cu_q, mask, scale):
+def _paged_attention_fake(q, k_cache, v_cache, block_table, kv_lens, cu_q, mask, scale, window=0):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
 
@@ -104,6 +105,7 @@ def paged_attention(
     *,
     mask: str = "causal",
     scale: Optional[float] = None,
+    window: Optional[int] = None,
     return_lse: bool = False,
     out: Optional[torch.Tensor] = None,
     validate: bool = True,
@@ -122,6 +124,11 @@ def paged_attention(
             ``kv_lens[r] - q_len + i``: verification) or ``block`` (every query sees
             all ``kv_lens[r]`` keys: the drafter's bidirectional block).
         scale: defaults to ``1 / sqrt(D)``.
+        window: a sliding window ``W >= 1`` (None or 0: none). Query i of request
+            r is at position ``p = kv_lens[r] - q_len + i`` and sees, besides what
+            the mask allows, only keys ``j > p - W`` (``W`` keys with itself, under
+            the causal mask: Gemma's and Mistral's sliding-window layers). Keys
+            outside every query's window are not read.
     Returns the output ``[T, H_q, D]`` and, if ``return_lse``, the log-sum-exp of
     the scaled scores per query and head ``[T, H_q]`` float32 (-inf, with a zero
     output, when a query sees no key).
@@ -152,6 +159,10 @@ def paged_attention(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{op}: argument 'scale' must be a float, got {type(scale).__name__}")
     scale = float(scale)
+    if window is None:
+        window = 0
+    elif isinstance(window, bool) or not isinstance(window, int) or not 0 <= window < 2 ** 31:
+        raise ValueError(f"{op}: argument 'window' must be an int in [0, 2^31) (0 or None: no window), got {window!r}")
     if validate and device.type == "cuda" and not compiling() and not is_capturing(device) and kv_lens.numel():
         pages, page_size = k_cache.shape[0], k_cache.shape[1]
         used = (kv_lens.long() + page_size - 1) // page_size
@@ -166,7 +177,7 @@ def paged_attention(
                                        f"argument 'cu_q' must run from 0 to {q.shape[0]}, non-decreasing")):
             if flag:
                 raise ValueError(f"{op}: {message}")
-    args = (q, k_cache, v_cache, block_table, kv_lens, cu_q, ATTENTION_MASKS[mask], scale)
+    args = (q, k_cache, v_cache, block_table, kv_lens, cu_q, ATTENTION_MASKS[mask], scale, int(window))
     if compiling():
         result, lse = torch.ops.dspark.paged_attention(*args)
         if out is not None:
