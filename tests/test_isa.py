@@ -59,10 +59,17 @@ def test_rejection_sample_is_bit_identical_under_every_isa(restore_isa, mode):
     b = random_batch(40, 5000, 6, seed=17, spread=2.0, agreement=0.7)
     temps = torch.linspace(0.0, 1.5, 40)
 
+    top_k = torch.arange(40, dtype=torch.int32) % 7 * 30  # 0 (off) and 30..180
+    top_p = torch.where(torch.arange(40) % 3 == 0, 0.8, 1.0)
+
     def run():
         out = ops.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, temperature=temps, seed=3,
                                    return_soft_acceptance=True, **b.kwargs(mode))
-        return out.output_tokens, out.num_accepted, out.soft_acceptance
+        cut = ops.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, temperature=temps, seed=3,
+                                   top_k=top_k, top_p=top_p, min_p=0.01, return_soft_acceptance=True,
+                                   return_logprobs=True, **b.kwargs(mode))
+        return (out.output_tokens, out.num_accepted, out.soft_acceptance, cut.output_tokens, cut.soft_acceptance,
+                cut.logprobs)
 
     results = under_each_isa(run)
     first = results[ISAS[0]]

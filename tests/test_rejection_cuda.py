@@ -208,3 +208,53 @@ def test_host_seed_tensor_is_refused_inside_graph_capture():
     with pytest.raises(ValueError, match="'seed' must be on cuda"):
         with torch.cuda.graph(graph):
             ops.rejection_sample(target, tokens, cu, seed=torch.tensor([5]), max_num_draft=2)
+
+
+# ---------------------------------------------- truncation, placeholders, bonus
+
+
+def _truncation_mix(R: int, vocab: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    top_k = torch.where(torch.rand(R, generator=g) < 0.5, torch.randint(1, vocab + 1, (R,), generator=g), 0)
+    top_p = torch.where(torch.rand(R, generator=g) < 0.5, torch.rand(R, generator=g) * 0.9 + 0.05, 1.0)
+    min_p = torch.where(torch.rand(R, generator=g) < 0.3, torch.rand(R, generator=g) * 0.2, 0.0)
+    return dict(top_k=top_k.to(torch.int32), top_p=top_p, min_p=min_p)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 4099, 32000, 151936])
+def test_cuda_equals_cpu_with_truncation_and_logprobs(mode, dtype, vocab):
+    """Per-request top-k / top-p / min-p (radix selects in one block per row),
+    greedy and sampled requests, log-probabilities: bit-equal to the CPU."""
+    R = 48 if vocab < 100000 else 8
+    b = random_batch(R, vocab, 7, seed=vocab + 11, dtype=dtype, spread=2.0, agreement=0.7)
+    temps = torch.linspace(0.0, 1.6, R)
+    cpu, gpu = _both(b, mode, temperature=temps, seed=5, offset=1, return_logprobs=True,
+                     **_truncation_mix(R, vocab, vocab))
+    _assert_same(cpu, gpu)
+    assert torch.equal(cpu.logprobs, gpu.logprobs.cpu())
+    ref = reference.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, temperature=temps, seed=5,
+                                     offset=1, return_margins=True, **b.kwargs(mode), **_truncation_mix(R, vocab, vocab))
+    assert_matches_reference(gpu, ref, f"truncation {mode} V={vocab}")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cuda_equals_cpu_with_placeholders_and_bonus_tokens(temperature):
+    R, V = 40, 3000
+    b = random_batch(R, V, 6, seed=9, agreement=0.3)
+    tokens = b.draft_tokens.clone()
+    tokens[::5] = -1
+    cu = b.cu_num_draft
+    rows = [int(cu[r]) + r + k for r in range(R) for k in range(int(cu[r + 1] - cu[r]))]
+    bonus = torch.randint(0, V, (R,))
+    for kw in (dict(), dict(bonus_tokens=bonus)):
+        target = b.target_logits[rows] if kw else b.target_logits
+        args = dict(draft_logits=b.draft_logits, temperature=temperature, seed=4, return_soft_acceptance=True,
+                    return_logprobs=True, top_p=0.9)
+        cpu = ops.rejection_sample(target, tokens, cu, **args, **kw)
+        gpu = ops.rejection_sample(target.to(CUDA), tokens.to(CUDA), cu.to(CUDA),
+                                   **{k: (v.to(CUDA) if isinstance(v, torch.Tensor) else v) for k, v in
+                                      dict(args, **kw).items()})
+        _assert_same(cpu, gpu)
+        assert torch.equal(cpu.logprobs, gpu.logprobs.cpu())

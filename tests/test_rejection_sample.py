@@ -429,17 +429,24 @@ def test_bad_input_raises_naming_the_argument(change, exc, words):
 
 def test_registered_custom_ops_pass_opcheck():
     b = random_batch(4, 50, 3, seed=31)
-    args = (b.target_logits, b.draft_tokens, b.cu_num_draft, b.draft_logits, None, None, 1.0, None, 5, None, 0, None, 3, True)
+    plain = (None, 0, None, 1.0, None, 0.0, None)  # bonus_tokens, top_k, top_ks, top_p, top_ps, min_p, min_ps
+    args = (b.target_logits, b.draft_tokens, b.cu_num_draft, b.draft_logits, None, None, 1.0, None, 5, None, 0, None,
+            3, *plain, True, True)
     torch.library.opcheck(torch.ops.dspark.rejection_sample.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     out = (torch.empty(4, 4, dtype=torch.int32), torch.empty(4, dtype=torch.int32),
-           torch.empty(int(b.cu_num_draft[-1])))
-    torch.library.opcheck(torch.ops.dspark.rejection_sample_out.default, args[:-1] + out,
+           torch.empty(int(b.cu_num_draft[-1])), torch.empty(4, 4))
+    torch.library.opcheck(torch.ops.dspark.rejection_sample_out.default, args[:-2] + out,
                           test_utils=("test_schema", "test_faketensor"))
     s = sub_vocab_batch(4, 50, 9, 3, seed=32)
     sub_args = (s.target_logits, s.draft_tokens, s.cu_num_draft, s.draft_logits, None, s.draft_vocab, 1.0, None, 5,
-                None, 0, None, 3, True)
+                None, 0, None, 3, *plain, True, False)
     torch.library.opcheck(torch.ops.dspark.rejection_sample.default, sub_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    truncated = (None, 0, torch.tensor([0, 3, 7, 50], dtype=torch.int32), 1.0,
+                 torch.tensor([1.0, 0.9, 0.5, 0.2]), 0.0, torch.tensor([0.0, 0.1, 0.0, 0.3]))
+    trunc_args = args[:13] + truncated + (True, True)
+    torch.library.opcheck(torch.ops.dspark.rejection_sample.default, trunc_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

@@ -3,11 +3,13 @@
 //   1. chunk statistics of every target row and every draft row (parallel
 //      over row x chunk; each chunk is converted to float once and kept in a
 //      stack buffer for its max pass and its sum pass);
-//   2. row statistics (parallel over rows), then the left-to-right decisions
-//      of every request (parallel over requests);
+//   2. row statistics (parallel over rows), the truncation of the target rows
+//      of requests with top-k / top-p / min-p (parallel over rows: a radix
+//      select over the row's keys, truncation.h), then the left-to-right
+//      decisions of every request (parallel over requests);
 //   3. the residual or bonus race of each request and, on request, the soft
 //      acceptance sums (parallel over row x chunk);
-//   4. the outputs.
+//   4. the outputs (tokens, and on request the log-probabilities).
 // The inner loops are written so that GCC vectorises them; the hot ones are
 // compiled for every instruction set of isa.h and picked at run time.
 #include <algorithm>
@@ -58,7 +60,8 @@ Rows map_rows(const Problem& p) {
     const Span s = request_span(p, r);
     if (!s.valid) continue;
     const int64_t n_all = p.cu_num_draft[r + 1] - p.cu_num_draft[r];
-    for (int64_t k = 0; k <= n_all && s.target_begin + k < p.num_target_rows; ++k)
+    const int64_t n_target = n_all + (p.bonus_tokens ? 0 : 1);
+    for (int64_t k = 0; k < n_target && s.target_begin + k < p.num_target_rows; ++k)
       m.target_request[static_cast<size_t>(s.target_begin + k)] = r;
     for (int64_t k = 0; k < n_all && s.draft_begin + k < p.num_draft_rows; ++k)
       m.draft_request[static_cast<size_t>(s.draft_begin + k)] = r;
@@ -66,8 +69,10 @@ Rows map_rows(const Problem& p) {
   return m;
 }
 
+// greedy: a greedy request's target row (argmax at scale 1, sum at scale
+// log2(e): rejection.h, Log-probabilities).
 ChunkStats chunk_stats(const void* row, DType dtype, int64_t begin, int64_t end, float scale,
-                       bool probs) {
+                       bool probs, bool greedy) {
   alignas(64) float buf[kChunk];
   const int64_t n = end - begin;
   convert_to_float(static_cast<const char*>(row) + begin * static_cast<int64_t>(dtype_size(dtype)),
@@ -80,23 +85,54 @@ ChunkStats chunk_stats(const void* row, DType dtype, int64_t begin, int64_t end,
   } else {
     const uint32_t best = scale_and_max(buf, n, scale);
     c.max_arg = num::pack_arg(best, static_cast<uint32_t>(begin + first_index_of(buf, n, best)));
-    c.sum = logit_sum(buf, n, num::from_orderable(best));
+    if (greedy) {
+      const uint32_t best_rescaled = scale_and_max(buf, n, num::kLog2e);  // buf <- rescaled(buf)
+      c.sum = logit_sum(buf, n, num::from_orderable(best_rescaled));
+    } else {
+      c.sum = logit_sum(buf, n, num::from_orderable(best));
+    }
   }
   return c;
 }
 
-RowStats row_stats(const ChunkStats* chunks, int64_t count, bool logits) {
+RowStats row_stats(const ChunkStats* chunks, int64_t count, bool logits, bool greedy) {
   uint64_t max_arg = 0;
   for (int64_t c = 0; c < count; ++c) max_arg = std::max(max_arg, chunks[c].max_arg);
   const float row_max = num::from_orderable(num::packed_value(max_arg));
   uint64_t total = 0;
-  for (int64_t c = 0; c < count; ++c) total += chunk_share(chunks[c], row_max, logits);
-  return finish_row(max_arg, total);
+  if (greedy) {
+    const float row_max_rescaled = rescaled(row_max);
+    for (int64_t c = 0; c < count; ++c) total += greedy_chunk_share(chunks[c], row_max_rescaled);
+  } else {
+    for (int64_t c = 0; c < count; ++c) total += chunk_share(chunks[c], row_max, logits);
+  }
+  return finish_row(max_arg, total, greedy);
+}
+
+const void* row_at(const void* base, DType dtype, int64_t stride, int64_t row) {
+  return static_cast<const char*>(base) + row * stride * static_cast<int64_t>(dtype_size(dtype));
+}
+
+// Truncates target row `row` of a sampled request (its statistics in s): the
+// cut key and the normaliser of the kept tokens (truncation.h). `z` and `hist`
+// are the calling thread's buffers.
+void truncate_row(const Problem& p, int64_t row, float scale, const truncation::Truncation& t, RowStats& s,
+                  std::vector<float>& z, std::vector<uint64_t>& hist) {
+  z.resize(static_cast<size_t>(p.vocab));
+  hist.resize(truncation::kRadixBins);
+  convert_to_float(row_at(p.target, p.target_dtype, p.target_stride, row), p.target_dtype, p.vocab, z.data());
+  scale_and_max(z.data(), p.vocab, scale);
+  const float* zs = z.data();
+  const truncation::Cut c =
+      truncation::truncate_host(p.vocab, [zs](int64_t v) { return zs[v]; }, s.max, t, hist.data());
+  s.cut = c.cut;
+  s.inv_sum = c.total > 0 ? num::div(1.0f, num::from_fixed(c.total)) : 0.0f;
 }
 
 struct RaceBest {
   uint64_t residual = 0, target = 0;
 };
+
 
 // Probabilities of a chunk of a logit row, in place: z <- p(z).
 void logit_probs(float* x, int64_t n, float scale, RowStats s) { kernels().logit_probs(x, n, scale, s); }
@@ -104,10 +140,6 @@ void given_probs(float* x, int64_t n, RowStats s) { kernels().given_probs(x, n, 
 
 // w <- max(0, pt - pd) flushed, in place over pd.
 void residual_weights(const float* pt, float* pd, int64_t n) { kernels().residual_weights(pt, pd, n); }
-
-const void* row_at(const void* base, DType dtype, int64_t stride, int64_t row) {
-  return static_cast<const char*>(base) + row * stride * static_cast<int64_t>(dtype_size(dtype));
-}
 
 const void* column_at(const void* row, DType dtype, int64_t column) {
   return static_cast<const char*>(row) + column * static_cast<int64_t>(dtype_size(dtype));
@@ -193,6 +225,8 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
   int32_t* out_tokens = args.output_tokens.ptr<int32_t>();
   int32_t* out_accepted = args.num_accepted.ptr<int32_t>();
   float* out_soft = args.soft_acceptance.defined() ? args.soft_acceptance.ptr<float>() : nullptr;
+  float* out_logprobs = args.output_logprobs.defined() ? args.output_logprobs.ptr<float>() : nullptr;
+  const int64_t logprob_stride = out_logprobs ? args.output_logprobs.stride(0) : 0;
   const int64_t out_width = static_cast<int64_t>(p.max_num_draft) + 1;
   const int64_t out_stride = args.output_tokens.stride(0);
   if (R == 0) return;
@@ -216,7 +250,8 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
       const int64_t c = is_target ? job % chunks : (job - target_jobs) % draft_chunks;
       const int32_t r = is_target ? rows.target_request[static_cast<size_t>(local)]
                                   : rows.draft_request[static_cast<size_t>(local)];
-      const float scale = logit_scale(request_temperature(p, r));
+      const float temperature = request_temperature(p, r);
+      const float scale = logit_scale(temperature);
       const void* base = is_target ? p.target : p.draft;
       const DType dtype = is_target ? p.target_dtype : p.draft_dtype;
       const int64_t stride = is_target ? p.target_stride : p.draft_stride;
@@ -225,21 +260,36 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
       const bool probs = !is_target && p.mode == DraftMode::kProbs;
       const int64_t columns = is_target ? V : Vd;
       stats[static_cast<size_t>(job)] =
-          chunk_stats(row_ptr, dtype, c * kChunk, std::min(columns, (c + 1) * kChunk), scale, probs);
+          chunk_stats(row_ptr, dtype, c * kChunk, std::min(columns, (c + 1) * kChunk), scale, probs,
+                      is_target && is_greedy(temperature));
     }
   });
 
-  // 2. row statistics, decisions
+  // 2. row statistics, truncation, decisions
   std::vector<RowStats> row(static_cast<size_t>(nt + nd));
   parallel_for(nt + nd, kRequestsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const bool is_target = i < nt;
       const bool logits = is_target || p.mode == DraftMode::kLogits;
+      const bool greedy = is_target && is_greedy(request_temperature(p, rows.target_request[static_cast<size_t>(i)]));
       const ChunkStats* first = is_target ? &stats[static_cast<size_t>(i * chunks)]
                                           : &stats[static_cast<size_t>(target_jobs + (i - nt) * draft_chunks)];
-      row[static_cast<size_t>(i)] = row_stats(first, is_target ? chunks : draft_chunks, logits);
+      row[static_cast<size_t>(i)] = row_stats(first, is_target ? chunks : draft_chunks, logits, greedy);
     }
   });
+  if (p.truncation.any()) {
+    parallel_for(nt, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> z;
+      std::vector<uint64_t> hist;
+      for (int64_t i = begin; i < end; ++i) {
+        const int32_t r = rows.target_request[static_cast<size_t>(i)];
+        const float temperature = request_temperature(p, r);
+        const truncation::Truncation t = p.truncation.of(r);
+        if (is_greedy(temperature) || !truncation::active(t, V) || !request_span(p, r).valid) continue;
+        truncate_row(p, i, logit_scale(temperature), t, row[static_cast<size_t>(i)], z, hist);
+      }
+    });
+  }
   const RowStats* target_stats = row.data();
   const RowStats* draft_stats = draft_rows ? row.data() + nt : nullptr;
   std::vector<Decision> decision(static_cast<size_t>(R));
@@ -309,6 +359,8 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
     for (int64_t i = 0; i < out_width; ++i) out[i] = -1;
     if (!s.valid) {
       out_accepted[r] = 0;
+      if (out_logprobs)
+        for (int64_t i = 0; i < out_width; ++i) out_logprobs[r * logprob_stride + i] = -num::kInf;
       continue;
     }
     for (int32_t k = 0; k < d.accepted; ++k)
@@ -324,6 +376,11 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
     }
     out[d.accepted] = final_token;
     out_accepted[r] = d.accepted;
+    if (out_logprobs) {
+      float* lp = out_logprobs + r * logprob_stride;
+      for (int64_t i = 0; i < out_width; ++i) lp[i] = -num::kInf;
+      for (int32_t j = 0; j <= d.accepted; ++j) lp[j] = committed_logprob(p, r, j, out[j], target_stats);
+    }
   }
 }
 

@@ -1,5 +1,7 @@
-// CUDA backend of rejection_sample: four launches on the caller's stream, no
-// allocation, no host synchronisation (graph-capturable). All state lives in
+// CUDA backend of rejection_sample: four launches on the caller's stream (six
+// with truncation: the row statistics, then one block per truncated target
+// row, then the decisions), no allocation, no host synchronisation
+// (graph-capturable). All state lives in
 // the caller's workspace (ops/workspace.h). The numerics are those of
 // dspark/rejection.h, shared with the CPU backend, so both agree bit for bit.
 //
@@ -23,6 +25,7 @@
 #include "common.cuh"
 #include "dspark/ops.h"
 #include "dspark/rejection.h"
+#include "truncation.cuh"
 
 namespace dspark::cuda {
 namespace {
@@ -33,6 +36,7 @@ constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarpsPerBlock * kWarpSize;
 constexpr int kPerLane = static_cast<int>(kChunk) / kWarpSize;  // 64 columns per lane per chunk
 constexpr int kFinalizeThreads = 256;
+constexpr int kTruncateThreads = 1024;  // one block per truncated row
 constexpr const char* kOp = "rejection_sample";
 
 static_assert(kChunk % (kWarpSize * 8) == 0, "a chunk must be a whole number of 16-byte warp loads");
@@ -49,7 +53,13 @@ __device__ __forceinline__ int32_t find_request(int32_t R, int64_t i, Key key) {
 }
 
 __device__ __forceinline__ int32_t request_of_target_row(const Problem& p, int64_t i) {
-  return find_request(p.num_requests, i, [&](int32_t r) { return int64_t{p.cu_num_draft[r]} + r; });
+  const bool bonus_rows = p.bonus_tokens == nullptr;
+  return find_request(p.num_requests, i, [&](int32_t r) { return int64_t{p.cu_num_draft[r]} + (bonus_rows ? r : 0); });
+}
+
+// Target rows of request r: n + 1, or n when the caller draws the bonus tokens.
+__device__ __forceinline__ int target_rows_of(const Problem& p, const Span& span) {
+  return span.num_draft + (p.bonus_tokens ? 0 : 1);
 }
 
 __device__ __forceinline__ int32_t request_of_draft_row(const Problem& p, int64_t j) {
@@ -119,7 +129,9 @@ chunk_stats_kernel(Problem p, int64_t chunks, int64_t draft_chunks, int64_t num_
   const int64_t local = is_target ? job / chunks : (job - target_jobs) / draft_chunks;
   const int64_t chunk = is_target ? job % chunks : (job - target_jobs) % draft_chunks;
   const int32_t r = is_target ? request_of_target_row(p, local) : request_of_draft_row(p, local);
-  const float scale = logit_scale(request_temperature(p, r));
+  const float temperature = request_temperature(p, r);
+  const float scale = logit_scale(temperature);
+  const bool greedy_target = is_target && is_greedy(temperature);  // sum at scale log2(e)
   const bool probs = !is_target && p.mode == DraftMode::kProbs;
   const DType dtype = is_target ? p.target_dtype : p.draft_dtype;
   const size_t esize = dtype == DType::kFloat32 ? 4 : 2;
@@ -168,11 +180,12 @@ chunk_stats_kernel(Problem p, int64_t chunks, int64_t draft_chunks, int64_t num_
   }
   best = warp_max_u64(best);
   const float m = num::from_orderable(num::packed_value(best));
+  const float m_sum = greedy_target ? rescaled(m) : m;
   uint64_t sum = 0;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int64_t v = (int64_t{i / width} * kWarpSize + lane) * width + i % width;
-    if (v < count) sum += probs ? num::to_fixed(z[i]) : logit_term(z[i], m);
+    if (v < count) sum += probs ? num::to_fixed(z[i]) : logit_term(greedy_target ? rescaled(z[i]) : z[i], m_sum);
   }
   sum = warp_sum_u64(sum);
   if (lane == 0) out[job] = ChunkStats{best, sum};
@@ -183,30 +196,38 @@ chunk_stats_kernel(Problem p, int64_t chunks, int64_t draft_chunks, int64_t num_
 // combines the chunk statistics of the request's rows w, w + 8, ... (lanes
 // over chunks: a max, then a sum of rescaled chunk sums), writing RowStats.
 // Then thread 0 walks the drafts left to right (two logits and one Philox
-// block per position) and writes the accepted tokens, the -1 padding, and
-// the greedy token; other threads write direct soft-acceptance labels and
-// clear the race and soft accumulators that kernel 3 adds into.
+// block per position) and writes the accepted tokens, the -1 padding, the
+// greedy (or caller's bonus) token and, on request, their log-probabilities;
+// other threads write direct soft-acceptance labels and clear the race and
+// soft accumulators that kernel 3 adds into. With truncation the kernel runs
+// twice (kRowsPhase, then kDecidePhase) around truncate_kernel.
 // ---------------------------------------------------------------------------
+constexpr int kRowsPhase = 1, kDecidePhase = 2;
+
 __global__ void __launch_bounds__(kThreads)
-decide_kernel(Problem p, int64_t chunks, int64_t draft_chunks, bool draft_rows, const ChunkStats* __restrict__ stats,
-              RowStats* __restrict__ row_stats, Decision* __restrict__ decisions,
-              unsigned long long* __restrict__ race_best, unsigned long long* __restrict__ soft_sums,
-              int32_t* __restrict__ out_tokens, int64_t out_stride, int32_t* __restrict__ out_accepted,
-              float* __restrict__ out_soft) {
+decide_kernel(Problem p, int phases, int64_t chunks, int64_t draft_chunks, bool draft_rows,
+              const ChunkStats* __restrict__ stats, RowStats* __restrict__ row_stats,
+              Decision* __restrict__ decisions, unsigned long long* __restrict__ race_best,
+              unsigned long long* __restrict__ soft_sums, int32_t* __restrict__ out_tokens, int64_t out_stride,
+              int32_t* __restrict__ out_accepted, float* __restrict__ out_soft, float* __restrict__ out_logprobs,
+              int64_t logprob_stride) {
   const int32_t r = blockIdx.x;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const Span span = request_span(p, r);
   const RowStats* target_stats = row_stats;
   const RowStats* draft_stats = draft_rows ? row_stats + p.num_target_rows : nullptr;
 
-  if (span.valid) {
+  if ((phases & kRowsPhase) && span.valid) {
     const int n = span.num_draft;
-    const int rows = (n + 1) + (draft_rows ? n : 0);
+    const int n_target = target_rows_of(p, span);
+    const int rows = n_target + (draft_rows ? n : 0);
+    const bool greedy = is_greedy(request_temperature(p, r));
     for (int i = warp; i < rows; i += kWarpsPerBlock) {
-      const bool is_target = i <= n;
+      const bool is_target = i < n_target;
       const int64_t global = is_target ? span.target_begin + i
-                                       : p.num_target_rows + span.draft_begin + (i - n - 1);
+                                       : p.num_target_rows + span.draft_begin + (i - n_target);
       const bool logits = is_target || p.mode == DraftMode::kLogits;
+      const bool greedy_target = is_target && greedy;
       const int64_t count = is_target ? chunks : draft_chunks;
       const ChunkStats* c = is_target ? stats + global * chunks
                                       : stats + p.num_target_rows * chunks + (global - p.num_target_rows) * draft_chunks;
@@ -214,12 +235,15 @@ decide_kernel(Problem p, int64_t chunks, int64_t draft_chunks, bool draft_rows, 
       for (int64_t j = lane; j < count; j += kWarpSize) max_arg = max(max_arg, c[j].max_arg);
       max_arg = warp_max_u64(max_arg);
       const float row_max = num::from_orderable(num::packed_value(max_arg));
+      const float row_max_rescaled = rescaled(row_max);
       uint64_t total = 0;
-      for (int64_t j = lane; j < count; j += kWarpSize) total += chunk_share(c[j], row_max, logits);
+      for (int64_t j = lane; j < count; j += kWarpSize)
+        total += greedy_target ? greedy_chunk_share(c[j], row_max_rescaled) : chunk_share(c[j], row_max, logits);
       total = warp_sum_u64(total);
-      if (lane == 0) row_stats[global] = finish_row(max_arg, total);
+      if (lane == 0) row_stats[global] = finish_row(max_arg, total, greedy_target);
     }
   }
+  if (!(phases & kDecidePhase)) return;
   __syncthreads();
 
   if (threadIdx.x == 0) {
@@ -228,11 +252,19 @@ decide_kernel(Problem p, int64_t chunks, int64_t draft_chunks, bool draft_rows, 
     const Decision d = decide(p, r, target_stats, draft_stats);
     decisions[r] = d;
     int32_t* out = out_tokens + r * out_stride;
+    float* lp = out_logprobs ? out_logprobs + r * logprob_stride : nullptr;
     for (int64_t i = 0; i <= p.max_num_draft; ++i) out[i] = -1;
+    if (lp)
+      for (int64_t i = 0; i <= p.max_num_draft; ++i) lp[i] = -num::kInf;
     if (span.valid) {
-      for (int32_t k = 0; k < d.accepted; ++k)
+      for (int32_t k = 0; k < d.accepted; ++k) {
         out[k] = static_cast<int32_t>(load_index(p.tokens, p.token_dtype, span.draft_begin + k));
-      if (d.kind == RaceKind::kNone) out[d.accepted] = d.token;
+        if (lp) lp[k] = committed_logprob(p, r, k, out[k], target_stats);
+      }
+      if (d.kind == RaceKind::kNone) {
+        out[d.accepted] = d.token;
+        if (lp) lp[d.accepted] = committed_logprob(p, r, d.accepted, d.token, target_stats);
+      }
     }
     out_accepted[r] = d.accepted;
   }
@@ -244,6 +276,36 @@ decide_kernel(Problem p, int64_t chunks, int64_t draft_chunks, bool draft_rows, 
       else
         soft_sums[span.draft_begin + k] = 0;
     }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 2b (truncation only): a block of 1024 threads owns one target row of
+// a sampled request with top-k / top-p / min-p and finds its cut and its
+// normaliser over the kept tokens by radix selects (truncation.cuh: 3 passes
+// for top-k, 3 for top-p or 1 sum pass, each reading the row, V b bytes, from
+// L2 after the first); thread 0 writes RowStats.cut and inv_sum. Blocks of
+// other rows return at once.
+// ---------------------------------------------------------------------------
+__global__ void __launch_bounds__(kTruncateThreads)
+truncate_kernel(Problem p, RowStats* __restrict__ row_stats) {
+  __shared__ TruncationShared shared;
+  const int64_t row = blockIdx.x;
+  const int32_t r = request_of_target_row(p, row);
+  const Span span = request_span(p, r);
+  if (!span.valid || row - span.target_begin >= target_rows_of(p, span)) return;
+  const float temperature = request_temperature(p, r);
+  const truncation::Truncation t = p.truncation.of(r);
+  if (is_greedy(temperature) || !truncation::active(t, p.vocab)) return;
+  const float scale = logit_scale(temperature);
+  const RowStats s = row_stats[row];
+  const auto z_of = [&](int64_t v) {
+    return scaled_logit(load_float(p.target, p.target_dtype, row * p.target_stride + v), scale);
+  };
+  const truncation::Cut c = block_truncate(p.vocab, z_of, s.max, t, shared);
+  if (threadIdx.x == 0) {
+    row_stats[row].cut = c.cut;
+    row_stats[row].inv_sum = c.total > 0 ? num::div(1.0f, num::from_fixed(c.total)) : 0.0f;
   }
 }
 
@@ -307,7 +369,7 @@ race_kernel(Problem p, int64_t chunks, int64_t draft_chunks, bool draft_rows, bo
   const int64_t chunk = soft_job % draft_chunks;
   const int32_t r = request_of_draft_row(p, drow);
   const Span span = request_span(p, r);
-  if (!draft_row_in_span(span, drow) || !soft_needs_pass(p, r)) return;
+  if (!draft_row_in_span(span, drow) || soft_is_direct(p, r, drow)) return;
   const int64_t trow = span.target_begin + (drow - span.draft_begin);
   const float scale = logit_scale(request_temperature(p, r));
   const RowStats ts = target_stats[trow];
@@ -343,20 +405,26 @@ __global__ void scatter_index_kernel(const int32_t* __restrict__ draft_vocab, in
 __global__ void __launch_bounds__(kFinalizeThreads)
 finalize_kernel(Problem p, bool soft, const Decision* __restrict__ decisions,
                 const unsigned long long* __restrict__ race_best,
-                const unsigned long long* __restrict__ soft_sums, int32_t* __restrict__ out_tokens,
-                int64_t out_stride, float* __restrict__ out_soft) {
+                const unsigned long long* __restrict__ soft_sums, const RowStats* __restrict__ row_stats,
+                int32_t* __restrict__ out_tokens, int64_t out_stride, float* __restrict__ out_soft,
+                float* __restrict__ out_logprobs, int64_t logprob_stride) {
   const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (i < p.num_requests) {
     const Decision d = decisions[i];
-    if (d.kind != RaceKind::kNone)
-      out_tokens[i * out_stride + d.accepted] = race_winner(race_best[2 * i], race_best[2 * i + 1]);
+    if (d.kind != RaceKind::kNone) {
+      const int32_t token = race_winner(race_best[2 * i], race_best[2 * i + 1]);
+      out_tokens[i * out_stride + d.accepted] = token;
+      if (out_logprobs)
+        out_logprobs[i * logprob_stride + d.accepted] =
+            committed_logprob(p, static_cast<int32_t>(i), d.accepted, token, row_stats);
+    }
   }
   if (soft && i < p.num_draft_rows) {
     const int32_t r = request_of_draft_row(p, i);
     const Span span = request_span(p, r);
     if (!draft_row_in_span(span, i))
       out_soft[i] = 0.0f;
-    else if (soft_needs_pass(p, r))
+    else if (!soft_is_direct(p, r, i))
       out_soft[i] = soft_from_fixed(soft_sums[i]);  // direct labels were written by kernel 2
   }
 }
@@ -418,6 +486,8 @@ void rejection_sample(const Problem& problem, const RejectionSampleArgs& args) {
   int32_t* out_tokens = args.output_tokens.ptr<int32_t>();
   const int64_t out_stride = args.output_tokens.stride(0);
   float* out_soft = soft ? args.soft_acceptance.ptr<float>() : nullptr;
+  float* out_logprobs = args.output_logprobs.defined() ? args.output_logprobs.ptr<float>() : nullptr;
+  const int64_t logprob_stride = out_logprobs ? args.output_logprobs.stride(0) : 0;
 
   const bool vt = rows_vector_aligned(p.target, p.target_dtype, p.target_stride);
   const bool vd = draft_rows && rows_vector_aligned(p.draft, p.draft_dtype, p.draft_stride);
@@ -429,10 +499,24 @@ void rejection_sample(const Problem& problem, const RejectionSampleArgs& args) {
   }
   check(cudaGetLastError(), kOp, "chunk_stats_kernel launch");
 
-  decide_kernel<<<static_cast<unsigned>(p.num_requests), kThreads, 0, stream>>>(
-      p, chunks, draft_chunks, draft_rows, stats, row_stats, decisions, race_best, soft_sums, out_tokens,
-      out_stride, args.num_accepted.ptr<int32_t>(), out_soft);
-  check(cudaGetLastError(), kOp, "decide_kernel launch");
+  int32_t* out_accepted = args.num_accepted.ptr<int32_t>();
+  if (p.truncation.any()) {
+    decide_kernel<<<static_cast<unsigned>(p.num_requests), kThreads, 0, stream>>>(
+        p, kRowsPhase, chunks, draft_chunks, draft_rows, stats, row_stats, decisions, race_best, soft_sums,
+        out_tokens, out_stride, out_accepted, out_soft, out_logprobs, logprob_stride);
+    check(cudaGetLastError(), kOp, "decide_kernel (rows) launch");
+    truncate_kernel<<<grid_size(p.num_target_rows, kOp), kTruncateThreads, 0, stream>>>(p, row_stats);
+    check(cudaGetLastError(), kOp, "truncate_kernel launch");
+    decide_kernel<<<static_cast<unsigned>(p.num_requests), kThreads, 0, stream>>>(
+        p, kDecidePhase, chunks, draft_chunks, draft_rows, stats, row_stats, decisions, race_best, soft_sums,
+        out_tokens, out_stride, out_accepted, out_soft, out_logprobs, logprob_stride);
+    check(cudaGetLastError(), kOp, "decide_kernel launch");
+  } else {
+    decide_kernel<<<static_cast<unsigned>(p.num_requests), kThreads, 0, stream>>>(
+        p, kRowsPhase | kDecidePhase, chunks, draft_chunks, draft_rows, stats, row_stats, decisions, race_best,
+        soft_sums, out_tokens, out_stride, out_accepted, out_soft, out_logprobs, logprob_stride);
+    check(cudaGetLastError(), kOp, "decide_kernel launch");
+  }
 
   const int64_t race_jobs = int64_t{p.num_requests} * chunks + (soft ? p.num_draft_rows * draft_chunks : 0);
   race_kernel<<<grid_size(ceil_div(race_jobs, kWarpsPerBlock), kOp), kThreads, 0, stream>>>(
@@ -441,8 +525,8 @@ void rejection_sample(const Problem& problem, const RejectionSampleArgs& args) {
 
   const int64_t finalize_items = std::max<int64_t>(p.num_requests, soft ? p.num_draft_rows : 0);
   finalize_kernel<<<grid_size(ceil_div(finalize_items, kFinalizeThreads), kOp),
-                    kFinalizeThreads, 0, stream>>>(p, soft, decisions, race_best, soft_sums,
-                                                   out_tokens, out_stride, out_soft);
+                    kFinalizeThreads, 0, stream>>>(p, soft, decisions, race_best, soft_sums, row_stats,
+                                                   out_tokens, out_stride, out_soft, out_logprobs, logprob_stride);
   check(cudaGetLastError(), kOp, "finalize_kernel launch");
 }
 

@@ -37,10 +37,18 @@ void check_values_on_host(const RejectionSampleArgs& a, int64_t R, int64_t n_dra
                      "draft tokens ", n_draft, ", got ", cu[R]);
   for (int64_t j = 0; j < n_draft; ++j) {
     const int64_t x = load_index(a.draft_tokens.data, a.draft_tokens.dtype, j);
-    DSPARK_CHECK_VALUE(x >= 0 && x < V, kOp, ": argument 'draft_tokens' holds token id ", x,
-                       " at index ", j, ", outside the vocabulary [0, ", V, ")");
+    DSPARK_CHECK_VALUE(x >= rejection::kPlaceholder && x < V, kOp, ": argument 'draft_tokens' holds token id ", x,
+                       " at index ", j, ", outside the vocabulary [0, ", V, ") (-1 marks a missing draft)");
+  }
+  if (a.bonus_tokens.defined()) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t x = load_index(a.bonus_tokens.data, a.bonus_tokens.dtype, r);
+      DSPARK_CHECK_VALUE(x >= 0 && x < V, kOp, ": argument 'bonus_tokens' holds token id ", x, " for request ", r,
+                         ", outside the vocabulary [0, ", V, ")");
+    }
   }
   check_request_values_on_host(kOp, R, a.temperatures, a.offsets);
+  check_truncation_values_on_host(kOp, R, V, a.top_ks, a.top_ps, a.min_ps);
 }
 
 // The inverse of a draft vocabulary: the column of each target id, or -1;
@@ -97,10 +105,22 @@ void rejection_sample(const RejectionSampleArgs& a) {
   DSPARK_CHECK_VALUE(n_draft < std::numeric_limits<int32_t>::max() &&
                          R < std::numeric_limits<int32_t>::max(),
                      kOp, ": too many draft tokens or requests for int32 offsets");
-  DSPARK_CHECK_VALUE(a.target_logits.size(0) == n_draft + R, kOp,
-                     ": argument 'target_logits' must have N_draft + R = ", n_draft, " + ", R,
-                     " = ", n_draft + R, " rows (one per draft token and one bonus row per ",
-                     "request), got shape ", a.target_logits.shape_str());
+  const bool bonus_given = a.bonus_tokens.defined();
+  if (bonus_given) {
+    check::ndim(kOp, "bonus_tokens", a.bonus_tokens, 1);
+    check::dtype_in(kOp, "bonus_tokens", a.bonus_tokens, {DType::kInt32, DType::kInt64});
+    check::same_device(kOp, "bonus_tokens", a.bonus_tokens, device);
+    check::contiguous(kOp, "bonus_tokens", a.bonus_tokens);
+    check::dim_size(kOp, "bonus_tokens", a.bonus_tokens, 0, R, "R");
+    DSPARK_CHECK_VALUE(a.target_logits.size(0) == n_draft, kOp, ": argument 'target_logits' must have N_draft = ",
+                       n_draft, " rows when 'bonus_tokens' is given (one per draft token, no bonus rows), got shape ",
+                       a.target_logits.shape_str());
+  } else {
+    DSPARK_CHECK_VALUE(a.target_logits.size(0) == n_draft + R, kOp,
+                       ": argument 'target_logits' must have N_draft + R = ", n_draft, " + ", R,
+                       " = ", n_draft + R, " rows (one per draft token and one bonus row per ",
+                       "request), got shape ", a.target_logits.shape_str());
+  }
   DSPARK_CHECK_VALUE(a.max_num_draft >= 0, kOp, ": argument 'max_num_draft' must be >= 0, got ",
                      a.max_num_draft);
 
@@ -136,6 +156,7 @@ void rejection_sample(const RejectionSampleArgs& a) {
   }
 
   check_request_params(kOp, device, R, a.temperature, a.temperatures, a.seeds, a.offset, a.offsets);
+  check_truncation(kOp, device, R, V, a.top_k, a.top_ks, a.top_p, a.top_ps, a.min_p, a.min_ps);
 
   check::defined(kOp, "output_tokens", a.output_tokens);
   check::ndim(kOp, "output_tokens", a.output_tokens, 2);
@@ -158,6 +179,15 @@ void rejection_sample(const RejectionSampleArgs& a) {
     check::contiguous(kOp, "soft_acceptance", a.soft_acceptance);
     check::dim_size(kOp, "soft_acceptance", a.soft_acceptance, 0, n_draft, "N_draft");
   }
+  if (a.output_logprobs.defined()) {
+    check::ndim(kOp, "output_logprobs", a.output_logprobs, 2);
+    check::dtype_in(kOp, "output_logprobs", a.output_logprobs, {DType::kFloat32});
+    check::same_device(kOp, "output_logprobs", a.output_logprobs, device);
+    check::inner_contiguous(kOp, "output_logprobs", a.output_logprobs);
+    DSPARK_CHECK_VALUE(a.output_logprobs.size(0) == R && a.output_logprobs.size(1) == a.max_num_draft + 1, kOp,
+                       ": argument 'output_logprobs' must have shape [R, max_num_draft + 1] = [", R, ", ",
+                       a.max_num_draft + 1, "], got ", a.output_logprobs.shape_str());
+  }
 
   rejection::Problem p{};
   p.target = a.target_logits.data;
@@ -172,13 +202,16 @@ void rejection_sample(const RejectionSampleArgs& a) {
   p.draft_index = nullptr;
   p.tokens = a.draft_tokens.data;
   p.token_dtype = a.draft_tokens.dtype;
+  p.bonus_tokens = bonus_given ? a.bonus_tokens.data : nullptr;
+  p.bonus_dtype = bonus_given ? a.bonus_tokens.dtype : DType::kInt64;
   p.cu_num_draft = a.cu_num_draft.ptr<int32_t>();
   p.num_requests = static_cast<int32_t>(R);
   p.max_num_draft = a.max_num_draft;
   p.vocab = V;
-  p.num_target_rows = n_draft + R;
+  p.num_target_rows = bonus_given ? n_draft : n_draft + R;
   p.num_draft_rows = n_draft;
   p.params = request_params(a.temperature, a.temperatures, a.seed, a.seeds, a.offset, a.offsets);
+  p.truncation = truncation_params(a.top_k, a.top_ks, a.top_p, a.top_ps, a.min_p, a.min_ps);
 
   if (device.type == DeviceType::kCPU) {
     check_values_on_host(a, R, n_draft, V);

@@ -1,5 +1,7 @@
 #include "request_params.h"
 
+#include <string>
+
 #include "dspark/errors.h"
 
 namespace dspark {
@@ -15,7 +17,66 @@ void check_int64_vector(const char* op, const char* name, const TensorView& t, c
                      "' must have 1 or R = ", R, " elements, got shape ", t.shape_str());
 }
 
+void check_vector(const char* op, const char* name, const TensorView& t, const Device& device, int64_t R,
+                  DType dtype) {
+  check::ndim(op, name, t, 1);
+  check::dtype_in(op, name, t, {dtype});
+  check::same_device(op, name, t, device);
+  check::contiguous(op, name, t);
+  check::dim_size(op, name, t, 0, R, "R");
+}
+
+// " for request r", or nothing for a scalar (r < 0).
+std::string for_request(int64_t r) { return r >= 0 ? " for request " + std::to_string(r) : std::string(); }
+
+void check_top_k(const char* op, int64_t top_k, int64_t columns, int64_t r) {
+  DSPARK_CHECK_VALUE(top_k >= 0 && top_k <= columns, op, ": argument 'top_k' must be in [0, ", columns,
+                     "] (0: off), got ", top_k, for_request(r));
+}
+
+void check_top_p(const char* op, float top_p, int64_t r) {
+  DSPARK_CHECK_VALUE(top_p > 0.0f && top_p <= 1.0f, op, ": argument 'top_p' must be in (0, 1] (1: off), got ",
+                     top_p, for_request(r));
+}
+
+void check_min_p(const char* op, float min_p, int64_t r) {
+  DSPARK_CHECK_VALUE(min_p >= 0.0f && min_p <= 1.0f, op, ": argument 'min_p' must be in [0, 1] (0: off), got ",
+                     min_p, for_request(r));
+}
+
 }  // namespace
+
+void check_truncation(const char* op, const Device& device, int64_t R, int64_t columns, int32_t top_k,
+                      const TensorView& top_ks, float top_p, const TensorView& top_ps, float min_p,
+                      const TensorView& min_ps) {
+  if (top_ks.defined()) check_vector(op, "top_k", top_ks, device, R, DType::kInt32);
+  else check_top_k(op, top_k, columns, -1);
+  if (top_ps.defined()) check_vector(op, "top_p", top_ps, device, R, DType::kFloat32);
+  else check_top_p(op, top_p, -1);
+  if (min_ps.defined()) check_vector(op, "min_p", min_ps, device, R, DType::kFloat32);
+  else check_min_p(op, min_p, -1);
+}
+
+void check_truncation_values_on_host(const char* op, int64_t R, int64_t columns, const TensorView& top_ks,
+                                     const TensorView& top_ps, const TensorView& min_ps) {
+  for (int64_t r = 0; r < R; ++r) {
+    if (top_ks.defined()) check_top_k(op, top_ks.ptr<int32_t>()[r], columns, r);
+    if (top_ps.defined()) check_top_p(op, top_ps.ptr<float>()[r], r);
+    if (min_ps.defined()) check_min_p(op, min_ps.ptr<float>()[r], r);
+  }
+}
+
+truncation::Params truncation_params(int32_t top_k, const TensorView& top_ks, float top_p, const TensorView& top_ps,
+                                     float min_p, const TensorView& min_ps) {
+  truncation::Params t;
+  t.top_k = top_k;
+  t.top_ks = top_ks.defined() ? top_ks.ptr<int32_t>() : nullptr;
+  t.top_p = top_p;
+  t.top_ps = top_ps.defined() ? top_ps.ptr<float>() : nullptr;
+  t.min_p = min_p;
+  t.min_ps = min_ps.defined() ? min_ps.ptr<float>() : nullptr;
+  return t;
+}
 
 void check_request_params(const char* op, const Device& device, int64_t R, float temperature,
                           const TensorView& temperatures, const TensorView& seeds,

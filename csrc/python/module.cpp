@@ -61,9 +61,10 @@ using dspark::TensorView;
 void rejection_sample(TensorView target_logits, TensorView draft_tokens, TensorView cu_num_draft,
                       TensorView draft_logits, TensorView draft_probs, TensorView draft_vocab, double temperature,
                       TensorView temperatures, int64_t seed, TensorView seeds, int64_t offset,
-                      TensorView offsets, int64_t max_num_draft, TensorView output_tokens,
-                      TensorView num_accepted, TensorView soft_acceptance, TensorView workspace,
-                      uintptr_t stream) {
+                      TensorView offsets, int64_t max_num_draft, TensorView bonus_tokens, int64_t top_k,
+                      TensorView top_ks, double top_p, TensorView top_ps, double min_p, TensorView min_ps,
+                      TensorView output_tokens, TensorView num_accepted, TensorView soft_acceptance,
+                      TensorView output_logprobs, TensorView workspace, uintptr_t stream) {
   dspark::RejectionSampleArgs a;
   a.target_logits = target_logits;
   a.draft_tokens = draft_tokens;
@@ -81,9 +82,20 @@ void rejection_sample(TensorView target_logits, TensorView draft_tokens, TensorV
   if (max_num_draft < 0 || max_num_draft > INT32_MAX)
     throw dspark::ValueError("rejection_sample: argument 'max_num_draft' must be in [0, 2^31)");
   a.max_num_draft = static_cast<int32_t>(max_num_draft);
+  a.bonus_tokens = bonus_tokens;
+  if (top_k < 0 || top_k > INT32_MAX)
+    throw dspark::ValueError("rejection_sample: argument 'top_k' must be in [0, V] (0: off), got " +
+                             std::to_string(top_k));
+  a.top_k = static_cast<int32_t>(top_k);
+  a.top_ks = top_ks;
+  a.top_p = static_cast<float>(top_p);
+  a.top_ps = top_ps;
+  a.min_p = static_cast<float>(min_p);
+  a.min_ps = min_ps;
   a.output_tokens = output_tokens;
   a.num_accepted = num_accepted;
   a.soft_acceptance = soft_acceptance;
+  a.output_logprobs = output_logprobs;
   a.workspace = workspace;
   a.stream = reinterpret_cast<void*>(stream);
   dspark::rejection_sample(a);
@@ -256,9 +268,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("rejection_sample", &rejection_sample, py::arg("target_logits"), py::arg("draft_tokens"),
         py::arg("cu_num_draft"), py::arg("draft_logits"), py::arg("draft_probs"), py::arg("draft_vocab"),
         py::arg("temperature"), py::arg("temperatures"), py::arg("seed"), py::arg("seeds"),
-        py::arg("offset"), py::arg("offsets"), py::arg("max_num_draft"), py::arg("output_tokens"),
-        py::arg("num_accepted"), py::arg("soft_acceptance"), py::arg("workspace"),
-        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+        py::arg("offset"), py::arg("offsets"), py::arg("max_num_draft"), py::arg("bonus_tokens"),
+        py::arg("top_k"), py::arg("top_ks"), py::arg("top_p"), py::arg("top_ps"), py::arg("min_p"),
+        py::arg("min_ps"), py::arg("output_tokens"), py::arg("num_accepted"), py::arg("soft_acceptance"),
+        py::arg("output_logprobs"), py::arg("workspace"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
   m.def("schedule_prefix", &schedule_prefix, py::arg("conf"), py::arg("cap"), py::arg("mode"),
         py::arg("sps"), py::arg("budget"), py::arg("budgets"), py::arg("threshold"),

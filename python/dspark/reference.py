@@ -108,7 +108,7 @@ def exponential(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _sanitize_logits(z: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(z, nan=-_FLOAT_MAX, posinf=_FLOAT_MAX, neginf=-_FLOAT_MAX)
+    return torch.nan_to_num(z, nan=-_FLOAT_MAX, posinf=_FLOAT_MAX, neginf=-_FLOAT_MAX) + 0.0  # -0 -> +0
 
 
 def _scale(temperature: float) -> torch.Tensor:
@@ -120,6 +120,50 @@ def _softmax2(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     in float32, then 2^(z - max z) normalised, in float64."""
     z = _sanitize_logits(logits.to(torch.float32) * _scale(temperature)).to(torch.float64)
     w = torch.exp2(z - z.max())
+    p = w / w.sum()
+    return torch.where(p >= _MIN_WEIGHT, p, torch.zeros_like(p))
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z = sanitize(l * (log2(e) / T)) in float32."""
+    return _sanitize_logits(logits.to(torch.float32) * _scale(temperature))
+
+
+def truncation_mask(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """The tokens a row of base-2 logits ``z`` (float32) keeps under top-k, min-p
+    and then top-p (dspark/truncation.h), by their definitions: sort-based, in
+    float64 (top-k keeps every value tied with the k-th largest; min-p keeps
+    ``z >= M + log2(min_p)``; top-p keeps the smallest set of most probable
+    tokens, whole tie groups, whose mass reaches top_p of what top-k and min-p
+    kept)."""
+    V = z.numel()
+    keep = torch.ones(V, dtype=torch.bool)
+    M = z.max()
+    if 0 < top_k < V:
+        kth = torch.sort(z, descending=True).values[top_k - 1]
+        keep &= z >= kth
+    if min_p > 2.0**-100 and min_p == min_p:
+        cut = (M + torch.tensor(math.log2(min(min_p, 1.0)), dtype=torch.float32)).to(torch.float32)
+        keep &= z >= cut
+    if top_p < 1.0:
+        w = torch.where(keep, torch.exp2(z.to(torch.float64) - float(M)), torch.zeros(V, dtype=torch.float64))
+        need = top_p * float(w.sum())
+        values = torch.unique(z[keep], sorted=True).flip(0)  # distinct kept values, descending
+        mass = 0.0
+        for v in values:
+            mass += float(w[z == v].sum())
+            if mass >= need:
+                keep &= z >= v
+                break
+    return keep
+
+
+def _truncated_softmax2(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                        min_p: float) -> torch.Tensor:
+    """softmax(logits / T) restricted to the truncation's kept set, renormalised."""
+    z = _scaled(logits, temperature)
+    keep = truncation_mask(z, top_k, top_p, min_p)
+    w = torch.where(keep, torch.exp2(z.to(torch.float64) - float(z.max())), torch.zeros(z.numel(), dtype=torch.float64))
     p = w / w.sum()
     return torch.where(p >= _MIN_WEIGHT, p, torch.zeros_like(p))
 
@@ -142,6 +186,7 @@ class ReferenceOutput(NamedTuple):
     num_accepted: torch.Tensor
     soft_acceptance: Optional[torch.Tensor]
     margins: Optional[torch.Tensor]
+    logprobs: Optional[torch.Tensor] = None
 
 
 def _race(weights: torch.Tensor, bits: torch.Tensor):
@@ -164,7 +209,12 @@ def rejection_sample(
     seed: Union[int, torch.Tensor] = 0,
     offset: Union[int, torch.Tensor] = 0,
     max_num_draft: Optional[int] = None,
+    bonus_tokens: Optional[torch.Tensor] = None,
+    top_k: Union[int, torch.Tensor] = 0,
+    top_p: Union[float, torch.Tensor] = 1.0,
+    min_p: Union[float, torch.Tensor] = 0.0,
     return_soft_acceptance: bool = False,
+    return_logprobs: bool = False,
     return_margins: bool = False,
 ) -> ReferenceOutput:
     """The oracle of :func:`dspark.ops.rejection_sample` (same arguments, explicit
@@ -172,7 +222,8 @@ def rejection_sample(
     decisions from their thresholds (inf when all were exact comparisons). With
     ``draft_vocab`` the draft distribution over the target vocabulary is the
     draft row's, placed at the map's ids, and 0 elsewhere (built here in full:
-    the oracle is allowed what the op avoids)."""
+    the oracle is allowed what the op avoids). Truncation is applied by its
+    definition (:func:`truncation_mask`, sort-based)."""
     target_logits = target_logits.cpu()
     draft_tokens = draft_tokens.cpu().to(torch.int64)
     cu = [int(x) for x in cu_num_draft.cpu()]
@@ -186,6 +237,12 @@ def rejection_sample(
     seeds = [int(s) for s in seed.cpu()] if isinstance(seed, torch.Tensor) else [int(seed)]
     offsets = [int(o) for o in offset.cpu()] if isinstance(offset, torch.Tensor) else [int(offset)]
     per_request_seed = len(seeds) > 1
+
+    def per_request(value, cast):
+        return [cast(v) for v in value.cpu()] if isinstance(value, torch.Tensor) else [cast(value)] * num_requests
+
+    top_ks, top_ps, min_ps = per_request(top_k, int), per_request(top_p, float), per_request(min_p, float)
+    bonus = [int(b) for b in bonus_tokens.cpu()] if bonus_tokens is not None else None
     draft = draft_logits if draft_logits is not None else draft_probs
     draft = draft.cpu() if draft is not None else None
     columns = torch.arange(vocab, dtype=torch.int64)
@@ -202,6 +259,7 @@ def rejection_sample(
     accepted = torch.zeros(num_requests, dtype=torch.int32)
     soft = torch.zeros(draft_tokens.shape[0], dtype=torch.float32)
     margins = torch.full((num_requests,), math.inf, dtype=torch.float64)
+    logprobs = torch.full((num_requests, max_num_draft + 1), -math.inf, dtype=torch.float32)
 
     for r in range(num_requests):
         begin, n = cu[r], cu[r + 1] - cu[r]
@@ -211,8 +269,10 @@ def rejection_sample(
         offset_r = offsets[r if len(offsets) > 1 else 0]
         request = 0 if per_request_seed else r
 
+        trow = begin + (0 if bonus is not None else r)  # the target row of draft 1
+
         def target_dist(k: int) -> torch.Tensor:
-            return _softmax2(target_logits[begin + r + k], T)
+            return _truncated_softmax2(target_logits[trow + k], T, top_ks[r], top_ps[r], min_ps[r])
 
         def draft_dist(k: int) -> torch.Tensor:
             if draft_logits is not None:
@@ -222,8 +282,11 @@ def rejection_sample(
         if return_soft_acceptance:
             for k in range(n):
                 x = int(draft_tokens[begin + k])
+                if x == -1:
+                    soft[begin + k] = 0.0
+                    continue
                 if greedy:
-                    best = _greedy_argmax(target_logits[begin + r + k])
+                    best = _greedy_argmax(target_logits[trow + k])
                     if draft is None:
                         value = float(x == best)
                     elif draft_logits is not None:
@@ -241,8 +304,16 @@ def rejection_sample(
         final = None
         for k in range(n):
             x = int(draft_tokens[begin + k])
+            if x == -1:  # no draft from here on: the final token from p_t of this row
+                if greedy:
+                    final = _greedy_argmax(target_logits[trow + k])
+                else:
+                    bits = random_bits(seed_r, offset_r, request, k, PURPOSE_RACE, columns)
+                    final, _, margin = _race(target_dist(k), bits)
+                    margins[r] = min(float(margins[r]), margin)
+                break
             if greedy:
-                best = _greedy_argmax(target_logits[begin + r + k])
+                best = _greedy_argmax(target_logits[trow + k])
                 if x == best:
                     tokens.append(x)
                     continue
@@ -269,9 +340,11 @@ def rejection_sample(
             final, _, margin = _race(weights, bits)
             margins[r] = min(float(margins[r]), margin)
             break
+        if final is None and bonus is not None:
+            final = bonus[r]
         if final is None:
             if greedy:
-                final = _greedy_argmax(target_logits[begin + r + n])
+                final = _greedy_argmax(target_logits[trow + n])
             else:
                 bits = random_bits(seed_r, offset_r, request, n, PURPOSE_RACE, columns)
                 final, _, margin = _race(target_dist(n), bits)
@@ -279,9 +352,22 @@ def rejection_sample(
         accepted[r] = len(tokens)
         row = tokens + [final]
         output[r, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        if return_logprobs:
+            for j, token in enumerate(row):
+                if bonus is not None and j == n:
+                    logprobs[r, j] = 0.0
+                    continue
+                if greedy:
+                    z = _scaled(target_logits[trow + j], 1.0).to(torch.float64)
+                    lp = (z[token] - z.max() - torch.log2(torch.exp2(z - z.max()).sum())) * math.log(2.0)
+                else:
+                    dist = target_dist(j)
+                    lp = torch.log(dist[token]) if dist[token] > 0 else torch.tensor(-math.inf)
+                logprobs[r, j] = float(lp)
 
     return ReferenceOutput(
-        output, accepted, soft if return_soft_acceptance else None, margins if return_margins else None
+        output, accepted, soft if return_soft_acceptance else None, margins if return_margins else None,
+        logprobs if return_logprobs else None,
     )
 
 

@@ -29,9 +29,11 @@ namespace dspark::num {
 // ---------------------------------------------------------------- constants
 
 constexpr float kLog2e = 0x1.715476p+0f;        // log2(e)
+constexpr float kLn2 = 0x1.62e430p-1f;          // ln(2)
 constexpr float kTwoLog2e = 0x1.715476p+1f;     // 2 * log2(e)
 constexpr float kSqrt2 = 0x1.6a09e6p+0f;
 constexpr float kFloatMax = 0x1.fffffep+127f;
+constexpr float kInf = __builtin_inff();
 constexpr float kOneMinusUlp = 0x1.fffffep-1f;  // largest float below 1
 
 // 2^x below 2^kExp2Min is flushed to zero, and so is every probability,
@@ -124,11 +126,14 @@ DSPARK_HD DSPARK_INLINE float u64_to_float(uint64_t x) {
 
 // A logit after temperature scaling. NaN and -inf become -FLT_MAX (zero
 // probability, unless every entry of the row is, which makes the row
-// uniform); +inf becomes FLT_MAX (the +inf entries share the mass equally).
+// uniform); +inf becomes FLT_MAX (the +inf entries share the mass equally);
+// -0 becomes +0, so that equal values have equal keys (orderable()) and the
+// first of tied maxima wins, as in torch.argmax.
 DSPARK_HD DSPARK_INLINE float sanitize_logit(float z) {
   // The comparisons are written so that NaN fails the first one.
   z = (z >= -kFloatMax) ? z : -kFloatMax;
-  return (z <= kFloatMax) ? z : kFloatMax;
+  z = (z <= kFloatMax) ? z : kFloatMax;
+  return add(z, 0.0f);  // -0 + 0 = +0 (round to nearest)
 }
 
 // A draft probability as given: NaN and negative values become 0, values

@@ -56,8 +56,8 @@ void set_cpu_isa(const std::string& name);
 // -------------------------------------------------------- rejection_sample
 
 struct RejectionSampleArgs {
-  TensorView target_logits;  // [N_draft + R, V] float32 / float16 / bfloat16
-  TensorView draft_tokens;   // [N_draft] int32 / int64
+  TensorView target_logits;  // [N_draft + R, V] (with bonus_tokens: [N_draft, V]) float32 / float16 / bfloat16
+  TensorView draft_tokens;   // [N_draft] int32 / int64 in [0, V), or -1: no draft from here on
   TensorView cu_num_draft;   // [R + 1] int32
   TensorView draft_logits;   // optional [N_draft, V] (or [N_draft, V_d] with draft_vocab)
   TensorView draft_probs;    // optional [N_draft, V] (or [N_draft, V_d] with draft_vocab)
@@ -69,10 +69,19 @@ struct RejectionSampleArgs {
   uint64_t offset = 0;       // used when `offsets` is absent, below 2^32
   TensorView offsets;        // optional [1] or [R] int64
   int32_t max_num_draft = 0;
+  TensorView bonus_tokens;   // optional [R] int32 / int64: bonus tokens drawn by the caller (no bonus rows)
+  // truncation of the target distribution (dspark/truncation.h); a tensor replaces its scalar
+  int32_t top_k = 0;         // 0: off
+  TensorView top_ks;         // optional [R] int32
+  float top_p = 1.0f;        // 1: off
+  TensorView top_ps;         // optional [R] float32
+  float min_p = 0.0f;        // 0: off
+  TensorView min_ps;         // optional [R] float32
   // outputs
   TensorView output_tokens;    // [R, max_num_draft + 1] int32
   TensorView num_accepted;     // [R] int32
   TensorView soft_acceptance;  // optional [N_draft] float32
+  TensorView output_logprobs;  // optional [R, max_num_draft + 1] float32: log p_t of each committed token
   TensorView workspace;        // uint8, rejection_sample_workspace_bytes (CUDA only)
   void* stream = nullptr;
 };

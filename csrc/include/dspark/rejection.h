@@ -21,7 +21,27 @@
 //     drafter: p_t without x_k); if the residual has no mass, race over p_t.
 //     After n_r acceptances, race over p_t of the last row (the bonus).
 //   A race picks argmax_v w_v / E_v with E_v exponential (ties: smallest v).
-// Token ids outside [0, V) read nothing: p_t = p_d = 0, so they are rejected.
+// p_t is the target's distribution after the request's truncation (top-k,
+// top-p, min-p; truncation.h): the rule is exact with respect to it. A
+// truncated target row carries its cut in RowStats; p_t is 0 below it.
+//
+// Placeholder drafts. A draft token -1 means "no draft from here on" (the
+// padded layouts of vLLM and FlashInfer): the request's drafts end there with
+// a rejection, the final token is drawn from p_t of that row (greedy: its
+// argmax), and whatever follows the -1 is not read. Other ids outside
+// [0, V) read nothing: p_t = p_d = 0, so they are rejected (validation
+// refuses them where it can see them).
+//
+// Bonus tokens given. With `bonus_tokens` (vLLM's layout), the target rows are
+// the N draft rows only (row cu_num_draft[r] + k scores draft k + 1) and a
+// request that accepts all its drafts ends with bonus_tokens[r], drawn by the
+// caller.
+//
+// Log-probabilities. On request, the op reports log p_t of every committed
+// token under the request's temperature and truncation; a greedy request's
+// are those of the untruncated softmax at temperature 1 (its own
+// distribution is a point mass). For this a greedy target row's statistics
+// are kept at scale log2(e) (RowStats max and inv_sum), its argmax at scale 1.
 //
 // Draft vocabulary (DESIGN.md, decision 10). A drafter may score only V_d
 // target ids: its rows have V_d columns and draft_vocab[c] is the target id of
@@ -41,6 +61,7 @@
 #include "dspark/random.h"
 #include "dspark/sampling.h"
 #include "dspark/tensor.h"
+#include "dspark/truncation.h"
 
 namespace dspark::rejection {
 
@@ -58,10 +79,10 @@ struct ChunkStats {
 };
 
 struct RowStats {
-  float max;       // M, the row maximum of z (logit rows)
+  float max;       // M, the row maximum of z (logit rows; a greedy target row's at scale log2(e))
   float inv_sum;   // 1 / normaliser (0 for a probability row without mass)
   int32_t argmax;  // first column of the maximum
-  int32_t pad;
+  uint32_t cut;    // truncation: p = 0 for key(z) < cut (0: nothing is cut)
 };
 
 struct Decision {
@@ -85,6 +106,8 @@ struct Problem {
   const int32_t* draft_index;   // [vocab] draft column of each target id, -1 outside the map; null: identity
   const void* tokens;  // [num_draft_rows] int32 or int64
   DType token_dtype;
+  const void* bonus_tokens;     // [num_requests] int32 / int64 drawn by the caller, or null (bonus rows given)
+  DType bonus_dtype;
   const int32_t* cu_num_draft;  // [num_requests + 1]
   int32_t num_requests;
   int32_t max_num_draft;
@@ -92,6 +115,7 @@ struct Problem {
   int64_t num_target_rows;
   int64_t num_draft_rows;
   RequestParams params;  // temperatures and random streams
+  truncation::Params truncation;
 };
 
 // ------------------------------------------------------------- per request
@@ -109,10 +133,17 @@ DSPARK_HD DSPARK_INLINE Span request_span(const Problem& p, int32_t r) {
   int64_t n = static_cast<int64_t>(p.cu_num_draft[r + 1]) - begin;
   n = n < 0 ? 0 : (n > p.max_num_draft ? p.max_num_draft : n);
   s.draft_begin = begin;
-  s.target_begin = begin + r;
+  s.target_begin = p.bonus_tokens ? begin : begin + r;
   s.num_draft = static_cast<int32_t>(n);
-  s.valid = begin >= 0 && begin + n <= p.num_draft_rows && s.target_begin + n < p.num_target_rows;
+  s.valid = begin >= 0 && begin + n <= p.num_draft_rows &&
+            s.target_begin + n - (p.bonus_tokens ? 1 : 0) < p.num_target_rows;
   return s;
+}
+
+// The scale of a target row's statistics: the request's, or log2(e) for a
+// greedy request (its argmax is taken at scale 1; see Log-probabilities).
+DSPARK_HD DSPARK_INLINE float stats_scale(float temperature) {
+  return is_greedy(temperature) ? num::kLog2e : logit_scale(temperature);
 }
 
 DSPARK_HD DSPARK_INLINE float request_temperature(const Problem& p, int32_t r) {
@@ -126,7 +157,13 @@ DSPARK_HD DSPARK_INLINE RandomStream request_stream(const Problem& p, int32_t r)
 // ----------------------------------------------------------- per element
 
 DSPARK_HD DSPARK_INLINE float logit_prob(float z, const RowStats& s) {
-  return num::flush_weight(num::mul(num::exp2(num::sub(z, s.max)), s.inv_sum));
+  const float p = num::flush_weight(num::mul(num::exp2(num::sub(z, s.max)), s.inv_sum));
+  return num::orderable(z) >= s.cut ? p : 0.0f;
+}
+
+// log p (natural) of a kept value z of a logit row: (z - M + log2(1 / S)) ln 2.
+DSPARK_HD DSPARK_INLINE float logit_logprob(float z, const RowStats& s) {
+  return num::mul(num::add(num::sub(z, s.max), num::log2(s.inv_sum)), num::kLn2);
 }
 
 DSPARK_HD DSPARK_INLINE float given_prob(float q, const RowStats& s) {
@@ -151,14 +188,24 @@ DSPARK_HD DSPARK_INLINE uint64_t chunk_share(const ChunkStats& c, float row_max,
   return logits ? num::rescale_fixed(c.sum, num::exp2(num::sub(chunk_max(c), row_max))) : c.sum;
 }
 
+// A greedy target row's chunks: max_arg at scale 1 (its argmax), the sum at
+// scale log2(e) relative to the chunk maximum at that scale, which is
+// rescaled(max) since scaling is monotone.
+DSPARK_HD DSPARK_INLINE float rescaled(float z) { return scaled_logit(z, num::kLog2e); }
+
+DSPARK_HD DSPARK_INLINE uint64_t greedy_chunk_share(const ChunkStats& c, float row_max_rescaled) {
+  return num::rescale_fixed(c.sum, num::exp2(num::sub(rescaled(chunk_max(c)), row_max_rescaled)));
+}
+
 // Row statistics from the maximum of the chunks' max_arg and the sum of
-// their shares.
-DSPARK_HD DSPARK_INLINE RowStats finish_row(uint64_t max_arg, uint64_t total) {
+// their shares (a greedy target row: `greedy`, its shares greedy_chunk_share).
+DSPARK_HD DSPARK_INLINE RowStats finish_row(uint64_t max_arg, uint64_t total, bool greedy = false) {
   RowStats s;
   s.max = num::from_orderable(num::packed_value(max_arg));
+  if (greedy) s.max = rescaled(s.max);
   s.argmax = static_cast<int32_t>(num::packed_index(max_arg));
   s.inv_sum = total > 0 ? num::div(1.0f, num::from_fixed(total)) : 0.0f;
-  s.pad = 0;
+  s.cut = 0;
   return s;
 }
 
@@ -201,6 +248,13 @@ DSPARK_HD DSPARK_INLINE bool valid_token(const Problem& p, int64_t x) {
   return x >= 0 && x < p.vocab;
 }
 
+constexpr int64_t kPlaceholder = -1;  // "no draft from here on"
+
+// The caller's bonus token of request r (bonus_tokens given).
+DSPARK_HD DSPARK_INLINE int32_t bonus_token(const Problem& p, int32_t r) {
+  return static_cast<int32_t>(load_index(p.bonus_tokens, p.bonus_dtype, r));
+}
+
 // Walks request r's drafts left to right. target_stats / draft_stats are
 // indexed by global row.
 DSPARK_HD inline Decision decide(const Problem& p, int32_t r, const RowStats* target_stats,
@@ -222,6 +276,13 @@ DSPARK_HD inline Decision decide(const Problem& p, int32_t r, const RowStats* ta
     const int64_t trow = span.target_begin + k;
     const int64_t drow = span.draft_begin + k;
     const int64_t x = load_index(p.tokens, p.token_dtype, drow);
+    if (x == kPlaceholder) {  // no draft from here on: the final token comes from p_t of this row
+      d.accepted = k;
+      d.position = k;
+      d.kind = greedy ? RaceKind::kNone : RaceKind::kBonus;
+      d.token = greedy ? target_stats[trow].argmax : -1;
+      return d;
+    }
     const bool valid = valid_token(p, x);
     bool accept;
     if (greedy) {
@@ -244,9 +305,29 @@ DSPARK_HD inline Decision decide(const Problem& p, int32_t r, const RowStats* ta
   }
   d.accepted = span.num_draft;
   d.position = span.num_draft;
+  if (p.bonus_tokens) {
+    d.kind = RaceKind::kNone;
+    d.token = bonus_token(p, r);
+    return d;
+  }
   d.kind = greedy ? RaceKind::kNone : RaceKind::kBonus;
   d.token = greedy ? target_stats[span.target_begin + span.num_draft].argmax : -1;
   return d;
+}
+
+// log p_t of the committed token at output position j of request r (j <=
+// d.accepted), or 0 for a bonus token the caller drew (bonus_tokens given:
+// there is no row for it), and -inf for a token outside [0, V).
+DSPARK_HD inline float committed_logprob(const Problem& p, int32_t r, int32_t j, int64_t token,
+                                         const RowStats* target_stats) {
+  const Span span = request_span(p, r);
+  if (p.bonus_tokens && j == span.num_draft) return 0.0f;
+  if (!valid_token(p, token)) return -num::kInf;
+  const int64_t row = span.target_begin + j;
+  const RowStats& s = target_stats[row];
+  const float z = scaled_logit(load_float(p.target, p.target_dtype, row * p.target_stride + token),
+                               stats_scale(request_temperature(p, r)));
+  return num::orderable(z) >= s.cut ? logit_logprob(z, s) : -num::kInf;
 }
 
 // ----------------------------------------------------------------- races
@@ -316,6 +397,10 @@ DSPARK_HD inline bool soft_acceptance_direct(const Problem& p, int32_t r, int32_
   const int64_t drow = span.draft_begin + k;
   const float temperature = request_temperature(p, r);
   const int64_t x = load_index(p.tokens, p.token_dtype, drow);
+  if (x == kPlaceholder) {  // no draft: nothing to agree with
+    value = 0.0f;
+    return true;
+  }
   if (is_greedy(temperature)) {
     const int32_t best = target_stats[trow].argmax;
     if (p.mode == DraftMode::kOneHot) {
@@ -346,6 +431,12 @@ DSPARK_HD DSPARK_INLINE bool draft_row_in_span(const Span& span, int64_t j) {
 // Whether request r's soft acceptance labels need a pass over the vocabulary.
 DSPARK_HD DSPARK_INLINE bool soft_needs_pass(const Problem& p, int32_t r) {
   return p.mode != DraftMode::kOneHot && !is_greedy(request_temperature(p, r));
+}
+
+// Whether draft row j of request r gets its label from soft_acceptance_direct
+// (no pass: a greedy request, a one-hot drafter, or a placeholder draft).
+DSPARK_HD DSPARK_INLINE bool soft_is_direct(const Problem& p, int32_t r, int64_t j) {
+  return !soft_needs_pass(p, r) || load_index(p.tokens, p.token_dtype, j) == kPlaceholder;
 }
 
 DSPARK_HD DSPARK_INLINE uint64_t soft_term(float pt, float pd) {

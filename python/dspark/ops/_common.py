@@ -3,6 +3,8 @@ and temperatures, each error naming the argument."""
 
 from __future__ import annotations
 
+from typing import List, NamedTuple, Optional, Tuple
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,3 +88,69 @@ def check_vocab_map_on_device(op: str, draft_vocab: torch.Tensor, vocab: int) ->
         raise ValueError(f"{op}: argument 'draft_vocab' holds token ids outside the vocabulary [0, {vocab})")
     if int(torch.unique(draft_vocab).numel()) != draft_vocab.numel():
         raise ValueError(f"{op}: argument 'draft_vocab' holds a token id twice")
+
+
+class Truncation(NamedTuple):
+    """top_k / top_p / min_p as the kernels take them: a scalar, or an ``[R]``
+    tensor that replaces it (int32 / float32 on the op's device)."""
+
+    top_k: int
+    top_ks: Optional[torch.Tensor]
+    top_p: float
+    top_ps: Optional[torch.Tensor]
+    min_p: float
+    min_ps: Optional[torch.Tensor]
+
+    def flags_on_device(self, columns: int) -> List[Tuple[torch.Tensor, str]]:
+        """(flag, message) pairs for the value checks of per-request tensors
+        (the checks the C++ layer makes on the host for CPU tensors)."""
+        out = []
+        if self.top_ks is not None:
+            out.append((((self.top_ks < 0) | (self.top_ks > columns)).any(),
+                        f"argument 'top_k' must be in [0, {columns}] (0: off)"))
+        if self.top_ps is not None:
+            out.append((~((self.top_ps > 0) & (self.top_ps <= 1)).all(), "argument 'top_p' must be in (0, 1] (1: off)"))
+        if self.min_ps is not None:
+            out.append((~((self.min_ps >= 0) & (self.min_ps <= 1)).all(), "argument 'min_p' must be in [0, 1] (0: off)"))
+        return out
+
+
+def truncation_args(op: str, top_k: object, top_p: object, min_p: object, num_requests: int, columns: int,
+                    device: torch.device) -> Truncation:
+    """Checks top_k (int in [0, columns], 0: off), top_p (float in (0, 1], 1: off)
+    and min_p (float in [0, 1], 0: off), each a Python number or an ``[R]``
+    tensor (values of tensors: see :meth:`Truncation.flags_on_device`)."""
+
+    def per_request(name: str, t: torch.Tensor, integral: bool) -> torch.Tensor:
+        if integral and (t.is_floating_point() or t.dtype == torch.bool or t.is_complex()):
+            raise TypeError(f"{op}: argument '{name}' must be an integer tensor, got {t.dtype}")
+        if not integral and not t.is_floating_point():
+            raise TypeError(f"{op}: argument '{name}' must be a float tensor, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != num_requests:
+            raise ValueError(f"{op}: argument '{name}' must have shape [R] = [{num_requests}], got {list(t.shape)}")
+        if integral:  # out-of-range values stay out of range in int32, for the value checks
+            t = t.clamp(-1, columns + 1)
+        return on_device(op, name, t.to(torch.int32 if integral else torch.float32), device)
+
+    if isinstance(top_k, torch.Tensor):
+        k, ks = 0, per_request("top_k", top_k, True)
+    elif isinstance(top_k, int) and not isinstance(top_k, bool):
+        if not 0 <= top_k <= columns:
+            raise ValueError(f"{op}: argument 'top_k' must be in [0, {columns}] (0: off), got {top_k}")
+        k, ks = top_k, None
+    else:
+        raise TypeError(f"{op}: argument 'top_k' must be an int or a tensor, got {type(top_k).__name__}")
+    floats = {}
+    for name, value, low_open, default in (("top_p", top_p, True, 1.0), ("min_p", min_p, False, 0.0)):
+        if isinstance(value, torch.Tensor):
+            floats[name] = (default, per_request(name, value, False))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            v = float(value)
+            ok = (0.0 < v <= 1.0) if low_open else (0.0 <= v <= 1.0)  # NaN fails both
+            if not ok:
+                interval = "(0, 1] (1: off)" if low_open else "[0, 1] (0: off)"
+                raise ValueError(f"{op}: argument '{name}' must be in {interval}, got {value}")
+            floats[name] = (v, None)
+        else:
+            raise TypeError(f"{op}: argument '{name}' must be a float or a tensor, got {type(value).__name__}")
+    return Truncation(k, ks, *floats["top_p"], *floats["min_p"])

@@ -11,7 +11,7 @@ from .. import _random
 from .._ext import C
 from .._tensor import is_capturing, stream_handle, view
 from ._common import (check_vocab_map_on_device, compiling, float_matrix, on_device, require_tensor,
-                      temperature_args, vocab_map)
+                      temperature_args, token_tensor, truncation_args, vocab_map)
 
 __all__ = ["RejectionOutput", "rejection_sample"]
 
@@ -25,11 +25,18 @@ class RejectionOutput(NamedTuple):
         ``num_accepted + 1`` tokens).
     soft_acceptance: ``[N_draft]`` float32 ``1 - 0.5 * ||p_d - p_t||_1`` per
         draft position when requested, else None.
+    logprobs: ``[R, max_num_draft + 1]`` float32 when requested, else None: the
+        natural log-probability of each committed token (same layout as
+        ``output_tokens``, -inf where it holds -1) under the request's
+        temperature and truncation; a greedy request's are those of the
+        untruncated softmax at temperature 1; 0 for a bonus token the caller
+        drew (``bonus_tokens``).
     """
 
     output_tokens: torch.Tensor
     num_accepted: torch.Tensor
     soft_acceptance: Optional[torch.Tensor]
+    logprobs: Optional[torch.Tensor] = None
 
 
 # --------------------------------------------------------------------------
@@ -50,9 +57,17 @@ def _launch(
     offset: int,
     offsets: Optional[torch.Tensor],
     max_num_draft: int,
+    bonus_tokens: Optional[torch.Tensor],
+    top_k: int,
+    top_ks: Optional[torch.Tensor],
+    top_p: float,
+    top_ps: Optional[torch.Tensor],
+    min_p: float,
+    min_ps: Optional[torch.Tensor],
     output_tokens: torch.Tensor,
     num_accepted: torch.Tensor,
     soft_acceptance: Optional[torch.Tensor],
+    output_logprobs: Optional[torch.Tensor],
 ) -> None:
     op = "rejection_sample"
     device = target_logits.device
@@ -83,9 +98,17 @@ def _launch(
         offset,
         view(offsets, op, "offset"),
         max_num_draft,
+        view(bonus_tokens, op, "bonus_tokens"),
+        top_k,
+        view(top_ks, op, "top_k"),
+        top_p,
+        view(top_ps, op, "top_p"),
+        min_p,
+        view(min_ps, op, "min_p"),
         view(output_tokens, op, "output_tokens"),
         view(num_accepted, op, "num_accepted"),
         view(soft_acceptance, op, "soft_acceptance"),
+        view(output_logprobs, op, "output_logprobs"),
         view(workspace, op, "workspace"),
         stream_handle(device),
     )
@@ -93,14 +116,15 @@ def _launch(
 
 def _allocate(
     target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_num_draft: torch.Tensor,
-    max_num_draft: int, soft_acceptance: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    max_num_draft: int, soft_acceptance: bool, logprobs: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     device = target_logits.device
     num_requests = cu_num_draft.shape[0] - 1
     return (
         torch.empty((num_requests, max_num_draft + 1), dtype=torch.int32, device=device),
         torch.empty((num_requests,), dtype=torch.int32, device=device),
         torch.empty((draft_tokens.shape[0] if soft_acceptance else 0,), dtype=torch.float32, device=device),
+        torch.empty((num_requests, max_num_draft + 1) if logprobs else (0, 0), dtype=torch.float32, device=device),
     )
 
 
@@ -119,27 +143,38 @@ def _rejection_sample_op(
     offset: int,
     offsets: Optional[torch.Tensor],
     max_num_draft: int,
+    bonus_tokens: Optional[torch.Tensor],
+    top_k: int,
+    top_ks: Optional[torch.Tensor],
+    top_p: float,
+    top_ps: Optional[torch.Tensor],
+    min_p: float,
+    min_ps: Optional[torch.Tensor],
     soft_acceptance: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    tokens, accepted, soft = _allocate(target_logits, draft_tokens, cu_num_draft, max_num_draft, soft_acceptance)
+    logprobs: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tokens, accepted, soft, lp = _allocate(target_logits, draft_tokens, cu_num_draft, max_num_draft,
+                                           soft_acceptance, logprobs)
     _launch(
         target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, draft_vocab, temperature,
-        temperatures, seed, seeds, offset, offsets, max_num_draft, tokens, accepted,
-        soft if soft_acceptance else None,
+        temperatures, seed, seeds, offset, offsets, max_num_draft, bonus_tokens, top_k, top_ks, top_p, top_ps,
+        min_p, min_ps, tokens, accepted, soft if soft_acceptance else None, lp if logprobs else None,
     )
-    return tokens, accepted, soft
+    return tokens, accepted, soft, lp
 
 
 @_rejection_sample_op.register_fake
 def _rejection_sample_fake(
     target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, draft_vocab, temperature, temperatures,
-    seed, seeds, offset, offsets, max_num_draft, soft_acceptance,
+    seed, seeds, offset, offsets, max_num_draft, bonus_tokens, top_k, top_ks, top_p, top_ps, min_p, min_ps,
+    soft_acceptance, logprobs,
 ):
-    return _allocate(target_logits, draft_tokens, cu_num_draft, max_num_draft, soft_acceptance)
+    return _allocate(target_logits, draft_tokens, cu_num_draft, max_num_draft, soft_acceptance, logprobs)
 
 
 @torch.library.custom_op(
-    "dspark::rejection_sample_out", mutates_args=("output_tokens", "num_accepted", "soft_acceptance")
+    "dspark::rejection_sample_out",
+    mutates_args=("output_tokens", "num_accepted", "soft_acceptance", "output_logprobs"),
 )
 def _rejection_sample_out_op(
     target_logits: torch.Tensor,
@@ -155,13 +190,22 @@ def _rejection_sample_out_op(
     offset: int,
     offsets: Optional[torch.Tensor],
     max_num_draft: int,
+    bonus_tokens: Optional[torch.Tensor],
+    top_k: int,
+    top_ks: Optional[torch.Tensor],
+    top_p: float,
+    top_ps: Optional[torch.Tensor],
+    min_p: float,
+    min_ps: Optional[torch.Tensor],
     output_tokens: torch.Tensor,
     num_accepted: torch.Tensor,
     soft_acceptance: Optional[torch.Tensor],
+    output_logprobs: Optional[torch.Tensor],
 ) -> None:
     _launch(
         target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, draft_vocab, temperature,
-        temperatures, seed, seeds, offset, offsets, max_num_draft, output_tokens, num_accepted, soft_acceptance,
+        temperatures, seed, seeds, offset, offsets, max_num_draft, bonus_tokens, top_k, top_ks, top_p, top_ps,
+        min_p, min_ps, output_tokens, num_accepted, soft_acceptance, output_logprobs,
     )
 
 
@@ -178,6 +222,8 @@ def _check_values_on_device(
     max_num_draft: int,
     temperatures: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor],
+    bonus_tokens: Optional[torch.Tensor] = None,
+    truncation=None,
 ) -> None:
     """The value checks the C++ layer makes for CPU tensors, for CUDA tensors
     (one host synchronisation)."""
@@ -187,7 +233,7 @@ def _check_values_on_device(
         (counts < 0).any() if counts.numel() else cu_num_draft.new_zeros((), dtype=torch.bool),
         (counts > max_num_draft).any() if counts.numel() else cu_num_draft.new_zeros((), dtype=torch.bool),
         cu_num_draft[-1] != draft_tokens.shape[0],
-        ((draft_tokens < 0) | (draft_tokens >= vocab)).any()
+        ((draft_tokens < -1) | (draft_tokens >= vocab)).any()
         if draft_tokens.numel()
         else cu_num_draft.new_zeros((), dtype=torch.bool),
         ~(temperatures >= 0).all() if temperatures is not None else cu_num_draft.new_zeros((), dtype=torch.bool),
@@ -195,16 +241,21 @@ def _check_values_on_device(
         if offsets is not None
         else cu_num_draft.new_zeros((), dtype=torch.bool),
     ]
+    extra = list(truncation.flags_on_device(vocab)) if truncation is not None else []
+    if bonus_tokens is not None:
+        extra.append((((bonus_tokens < 0) | (bonus_tokens >= vocab)).any(),
+                      f"argument 'bonus_tokens' holds token ids outside the vocabulary [0, {vocab})"))
+    flags += [flag for flag, _ in extra]
     bad = torch.stack([f.reshape(()).to(torch.bool) for f in flags]).tolist()
     messages = [
         "argument 'cu_num_draft' must start at 0",
         "argument 'cu_num_draft' must be non-decreasing",
         f"a request has more draft tokens than max_num_draft = {max_num_draft}",
         f"argument 'cu_num_draft' must end at the number of draft tokens {draft_tokens.shape[0]}",
-        f"argument 'draft_tokens' holds token ids outside the vocabulary [0, {vocab})",
+        f"argument 'draft_tokens' holds token ids outside the vocabulary [0, {vocab}) (-1 marks a missing draft)",
         "argument 'temperature' must be >= 0 (NaN is not allowed)",
         "argument 'offset' must be in [0, 2^32)",
-    ]
+    ] + [message for _, message in extra]
     for flag, message in zip(bad, messages):
         if flag:
             raise ValueError(f"{op}: {message}")
@@ -227,8 +278,13 @@ def rejection_sample(
     seed: _random.SeedArg = None,
     offset: _random.OffsetArg = 0,
     max_num_draft: Optional[int] = None,
+    bonus_tokens: Optional[torch.Tensor] = None,
+    top_k: Union[int, torch.Tensor] = 0,
+    top_p: Union[float, torch.Tensor] = 1.0,
+    min_p: Union[float, torch.Tensor] = 0.0,
     return_soft_acceptance: bool = False,
-    out: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
+    return_logprobs: bool = False,
+    out: Optional[Tuple[Optional[torch.Tensor], ...]] = None,
     validate: bool = True,
 ) -> RejectionOutput:
     """The accept/reject step of a speculative decoding round for a ragged batch.
@@ -243,9 +299,22 @@ def rejection_sample(
     ``p_t`` if that has no mass); after ``n_r`` acceptances a bonus token is drawn
     from the last row. Committed tokens follow the target distribution exactly.
 
+    ``p_t`` is the target's distribution after the request's truncation, in
+    this order (vLLM's): temperature, then top-k and min-p, then top-p over
+    what they keep, renormalised. top-k keeps every logit tied with the k-th
+    largest; min-p keeps ``p >= min_p * max p``; top-p keeps the smallest set
+    of most probable tokens whose mass reaches ``top_p``, with ties at the
+    boundary kept whole. The thresholds are found inside the op by a radix
+    select (no sort, no probability tensor); acceptance is exact with respect
+    to the truncated distribution. Greedy requests are not truncated.
+
     Args:
-        target_logits: ``[N_draft + R, V]`` float32 / float16 / bfloat16.
-        draft_tokens: ``[N_draft]`` int32 or int64.
+        target_logits: ``[N_draft + R, V]`` float32 / float16 / bfloat16, or
+            ``[N_draft, V]`` with ``bonus_tokens``.
+        draft_tokens: ``[N_draft]`` int32 or int64 in ``[0, V)``, or -1: no draft
+            from here on (padded layouts): the request stops there with a
+            rejection, its final token drawn from ``p_t`` of that row (greedy:
+            the argmax), and what follows the -1 is not read.
         cu_num_draft: ``[R + 1]`` int32 prefix offsets (requests may have 0 drafts).
         draft_logits: ``[N_draft, V]``: the drafter's logits (softmax at the same
             temperature), or
@@ -267,9 +336,19 @@ def rejection_sample(
         max_num_draft: width of ``output_tokens`` minus one; computed from
             ``cu_num_draft`` if omitted (a host synchronisation on CUDA; required
             under CUDA graph capture and torch.compile).
+        bonus_tokens: ``[R]`` int32 / int64 bonus tokens the caller drew
+            (vLLM's layout): ``target_logits`` then holds the ``N_draft`` draft
+            rows only, and a request that accepts all its drafts ends with its
+            bonus token.
+        top_k: int or ``[R]`` int tensor, 0 (off) to V.
+        top_p: float or ``[R]`` float tensor in ``(0, 1]`` (1: off).
+        min_p: float or ``[R]`` float tensor in ``[0, 1]`` (0: off).
         return_soft_acceptance: also return ``1 - 0.5 * ||p_d - p_t||_1`` per draft
             position (the confidence head's training label).
-        out: preallocated ``(output_tokens, num_accepted, soft_acceptance or None)``.
+        return_logprobs: also return the log-probability of each committed token
+            (:class:`RejectionOutput`).
+        out: preallocated ``(output_tokens, num_accepted, soft_acceptance or
+            None[, logprobs or None])``.
         validate: check token ids, ``cu_num_draft`` and temperatures against the
             data (on CUDA this synchronises; it is skipped under graph capture and
             torch.compile, where out-of-range tokens are simply rejected).
@@ -277,7 +356,8 @@ def rejection_sample(
     Defined behaviour: NaN and -inf logits have probability 0 (a row with no finite
     logit is uniform); +inf logits share the row's mass; draft probabilities are
     clamped to [0, 1] (NaN -> 0) and normalised, and a draft token with ``p_d = 0``
-    is accepted iff ``p_t > 0``; ``R = 0`` returns empty outputs.
+    is accepted iff ``p_t > 0`` (vLLM rejects it); a draft token outside the
+    truncated support is rejected; ``R = 0`` returns empty outputs.
     """
     op = "rejection_sample"
     device = require_tensor(op, "target_logits", target_logits).device
@@ -307,6 +387,10 @@ def rejection_sample(
             raise ValueError(f"{op}: argument 'draft_vocab' needs 'draft_logits' or 'draft_probs'")
 
     temperature_value, temperatures = temperature_args(op, temperature, device)
+    vocab = target_logits.shape[1]
+    truncation = truncation_args(op, top_k, top_p, min_p, num_requests, vocab, device)
+    if bonus_tokens is not None:
+        bonus_tokens = token_tensor(op, "bonus_tokens", bonus_tokens, device)
 
     rng = _random.resolve(op, device, num_requests, generator, seed, offset)
 
@@ -318,28 +402,37 @@ def rejection_sample(
         max_num_draft = max(max_num_draft, 0)
     if validate and host_sync_allowed and device.type == "cuda":
         _check_values_on_device(
-            op, draft_tokens, cu_num_draft, target_logits.shape[1], max_num_draft, temperatures, rng.offsets
+            op, draft_tokens, cu_num_draft, vocab, max_num_draft, temperatures, rng.offsets, bonus_tokens, truncation
         )
         if draft_vocab is not None:
             check_vocab_map_on_device(op, draft_vocab, target_logits.shape[1])
 
     args = (
         target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, draft_vocab, temperature_value,
-        temperatures, rng.seed, rng.seeds, rng.offset, rng.offsets, int(max_num_draft),
+        temperatures, rng.seed, rng.seeds, rng.offset, rng.offsets, int(max_num_draft), bonus_tokens,
+        *truncation,
     )
     if out is not None:
-        output_tokens, num_accepted, soft = out
+        if len(out) not in (3, 4):
+            raise ValueError(f"{op}: 'out' must be (output_tokens, num_accepted, soft_acceptance[, logprobs])")
+        output_tokens, num_accepted, soft = out[:3]
+        lp = out[3] if len(out) == 4 else None
         if return_soft_acceptance and soft is None:
             raise ValueError(f"{op}: 'out' needs a soft_acceptance tensor when return_soft_acceptance=True")
+        if return_logprobs and lp is None:
+            raise ValueError(f"{op}: 'out' needs a logprobs tensor when return_logprobs=True")
         soft = soft if return_soft_acceptance else None
+        lp = lp if return_logprobs else None
         if compiling():
-            torch.ops.dspark.rejection_sample_out(*args, output_tokens, num_accepted, soft)
+            torch.ops.dspark.rejection_sample_out(*args, output_tokens, num_accepted, soft, lp)
         else:
-            _launch(*args, output_tokens, num_accepted, soft)
-        return RejectionOutput(output_tokens, num_accepted, soft)
+            _launch(*args, output_tokens, num_accepted, soft, lp)
+        return RejectionOutput(output_tokens, num_accepted, soft, lp)
     if compiling():
-        tokens, accepted, soft = torch.ops.dspark.rejection_sample(*args, return_soft_acceptance)
+        tokens, accepted, soft, lp = torch.ops.dspark.rejection_sample(*args, return_soft_acceptance, return_logprobs)
     else:
-        tokens, accepted, soft = _allocate(target_logits, draft_tokens, cu_num_draft, int(max_num_draft), return_soft_acceptance)
-        _launch(*args, tokens, accepted, soft if return_soft_acceptance else None)
-    return RejectionOutput(tokens, accepted, soft if return_soft_acceptance else None)
+        tokens, accepted, soft, lp = _allocate(target_logits, draft_tokens, cu_num_draft, int(max_num_draft),
+                                               return_soft_acceptance, return_logprobs)
+        _launch(*args, tokens, accepted, soft if return_soft_acceptance else None, lp if return_logprobs else None)
+    return RejectionOutput(tokens, accepted, soft if return_soft_acceptance else None,
+                           lp if return_logprobs else None)
