@@ -12,7 +12,10 @@
 //      asks for the corrected logits);
 //   3. per request: the chunks combined into the token, its log-probability
 //      and the row's log-sum-exp (dspark/markov.h); with a draft vocabulary
-//      the winning column is mapped to its target id.
+//      the winning column is mapped to its target id. A request with top-k /
+//      top-p / min-p keeps its row z (step 2 writes it instead of racing) and
+//      is truncated and raced here, one thread per request (the radix selects
+//      of dspark/truncation.h).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -21,6 +24,7 @@
 #include "dspark/markov.h"
 #include "dspark/ops.h"
 #include "dspark/sampling.h"
+#include "dspark/truncation.h"
 #include "fp_env.h"
 #include "gemm.h"
 #include "parallel.h"
@@ -100,6 +104,30 @@ void head_rows(const MarkovSampleArgs& a, const Shapes& s, int64_t k, const int6
   });
 }
 
+// A truncated row (its z in `z`, its chunks' maxima in `chunks`): the cut, the
+// race over the kept columns and the result (dspark/markov.h, Truncation);
+// the corrected logits outside the kept set become -inf.
+markov::RowResult truncated_row(const float* z, int64_t n, const ChunkState* chunks, int64_t count,
+                                const truncation::Truncation& t, const RandomStream& stream, uint32_t position,
+                                float* corrected, std::vector<uint64_t>& hist, std::vector<uint32_t>& bits) {
+  float row_max = -num::kFloatMax;
+  for (int64_t c = 0; c < count; ++c) row_max = num::fmax(row_max, chunks[c].max);
+  hist.resize(truncation::kRadixBins);
+  const truncation::Cut cut = truncation::truncate_host(n, [z](int64_t v) { return z[v]; }, row_max, t, hist.data());
+  bits.resize(static_cast<size_t>((n + 3) / 4 * 4));
+  random_words(stream, Purpose::kDraft, position, 0, (n + 3) / 4, bits.data());
+  uint64_t best = 0;
+  for (int64_t v = 0; v < n; ++v) {
+    const float key = markov::truncated_key(z[v], row_max, cut.cut, bits[static_cast<size_t>(v)]);
+    best = std::max(best, num::pack_arg(num::float_bits(key), static_cast<uint32_t>(v)));
+  }
+  if (corrected)
+    for (int64_t v = 0; v < n; ++v)
+      if (num::orderable(z[v]) < cut.cut) corrected[v] = -num::kInf;
+  const int32_t token = static_cast<int32_t>(num::packed_index(best));
+  return markov::truncated_result(token, z[token], row_max, cut.total);
+}
+
 }  // namespace
 
 void markov_sample(const MarkovSampleArgs& a) {
@@ -123,6 +151,22 @@ void markov_sample(const MarkovSampleArgs& a) {
   float* corrected = a.corrected.defined() ? a.corrected.ptr<float>() : nullptr;
   const int32_t* draft_vocab = a.draft_vocab.defined() ? a.draft_vocab.ptr<int32_t>() : nullptr;
   const size_t w2_size = dtype_size(a.w2.dtype);
+  // Requests whose sampled rows are truncated keep them in z_rows (slot per request).
+  truncation::Params trunc;
+  trunc.top_k = a.top_k;
+  trunc.top_ks = a.top_ks.defined() ? a.top_ks.ptr<int32_t>() : nullptr;
+  trunc.top_p = a.top_p;
+  trunc.top_ps = a.top_ps.defined() ? a.top_ps.ptr<float>() : nullptr;
+  trunc.min_p = a.min_p;
+  trunc.min_ps = a.min_ps.defined() ? a.min_ps.ptr<float>() : nullptr;
+  std::vector<int64_t> slot(static_cast<size_t>(s.R), -1);
+  int64_t slots = 0;
+  if (trunc.any())
+    for (int64_t r = 0; r < s.R; ++r)
+      if (!is_greedy(params.temperature_of(static_cast<int32_t>(r))) &&
+          truncation::active(trunc.of(static_cast<int32_t>(r)), s.V))
+        slot[static_cast<size_t>(r)] = slots++;
+  std::vector<float> z_rows(static_cast<size_t>(slots * s.V));
 
   for (int64_t k = 0; k < s.gamma; ++k) {
     head_rows(a, s, k, prev.data(), A, state);
@@ -159,6 +203,11 @@ void markov_sample(const MarkovSampleArgs& a) {
             }
             const uint32_t best = scale_and_max(row, n, logit_scale(temperature));
             cs.max = num::from_orderable(best);
+            const int64_t at = slot[static_cast<size_t>(r)];
+            if (at >= 0) {  // truncated: raced in step 3, over the kept set
+              std::copy(row, row + n, &z_rows[static_cast<size_t>(at * s.V + v0)]);
+              continue;
+            }
             cs.sum = logit_sum(row, n, cs.max);
             const RandomStream stream = params.stream_of(static_cast<int32_t>(r));
             random_words(stream, Purpose::kDraft, static_cast<uint32_t>(k), static_cast<uint32_t>(v0 / 4),
@@ -174,10 +223,18 @@ void markov_sample(const MarkovSampleArgs& a) {
     });
 
     parallel_for(s.R, 8, [&](int64_t begin, int64_t end) {
+      std::vector<uint64_t> hist;
+      std::vector<uint32_t> bits;
       for (int64_t r = begin; r < end; ++r) {
         const bool greedy = is_greedy(params.temperature_of(static_cast<int32_t>(r)));
+        const int64_t at = slot[static_cast<size_t>(r)];
         const markov::RowResult res =
-            markov::combine_chunks(&chunk_state[static_cast<size_t>(r * chunks)], chunks, greedy);
+            at >= 0 ? truncated_row(&z_rows[static_cast<size_t>(at * s.V)], s.V,
+                                    &chunk_state[static_cast<size_t>(r * chunks)], chunks,
+                                    trunc.of(static_cast<int32_t>(r)), params.stream_of(static_cast<int32_t>(r)),
+                                    static_cast<uint32_t>(k), corrected ? corrected + (r * s.gamma + k) * s.V : nullptr,
+                                    hist, bits)
+                    : markov::combine_chunks(&chunk_state[static_cast<size_t>(r * chunks)], chunks, greedy);
         const int64_t token = draft_vocab ? draft_vocab[res.token] : res.token;  // a target id
         tokens[r * s.gamma + k] = token;
         logprobs[r * s.gamma + k] = res.logprob;

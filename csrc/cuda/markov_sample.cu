@@ -24,6 +24,14 @@
 //     counter per position and tile) combines the tile's chunk states into
 //     tokens, log-probabilities and log-sum-exps and, for the vanilla head,
 //     gathers the tile's A rows for position k + 1 (W1 rows).
+//   markov_truncate_kernel (with top-k / top-p / min-p, after each step): a
+//     block of 1024 threads per truncated request. The step kernel wrote the
+//     request's row z (4 V bytes) to the workspace instead of racing it; this
+//     block finds the cut and the kept set's normaliser (radix selects,
+//     truncation.cuh: up to 7 passes over the row, from L2), races the kept
+//     columns (one Philox block per 4 columns), writes the token, its
+//     log-probability and the lse, sets the corrected logits outside the kept
+//     set to -inf and, for the vanilla head, gathers the next A row.
 //   Bytes per position: W2 once from HBM per concurrent request tile (V rank b;
 //   tiles of the same chunk run together and share it through L2), U once
 //   (R V b), corrected logits when asked (4 R V); the floor over the block is
@@ -54,6 +62,8 @@
 #include "dspark/markov.h"
 #include "dspark/ops.h"
 #include "dspark/sampling.h"
+#include "dspark/truncation.h"
+#include "truncation.cuh"
 
 namespace dspark::cuda {
 namespace {
@@ -73,6 +83,7 @@ constexpr int kSimtK = 16;  // K slice of the float32 shared-memory tile
 constexpr int kHeadSlice = 32;                    // W rows per block of the tiled head products
 constexpr int kRowsPerWarp = kHeadSlice / kWarps;  // 4
 constexpr int kInputChunk = 256;                  // X columns staged at a time
+constexpr int kTruncateThreads = 1024;            // markov_truncate_kernel: one block per request
 
 static_assert(kChunk == kWarps * 2 * kWmma, "each warp owns two 16-column WMMA fragments");
 static_assert(kRowTile == kWmma, "a request tile is one WMMA row block");
@@ -107,6 +118,8 @@ struct Params {
   DType hidden_dtype;
   int64_t hidden_stride0, hidden_stride1;
   RequestParams params;
+  truncation::Params trunc;
+  bool truncating;  // some request may be truncated: its rows go through z_rows
   int32_t R, gamma;
   int64_t V, rank, d;
   // outputs
@@ -120,12 +133,19 @@ struct Params {
   float* hidden_part;        // [R, gamma, hidden_width]
   int64_t hidden_width;
   ChunkState* chunk_states;  // [R, chunks]
+  float* z_rows;             // [R, V]: the rows of truncated requests at the current position
   unsigned int* counters;    // [gamma, tiles]
   int64_t chunks, tiles;
   bool wmma;                 // 16-bit weights on tensor cores
 };
 
 __device__ __forceinline__ float ld(const void* base, DType t, int64_t i) { return load_float(base, t, i); }
+
+// Whether request r's sampled rows are truncated (raced by markov_truncate_kernel).
+__device__ __forceinline__ bool truncated(const Params& p, int64_t r) {
+  return p.truncating && !is_greedy(p.params.temperature_of(static_cast<int32_t>(r))) &&
+         truncation::active(p.trunc.of(static_cast<int32_t>(r)), p.V);
+}
 
 // ------------------------------------------------------------ head rows
 
@@ -461,6 +481,7 @@ __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t
     const float temperature = p.params.temperature_of(static_cast<int32_t>(r));
     const bool greedy = is_greedy(temperature);
     const float scale = logit_scale(temperature);
+    const bool keep_row = truncated(p, r);
     float z[kColsPerLane];
     float m = -num::kFloatMax;
     uint64_t best_arg = 0;
@@ -472,6 +493,7 @@ __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t
         const float c = num::add(ld(p.U, p.u_dtype, r * p.u_stride0 + k * p.u_stride1 + v), c_tile[i * kChunk + col]);
         if (p.corrected) p.corrected[(r * p.gamma + k) * p.V + v] = c;
         z[e] = greedy ? num::sanitize_logit(c) : scaled_logit(c, scale);
+        if (keep_row) p.z_rows[r * p.V + v] = z[e];
         m = num::fmax(m, z[e]);
         if (greedy) best_arg = max(best_arg, num::pack_arg(num::orderable(z[e]), static_cast<uint32_t>(v)));
       } else {
@@ -479,7 +501,13 @@ __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t
       }
     }
     ChunkState cs;
-    if (greedy) {
+    if (keep_row) {  // raced by markov_truncate_kernel: only the maximum is kept
+      cs.max = warp_max_f(m);
+      cs.sum = 0;
+      cs.best_key = 0.0f;
+      cs.best_z = cs.max;
+      cs.best = 0;
+    } else if (greedy) {
       best_arg = warp_max_u64(best_arg);
       cs.max = num::from_orderable(num::packed_value(best_arg));
       cs.best = static_cast<int32_t>(num::packed_index(best_arg));
@@ -525,10 +553,15 @@ __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t
   if (!last) return;  // block-uniform
   __threadfence();
 
-  // The last block of this request tile: combine the chunks of each request.
+  // The last block of this request tile: combine the chunks of each request
+  // (truncated requests: markov_truncate_kernel).
   for (int i = 2 * warp; i < 2 * warp + 2; ++i) {
     const int64_t r = row0 + i;
     if (r >= p.R) continue;
+    if (truncated(p, r)) {
+      if (lane == 0) next_tokens[i] = -1;
+      continue;
+    }
     const ChunkState* cs = p.chunk_states + r * p.chunks;
     const bool greedy = is_greedy(p.params.temperature_of(static_cast<int32_t>(r)));
     float row_max = -num::kFloatMax;
@@ -574,7 +607,64 @@ __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t
   __syncthreads();
   if (k + 1 >= p.gamma || p.head != Head::kVanilla) return;  // gated / rnn: head_rows_kernel
   // Vanilla A rows of position k + 1 for this tile: W1 rows of the tokens.
-  for (int i = 0; i < kRowTile && row0 + i < p.R; ++i) vanilla_row(p, row0 + i, next_tokens[i]);
+  for (int i = 0; i < kRowTile && row0 + i < p.R; ++i)
+    if (next_tokens[i] >= 0) vanilla_row(p, row0 + i, next_tokens[i]);
+}
+
+// ----------------------------------------------------------- truncation
+// One block per request; blocks of requests that are not truncated return.
+__global__ void __launch_bounds__(kTruncateThreads) markov_truncate_kernel(Params p, int32_t k) {
+  __shared__ TruncationShared shared;
+  __shared__ unsigned long long best_shared;
+  const int64_t r = blockIdx.x;
+  if (!truncated(p, r)) return;  // block-uniform
+  const ChunkState* cs = p.chunk_states + r * p.chunks;
+  float m = -num::kFloatMax;
+  for (int64_t c = threadIdx.x; c < p.chunks; c += blockDim.x) m = num::fmax(m, cs[c].max);
+  m = warp_max_f(m);
+  // The row maximum: warp maxima combined through their orderable keys.
+  __shared__ unsigned int max_key;
+  if (threadIdx.x == 0) {
+    max_key = 0;
+    best_shared = 0;
+  }
+  __syncthreads();
+  if (threadIdx.x % kWarpSize == 0) atomicMax(&max_key, num::orderable(m));
+  __syncthreads();
+  const float row_max = num::from_orderable(max_key);
+  const float* z = p.z_rows + r * p.V;
+  const truncation::Truncation t = p.trunc.of(static_cast<int32_t>(r));
+  const truncation::Cut cut = block_truncate(p.V, [z](int64_t v) { return z[v]; }, row_max, t, shared);
+
+  const RandomStream stream = p.params.stream_of(static_cast<int32_t>(r));
+  uint64_t best = 0;
+  for (int64_t g = threadIdx.x; g * 4 < p.V; g += blockDim.x) {
+    const Philox4x32 bits = stream.block(Purpose::kDraft, static_cast<uint32_t>(k), static_cast<uint32_t>(g));
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t v = g * 4 + e;
+      if (v >= p.V) break;
+      const float key = markov::truncated_key(z[v], row_max, cut.cut, bits.v[e]);
+      best = max(best, num::pack_arg(num::float_bits(key), static_cast<uint32_t>(v)));
+    }
+  }
+  best = warp_max_u64(best);
+  if (threadIdx.x % kWarpSize == 0) atomicMax(&best_shared, static_cast<unsigned long long>(best));
+  if (p.corrected) {
+    float* corrected = p.corrected + (r * p.gamma + k) * p.V;
+    for (int64_t v = threadIdx.x; v < p.V; v += blockDim.x)
+      if (num::orderable(z[v]) < cut.cut) corrected[v] = -num::kInf;
+  }
+  __syncthreads();
+  const int32_t column = static_cast<int32_t>(num::packed_index(best_shared));
+  const int64_t token = p.draft_vocab ? p.draft_vocab[column] : column;  // the column's target id
+  if (threadIdx.x == 0) {
+    const markov::RowResult res = markov::truncated_result(column, z[column], row_max, cut.total);
+    p.tokens[r * p.gamma + k] = token;
+    p.logprobs[r * p.gamma + k] = res.logprob;
+    p.lse[r * p.gamma + k] = res.lse;
+  }
+  if (k + 1 < p.gamma && p.head == Head::kVanilla) vanilla_row(p, r, token);
 }
 
 // ------------------------------------------------------------ confidence
@@ -645,7 +735,14 @@ void markov_sample(const MarkovSampleArgs& a) {
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   const int64_t rank = a.w1.size(1);
   const int64_t d = a.head != Head::kVanilla ? a.hidden.size(2) : 0;
-  const MarkovWorkspace w = MarkovWorkspace::layout(R, gamma, V, rank, d, a.head);
+  truncation::Params trunc;
+  trunc.top_k = a.top_k;
+  trunc.top_ks = a.top_ks.defined() ? a.top_ks.ptr<int32_t>() : nullptr;
+  trunc.top_p = a.top_p;
+  trunc.top_ps = a.top_ps.defined() ? a.top_ps.ptr<float>() : nullptr;
+  trunc.min_p = a.min_p;
+  trunc.min_ps = a.min_ps.defined() ? a.min_ps.ptr<float>() : nullptr;
+  const MarkovWorkspace w = MarkovWorkspace::layout(R, gamma, V, rank, d, a.head, trunc.any());
   char* ws = a.workspace.ptr<char>();
 
   Params p{};
@@ -687,6 +784,8 @@ void markov_sample(const MarkovSampleArgs& a) {
                            a.seeds.defined() ? a.seeds.size(0) : 0, a.offset,
                            a.offsets.defined() ? a.offsets.ptr<int64_t>() : nullptr,
                            a.offsets.defined() ? a.offsets.size(0) : 0};
+  p.trunc = trunc;
+  p.truncating = trunc.any();
   p.R = static_cast<int32_t>(R);
   p.gamma = static_cast<int32_t>(gamma);
   p.V = V;
@@ -702,6 +801,7 @@ void markov_sample(const MarkovSampleArgs& a) {
   p.hidden_width = a.head == Head::kGated ? rank : a.head == Head::kRnn ? 3 * rank : 0;
   p.chunk_states = reinterpret_cast<ChunkState*>(ws + w.chunk_states);
   p.counters = reinterpret_cast<unsigned int*>(ws + w.counters);
+  p.z_rows = p.truncating ? reinterpret_cast<float*>(ws + w.z_rows) : nullptr;
   p.chunks = (V + kChunk - 1) / kChunk;
   p.tiles = (R + kRowTile - 1) / kRowTile;
   // Tensor cores: 16-bit weights, rank a multiple of 16, 32-byte aligned fragments.
@@ -732,6 +832,10 @@ void markov_sample(const MarkovSampleArgs& a) {
       default: markov_step_kernel<float><<<grid, kThreads, 0, stream>>>(p, k); break;
     }
     check(cudaGetLastError(), kOp, "markov_step_kernel launch");
+    if (p.truncating) {
+      markov_truncate_kernel<<<static_cast<unsigned>(R), kTruncateThreads, 0, stream>>>(p, k);
+      check(cudaGetLastError(), kOp, "markov_truncate_kernel launch");
+    }
   }
 }
 

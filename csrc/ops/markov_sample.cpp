@@ -60,8 +60,8 @@ void check_tokens_on_host(const char* op, const char* name, const TensorView& t,
 }  // namespace
 
 size_t markov_sample_workspace_bytes(int64_t R, int64_t gamma, int64_t vocab, int64_t rank,
-                                     int64_t hidden_size, markov::Head head) {
-  return MarkovWorkspace::layout(R, gamma, vocab, rank, hidden_size, head).bytes;
+                                     int64_t hidden_size, markov::Head head, bool truncation) {
+  return MarkovWorkspace::layout(R, gamma, vocab, rank, hidden_size, head, truncation).bytes;
 }
 
 void markov_sample(const MarkovSampleArgs& a) {
@@ -117,6 +117,9 @@ void markov_sample(const MarkovSampleArgs& a) {
     }
   }
   check_request_params(op, device, R, a.temperature, a.temperatures, a.seeds, a.offset, a.offsets);
+  check_truncation(op, device, R, Vd, a.top_k, a.top_ks, a.top_p, a.top_ps, a.min_p, a.min_ps);
+  const bool truncation = truncation_params(a.top_k, a.top_ks, a.top_p, a.top_ps, a.min_p, a.min_ps).any();
+  (void)truncation;  // sizes the CUDA workspace
   check_output(op, "draft_tokens", a.draft_tokens, device, {R, gamma}, DType::kInt64);
   check_output(op, "logprobs", a.logprobs, device, {R, gamma}, DType::kFloat32);
   check_output(op, "lse", a.lse, device, {R, gamma}, DType::kFloat32);
@@ -135,11 +138,12 @@ void markov_sample(const MarkovSampleArgs& a) {
       }
     }
     check_request_values_on_host(op, R, a.temperatures, a.offsets);
+    check_truncation_values_on_host(op, R, Vd, a.top_ks, a.top_ps, a.min_ps);
     cpu::markov_sample(a);
     return;
   }
 #if defined(DSPARK_WITH_CUDA)
-  const size_t need = markov_sample_workspace_bytes(R, gamma, Vd, rank, d, a.head);
+  const size_t need = markov_sample_workspace_bytes(R, gamma, Vd, rank, d, a.head, truncation);
   check::defined(op, "workspace", a.workspace);
   check::same_device(op, "workspace", a.workspace, device);
   DSPARK_CHECK_VALUE(static_cast<size_t>(a.workspace.numel()) >= need &&

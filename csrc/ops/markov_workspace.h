@@ -17,12 +17,13 @@ struct MarkovWorkspace {
   size_t hidden_part = 0;   // float [R, gamma, rank or 3 rank]: W_h h_k of the gated / rnn head
   size_t chunk_states = 0;  // ChunkState [R, chunks]
   size_t counters = 0;      // uint32 [gamma, R tiles]: blocks done per position and row tile
+  size_t z_rows = 0;        // float [R, V]: the rows of a position that are truncated (with truncation)
   size_t bytes = 0;
 
   static size_t align(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
   static MarkovWorkspace layout(int64_t R, int64_t gamma, int64_t V, int64_t rank, int64_t d,
-                                markov::Head head) {
+                                markov::Head head, bool truncation = false) {
     const int64_t tiles = (R + kRowTile - 1) / kRowTile;
     const int64_t chunks = (V + markov::kMarkovChunk - 1) / markov::kMarkovChunk;
     const int64_t hidden_width = head == markov::Head::kGated ? rank : head == markov::Head::kRnn ? 3 * rank : 0;
@@ -39,6 +40,8 @@ struct MarkovWorkspace {
     at = align(at + sizeof(markov::ChunkState) * static_cast<size_t>(R * chunks));
     w.counters = at;
     at = align(at + sizeof(uint32_t) * static_cast<size_t>(gamma * tiles));
+    w.z_rows = at;
+    at = align(at + (truncation ? sizeof(float) * static_cast<size_t>(R * V) : 0));
     w.bytes = at;
     return w;
   }

@@ -124,7 +124,8 @@ void schedule_prefix(TensorView conf, TensorView cap, int32_t mode, TensorView s
 void markov_sample(TensorView base_logits, TensorView anchor_tokens, TensorView w1, TensorView w2,
                    TensorView draft_vocab, int32_t head, TensorView gate_weight, TensorView gate_bias, TensorView joint_weight,
                    TensorView joint_bias, TensorView hidden, double temperature, TensorView temperatures,
-                   int64_t seed, TensorView seeds, int64_t offset, TensorView offsets,
+                   int64_t seed, TensorView seeds, int64_t offset, TensorView offsets, int64_t top_k,
+                   TensorView top_ks, double top_p, TensorView top_ps, double min_p, TensorView min_ps,
                    TensorView draft_tokens, TensorView logprobs, TensorView lse, TensorView corrected,
                    TensorView workspace, uintptr_t stream) {
   if (head < 0 || head > static_cast<int32_t>(dspark::markov::Head::kRnn))
@@ -148,6 +149,15 @@ void markov_sample(TensorView base_logits, TensorView anchor_tokens, TensorView 
   a.seeds = seeds;
   a.offset = static_cast<uint64_t>(offset);
   a.offsets = offsets;
+  if (top_k < 0 || top_k > INT32_MAX)
+    throw dspark::ValueError("markov_sample: argument 'top_k' must be in [0, V_d] (0: off), got " +
+                             std::to_string(top_k));
+  a.top_k = static_cast<int32_t>(top_k);
+  a.top_ks = top_ks;
+  a.top_p = static_cast<float>(top_p);
+  a.top_ps = top_ps;
+  a.min_p = static_cast<float>(min_p);
+  a.min_ps = min_ps;
   a.draft_tokens = draft_tokens;
   a.logprobs = logprobs;
   a.lse = lse;
@@ -280,16 +290,19 @@ PYBIND11_MODULE(_C, m) {
   m.attr("schedule_max_candidates_cuda") = dspark::kScheduleMaxCandidatesCuda;
 
   m.def("markov_sample_workspace_bytes",
-        [](int64_t R, int64_t gamma, int64_t V, int64_t rank, int64_t d, int32_t head) {
-          return dspark::markov_sample_workspace_bytes(R, gamma, V, rank, d, static_cast<dspark::markov::Head>(head));
+        [](int64_t R, int64_t gamma, int64_t V, int64_t rank, int64_t d, int32_t head, bool truncation) {
+          return dspark::markov_sample_workspace_bytes(R, gamma, V, rank, d, static_cast<dspark::markov::Head>(head),
+                                                       truncation);
         },
-        py::arg("num_requests"),
-        py::arg("gamma"), py::arg("vocab"), py::arg("rank"), py::arg("hidden_size"), py::arg("head"));
+        py::arg("num_requests"), py::arg("gamma"), py::arg("vocab"), py::arg("rank"), py::arg("hidden_size"),
+        py::arg("head"), py::arg("truncation") = false);
   m.def("markov_sample", &markov_sample, py::arg("base_logits"), py::arg("anchor_tokens"), py::arg("w1"),
         py::arg("w2"), py::arg("draft_vocab"), py::arg("head"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("joint_weight"),
         py::arg("joint_bias"), py::arg("hidden"), py::arg("temperature"), py::arg("temperatures"),
-        py::arg("seed"), py::arg("seeds"), py::arg("offset"), py::arg("offsets"), py::arg("draft_tokens"),
-        py::arg("logprobs"), py::arg("lse"), py::arg("corrected"), py::arg("workspace"), py::arg("stream"),
+        py::arg("seed"), py::arg("seeds"), py::arg("offset"), py::arg("offsets"), py::arg("top_k"),
+        py::arg("top_ks"), py::arg("top_p"), py::arg("top_ps"), py::arg("min_p"), py::arg("min_ps"),
+        py::arg("draft_tokens"), py::arg("logprobs"), py::arg("lse"), py::arg("corrected"), py::arg("workspace"),
+        py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("confidence", &confidence, py::arg("hidden"), py::arg("w1"), py::arg("anchor_tokens"),
         py::arg("draft_tokens"), py::arg("weight"), py::arg("bias"), py::arg("temperatures"), py::arg("logits"),

@@ -490,6 +490,9 @@ def markov_sample(
     temperature: Union[float, torch.Tensor] = 1.0,
     seed: Union[int, torch.Tensor] = 0,
     offset: Union[int, torch.Tensor] = 0,
+    top_k: Union[int, torch.Tensor] = 0,
+    top_p: Union[float, torch.Tensor] = 1.0,
+    min_p: Union[float, torch.Tensor] = 0.0,
 ) -> MarkovReference:
     """The oracle of :func:`dspark.ops.markov_sample`: the DeepSpec-style loop
     (one position at a time, the head as written in DSPARK.md) in float64, with
@@ -497,7 +500,10 @@ def markov_sample(
     ``argmax_v 2^(z_v) / E_v``, ``z = sanitize(c log2(e) / T)`` from the float32
     corrected logits ``c`` (computed here in float64 and rounded), E from
     Philox (purpose 3, position k, column v). With ``draft_vocab`` the rows have
-    its V_d columns and the sampled column is reported as its target id."""
+    its V_d columns and the sampled column is reported as its target id. A
+    truncated row (top_k / top_p / min_p, :func:`truncation_mask`) races over
+    its kept columns and reports the truncated distribution's lse and logprob;
+    its corrected logits are -inf outside the kept set."""
     base_logits = base_logits.cpu()
     R, gamma, V = base_logits.shape
     ids = draft_vocab.cpu().to(torch.int64) if draft_vocab is not None else torch.arange(V)
@@ -508,6 +514,11 @@ def markov_sample(
     seeds = [int(s) for s in seed.cpu()] if isinstance(seed, torch.Tensor) else [int(seed)]
     offsets = [int(o) for o in offset.cpu()] if isinstance(offset, torch.Tensor) else [int(offset)]
     per_request_seed = len(seeds) > 1
+
+    def per_request(value, cast):
+        return [cast(v) for v in value.cpu()] if isinstance(value, torch.Tensor) else [cast(value)] * R
+
+    top_ks, top_ps, min_ps = per_request(top_k, int), per_request(top_p, float), per_request(min_p, float)
     columns = torch.arange(V, dtype=torch.int64)
     tokens = torch.zeros(R, gamma, dtype=torch.int64)
     logprobs = torch.zeros(R, gamma, dtype=torch.float32)
@@ -544,9 +555,14 @@ def markov_sample(
                 tokens[r, k] = token
                 lse[r, k] = float(clean.max())
             else:
-                z = _sanitize_logits(c * _scale(T)).to(torch.float64)
+                z32 = _sanitize_logits(c * _scale(T))
+                z = z32.to(torch.float64)
                 m = z.max()
                 w = torch.exp2(z - m)
+                keep = truncation_mask(z32, top_ks[r], top_ps[r], min_ps[r])
+                if not keep.all():
+                    w = torch.where(keep, w, torch.zeros_like(w))
+                    corrected[r, k] = torch.where(keep, c, torch.full_like(c, -math.inf))
                 s = w.sum()
                 bits = random_bits(seeds[r if per_request_seed else 0], offsets[r if len(offsets) > 1 else 0],
                                    0 if per_request_seed else r, k, PURPOSE_DRAFT, columns)

@@ -24,6 +24,15 @@
 // lse = ln 2 (M + log2(S 2^-40)), logprob = ln 2 (z_x - M - log2(S 2^-40)).
 // Greedy (T <= 0): the token is the first argmax of c, logprob = 0, lse = max c.
 //
+// Truncation (top-k / top-p / min-p of the request, dspark/truncation.h, over
+// the V_d columns of z): the row is sampled from its kept set, with keys
+// 2^(z - M) / E relative to the row maximum M (the winner: the largest key,
+// ties to the smallest column), and lse / logprob from the kept set's
+// normaliser S (relative to M): lse = ln 2 (M + log2(S 2^-40)). The corrected
+// logits reported for a truncated row are -inf outside the kept set, so that
+// rejection_sample given them as draft_logits sees the distribution the
+// drafts were drawn from.
+//
 // Draft vocabulary (DESIGN.md, decision 10): U, W2 and the corrected rows have
 // V_d columns, column c scoring target id draft_vocab[c]; the sampled column is
 // reported as its target id, which also indexes W1 at the next position (W1
@@ -43,6 +52,7 @@
 #include "dspark/macros.h"
 #include "dspark/numerics.h"
 #include "dspark/random.h"
+#include "dspark/truncation.h"
 
 namespace dspark::markov {
 
@@ -116,6 +126,21 @@ DSPARK_HD inline RowResult combine_chunks(const ChunkState* chunks, int64_t coun
   out.token = best;
   out.lse = num::mul(kLn2, num::add(row_max, log2_sum));
   out.logprob = num::mul(kLn2, num::sub(num::sub(best_z, row_max), log2_sum));
+  return out;
+}
+
+// The race key of column z of a truncated row (0 outside the kept set).
+DSPARK_HD DSPARK_INLINE float truncated_key(float z, float row_max, uint32_t cut, uint32_t bits) {
+  return num::orderable(z) >= cut ? num::div(num::exp2(num::sub(z, row_max)), num::exponential(bits)) : 0.0f;
+}
+
+// The result of a truncated row from its winner and the kept set's normaliser.
+DSPARK_HD DSPARK_INLINE RowResult truncated_result(int32_t token, float z_token, float row_max, uint64_t kept_sum) {
+  const float log2_sum = num::log2(num::from_fixed(kept_sum));
+  RowResult out;
+  out.token = token;
+  out.lse = num::mul(kLn2, num::add(row_max, log2_sum));
+  out.logprob = num::mul(kLn2, num::sub(num::sub(z_token, row_max), log2_sum));
   return out;
 }
 

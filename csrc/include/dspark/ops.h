@@ -135,17 +135,26 @@ struct MarkovSampleArgs {
   TensorView seeds;  // optional [1] or [R] int64
   uint64_t offset = 0;
   TensorView offsets;  // optional [1] or [R] int64
+  // truncation of each sampled row over its V_d columns (dspark/truncation.h); a tensor replaces its scalar
+  int32_t top_k = 0;
+  TensorView top_ks;  // optional [R] int32
+  float top_p = 1.0f;
+  TensorView top_ps;  // optional [R] float32
+  float min_p = 0.0f;
+  TensorView min_ps;  // optional [R] float32
   // outputs
   TensorView draft_tokens;  // [R, gamma] int64
   TensorView logprobs;      // [R, gamma] float32: log p_d of each sampled token
   TensorView lse;           // [R, gamma] float32: log-sum-exp of (U + B) / T
-  TensorView corrected;     // optional [R, gamma, V_d] float32: U + B
+  TensorView corrected;     // optional [R, gamma, V_d] float32: U + B (-inf outside a truncated row's kept set)
   TensorView workspace;     // uint8, markov_sample_workspace_bytes (CUDA only)
   void* stream = nullptr;
 };
 
+// truncation: whether the call may truncate (the CUDA backend then keeps the
+// rows it truncates, [R, V_d] float32).
 size_t markov_sample_workspace_bytes(int64_t num_requests, int64_t gamma, int64_t vocab, int64_t rank,
-                                     int64_t hidden_size, markov::Head head);
+                                     int64_t hidden_size, markov::Head head, bool truncation = false);
 void markov_sample(const MarkovSampleArgs& args);
 
 // -------------------------------------------------------------- confidence

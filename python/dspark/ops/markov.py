@@ -11,7 +11,7 @@ from .. import _random
 from .._ext import C
 from .._tensor import is_capturing, stream_handle, view
 from ._common import (check_vocab_map_on_device, compiling, float_tensor, on_device, require_tensor,
-                      temperature_args, token_tensor, vocab_map)
+                      temperature_args, token_tensor, truncation_args, vocab_map)
 
 __all__ = ["MARKOV_HEADS", "ConfidenceOutput", "MarkovOutput", "confidence", "markov_sample"]
 
@@ -28,7 +28,8 @@ class MarkovOutput(NamedTuple):
         (greedy: ``max(U + B)``), so ``log p_d(v) = (U + B)_v / T - lse``.
     corrected_logits: ``[R, gamma, V]`` (``[R, gamma, V_d]`` with a draft vocabulary)
         float32 ``U + B`` when requested (feed it to :func:`rejection_sample` as
-        ``draft_logits``, with the same ``draft_vocab``), else None.
+        ``draft_logits``, with the same ``draft_vocab``), else None; -inf
+        outside a truncated row's kept set.
     """
 
     draft_tokens: torch.Tensor
@@ -39,6 +40,7 @@ class MarkovOutput(NamedTuple):
 
 def _markov_launch(base_logits, anchor_tokens, w1, w2, draft_vocab, head: int, gate_weight, gate_bias, joint_weight,
                    joint_bias, hidden, temperature: float, temperatures, seed: int, seeds, offset: int, offsets,
+                   top_k: int, top_ks, top_p: float, top_ps, min_p: float, min_ps,
                    draft_tokens, logprobs, lse, corrected) -> None:
     op = "markov_sample"
     device = base_logits.device
@@ -46,14 +48,17 @@ def _markov_launch(base_logits, anchor_tokens, w1, w2, draft_vocab, head: int, g
     if device.type == "cuda":
         R, gamma, V = base_logits.shape
         d = hidden.shape[2] if hidden is not None else 0
-        nbytes = C.markov_sample_workspace_bytes(R, gamma, V, w1.shape[1], d, head)
+        truncation = (top_ks is not None or top_ps is not None or min_ps is not None or top_k > 0 or top_p < 1.0
+                      or min_p > 0.0)
+        nbytes = C.markov_sample_workspace_bytes(R, gamma, V, w1.shape[1], d, head, truncation)
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
     C.markov_sample(
         view(base_logits, op, "base_logits"), view(anchor_tokens, op, "anchor_tokens"), view(w1, op, "w1"),
         view(w2, op, "w2"), view(draft_vocab, op, "draft_vocab"), head, view(gate_weight, op, "gate_weight"), view(gate_bias, op, "gate_bias"),
         view(joint_weight, op, "joint_weight"), view(joint_bias, op, "joint_bias"), view(hidden, op, "hidden"),
         temperature, view(temperatures, op, "temperature"), seed, view(seeds, op, "seed"), offset,
-        view(offsets, op, "offset"), view(draft_tokens, op, "draft_tokens"), view(logprobs, op, "logprobs"),
+        view(offsets, op, "offset"), top_k, view(top_ks, op, "top_k"), top_p, view(top_ps, op, "top_p"), min_p,
+        view(min_ps, op, "min_p"), view(draft_tokens, op, "draft_tokens"), view(logprobs, op, "logprobs"),
         view(lse, op, "lse"), view(corrected, op, "corrected_logits"), view(workspace, op, "workspace"),
         stream_handle(device),
     )
@@ -74,18 +79,20 @@ def _markov_sample_op(base_logits: torch.Tensor, anchor_tokens: torch.Tensor, w1
                       joint_weight: Optional[torch.Tensor], joint_bias: Optional[torch.Tensor],
                       hidden: Optional[torch.Tensor], temperature: float, temperatures: Optional[torch.Tensor],
                       seed: int, seeds: Optional[torch.Tensor], offset: int, offsets: Optional[torch.Tensor],
+                      top_k: int, top_ks: Optional[torch.Tensor], top_p: float, top_ps: Optional[torch.Tensor],
+                      min_p: float, min_ps: Optional[torch.Tensor],
                       corrected: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     out = _markov_allocate(base_logits, corrected)
     _markov_launch(base_logits, anchor_tokens, w1, w2, draft_vocab, head, gate_weight, gate_bias, joint_weight,
-                   joint_bias,
-                   hidden, temperature, temperatures, seed, seeds, offset, offsets, out[0], out[1], out[2],
-                   out[3] if corrected else None)
+                   joint_bias, hidden, temperature, temperatures, seed, seeds, offset, offsets, top_k, top_ks, top_p,
+                   top_ps, min_p, min_ps, out[0], out[1], out[2], out[3] if corrected else None)
     return out
 
 
 @_markov_sample_op.register_fake
 def _markov_sample_fake(base_logits, anchor_tokens, w1, w2, draft_vocab, head, gate_weight, gate_bias, joint_weight,
-                        joint_bias, hidden, temperature, temperatures, seed, seeds, offset, offsets, corrected):
+                        joint_bias, hidden, temperature, temperatures, seed, seeds, offset, offsets, top_k, top_ks,
+                        top_p, top_ps, min_p, min_ps, corrected):
     return _markov_allocate(base_logits, corrected)
 
 
@@ -106,6 +113,9 @@ def markov_sample(
     generator: Optional[torch.Generator] = None,
     seed: _random.SeedArg = None,
     offset: _random.OffsetArg = 0,
+    top_k: Union[int, torch.Tensor] = 0,
+    top_p: Union[float, torch.Tensor] = 1.0,
+    min_p: Union[float, torch.Tensor] = 0.0,
     return_corrected_logits: bool = False,
     validate: bool = True,
 ) -> MarkovOutput:
@@ -128,8 +138,13 @@ def markov_sample(
             [3 rank]``); the last two need ``hidden [R, gamma, d]``.
         temperature: float or ``[R]``; 0 is greedy (argmax of ``U + B``).
         generator / seed / offset: randomness as in :func:`rejection_sample`.
+        top_k / top_p / min_p: the request's truncation of each sampled row
+            (over its ``V_d`` columns), as :func:`rejection_sample` defines it
+            for the target; the row is sampled from its kept set, and
+            ``logprobs`` / ``lse`` are those of the truncated distribution.
         return_corrected_logits: also return ``U + B`` ``[R, gamma, V]`` float32, the
-            exact values the tokens were sampled from (for ``draft_logits``).
+            exact values the tokens were sampled from (for ``draft_logits``;
+            -inf outside a truncated row's kept set).
     """
     op = "markov_sample"
     device = require_tensor(op, "base_logits", base_logits).device
@@ -164,6 +179,7 @@ def markov_sample(
         draft_vocab = vocab_map(op, draft_vocab, device)
         V = w1.shape[0]  # anchors and tokens are target ids
     temperature_value, temperatures = temperature_args(op, temperature, device)
+    truncation = truncation_args(op, top_k, top_p, min_p, R, base_logits.shape[2], device)
     rng = _random.resolve(op, device, R, generator, seed, offset)
     if validate and device.type == "cuda" and not compiling() and not is_capturing(device):
         if draft_vocab is not None:
@@ -172,15 +188,18 @@ def markov_sample(
         flags = [((anchor_tokens < 0) | (anchor_tokens >= V)).any() if R else none,
                  ~(temperatures >= 0).all() if temperatures is not None else none,
                  ((rng.offsets < 0) | (rng.offsets >= _random.OFFSET_LIMIT)).any() if rng.offsets is not None else none]
+        extra = truncation.flags_on_device(base_logits.shape[2])
+        flags += [flag for flag, _ in extra]
         bad = torch.stack([f.reshape(()) for f in flags]).tolist()
         messages = (f"argument 'anchor_tokens' holds token ids outside the vocabulary [0, {V})",
                     "argument 'temperature' must be >= 0 (NaN is not allowed)",
-                    "argument 'offset' must be in [0, 2^32)")
+                    "argument 'offset' must be in [0, 2^32)") + tuple(message for _, message in extra)
         for flag, message in zip(bad, messages):
             if flag:
                 raise ValueError(f"{op}: {message}")
     args = (base_logits, anchor_tokens, w1, w2, draft_vocab, MARKOV_HEADS[head], gate_weight, gate_bias, joint_weight,
-            joint_bias, hidden, temperature_value, temperatures, rng.seed, rng.seeds, rng.offset, rng.offsets)
+            joint_bias, hidden, temperature_value, temperatures, rng.seed, rng.seeds, rng.offset, rng.offsets,
+            *truncation)
     if compiling():
         tokens, logprobs, lse, corrected = torch.ops.dspark.markov_sample(*args, return_corrected_logits)
     else:
