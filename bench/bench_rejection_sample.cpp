@@ -7,7 +7,9 @@
 // draft vocabulary of 8192 ids (/Vd=8192: draft rows of 8192 columns, ids
 // spread over the vocabulary). --dspark_grid=tiny runs a handful of small
 // shapes in all three draft modes, with and without a draft vocabulary (CI
-// smoke test).
+// smoke test). Truncation rows (/topk=50/topp=0.9) time the op with top-k and
+// top-p on every request (the cut found inside the op: radix selects over each
+// target row), against the same shapes without.
 //
 // Bytes that must move: target logits (N + R) V b, draft rows N C b (logits and
 // probs modes; C = V_d with a draft vocabulary, else V), the map 4 V_d, draft
@@ -49,6 +51,7 @@ struct Shape {
   DType dtype;
   Mode mode;
   int64_t draft_vocab = 0;  // V_d (0: the drafter scores the whole vocabulary)
+  bool truncated = false;   // top-k 50 and top-p 0.9 on every request (/topk=50/topp=0.9)
   int64_t columns() const { return draft_vocab ? draft_vocab : vocab; }
 };
 
@@ -133,6 +136,10 @@ dspark::RejectionSampleArgs make_args(const Inputs& in, Device dev, void* target
   a.cu_num_draft = TensorView::contiguous(cu, DType::kInt32, dev, {s.requests + 1});
   a.temperature = 1.0f;
   a.seed = 1234;
+  if (s.truncated) {
+    a.top_k = 50;
+    a.top_p = 0.9f;
+  }
   a.max_num_draft = static_cast<int32_t>(s.drafts);
   a.output_tokens = TensorView::contiguous(out, DType::kInt32, dev, {s.requests, s.drafts + 1});
   a.num_accepted = TensorView::contiguous(accepted, DType::kInt32, dev, {s.requests});
@@ -183,7 +190,7 @@ void bench_cuda(benchmark::State& state, Shape shape) {
 std::string name(const char* backend, const Shape& s) {
   return std::string("rejection_sample/") + backend + "/" + mode_name(s.mode) + "/" + dspark::dtype_name(s.dtype) +
          "/R=" + std::to_string(s.requests) + "/n=" + std::to_string(s.drafts) + "/V=" + std::to_string(s.vocab) +
-         (s.draft_vocab ? "/Vd=" + std::to_string(s.draft_vocab) : "");
+         (s.draft_vocab ? "/Vd=" + std::to_string(s.draft_vocab) : "") + (s.truncated ? "/topk=50/topp=0.9" : "");
 }
 
 std::vector<Shape> grid() {
@@ -195,6 +202,7 @@ std::vector<Shape> grid() {
         if (m != kOneHot) shapes.push_back({4, 3, 4099, t, static_cast<Mode>(m), 1000});
       }
     shapes.push_back({8, 5, 32000, DType::kBFloat16, kLogits});
+    shapes.push_back({8, 5, 32000, DType::kBFloat16, kLogits, 0, true});
     return shapes;
   }
   for (int64_t v : {32000, 129280, 151936})
@@ -203,6 +211,8 @@ std::vector<Shape> grid() {
   for (int64_t v : {49152, 151936})
     for (int64_t r : {1, 16, 64})
       for (int64_t d : {int64_t{0}, kDraftVocab}) shapes.push_back({r, 7, v, DType::kBFloat16, kLogits, d});
+  for (int64_t v : {32000, 151936})
+    for (int64_t r : {1, 8, 64, 256}) shapes.push_back({r, 7, v, DType::kBFloat16, kLogits, 0, true});
   return shapes;
 }
 

@@ -123,6 +123,57 @@ def sampling(quick: bool = False, devices: Optional[Sequence[str]] = None) -> Li
     return rows
 
 
+def mask_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """What a caller does without truncation in the op: sort every row, mask
+    logits below the k-th largest and outside the top-p nucleus to -inf
+    (at temperature 1), in PyTorch."""
+    values, order = logits.float().sort(dim=-1, descending=True)
+    kth = values[:, top_k - 1:top_k]
+    probs = torch.softmax(torch.where(values >= kth, values, torch.full_like(values, -float("inf"))), -1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above
+    keep_sorted = (values >= kth) & (before < top_p)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return torch.where(keep, logits, torch.full_like(logits, -float("inf")))
+
+
+TRUNCATION = dict(top_k=50, top_p=0.9)
+
+
+def sampling_truncation(quick: bool = False, devices: Optional[Sequence[str]] = None) -> List[dict]:
+    """rejection_sample with top-k 50 and top-p 0.9 inside the op, against the
+    caller masking the target logits first (a sort per row in PyTorch, then
+    the op without truncation), and against the op without truncation."""
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if backends()["cuda"]["usable"] and torch.cuda.is_available() else [])
+    rows = []
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        repeats = 3 if device.type == "cpu" else 20
+        for case in _sampling_cases(quick):
+            target, tokens, cu, draft = _make_batch(case["R"], case["n"], case["V"], device, torch.bfloat16)
+            kw = dict(draft_logits=draft, seed=1, max_num_draft=case["n"])
+            fused_s = _time(lambda: ops.rejection_sample(target, tokens, cu, **TRUNCATION, **kw), device, repeats)
+            plain_s = _time(lambda: ops.rejection_sample(target, tokens, cu, **kw), device, repeats)
+            masked_s = _time(lambda: ops.rejection_sample(mask_top_k_top_p(target, **TRUNCATION), tokens, cu, **kw),
+                             device, repeats)
+            rows.append(dict(device=dev_name, **case, fused_ms=fused_s * 1e3, mask_first_ms=masked_s * 1e3,
+                             plain_ms=plain_s * 1e3, speedup_vs_mask_first=masked_s / fused_s,
+                             cost_vs_plain=fused_s / plain_s))
+    return rows
+
+
+def _print_truncation(rows: List[dict]) -> None:
+    print(f"\ntruncation (top-k {TRUNCATION['top_k']}, top-p {TRUNCATION['top_p']}, bfloat16 logits): fused in the op "
+          "against the caller masking first (sort per row, then the op)")
+    header = f"{'device':6} {'R':>4} {'n':>3} {'V':>7} {'fused ms':>9} {'mask-first ms':>14} {'x mask-first':>13} " \
+             f"{'no-trunc ms':>12} {'cost':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['device']:6} {r['R']:4d} {r['n']:3d} {r['V']:7d} {r['fused_ms']:9.3f} {r['mask_first_ms']:14.3f} "
+              f"{r['speedup_vs_mask_first']:13.2f} {r['plain_ms']:12.3f} {r['cost_vs_plain']:6.2f}")
+
+
 def _print_table(rows: List[dict]) -> None:
     header = f"{'device':6} {'dtype':8} {'R':>4} {'n':>3} {'V':>7} {'dspark ms':>10} {'eager ms':>10} " \
              f"{'x eager':>8} {'reference ms':>13} {'x reference':>12}"
@@ -430,7 +481,9 @@ def run(suite: str, quick: bool = False, json_path: Optional[str] = None, device
         print("x eager / x reference = how many times faster dspark is than that baseline in this run")
         rows = sampling(quick=quick, devices=devices)
         _print_table(rows)
-        results: object = rows
+        truncated = sampling_truncation(quick=quick, devices=devices)
+        _print_truncation(truncated)
+        results: object = {"rows": rows, "truncation": truncated}
     elif suite == "attention":
         rows = attention_timing(quick=quick, devices=devices)
         _print_attention(rows)
