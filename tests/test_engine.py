@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dspark.ops
+from dspark import reference
 from dspark.calibration import CalibrationRecorder
 from dspark.engine import RunMetrics, SamplingParams, SpeculativeEngine
 from dspark.models import TargetModel
@@ -201,8 +202,10 @@ def small(tmp_path_factory):
     return hf.double(), TargetModel.load(folder)
 
 
-def sequence_distribution(hf, prompt, temperature: float) -> torch.Tensor:
-    """P(y_1..y_n | prompt) for all V^n sequences (float64), index sum y_i V^(n-i)."""
+def sequence_distribution(hf, prompt, temperature: float, **truncation) -> torch.Tensor:
+    """P(y_1..y_n | prompt) for all V^n sequences (float64), index sum y_i V^(n-i);
+    with top_k / top_p / min_p, each step's distribution truncated by the
+    definition (dspark.reference.truncation_mask)."""
     V, n = SAMPLED_VOCAB, SAMPLED_TOKENS
     probs = torch.ones(1, dtype=torch.float64)
     for step in range(n):
@@ -211,13 +214,18 @@ def sequence_distribution(hf, prompt, temperature: float) -> torch.Tensor:
         with torch.no_grad():
             logits = hf(batch).logits[:, -1].double()
         step_probs = torch.softmax(logits / temperature, dim=-1)  # [V^step, V]
+        if truncation:
+            step_probs = torch.stack([reference._truncated_softmax2(row.float(), temperature, truncation.get("top_k", 0),
+                                                                    truncation.get("top_p", 1.0),
+                                                                    truncation.get("min_p", 0.0))
+                                      for row in logits])
         probs = (probs.unsqueeze(1) * step_probs).reshape(-1)
     return probs
 
 
-def sample_sequences(target, drafter, policy, temperature) -> torch.Tensor:
+def sample_sequences(target, drafter, policy, temperature, **truncation) -> torch.Tensor:
     engine = SpeculativeEngine(target, drafter, policy=policy, max_concurrency=512, max_model_len=16, seed=11)
-    params = SamplingParams(temperature=temperature, max_new_tokens=SAMPLED_TOKENS)
+    params = SamplingParams(temperature=temperature, max_new_tokens=SAMPLED_TOKENS, **truncation)
     results = engine.generate([SAMPLED_PROMPT] * SAMPLED_N, params)
     tokens = torch.tensor([r.tokens for r in results])
     assert tokens.shape == (SAMPLED_N, SAMPLED_TOKENS)
@@ -257,6 +265,56 @@ def test_sampled_lossless(small, config):
         decisions = policy.gate.decisions
         assert 0 < metrics.drafting_rounds < metrics.rounds and True in decisions and False in decisions, metrics
     assert_fits(index, sequence_distribution(hf, SAMPLED_PROMPT, temperature), f"engine {config}", epsilon=0.05)
+
+
+@pytest.mark.parametrize("truncation", [dict(top_k=2), dict(top_p=0.7, min_p=0.1)])
+def test_sampled_lossless_with_truncation(small, truncation):
+    """Requests with top-k / top-p / min-p: the target distribution is the
+    truncated one, the drafter samples its own truncated distribution, and
+    the first 4 tokens of 13500 requests follow the enumerated truncated
+    sequence distribution (81 cells, power >= 0.99 against TV 0.05)."""
+    hf, target = small
+    drafter = random_drafter(target, rank=16, block=3, scale=0.5, seed=2)
+    index, metrics = sample_sequences(target, drafter, Fixed(), 1.0, **truncation)
+    assert metrics.accepted_drafts > 500 and metrics.verified_drafts - metrics.accepted_drafts > 500, metrics
+    want = sequence_distribution(hf, SAMPLED_PROMPT, 1.0, **truncation)
+    assert (want == 0).any(), "the truncation must remove sequences for the test to mean anything"
+    assert_fits(index, want, f"engine {truncation}", epsilon=0.05)
+
+
+def test_logprobs_of_generated_tokens(llama):
+    """Greedy: log-probabilities of the untruncated softmax at temperature 1,
+    the same with and without the drafter, equal to transformers' log-softmax
+    along the sequence; sampled with top-k: log p under the truncation."""
+    prompts = PROMPTS[:3]
+    drafter = llama.bigram_drafter(prompts)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=12, logprobs=True),
+              SamplingParams(temperature=0.9, max_new_tokens=12, logprobs=True, top_k=5, seed=3),
+              SamplingParams(temperature=0.0, max_new_tokens=12)]
+    plain = SpeculativeEngine(llama.target, None, max_concurrency=3, max_model_len=80).generate(prompts, params)
+    spec = SpeculativeEngine(llama.target, drafter, max_concurrency=3, max_model_len=80).generate(prompts, params)
+    assert spec[2].logprobs is None and len(spec[0].logprobs) == len(spec[0].tokens) == 12
+    torch.testing.assert_close(torch.tensor(spec[0].logprobs), torch.tensor(plain[0].logprobs), atol=1e-4, rtol=0)
+    for r, prompt, T, k in ((spec[0], prompts[0], None, 0), (spec[1], prompts[1], 0.9, 5),
+                            (plain[1], prompts[1], 0.9, 5)):
+        seq = torch.tensor([prompt + r.tokens])
+        with torch.no_grad():
+            logits = llama.hf(seq).logits[0, len(seq[0]) - len(r.tokens) - 1:-1].double()
+        for j, token in enumerate(r.tokens):
+            if T is None:
+                want = torch.log_softmax(logits[j], -1)[token]
+            else:
+                want = torch.log(reference._truncated_softmax2(logits[j].float(), T, k, 1.0, 0.0)[token])
+            assert abs(r.logprobs[j] - float(want)) < 1e-3, (j, r.logprobs[j], float(want))
+
+
+def test_bad_truncation_parameters_are_request_errors(llama):
+    engine = SpeculativeEngine(llama.target, None, max_concurrency=2, max_model_len=80)
+    bad = [SamplingParams(top_k=-1), SamplingParams(top_k=10**9), SamplingParams(top_p=0.0),
+           SamplingParams(min_p=1.5), SamplingParams(top_p=float("nan"))]
+    results = engine.generate([PROMPTS[0]] * len(bad), bad)
+    assert all(r.finish_reason == "error" for r in results)
+    assert "top_k" in results[0].error and "top_p" in results[2].error and "min_p" in results[3].error
 
 
 def test_sampled_test_catches_a_biased_engine(small, monkeypatch):

@@ -45,6 +45,12 @@ class SamplingParams:
     seed: Optional[int] = None  # default: derived from the engine's seed and the request's index
     max_new_tokens: int = 64
     stop_tokens: Sequence[int] = ()
+    # truncation of the target distribution (ops.rejection_sample): 0 / 1 / 0 = off; the
+    # drafter samples from the same truncation of its own distribution
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    logprobs: bool = False  # report log p_t of each generated token (GenerationResult.logprobs)
 
 
 @dataclass
@@ -65,6 +71,9 @@ class GenerationResult:
     finish_reason: str  # "stop", "length" or "error"
     error: Optional[str] = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    # with SamplingParams(logprobs=True): log p_t of each token under the request's temperature and
+    # truncation (greedy: the untruncated softmax at temperature 1)
+    logprobs: Optional[List[float]] = None
 
 
 @dataclass
@@ -164,6 +173,7 @@ class _Request:
     tokens: List[int] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     done: Optional[str] = None
+    logprobs: List[float] = field(default_factory=list)
 
 
 class SpeculativeEngine:
@@ -231,6 +241,8 @@ class SpeculativeEngine:
             if drafter is not None:
                 drafter.pack_cpu()
         self.metrics = RunMetrics()
+        self._truncating = False  # whether a request of the current run truncates (set by _run)
+        self._logprobs = False  # whether a request of the current run asks for log-probabilities
 
     # ----------------------------------------------------------------- API
 
@@ -331,7 +343,10 @@ class SpeculativeEngine:
                     max_new=torch.full((R,), 1 << 30, dtype=torch.int64, device=dev),
                     temperatures=torch.ones(R, dtype=torch.float32, device=dev),
                     seeds=torch.arange(R, dtype=torch.int64, device=dev),
-                    rounds=torch.ones(R, dtype=torch.int64, device=dev))
+                    rounds=torch.ones(R, dtype=torch.int64, device=dev),
+                    top_k=torch.zeros(R, dtype=torch.int32, device=dev),
+                    top_p=torch.ones(R, dtype=torch.float32, device=dev),
+                    min_p=torch.zeros(R, dtype=torch.float32, device=dev))
                 self._draft(state, cache=draft_cache, schedule=False)
 
         return forward, draft_fn
@@ -348,6 +363,12 @@ class SpeculativeEngine:
             return f"max_new_tokens must be >= 1, got {r.params.max_new_tokens}"
         if not r.params.temperature >= 0:
             return f"temperature must be >= 0, got {r.params.temperature}"
+        if not (isinstance(r.params.top_k, int) and 0 <= r.params.top_k <= V):
+            return f"top_k must be an int in [0, {V}] (0: off), got {r.params.top_k!r}"
+        if not 0.0 < r.params.top_p <= 1.0:
+            return f"top_p must be in (0, 1] (1: off), got {r.params.top_p}"
+        if not 0.0 <= r.params.min_p <= 1.0:
+            return f"min_p must be in [0, 1] (0: off), got {r.params.min_p}"
         total = len(r.prompt) + r.params.max_new_tokens
         if total > self.max_model_len:
             return f"prompt ({len(r.prompt)}) + max_new_tokens ({r.params.max_new_tokens}) exceeds max_model_len " \
@@ -363,10 +384,12 @@ class SpeculativeEngine:
         for i, t in enumerate(r.tokens):
             if t in stops:
                 r.tokens = r.tokens[: i + 1]
+                r.logprobs = r.logprobs[: i + 1]
                 r.done = "stop"
                 return
         if len(r.tokens) >= r.params.max_new_tokens:
             r.tokens = r.tokens[: r.params.max_new_tokens]
+            r.logprobs = r.logprobs[: r.params.max_new_tokens]
             r.done = "length"
 
     # ----------------------------------------------------------- the loop
@@ -379,6 +402,10 @@ class SpeculativeEngine:
         state = _State.empty(dev)
         pending = None  # what the last round committed, read at the next synchronisation
         bar = _progress(self.progress, sum(r.params.max_new_tokens for r in queue))
+        V = self.target.config.vocab_size
+        self._truncating = any(0 < r.params.top_k < V or r.params.top_p < 1.0 or r.params.min_p > 0.0
+                               for r in queue)
+        self._logprobs = any(r.params.logprobs for r in queue)
         while active or queue or pending is not None:
             # 1. draft (device), unless the policy expects a plain step to pay more
             drafted = None
@@ -398,11 +425,14 @@ class SpeculativeEngine:
                 at += n_rows * width
                 accepted = host[at:at + n_rows]
                 at += n_rows
+                logprobs = pending.logprobs.reshape(-1).tolist() if pending.logprobs is not None else None
                 before = sum(len(r.tokens) for r in pending.requests)
                 round_lengths, round_accepted = [], []
                 for i, r in enumerate(pending.requests):
                     count = accepted[i] + 1
                     r.tokens.extend(tokens[i * width:i * width + count])
+                    if logprobs is not None and r.params.logprobs:
+                        r.logprobs.extend(logprobs[i * width:i * width + count])
                     verified = pending.verified[i]
                     if verified is not None:  # None: the prefill's token, not a round
                         r.metrics.rounds += 1
@@ -424,7 +454,8 @@ class SpeculativeEngine:
             keep = [i for i, r in enumerate(active) if r.done is None]
             for r in active:
                 if r.done is not None:
-                    results[r.index] = GenerationResult(r.tokens, r.done, None, r.metrics)
+                    results[r.index] = GenerationResult(r.tokens, r.done, None, r.metrics,
+                                                        r.logprobs if r.params.logprobs else None)
                     self.target_cache.release(r.slot)
                     if self.draft_cache is not None:
                         self.draft_cache.release(r.slot)
@@ -460,7 +491,8 @@ class SpeculativeEngine:
         hidden = draft.hidden
         sampled = ops.markov_sample(draft.base_logits, state.anchors, w1, w2, draft_vocab=self.draft_vocab,
                                     temperature=state.temperatures, seed=state.seeds, offset=state.rounds,
-                                    return_corrected_logits=True, validate=False, **drafter.markov_kwargs(hidden))
+                                    return_corrected_logits=True, validate=False, **drafter.markov_kwargs(hidden),
+                                    **self._truncation(state))
         conf = drafter.confidence(hidden, state.anchors, sampled.draft_tokens)
         if not schedule:
             return _Drafted(sampled.draft_tokens, sampled.corrected_logits, None,
@@ -511,7 +543,7 @@ class SpeculativeEngine:
         max_len = max(lengths) if lengths else 0
         result = ops.rejection_sample(out.logits, draft_tokens, cu_draft, temperature=state.temperatures,
                                       seed=state.seeds, offset=state.rounds, max_num_draft=max_len, validate=False,
-                                      **kwargs)
+                                      return_logprobs=self._logprobs, **self._truncation(state), **kwargs)
         accepted = result.num_accepted.to(torch.int64)
         if self.recorder is not None and drafted is not None and drafted.conf_logits is not None:
             self.recorder.record(drafted.conf_logits, lengths_t, accepted)
@@ -526,7 +558,8 @@ class SpeculativeEngine:
         state.starts = state.starts + count
         state.generated = state.generated + count
         state.rounds = state.rounds + 1
-        return _Pending(list(active), result.output_tokens, result.num_accepted, list(lengths), drafted is not None)
+        return _Pending(list(active), result.output_tokens, result.num_accepted, list(lengths), drafted is not None,
+                        result.logprobs)
 
     # ------------------------------------------------------------ admitting
 
@@ -583,14 +616,25 @@ class SpeculativeEngine:
             temperatures=host_to_device([float(r.params.temperature) for r in joined], torch.float32, dev),
             seeds=host_to_device([r.seed for r in joined], torch.int64, dev),
             rounds=torch.ones(len(joined), dtype=torch.int64, device=dev),
+            top_k=host_to_device([int(r.params.top_k) for r in joined], torch.int32, dev),
+            top_p=host_to_device([float(r.params.top_p) for r in joined], torch.float32, dev),
+            min_p=host_to_device([float(r.params.min_p) for r in joined], torch.float32, dev),
         )
         first = ops.rejection_sample(out.logits, torch.zeros(0, dtype=torch.int64, device=dev),
                                      torch.zeros(len(joined) + 1, dtype=torch.int32, device=dev),
                                      temperature=state.temperatures, seed=state.seeds,
                                      offset=torch.zeros(len(joined), dtype=torch.int64, device=dev),
-                                     max_num_draft=0, validate=False)
+                                     max_num_draft=0, validate=False, return_logprobs=self._logprobs,
+                                     **self._truncation(state))
         state.anchors = first.output_tokens[:, 0].to(torch.int64)
-        return _Joined(joined, state, first.output_tokens, first.num_accepted)
+        return _Joined(joined, state, first.output_tokens, first.num_accepted, first.logprobs)
+
+    def _truncation(self, state: "_State") -> dict:
+        """The requests' top-k / top-p / min-p for the ops (nothing when no request
+        of the run truncates: the ops then skip the truncation machinery)."""
+        if not self._truncating:
+            return {}
+        return {"top_k": state.top_k, "top_p": state.top_p, "min_p": state.min_p}
 
 # ------------------------------------------------------------------ state
 
@@ -605,14 +649,18 @@ class _State:
     temperatures: torch.Tensor  # [R] float32
     seeds: torch.Tensor  # [R] int64
     rounds: torch.Tensor  # [R] int64, the next round's stream offset
+    top_k: torch.Tensor  # [R] int32
+    top_p: torch.Tensor  # [R] float32
+    min_p: torch.Tensor  # [R] float32
 
-    FIELDS = ("anchors", "starts", "slots", "generated", "max_new", "temperatures", "seeds", "rounds")
+    FIELDS = ("anchors", "starts", "slots", "generated", "max_new", "temperatures", "seeds", "rounds", "top_k",
+              "top_p", "min_p")
 
     @classmethod
     def empty(cls, device: torch.device) -> "_State":
         z = lambda dtype: torch.zeros(0, dtype=dtype, device=device)  # noqa: E731
         return cls(z(torch.int64), z(torch.int64), z(torch.int64), z(torch.int64), z(torch.int64), z(torch.float32),
-                   z(torch.int64), z(torch.int64))
+                   z(torch.int64), z(torch.int64), z(torch.int32), z(torch.float32), z(torch.float32))
 
     def select(self, keep: List[int]) -> "_State":
         index = host_to_device(keep, torch.int64, self.anchors.device)
@@ -641,6 +689,7 @@ class _Joined:
     state: _State
     tokens: torch.Tensor  # [R, 1]
     accepted: torch.Tensor  # [R] (zeros)
+    logprobs: Optional[torch.Tensor] = None  # [R, 1] when requested
 
 
 @dataclass
@@ -650,19 +699,24 @@ class _Pending:
     accepted: torch.Tensor  # [R] int32
     verified: List[Optional[int]]  # draft tokens verified per request (None: a prefill)
     drafted: bool = False  # whether the round drafted (a plain step does not)
+    logprobs: Optional[torch.Tensor] = None  # [R, width] float32 when requested
 
     @staticmethod
     def concat(committed: Optional["_Pending"], joined: Optional[_Joined]) -> "_Pending":
         if joined is None:
             return committed  # type: ignore[return-value]
-        prefill = _Pending(joined.requests, joined.tokens, joined.accepted, [None] * len(joined.requests))
+        prefill = _Pending(joined.requests, joined.tokens, joined.accepted, [None] * len(joined.requests),
+                           logprobs=joined.logprobs)
         if committed is None:
             return prefill
         width = max(committed.tokens.shape[1], prefill.tokens.shape[1])
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)  # noqa: E731
+        pad = lambda t, v=-1: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+        logprobs = None
+        if committed.logprobs is not None and prefill.logprobs is not None:
+            logprobs = torch.cat([pad(committed.logprobs, -float("inf")), pad(prefill.logprobs, -float("inf"))])
         return _Pending(committed.requests + prefill.requests, torch.cat([pad(committed.tokens), pad(prefill.tokens)]),
                         torch.cat([committed.accepted, prefill.accepted]), committed.verified + prefill.verified,
-                        committed.drafted)
+                        committed.drafted, logprobs)
 
 
 class _NoBar:

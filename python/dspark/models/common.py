@@ -41,6 +41,15 @@ def _packing_available() -> bool:
             and hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise"))
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter; -1 for an inference tensor, which
+    has none (it can only change inside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class PackedWeight:
     """A linear layer's bfloat16 weight laid out once for oneDNN's CPU matmul.
 
@@ -54,11 +63,11 @@ class PackedWeight:
     """
 
     def __init__(self, weight: torch.Tensor, rows_hint: int = 8) -> None:
-        self.source = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+        self.source = (weight.data_ptr(), tensor_version(weight), weight.dtype, tuple(weight.shape))
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
 
     def matches(self, weight: torch.Tensor) -> bool:
-        return self.source == (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+        return self.source == (weight.data_ptr(), tensor_version(weight), weight.dtype, tuple(weight.shape))
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         lead = x.shape[:-1]

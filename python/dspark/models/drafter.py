@@ -47,7 +47,7 @@ from ..calibration import STS
 from . import gemma4
 from .common import (CheckpointError, GemmaRMSNorm, Linear, PackedWeight, PagedKVCache, PathLike, RMSNorm, activation,
                      linear, load_safetensors, load_state, pack_cpu_linears, read_config, rope_inv_freq,
-                     rope_parameters, save_safetensors, softcap)
+                     rope_parameters, save_safetensors, softcap, tensor_version)
 from .target import TargetModel
 
 HEADS = ("vanilla", "gated", "rnn")
@@ -537,7 +537,7 @@ class DSparkDrafter(nn.Module):
         weight = target.lm_head.weight
         if not self.config.draft_vocab_size:
             return weight
-        key = (weight.data_ptr(), weight.device, weight.dtype, weight._version)
+        key = (weight.data_ptr(), weight.device, weight.dtype, tensor_version(weight))
         if self._lm_rows.get("key") != key:
             rows = weight.detach()[self.draft_vocab.long()].contiguous()
             packed = PackedWeight(rows) if self._pack_rows and PackedWeight.usable(rows) else None
