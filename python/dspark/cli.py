@@ -115,7 +115,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"error: policy {args.policy} needs a drafter with a confidence head", file=sys.stderr)
         return 2
     params = [SamplingParams(temperature=args.temperature, seed=args.seed + i, max_new_tokens=args.max_new_tokens,
-                             stop_tokens=stops) for i in range(len(prompts))]
+                             stop_tokens=stops, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+              for i in range(len(prompts))]
     results = engine.generate(prompts, params)
     for text, result in zip(args.prompt, results):
         print(f"=== {text!r}")
@@ -232,6 +233,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most probable tokens (0: off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set reaching this mass (1: off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="keep p >= min_p * max p (0: off)")
     gen.add_argument("--max-concurrency", type=int, default=16)
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence tokens")
