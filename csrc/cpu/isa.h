@@ -46,6 +46,7 @@ struct Kernels {
   uint32_t (*scale_and_max)(float* z, int64_t n, float scale);
   uint32_t (*sanitized_max)(const float* z, int64_t n);
   uint64_t (*logit_sum)(const float* z, int64_t n, float chunk_max);
+  uint64_t (*logit_weights)(const float* z, int64_t n, float chunk_max, float* w);
   void (*words_by_lane)(const RandomStream& s, Purpose purpose, uint32_t position, uint32_t g0, int64_t groups,
                         uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3);
   void (*race_keys)(const float* w, const uint32_t* bits, int64_t n, uint32_t* keys);

@@ -208,11 +208,12 @@ void markov_sample(const MarkovSampleArgs& a) {
               std::copy(row, row + n, &z_rows[static_cast<size_t>(at * s.V + v0)]);
               continue;
             }
-            cs.sum = logit_sum(row, n, cs.max);
+            alignas(64) float weights[kMarkovChunk];
+            cs.sum = logit_weights(row, n, cs.max, weights);
             const RandomStream stream = params.stream_of(static_cast<int32_t>(r));
             random_words(stream, Purpose::kDraft, static_cast<uint32_t>(k), static_cast<uint32_t>(v0 / 4),
                          (n + 3) / 4, bits);
-            logit_race_keys(row, cs.max, bits, n, keys);
+            race_keys(weights, bits, n, keys);
             const uint64_t winner = best_key(keys, n, v0);
             cs.best_key = num::bits_float(num::packed_value(winner));
             cs.best = static_cast<int32_t>(num::packed_index(winner));

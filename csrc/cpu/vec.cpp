@@ -2,6 +2,10 @@
 // selected instruction set (isa.h, kernels.inc).
 #include "vec.h"
 
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
 #include "dspark/numerics.h"
 #include "isa.h"
 
@@ -34,8 +38,26 @@ void random_words(const RandomStream& s, Purpose purpose, uint32_t position, uin
     k.words_by_lane(s, purpose, position, g0 + static_cast<uint32_t>(done), count, lane[0], lane[1], lane[2],
                     lane[3]);
     uint32_t* out = bits + 4 * done;
-    for (int64_t i = 0; i < 4 * count; ++i) out[i] = lane[i & 3][i >> 2];
+    int64_t g = 0;
+#if defined(__SSE2__)
+    for (; g + 4 <= count; g += 4) {  // 4 x 4 transposes: group g's four words side by side
+      __m128 r0 = _mm_load_ps(reinterpret_cast<const float*>(&lane[0][g]));
+      __m128 r1 = _mm_load_ps(reinterpret_cast<const float*>(&lane[1][g]));
+      __m128 r2 = _mm_load_ps(reinterpret_cast<const float*>(&lane[2][g]));
+      __m128 r3 = _mm_load_ps(reinterpret_cast<const float*>(&lane[3][g]));
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      _mm_storeu_ps(reinterpret_cast<float*>(out + 4 * g), r0);
+      _mm_storeu_ps(reinterpret_cast<float*>(out + 4 * g + 4), r1);
+      _mm_storeu_ps(reinterpret_cast<float*>(out + 4 * g + 8), r2);
+      _mm_storeu_ps(reinterpret_cast<float*>(out + 4 * g + 12), r3);
+    }
+#endif
+    for (int64_t i = 4 * g; i < 4 * count; ++i) out[i] = lane[i & 3][i >> 2];
   }
+}
+
+uint64_t logit_weights(const float* z, int64_t n, float chunk_max, float* w) {
+  return kernels().logit_weights(z, n, chunk_max, w);
 }
 
 void race_keys(const float* w, const uint32_t* bits, int64_t n, uint32_t* keys) {

@@ -23,6 +23,10 @@ uint32_t sanitized_max(const float* z, int64_t n);
 // sum_i fixed(2^(z[i] - chunk_max)).
 uint64_t logit_sum(const float* z, int64_t n, float chunk_max);
 
+// w[i] = 2^(z[i] - chunk_max); returns sum_i fixed(w[i]) (logit_sum, keeping
+// the weights for race_keys: logit_race_keys without its second exp2).
+uint64_t logit_weights(const float* z, int64_t n, float chunk_max, float* w);
+
 // The first i with orderable(z[i]) == ordered (0 if none), z sanitized.
 int64_t first_index_of(const float* z, int64_t n, uint32_t ordered);
 

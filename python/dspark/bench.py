@@ -368,7 +368,10 @@ def markov_timing(quick: bool = False, devices: Optional[Sequence[str]] = None) 
 
 
 def _print_markov(rows: List[dict]) -> None:
-    print("markov_sample (vanilla head, temperature 1): median time per call, against in the same run:")
+    from ._backends import cpu_isa
+
+    print(f"markov_sample (vanilla head, temperature 1; CPU kernels {cpu_isa()}, torch CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}): median time per call, against in the same run:")
     print("  eager = batched PyTorch loop (gather, matmul, add, softmax, multinomial per position);")
     print("  per-request = the same loop one request at a time; bare = the gamma matmuls alone")
     header = (f"{'device':6} {'R':>4} {'g':>3} {'V':>7} {'r':>4} {'weights':8} {'dspark ms':>10} {'x eager':>8} "
