@@ -299,7 +299,11 @@ def test_smollm2_conversion_matches_transformers(tmp_path, monkeypatch):
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
-    from dspark.demo import run_demo
+    """Every (domain, batch) has the three configurations with their timed
+    repeats, ratios and metrics; speculative outputs are checked against plain
+    decoding; the table shows the spread and the trials behind each acceptance
+    rate; the figure is written."""
+    from dspark.demo import CONFIGS, pooled_acceptance, run_demo
     from test_engine import write_tokenizer
 
     folder, target = tiny
@@ -311,18 +315,30 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
     train.save_checkpoint(drafter, tmp_path / "drafter", config, history)
     prompts = {"code": ["w1 w2 w3", "w4 w5"], "text": ["w9 w8 w7 w6", "w10"]}
     out = io.StringIO()
-    results = run_demo(folder, tmp_path / "drafter", prompts, max_new_tokens=12, chat=False,
-                       plot=tmp_path / "acceptance.png", progress=False, out=out)
+    result = run_demo(folder, tmp_path / "drafter", prompts, dtype="float32", batches=(1, 2, 4), max_new_tokens=12,
+                      repeats=2, chat=False, plot=tmp_path / "demo.png", progress=False, out=out)
     text = out.getvalue()
-    assert [d.domain for d in results] == ["code", "text"]
-    for d in results:
-        assert [c.name for c in d.configs] == ["plain decoding", "dspark fixed(gamma)", "dspark hardware-aware"]
-        assert all(c.identical for c in d.configs[1:])
-        assert all(len(t) == 12 for t in d.configs[0].tokens)
+    # batch 4 is dropped: two prompts per domain
+    assert [(b.domain, b.batch) for b in result.batches] == [("code", 1), ("code", 2), ("text", 1), ("text", 2)]
+    for b in result.batches:
+        assert list(b.configs) == list(CONFIGS)
+        plain = b.configs["plain decoding"]
+        assert len(plain.seconds) == 2 and plain.identical is None and plain.tokens == 12 * b.batch
+        assert all(len(t) == 12 for t in plain.outputs)
+        for name in CONFIGS[1:]:
+            c = b.configs[name]
+            assert c.identical is True and len(c.ratios) == 2 and c.outputs == plain.outputs
+            assert c.metrics.rounds > 0
+        assert b.configs["fixed"].metrics.drafting_rounds == b.configs["fixed"].metrics.rounds
+    assert result.identical()
+    rates, trials = pooled_acceptance(result, "code", "fixed", 4)
+    fixed = [b.configs["fixed"].metrics for b in result.batches if b.domain == "code"]
+    assert trials[0] == sum(m.position_trials[0] for m in fixed) > 0
     assert "identical to plain decoding, token for token (checked)" in text
-    assert "speedup" in text and "acceptance by position" in text
+    assert "speedup" in text and "range" in text and "load average" in text
+    assert f"1:{rates[0]:.2f}/{trials[0]}" in text  # rate/trials
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "acceptance.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ------------------------------------------------------- bench drafters

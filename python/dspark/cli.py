@@ -196,7 +196,7 @@ def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.main(args.device or _default_device(), args.target, args.draft, args.max_new_tokens, args.plot,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, dtype=args.dtype, repeats=args.repeats)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -253,8 +253,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     dm.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when usable")
     dm.add_argument("--target", metavar="DIR", help="another target folder (default: SmolLM2-135M-Instruct)")
     dm.add_argument("--draft", metavar="DIR", help="another drafter folder (default: the shipped one)")
-    dm.add_argument("--max-new-tokens", type=int, default=96)
-    dm.add_argument("--plot", default="dspark-acceptance.png", help="PNG of acceptance by position ('' for none)")
+    dm.add_argument("--max-new-tokens", type=int, default=64, help="per request (default %(default)s)")
+    dm.add_argument("--repeats", type=int, default=3, help="timed runs of each configuration (default %(default)s)")
+    dm.add_argument("--dtype", default="auto", choices=["auto"] + sorted(_DTYPES),
+                    help="model dtype (auto: the device's fast dtype, measured on the CPU)")
+    dm.add_argument("--plot", default="dspark-demo.png",
+                    help="PNG: tokens/s against batch size, acceptance by position ('' for none)")
     dm.add_argument("--no-progress", action="store_true")
     dm.set_defaults(func=_demo)
     args = parser.parse_args(argv)
