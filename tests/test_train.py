@@ -388,3 +388,130 @@ def test_bench_drafters_seeds_share_the_data_and_reload_from_the_cache(tiny, tmp
     assert "mean +- sd over 2 training seeds" in table and table.count(" +- ") == 1 + 4
     with pytest.raises(ValueError, match="seeds"):
         bench_drafters.drafters_benchmark(folder, **dict(opts, seeds=0))
+
+
+# ------------------------------------------------- the recipe's parts
+
+
+class _WordTokenizer:
+    """w<N> words to ids; a chat prompt is [1] + words + [2] (a stand-in template)."""
+
+    def encode(self, text):
+        return [int(w[1:]) for w in text.split()]
+
+    def apply_chat_template(self, text):
+        return [1] + self.encode(text) + [2]
+
+
+def test_offline_texts_are_teacher_forced_answers(tiny):
+    """An offline sequence is the prompt then the answer (then eos after a chat
+    answer), cut at offline_max_tokens; blocks are anchored in the answer, and
+    the stored final states give the target's distribution there, from one
+    forward (no generation)."""
+    _, target = tiny
+    texts = [corpus.OfflineText(f"w{3 + i} w{4 + i}", i % 2 == 0, " ".join(f"w{10 + (i * 7 + j) % 80}"
+                                                                            for j in range(20 + i)), "text", f"s{i}")
+             for i in range(6)]
+    config = train.TrainConfig(offline_tokens=60, offline_max_tokens=22, domains=("text",))
+    data = train.build_offline_data(target, _WordTokenizer(), {"text": texts}, config, [0, 2], eos=5, progress=False)
+    assert data.kinds == ["offline"] * len(data) and data.generated_tokens("offline") >= 60
+    assert data.generated_tokens("offline") < 60 + 22 and data.generated_tokens("generated") == 0
+    by_prompt = {tuple(_WordTokenizer().apply_chat_template(t.prompt) if t.chat else _WordTokenizer().encode(t.prompt)):
+                 t for t in texts}
+    for tokens, P, final in zip(data.tokens, data.prompt_lens, data.final):
+        t = by_prompt[tuple(tokens[:P].tolist())]
+        answer = _WordTokenizer().encode(t.answer) + ([5] if t.chat else [])
+        assert tokens[P:].tolist() == answer[:22 - P] and len(tokens) <= 22
+        assert final.shape[0] == len(tokens) - P
+        # the target's logits at the answer positions, from its own forward over the sequence
+        engine_logits = target.lm_head(final.float())
+        cache = target.new_cache(4, 16, 1, 4)
+        cache.allocate(0, len(tokens))
+        n = len(tokens)
+        from dspark.models import Batch
+        batch = Batch(tokens, torch.arange(n), torch.tensor([0, n], dtype=torch.int32), cache.block_table[:1],
+                      torch.tensor([n], dtype=torch.int32), cache.slots(torch.zeros(n, dtype=torch.int64),
+                                                                        torch.arange(n)))
+        with torch.no_grad():
+            out = target(batch, cache, logits_rows=torch.arange(P, n))
+        torch.testing.assert_close(engine_logits, out.logits.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_training_draws_from_each_kind_by_offline_mix(tiny, monkeypatch):
+    _, target = tiny
+    config = train.TrainConfig(block_size=3, markov_rank=8, num_layers=1, steps=12, sequences_per_step=4,
+                               blocks_per_sequence=1, eval_every=0, autocast=False)
+    layer_ids = train.default_layer_ids(4)
+    generated = make_data(target, config, layer_ids, count=3)
+    offline = make_data(target, config, layer_ids, count=3)
+    offline.kinds = ["offline"] * 3
+    data = train.Sequences.concat([generated, offline])
+    assert len(data) == 6 and data.kinds == ["generated"] * 3 + ["offline"] * 3
+    drawn = []
+    draw = train.draw_blocks
+    monkeypatch.setattr(train, "draw_blocks", lambda d, idx, *a, **k: drawn.append(list(idx)) or draw(d, idx, *a, **k))
+    for mix, expect in ((0.0, {0, 1, 2}), (1.0, {3, 4, 5})):
+        drawn.clear()
+        train.train_drafter(target, data, dataclasses.replace(config, offline_mix=mix), progress=False,
+                            log=lambda s: None)
+        assert {i for step in drawn for i in step} == expect
+    drawn.clear()
+    train.train_drafter(target, data, dataclasses.replace(config, offline_mix=0.5, steps=40), progress=False,
+                        log=lambda s: None)
+    share = sum(i >= 3 for step in drawn for i in step) / sum(len(step) for step in drawn)
+    assert 0.3 < share < 0.7  # 160 draws at p = 0.5: outside this in about 1 run in 10^4
+    with pytest.raises(ValueError, match="offline_mix"):
+        train.TrainConfig(offline_mix=1.5).validate()
+
+
+def test_init_from_target_copies_the_top_layers(tiny):
+    _, target = tiny
+    config = train.TrainConfig(block_size=3, markov_rank=8, num_layers=2, init="target")
+    drafter = train.new_drafter(target, config, 0)
+    L = target.config.num_hidden_layers
+    for mine, index in zip(drafter.layers, (L - 2, L - 1)):
+        theirs = target.model.layers[index].state_dict()
+        for name, value in theirs.items():
+            assert torch.equal(mine.state_dict()[name], value), (index, name)
+        assert torch.equal(mine.self_attn.q_norm.weight, torch.ones_like(mine.self_attn.q_norm.weight))
+    H = target.config.hidden_size
+    top = drafter.config.target_layer_ids.index(max(drafter.config.target_layer_ids))
+    features = torch.randn(5, len(drafter.config.target_layer_ids), H)
+    torch.testing.assert_close(drafter.fc(features.reshape(5, -1)), features[:, top])
+    random_init = train.new_drafter(target, dataclasses.replace(config, init="random"), 0)
+    assert not torch.equal(random_init.layers[0].mlp.up_proj.weight, drafter.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="init"):
+        train.TrainConfig(init="copy").validate()
+
+
+def test_draft_vocabulary_ranks_the_targets_continuations_before_offline_answers(tiny):
+    _, target = tiny
+    config = train.TrainConfig()
+    generated = make_data(target, config, [0, 2], count=2)
+    offline = train.Sequences([torch.tensor([7, 8] + [90] * 50)], [2], ["text"], [generated.features[0][:1]],
+                              [generated.final[0][:1]], [0, 2], ["offline"])
+    data = train.Sequences.concat([generated, offline])
+    own = {int(t) for tokens, P in zip(generated.tokens, generated.prompt_lens) for t in tokens[P:]}
+    chosen = train.frequent_tokens(data, len(own), VOCAB).tolist()
+    assert set(chosen) == own or 90 in own  # 50 offline 90s do not displace a generated token
+    assert 90 in train.frequent_tokens(offline, 1, VOCAB).tolist()  # offline alone: its answers rank first
+
+
+def test_offline_corpora_and_split(tmp_path):
+    code = tmp_path / "lib"
+    code.mkdir()
+    functions = "\n\n".join(f'def func_{i}(a, b):\n    """Return the sum of the two numbers given here {i}."""\n'
+                            f'    total = a + b\n    return total\n' for i in range(40))
+    (code / "mod.py").write_text(functions)
+    items = corpus.offline_texts("code", "train", code) + corpus.offline_texts("code", "held-out", code)
+    assert len(items) == 40 and all(t.chat and t.answer.startswith("```python\ndef func_") for t in items)
+    assert {t.source for t in corpus.offline_texts("code", "held-out", code)} == {
+        p.source for p in corpus.code_prompts("held-out", code)}  # the same split as the prompts
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "wisdom").write_text("\n%\n".join(f"A saying number {i} about patience and the passing of time."
+                                                  for i in range(30)) + "\n%\n")
+    texts = corpus.offline_texts("text", "train", fortunes)
+    assert texts and all(t.prompt in corpus.FORTUNE_REQUESTS and t.answer.startswith("A saying") for t in texts)
+    with pytest.raises(FileNotFoundError, match="fortunes"):
+        corpus.offline_texts("text", "train", tmp_path / "nowhere")
