@@ -52,7 +52,7 @@ def test_training_forward_is_the_decoding_forward(tiny, tiny_gemma4, head, kind)
     paged ops (same blocks, same context, same tokens)."""
     _, target = tiny if kind == "llama" else tiny_gemma4
     config = train.TrainConfig(block_size=4, markov_rank=16, markov_head=head, num_layers=2, sequences_per_step=2,
-                               blocks_per_sequence=3)
+                               blocks_per_sequence=3, init="random")
     drafter = train.new_drafter(target, config, 0)
     with torch.no_grad():
         for name, p in drafter.named_parameters():
@@ -362,7 +362,7 @@ def test_bench_drafters_seeds_share_the_data_and_reload_from_the_cache(tiny, tmp
     build_data = train.build_data
     monkeypatch.setattr(train, "build_data", lambda *a, **k: built.append(1) or build_data(*a, **k))
     opts = dict(gammas=(3,), steps=8, seeds=2, eval_prompts=2, new_tokens=8, cache=tmp_path, progress=False)
-    small = dict(train_prompts=6, max_new_tokens=16, blocks_per_sequence=2)
+    small = dict(train_prompts=6, max_new_tokens=16, blocks_per_sequence=2, offline_tokens=0, data_dtype="float32")
     recipe = bench_drafters.recipe
     monkeypatch.setattr(bench_drafters, "recipe", lambda *a: dataclasses.replace(recipe(*a), **small))
     first = bench_drafters.drafters_benchmark(folder, **opts)

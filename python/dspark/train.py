@@ -56,14 +56,14 @@ class TrainConfig:
     block_size: int = 7
     markov_rank: int = 64
     markov_head: str = "vanilla"
-    draft_vocab: int = 0  # the N most frequent tokens of the target's generations; 0: the whole vocabulary
+    draft_vocab: int = 8192  # the N most frequent tokens of the target's generations; 0: the whole vocabulary
     confidence: bool = True
     num_layers: int = 2
     target_layer_ids: Optional[List[int]] = None  # default: three layers spread over the target
     mask_token_id: int = 0
     # "target": draft layer i starts as target layer L - num_layers + i (the top layers) and fc as the
     # identity on the highest context layer; "random": N(0, 0.02) (see new_drafter)
-    init: str = "random"
+    init: str = "target"
     # optimisation
     steps: int = 2400
     sequences_per_step: int = 8
@@ -77,13 +77,13 @@ class TrainConfig:
     autocast: bool = True  # bfloat16 autocast where the device multiplies bfloat16 natively (AMX, AVX512-BF16, CUDA)
     # data
     domains: Tuple[str, ...] = ("code", "text")
-    train_prompts: int = 800  # split evenly over the domains
+    train_prompts: int = 400  # split evenly over the domains
     max_prompt_tokens: int = 256
-    max_new_tokens: int = 128
-    generation_concurrency: int = 64
+    max_new_tokens: int = 96
+    generation_concurrency: int = 128
     # teacher forcing: answer tokens of offline texts (corpus.offline_texts), split evenly over the domains,
     # and the fraction of training sequences drawn from them (the rest: the target's own continuations)
-    offline_tokens: int = 0
+    offline_tokens: int = 240000
     offline_mix: float = 0.5
     offline_max_tokens: int = 384  # an offline sequence (prompt and answer) is cut there
     data_dtype: str = "auto"  # the target's dtype while making the data (precision.choose; the demo's dtype)
@@ -586,7 +586,8 @@ def evaluate_tau(target: TargetModel, drafter: DSparkDrafter, prompt_ids: List[L
                              stop_tokens=stop_tokens) for i in range(len(prompt_ids))]
     engine.generate(prompt_ids, params)
     m = engine.metrics
-    return {"tau": m.tau, "acceptance_by_position": m.acceptance_by_position, "rounds": m.request_rounds}
+    return {"tau": m.tau, "acceptance_by_position": m.acceptance_by_position, "rounds": m.request_rounds,
+            "position_trials": list(m.position_trials), "tokens": m.generated_tokens}
 
 
 # ------------------------------------------------------------- training
@@ -811,10 +812,28 @@ def run(target_dir: Path, out: Path, config: TrainConfig, device: str = "cpu", c
     final = {d: round(evaluate_tau(target, drafter, ids, config.eval_new_tokens, config.eval_temperature,
                                    config.seed + 7, stops)["tau"], 3) for d, ids in eval_sets.items()}
     history.append({"step": config.steps, "saved_weights": True, **{f"tau_{d}": v for d, v in final.items()}})
+    # the goal's measurement: greedy, as decoded by the demo (its dtype), on held-out and on the demo's prompts
+    from .corpus import DEMO_PROMPTS
+
+    model, dtype = data_target(target_dir, config, device, target)
+    shipped = DSparkDrafter.load(out, model, dtype=next(model.parameters()).dtype, device=device)
+    report = {"dtype": dtype, "new_tokens": config.eval_new_tokens}
+    for d, ids in eval_sets.items():
+        sets = {"held-out": ids}
+        if d in DEMO_PROMPTS:
+            sets["demo"] = encode_prompts(tokenizer, [corpus_prompt(t) for t in DEMO_PROMPTS[d]],
+                                          config.max_prompt_tokens)
+        for name, prompts in sets.items():
+            result = evaluate_tau(model, shipped, prompts, config.eval_new_tokens, 0.0, config.seed + 7, stops)
+            report[f"{d}/{name}"] = {"prompts": len(prompts), "tau": round(result["tau"], 3),
+                                     "rounds": result["rounds"],
+                                     "acceptance_by_position": [round(a, 3) for a in result["acceptance_by_position"]],
+                                     "position_trials": result["position_trials"]}
+            print(f"greedy {d} {name}: tau {result['tau']:.2f}", file=sys.stderr)
     times = {"data_seconds": round(data_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
              "generated_tokens": data.generated_tokens("generated"), "offline_tokens": data.generated_tokens("offline")}
-    (out / "training.json").write_text(json.dumps({"config": config.to_dict(), "history": history, "time": times},
-                                                  indent=1))
+    (out / "training.json").write_text(json.dumps({"config": config.to_dict(), "history": history, "time": times,
+                                                   "greedy": report}, indent=1))
     print(json.dumps(history[-1]), file=sys.stderr)
     return drafter
 
@@ -825,6 +844,13 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+def corpus_prompt(text: str):
+    """A demo prompt (a chat turn) as the corpora's Prompt."""
+    from .corpus import Prompt
+
+    return Prompt(text, True, "demo", "demo")
 
 
 def _bar(enabled: bool, total: int, desc: str):
