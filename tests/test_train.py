@@ -515,3 +515,31 @@ def test_offline_corpora_and_split(tmp_path):
     assert texts and all(t.prompt in corpus.FORTUNE_REQUESTS and t.answer.startswith("A saying") for t in texts)
     with pytest.raises(FileNotFoundError, match="fortunes"):
         corpus.offline_texts("text", "train", tmp_path / "nowhere")
+
+
+def test_bench_drafters_significance_against_scipy():
+    """The gain test is Welch's t-test (scipy's ttest_ind with equal_var=False);
+    the growth test compares the log-gains of the smallest and largest gamma and
+    says 'grows' with a small one-sided p only when the gain really grows."""
+    from scipy import stats
+
+    from dspark import bench_drafters
+
+    def rows(gamma, kind, code, text):
+        return [{"gamma": gamma, "drafter": kind, "steps": 1, "seed": s, "tau_code": c, "tau_text": t}
+                for s, (c, t) in enumerate(zip(code, text))]
+
+    data = (rows(7, "dflash", [2.0, 2.1, 1.9], [1.5, 1.6, 1.55]) + rows(7, "dspark", [2.2, 2.3, 2.25], [1.5, 1.62, 1.52])
+            + rows(15, "dflash", [1.8, 1.85, 1.75], [1.4, 1.45, 1.42]) + rows(15, "dspark", [2.4, 2.5, 2.45],
+                                                                            [1.41, 1.44, 1.43]))
+    tests = bench_drafters.significance(data)
+    gain = {(t["domain"], t["gamma"]): t for t in tests if t["test"] == "gain"}
+    for (domain, gamma), t in gain.items():
+        a = [r[f"tau_{domain}"] for r in data if r["gamma"] == gamma and r["drafter"] == "dspark"]
+        b = [r[f"tau_{domain}"] for r in data if r["gamma"] == gamma and r["drafter"] == "dflash"]
+        ref = stats.ttest_ind(a, b, equal_var=False)
+        assert t["p"] == pytest.approx(ref.pvalue, rel=1e-9) and t["t"] == pytest.approx(ref.statistic, rel=1e-9)
+    growth = {t["domain"]: t for t in tests if t["test"] == "growth"}
+    assert growth["code"]["gain_hi"] > growth["code"]["gain_lo"] and growth["code"]["p_grows"] < 0.01
+    assert growth["text"]["p_grows"] > 0.1  # no growth on text
+    assert bench_drafters.significance(data[:1] + data[3:]) == []  # one seed somewhere: no test
