@@ -335,7 +335,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
     fixed = [b.configs["fixed"].metrics for b in result.batches if b.domain == "code"]
     assert trials[0] == sum(m.position_trials[0] for m in fixed) > 0
     assert "identical to plain decoding, token for token (checked)" in text
-    assert "speedup" in text and "range" in text and "load average" in text
+    assert "speedup" in text and "range" in text and "load average" in text and "breaks even at tau" in text
     assert f"1:{rates[0]:.2f}/{trials[0]}" in text  # rate/trials
     pytest.importorskip("matplotlib")
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"

@@ -184,6 +184,7 @@ def run_demo(target_dir: Path, drafter_dir: Path, prompts: Dict[str, Sequence[st
         say("output (speculative, checked identical to plain decoding below):")
         say(tokenizer.decode(first.configs["hardware-aware"].outputs[0]))
     say()
+    print_costs(sps, batches, gamma, out)
     print_tables(result, gamma, out)
     say("\ngreedy outputs of speculative decoding are " + (
         "identical to plain decoding, token for token (checked)" if result.identical()
@@ -224,6 +225,31 @@ def pooled_acceptance(result: DemoResult, domain: str, name: str, gamma: int):
             trials[k] += m.position_trials[k]
             accepts[k] += m.position_accepts[k]
     return [a / t if t else float("nan") for a, t in zip(accepts, trials)], trials
+
+
+def round_costs(sps: SPSTable, batches: Sequence[int], gamma: int) -> List[Dict[str, float]]:
+    """What a round costs against a plain step, per batch size, from the profiled
+    table: the plain step, the drafting, the verification of every draft, and
+    the ``tau`` at which a round of fixed length breaks even with plain decoding
+    (``(t_draft + t_verify) / t_plain``)."""
+    out = []
+    for R in batches:
+        plain = 1.0 / sps(R) if sps(R) > 0 else float("nan")
+        verify_rate = sps(min(R * (gamma + 1), sps.max_batch_tokens))
+        verify = 1.0 / verify_rate if verify_rate > 0 else float("nan")
+        draft = sps.draft_time(R)
+        out.append({"batch": R, "plain_ms": 1e3 * plain, "draft_ms": 1e3 * draft, "verify_ms": 1e3 * verify,
+                    "break_even_tau": (draft + verify) / plain})
+    return out
+
+
+def print_costs(sps: SPSTable, batches: Sequence[int], gamma: int, out=sys.stdout) -> None:
+    print(f"profile (median of the profiled repeats): one plain step, one round's drafting, a verification of "
+          f"{gamma} drafts per request", file=out)
+    for c in round_costs(sps, batches, gamma):
+        print(f"  batch {c['batch']:2d}: plain step {c['plain_ms']:6.1f} ms, drafting {c['draft_ms']:6.1f} ms, "
+              f"verification {c['verify_ms']:6.1f} ms; fixed breaks even at tau {c['break_even_tau']:.2f}", file=out)
+    print(file=out)
 
 
 def print_tables(result: DemoResult, gamma: int, out=sys.stdout) -> None:
