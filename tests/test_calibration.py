@@ -84,3 +84,29 @@ def test_recorder_masks_unverified_positions_and_fits():
         assert t == pytest.approx(2.0, rel=0.12)
     with pytest.raises(ValueError):
         recorder.record(logits[:2], lengths[:3], num_accepted[:2])
+
+
+def test_sts_position_with_too_few_trials_takes_its_neighbours_temperature():
+    """Position 4 is verified in only 6 rounds, all rejected: fitted alone, its
+    ECE is minimised at the edge of the grid (the shipped drafter's position 6
+    went to 20). With the fallback it takes position 3's temperature, and the
+    report names it; with min_trials lowered below 6 it is fitted again (the
+    edge of the grid), which shows the test would notice a missing fallback."""
+    planted = [1.5, 2.0, 2.6, 1.2]
+    logits, accepted, _ = _synthetic_rounds(60000, planted, seed=4)
+    observed = torch.ones_like(accepted)
+    observed[6:, 3] = False  # position 4: six rounds
+    accepted[:6, 3] = False
+    sts, report = fit_sts(logits, accepted, observed)
+    assert report["fallback"] == [4]
+    assert sts.temperatures[3] == sts.temperatures[2]
+    assert sts.temperatures[2] == pytest.approx(2.6, rel=0.1)
+    alone, report_alone = fit_sts(logits, accepted, observed, min_trials=5)
+    assert report_alone["fallback"] == []
+    edge = (float(calibration.DEFAULT_GRID[0]), float(calibration.DEFAULT_GRID[-1]))
+    assert min(abs(alone.temperatures[3] - e) / e for e in edge) < 0.05
+    # the first position has no neighbour on its left: 1
+    observed[:, :] = False
+    observed[:10, :] = True
+    few, report_few = fit_sts(logits, accepted, observed)
+    assert few.temperatures == [1.0] * 4 and report_few["fallback"] == [1, 2, 3, 4]

@@ -120,12 +120,16 @@ def test_greedy_lossless_with_a_draft_vocabulary(llama, policy):
     assert engine.metrics.accepted_drafts > 0
 
 
-def test_bfloat16_speculative_equals_plain_in_the_same_dtype(llama):
+@pytest.mark.parametrize("draft_vocab", [0, 48])
+def test_bfloat16_speculative_equals_plain_in_the_same_dtype(llama, draft_vocab):
     """In bfloat16 (linear layers packed for the CPU), greedy speculative output
-    is token for token the plain decoding of the same bfloat16 model."""
+    is token for token the plain decoding of the same bfloat16 model; with a
+    draft vocabulary too (its LM head rows are gathered and packed during the
+    first draft, inside inference mode, and must outlive it)."""
     prompts = PROMPTS[:4]
     target = TargetModel.load(llama.folder, dtype=torch.bfloat16)
-    drafter = llama.bigram_drafter(prompts).to(torch.bfloat16)
+    drafter = llama.bigram_drafter(prompts, **({"draft_vocab": draft_vocab} if draft_vocab else {}))
+    drafter = drafter.to(torch.bfloat16)
     plain = SpeculativeEngine(target, None, max_concurrency=4, max_model_len=80).generate(prompts, greedy())
     engine = SpeculativeEngine(target, drafter, max_concurrency=4, max_model_len=80)
     spec = engine.generate(prompts, greedy())

@@ -52,7 +52,7 @@ def test_training_forward_is_the_decoding_forward(tiny, tiny_gemma4, head, kind)
     paged ops (same blocks, same context, same tokens)."""
     _, target = tiny if kind == "llama" else tiny_gemma4
     config = train.TrainConfig(block_size=4, markov_rank=16, markov_head=head, num_layers=2, sequences_per_step=2,
-                               blocks_per_sequence=3)
+                               blocks_per_sequence=3, init="random")
     drafter = train.new_drafter(target, config, 0)
     with torch.no_grad():
         for name, p in drafter.named_parameters():
@@ -299,7 +299,11 @@ def test_smollm2_conversion_matches_transformers(tmp_path, monkeypatch):
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
-    from dspark.demo import run_demo
+    """Every (domain, batch) has the three configurations with their timed
+    repeats, ratios and metrics; speculative outputs are checked against plain
+    decoding; the table shows the spread and the trials behind each acceptance
+    rate; the figure is written."""
+    from dspark.demo import CONFIGS, pooled_acceptance, run_demo
     from test_engine import write_tokenizer
 
     folder, target = tiny
@@ -311,18 +315,30 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
     train.save_checkpoint(drafter, tmp_path / "drafter", config, history)
     prompts = {"code": ["w1 w2 w3", "w4 w5"], "text": ["w9 w8 w7 w6", "w10"]}
     out = io.StringIO()
-    results = run_demo(folder, tmp_path / "drafter", prompts, max_new_tokens=12, chat=False,
-                       plot=tmp_path / "acceptance.png", progress=False, out=out)
+    result = run_demo(folder, tmp_path / "drafter", prompts, dtype="float32", batches=(1, 2, 4), max_new_tokens=12,
+                      repeats=2, chat=False, plot=tmp_path / "demo.png", progress=False, out=out)
     text = out.getvalue()
-    assert [d.domain for d in results] == ["code", "text"]
-    for d in results:
-        assert [c.name for c in d.configs] == ["plain decoding", "dspark fixed(gamma)", "dspark hardware-aware"]
-        assert all(c.identical for c in d.configs[1:])
-        assert all(len(t) == 12 for t in d.configs[0].tokens)
+    # batch 4 is dropped: two prompts per domain
+    assert [(b.domain, b.batch) for b in result.batches] == [("code", 1), ("code", 2), ("text", 1), ("text", 2)]
+    for b in result.batches:
+        assert list(b.configs) == list(CONFIGS)
+        plain = b.configs["plain decoding"]
+        assert len(plain.seconds) == 2 and plain.identical is None and plain.tokens == 12 * b.batch
+        assert all(len(t) == 12 for t in plain.outputs)
+        for name in CONFIGS[1:]:
+            c = b.configs[name]
+            assert c.identical is True and len(c.ratios) == 2 and c.outputs == plain.outputs
+            assert c.metrics.rounds > 0
+        assert b.configs["fixed"].metrics.drafting_rounds == b.configs["fixed"].metrics.rounds
+    assert result.identical()
+    rates, trials = pooled_acceptance(result, "code", "fixed", 4)
+    fixed = [b.configs["fixed"].metrics for b in result.batches if b.domain == "code"]
+    assert trials[0] == sum(m.position_trials[0] for m in fixed) > 0
     assert "identical to plain decoding, token for token (checked)" in text
-    assert "speedup" in text and "acceptance by position" in text
+    assert "speedup" in text and "range" in text and "load average" in text and "breaks even at tau" in text
+    assert f"1:{rates[0]:.2f}/{trials[0]}" in text  # rate/trials
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "acceptance.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ------------------------------------------------------- bench drafters
@@ -346,7 +362,7 @@ def test_bench_drafters_seeds_share_the_data_and_reload_from_the_cache(tiny, tmp
     build_data = train.build_data
     monkeypatch.setattr(train, "build_data", lambda *a, **k: built.append(1) or build_data(*a, **k))
     opts = dict(gammas=(3,), steps=8, seeds=2, eval_prompts=2, new_tokens=8, cache=tmp_path, progress=False)
-    small = dict(train_prompts=6, max_new_tokens=16, blocks_per_sequence=2)
+    small = dict(train_prompts=6, max_new_tokens=16, blocks_per_sequence=2, offline_tokens=0, data_dtype="float32")
     recipe = bench_drafters.recipe
     monkeypatch.setattr(bench_drafters, "recipe", lambda *a: dataclasses.replace(recipe(*a), **small))
     first = bench_drafters.drafters_benchmark(folder, **opts)
@@ -372,3 +388,158 @@ def test_bench_drafters_seeds_share_the_data_and_reload_from_the_cache(tiny, tmp
     assert "mean +- sd over 2 training seeds" in table and table.count(" +- ") == 1 + 4
     with pytest.raises(ValueError, match="seeds"):
         bench_drafters.drafters_benchmark(folder, **dict(opts, seeds=0))
+
+
+# ------------------------------------------------- the recipe's parts
+
+
+class _WordTokenizer:
+    """w<N> words to ids; a chat prompt is [1] + words + [2] (a stand-in template)."""
+
+    def encode(self, text):
+        return [int(w[1:]) for w in text.split()]
+
+    def apply_chat_template(self, text):
+        return [1] + self.encode(text) + [2]
+
+
+def test_offline_texts_are_teacher_forced_answers(tiny):
+    """An offline sequence is the prompt then the answer (then eos after a chat
+    answer), cut at offline_max_tokens; blocks are anchored in the answer, and
+    the stored final states give the target's distribution there, from one
+    forward (no generation)."""
+    _, target = tiny
+    texts = [corpus.OfflineText(f"w{3 + i} w{4 + i}", i % 2 == 0, " ".join(f"w{10 + (i * 7 + j) % 80}"
+                                                                            for j in range(20 + i)), "text", f"s{i}")
+             for i in range(6)]
+    config = train.TrainConfig(offline_tokens=60, offline_max_tokens=22, domains=("text",))
+    data = train.build_offline_data(target, _WordTokenizer(), {"text": texts}, config, [0, 2], eos=5, progress=False)
+    assert data.kinds == ["offline"] * len(data) and data.generated_tokens("offline") >= 60
+    assert data.generated_tokens("offline") < 60 + 22 and data.generated_tokens("generated") == 0
+    by_prompt = {tuple(_WordTokenizer().apply_chat_template(t.prompt) if t.chat else _WordTokenizer().encode(t.prompt)):
+                 t for t in texts}
+    for tokens, P, final in zip(data.tokens, data.prompt_lens, data.final):
+        t = by_prompt[tuple(tokens[:P].tolist())]
+        answer = _WordTokenizer().encode(t.answer) + ([5] if t.chat else [])
+        assert tokens[P:].tolist() == answer[:22 - P] and len(tokens) <= 22
+        assert final.shape[0] == len(tokens) - P
+        # the target's logits at the answer positions, from its own forward over the sequence
+        engine_logits = target.lm_head(final.float())
+        cache = target.new_cache(4, 16, 1, 4)
+        cache.allocate(0, len(tokens))
+        n = len(tokens)
+        from dspark.models import Batch
+        batch = Batch(tokens, torch.arange(n), torch.tensor([0, n], dtype=torch.int32), cache.block_table[:1],
+                      torch.tensor([n], dtype=torch.int32), cache.slots(torch.zeros(n, dtype=torch.int64),
+                                                                        torch.arange(n)))
+        with torch.no_grad():
+            out = target(batch, cache, logits_rows=torch.arange(P, n))
+        torch.testing.assert_close(engine_logits, out.logits.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_training_draws_from_each_kind_by_offline_mix(tiny, monkeypatch):
+    _, target = tiny
+    config = train.TrainConfig(block_size=3, markov_rank=8, num_layers=1, steps=12, sequences_per_step=4,
+                               blocks_per_sequence=1, eval_every=0, autocast=False)
+    layer_ids = train.default_layer_ids(4)
+    generated = make_data(target, config, layer_ids, count=3)
+    offline = make_data(target, config, layer_ids, count=3)
+    offline.kinds = ["offline"] * 3
+    data = train.Sequences.concat([generated, offline])
+    assert len(data) == 6 and data.kinds == ["generated"] * 3 + ["offline"] * 3
+    drawn = []
+    draw = train.draw_blocks
+    monkeypatch.setattr(train, "draw_blocks", lambda d, idx, *a, **k: drawn.append(list(idx)) or draw(d, idx, *a, **k))
+    for mix, expect in ((0.0, {0, 1, 2}), (1.0, {3, 4, 5})):
+        drawn.clear()
+        train.train_drafter(target, data, dataclasses.replace(config, offline_mix=mix), progress=False,
+                            log=lambda s: None)
+        assert {i for step in drawn for i in step} == expect
+    drawn.clear()
+    train.train_drafter(target, data, dataclasses.replace(config, offline_mix=0.5, steps=40), progress=False,
+                        log=lambda s: None)
+    share = sum(i >= 3 for step in drawn for i in step) / sum(len(step) for step in drawn)
+    assert 0.3 < share < 0.7  # 160 draws at p = 0.5: outside this in about 1 run in 10^4
+    with pytest.raises(ValueError, match="offline_mix"):
+        train.TrainConfig(offline_mix=1.5).validate()
+
+
+def test_init_from_target_copies_the_top_layers(tiny):
+    _, target = tiny
+    config = train.TrainConfig(block_size=3, markov_rank=8, num_layers=2, init="target")
+    drafter = train.new_drafter(target, config, 0)
+    L = target.config.num_hidden_layers
+    for mine, index in zip(drafter.layers, (L - 2, L - 1)):
+        theirs = target.model.layers[index].state_dict()
+        for name, value in theirs.items():
+            assert torch.equal(mine.state_dict()[name], value), (index, name)
+        assert torch.equal(mine.self_attn.q_norm.weight, torch.ones_like(mine.self_attn.q_norm.weight))
+    H = target.config.hidden_size
+    top = drafter.config.target_layer_ids.index(max(drafter.config.target_layer_ids))
+    features = torch.randn(5, len(drafter.config.target_layer_ids), H)
+    torch.testing.assert_close(drafter.fc(features.reshape(5, -1)), features[:, top])
+    random_init = train.new_drafter(target, dataclasses.replace(config, init="random"), 0)
+    assert not torch.equal(random_init.layers[0].mlp.up_proj.weight, drafter.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="init"):
+        train.TrainConfig(init="copy").validate()
+
+
+def test_draft_vocabulary_ranks_the_targets_continuations_before_offline_answers(tiny):
+    _, target = tiny
+    config = train.TrainConfig()
+    generated = make_data(target, config, [0, 2], count=2)
+    offline = train.Sequences([torch.tensor([7, 8] + [90] * 50)], [2], ["text"], [generated.features[0][:1]],
+                              [generated.final[0][:1]], [0, 2], ["offline"])
+    data = train.Sequences.concat([generated, offline])
+    own = {int(t) for tokens, P in zip(generated.tokens, generated.prompt_lens) for t in tokens[P:]}
+    chosen = train.frequent_tokens(data, len(own), VOCAB).tolist()
+    assert set(chosen) == own or 90 in own  # 50 offline 90s do not displace a generated token
+    assert 90 in train.frequent_tokens(offline, 1, VOCAB).tolist()  # offline alone: its answers rank first
+
+
+def test_offline_corpora_and_split(tmp_path):
+    code = tmp_path / "lib"
+    code.mkdir()
+    functions = "\n\n".join(f'def func_{i}(a, b):\n    """Return the sum of the two numbers given here {i}."""\n'
+                            f'    total = a + b\n    return total\n' for i in range(40))
+    (code / "mod.py").write_text(functions)
+    items = corpus.offline_texts("code", "train", code) + corpus.offline_texts("code", "held-out", code)
+    assert len(items) == 40 and all(t.chat and t.answer.startswith("```python\ndef func_") for t in items)
+    assert {t.source for t in corpus.offline_texts("code", "held-out", code)} == {
+        p.source for p in corpus.code_prompts("held-out", code)}  # the same split as the prompts
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "wisdom").write_text("\n%\n".join(f"A saying number {i} about patience and the passing of time."
+                                                  for i in range(30)) + "\n%\n")
+    texts = corpus.offline_texts("text", "train", fortunes)
+    assert texts and all(t.prompt in corpus.FORTUNE_REQUESTS and t.answer.startswith("A saying") for t in texts)
+    with pytest.raises(FileNotFoundError, match="fortunes"):
+        corpus.offline_texts("text", "train", tmp_path / "nowhere")
+
+
+def test_bench_drafters_significance_against_scipy():
+    """The gain test is Welch's t-test (scipy's ttest_ind with equal_var=False);
+    the growth test compares the log-gains of the smallest and largest gamma and
+    says 'grows' with a small one-sided p only when the gain really grows."""
+    from scipy import stats
+
+    from dspark import bench_drafters
+
+    def rows(gamma, kind, code, text):
+        return [{"gamma": gamma, "drafter": kind, "steps": 1, "seed": s, "tau_code": c, "tau_text": t}
+                for s, (c, t) in enumerate(zip(code, text))]
+
+    data = (rows(7, "dflash", [2.0, 2.1, 1.9], [1.5, 1.6, 1.55]) + rows(7, "dspark", [2.2, 2.3, 2.25], [1.5, 1.62, 1.52])
+            + rows(15, "dflash", [1.8, 1.85, 1.75], [1.4, 1.45, 1.42]) + rows(15, "dspark", [2.4, 2.5, 2.45],
+                                                                            [1.41, 1.44, 1.43]))
+    tests = bench_drafters.significance(data)
+    gain = {(t["domain"], t["gamma"]): t for t in tests if t["test"] == "gain"}
+    for (domain, gamma), t in gain.items():
+        a = [r[f"tau_{domain}"] for r in data if r["gamma"] == gamma and r["drafter"] == "dspark"]
+        b = [r[f"tau_{domain}"] for r in data if r["gamma"] == gamma and r["drafter"] == "dflash"]
+        ref = stats.ttest_ind(a, b, equal_var=False)
+        assert t["p"] == pytest.approx(ref.pvalue, rel=1e-9) and t["t"] == pytest.approx(ref.statistic, rel=1e-9)
+    growth = {t["domain"]: t for t in tests if t["test"] == "growth"}
+    assert growth["code"]["gain_hi"] > growth["code"]["gain_lo"] and growth["code"]["p_grows"] < 0.01
+    assert growth["text"]["p_grows"] > 0.1  # no growth on text
+    assert bench_drafters.significance(data[:1] + data[3:]) == []  # one seed somewhere: no test

@@ -6,16 +6,26 @@ with the same recipe, data and budget for SmolLM2-135M-Instruct (or any
 target folder) at gamma 7 and 15, then evaluated on held-out code and text
 prompts at temperature 1, verifying every draft. Trained drafters are kept
 in the cache and loaded on later runs.
+
+The recipe is the shipped drafter's (``train.TrainConfig``'s defaults: the
+target's continuations and teacher-forced offline texts, draft layers
+initialised from the target's top layers, the draft vocabulary) with a
+smaller step budget; only the Markov head and the confidence head differ.
+With several training seeds, Welch's t-test (two-sided) says whether DSpark's
+gain over the baseline is significant in each cell, and a t-test on the
+difference of the log-gains (Welch-Satterthwaite degrees of freedom) whether
+the relative gain grows from the smallest to the largest gamma.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import train
 from .models import DSparkDrafter, TargetModel
@@ -32,10 +42,13 @@ def recipe(kind: str, gamma: int, steps: int, seed: int) -> train.TrainConfig:
     dspark = kind == "dspark"
     return train.TrainConfig(block_size=gamma, markov_rank=64 if dspark else 0, markov_head="vanilla",
                              confidence=dspark, steps=steps, blocks_per_sequence=max(1, 28 // gamma),
-                             eval_every=0, seed=seed)
+                             warmup=min(100, max(1, steps // 10)), eval_every=0, seed=seed)
 
 
-def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] = (7, 15), steps: int = 300,
+DEFAULT_STEPS = 800
+
+
+def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] = (7, 15), steps: int = DEFAULT_STEPS,
                        seeds: int = 1, eval_prompts: int = 16, new_tokens: int = 64, device: str = "cpu",
                        seed: int = 0, cache: Optional[Path] = None, progress: bool = True,
                        code_root: Optional[Path] = None, text_folder: Optional[Path] = None) -> dict:
@@ -60,7 +73,6 @@ def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] 
     eval_sets = {d: train.encode_prompts(tokenizer, [p for p in held if p.domain == d], 256) for d in domains}
     # the data depends on the fields every recipe shares and on the base seed
     data_config = recipe("dspark", gammas[0], steps, seed)
-    layer_ids = train.default_layer_ids(target.config.num_hidden_layers)
     rows: List[Dict[str, object]] = []
     data = None
     for gamma in gammas:
@@ -73,11 +85,8 @@ def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] 
                     print(f"loaded {folder}", file=sys.stderr)
                 else:
                     if data is None:
-                        prompts = train.domain_prompts(domains, "train", data_config.train_prompts,
-                                                       data_config.seed, code_root, text_folder)
-                        key = train.data_key(target_dir, data_config, layer_ids, code_root, text_folder, device)
-                        data = train.build_data(target, tokenizer, prompts, data_config, layer_ids, stops,
-                                                cache / "train-data" / f"{key}.pt", progress)
+                        data = train.prepare_data(target_dir, data_config, device, cache / "train-data", progress,
+                                                  code_root, text_folder)
                     print(f"training {kind} at gamma {gamma} for {steps} steps (seed {train_seed}) ...",
                           file=sys.stderr)
                     trained, _ = train.train_drafter(target, data, config, None, None, stops, progress,
@@ -92,8 +101,64 @@ def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] 
                     row[f"acceptance_{domain}"] = result["acceptance_by_position"]
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if not k.startswith("acceptance")}), file=sys.stderr)
+    summary = summarise(rows)
     return {"target": str(target_dir), "temperature": 1.0, "eval_prompts": eval_prompts, "new_tokens": new_tokens,
-            "seeds": seeds, "rows": rows, "summary": summarise(rows)}
+            "seeds": seeds, "rows": rows, "summary": summary, "tests": significance(rows)}
+
+
+def _welch(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, float]:
+    """(t, degrees of freedom, two-sided p) of Welch's t-test of mean(a) - mean(b)."""
+    from scipy import stats
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return float("nan"), float("nan"), float("nan")
+    t = (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return t, df, float(2 * stats.t.sf(abs(t), df))
+
+
+def significance(rows: Sequence[dict]) -> List[Dict[str, object]]:
+    """Needs two seeds or more per drafter. Per gamma and domain: DSpark against
+    the DFlash-style baseline (Welch's t-test on tau over the training seeds).
+    Per domain, between the smallest and the largest gamma: whether DSpark's
+    relative gain grows (t-test on the difference of the mean log-gains,
+    ``mean log tau_dspark - mean log tau_dflash``, with Welch-Satterthwaite
+    degrees of freedom; two-sided p and the one-sided p for growth)."""
+    from scipy import stats
+
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["gamma"], r["drafter"]), []).append(r)
+    if any(len(v) < 2 for v in groups.values()):
+        return []
+    gammas = sorted({g for g, _ in groups})
+    out: List[Dict[str, object]] = []
+    for domain in ("code", "text"):
+        for g in gammas:
+            if (g, "dspark") not in groups or (g, "dflash") not in groups:
+                continue
+            a = [float(r[f"tau_{domain}"]) for r in groups[(g, "dspark")]]
+            b = [float(r[f"tau_{domain}"]) for r in groups[(g, "dflash")]]
+            t, df, p = _welch(a, b)
+            out.append({"test": "gain", "domain": domain, "gamma": g, "t": t, "df": df, "p": p,
+                        "gain": statistics.fmean(a) / statistics.fmean(b) - 1})
+        if len(gammas) >= 2:
+            lo, hi = gammas[0], gammas[-1]
+            logs = {key: [math.log(float(r[f"tau_{domain}"])) for r in groups[key]]
+                    for key in ((lo, "dspark"), (lo, "dflash"), (hi, "dspark"), (hi, "dflash")) if key in groups}
+            if len(logs) == 4:
+                gain = lambda g: statistics.fmean(logs[(g, "dspark")]) - statistics.fmean(logs[(g, "dflash")])  # noqa: E731
+                parts = [statistics.variance(v) / len(v) for v in logs.values()]
+                se = math.sqrt(sum(parts))
+                diff = gain(hi) - gain(lo)
+                if se > 0:
+                    df = sum(parts) ** 2 / sum(p ** 2 / (len(v) - 1) for p, v in zip(parts, logs.values()))
+                    t = diff / se
+                    out.append({"test": "growth", "domain": domain, "gammas": [lo, hi], "t": t, "df": df,
+                                "p": float(2 * stats.t.sf(abs(t), df)), "p_grows": float(stats.t.sf(t, df)),
+                                "gain_lo": math.exp(gain(lo)) - 1, "gain_hi": math.exp(gain(hi)) - 1})
+    return out
 
 
 def summarise(rows: Sequence[dict]) -> List[Dict[str, object]]:
@@ -140,3 +205,12 @@ def print_drafters(result: dict) -> None:
             text = 100 * (r["tau_text"] / b["tau_text"] - 1)
             gain = f"{code:+.0f}% / {text:+.0f}%"
         print(f"{r['gamma']:5d} {r['drafter']:8} {r['steps']:6d} {cell(r, 'code')} {cell(r, 'text')} {gain:>10}")
+    for test in result.get("tests", []):
+        if test["test"] == "gain":
+            print(f"gamma {test['gamma']:2d} {test['domain']}: DSpark {test['gain']:+.1%} over DFlash-style, Welch's "
+                  f"t = {test['t']:.2f} (df {test['df']:.1f}), p = {test['p']:.3g}")
+        else:
+            lo, hi = test["gammas"]
+            print(f"{test['domain']}: gain {test['gain_lo']:+.1%} at gamma {lo} -> {test['gain_hi']:+.1%} at gamma "
+                  f"{hi}; t = {test['t']:.2f} (df {test['df']:.1f}), two-sided p = {test['p']:.3g}, p(grows) = "
+                  f"{test['p_grows']:.3g}")

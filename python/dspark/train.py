@@ -47,6 +47,7 @@ from .models.common import softcap
 from .models.drafter import HEADS
 
 LOSS_CE, LOSS_L1, LOSS_BCE = 0.1, 0.9, 1.0
+INITS = ("random", "target")
 
 
 @dataclass
@@ -55,11 +56,14 @@ class TrainConfig:
     block_size: int = 7
     markov_rank: int = 64
     markov_head: str = "vanilla"
-    draft_vocab: int = 0  # the N most frequent tokens of the target's generations; 0: the whole vocabulary
+    draft_vocab: int = 8192  # the N most frequent tokens of the target's generations; 0: the whole vocabulary
     confidence: bool = True
     num_layers: int = 2
     target_layer_ids: Optional[List[int]] = None  # default: three layers spread over the target
     mask_token_id: int = 0
+    # "target": draft layer i starts as target layer L - num_layers + i (the top layers) and fc as the
+    # identity on the highest context layer; "random": N(0, 0.02) (see new_drafter)
+    init: str = "target"
     # optimisation
     steps: int = 2400
     sequences_per_step: int = 8
@@ -70,16 +74,24 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
+    autocast: bool = True  # bfloat16 autocast where the device multiplies bfloat16 natively (AMX, AVX512-BF16, CUDA)
     # data
     domains: Tuple[str, ...] = ("code", "text")
-    train_prompts: int = 800  # split evenly over the domains
+    train_prompts: int = 400  # split evenly over the domains
     max_prompt_tokens: int = 256
-    max_new_tokens: int = 128
-    generation_concurrency: int = 64
+    max_new_tokens: int = 96
+    generation_concurrency: int = 128
+    # teacher forcing: answer tokens of offline texts (corpus.offline_texts), split evenly over the domains,
+    # and the fraction of training sequences drawn from them (the rest: the target's own continuations)
+    offline_tokens: int = 240000
+    offline_mix: float = 0.5
+    offline_max_tokens: int = 384  # an offline sequence (prompt and answer) is cut there
+    data_dtype: str = "auto"  # the target's dtype while making the data (precision.choose; the demo's dtype)
     # evaluation and calibration (held-out prompts)
     eval_every: int = 500
     eval_prompts: int = 8  # per domain
     eval_new_tokens: int = 48
+    eval_temperature: float = 0.0  # greedy: what the demo decodes
     calibration_prompts: int = 24  # per domain
     save_dtype: str = "bfloat16"
 
@@ -87,13 +99,20 @@ class TrainConfig:
         if self.markov_head not in HEADS:
             raise ValueError(f"markov_head must be one of {HEADS}, got {self.markov_head!r}")
         for name in ("block_size", "num_layers", "steps", "sequences_per_step", "blocks_per_sequence",
-                     "train_prompts", "max_new_tokens"):
+                     "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.markov_rank < 0:
             raise ValueError(f"markov_rank must be >= 0, got {self.markov_rank}")
         if self.draft_vocab < 0:
             raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.offline_tokens < 0 or not 0.0 <= self.offline_mix <= 1.0:
+            raise ValueError(f"offline_tokens must be >= 0 and offline_mix in [0, 1], got {self.offline_tokens}, "
+                             f"{self.offline_mix}")
+        if self.train_prompts < 1 and self.offline_tokens < 1:
+            raise ValueError("no training data: train_prompts and offline_tokens are both 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,6 +131,13 @@ class Sequences:
     features: List[torch.Tensor]  # [L, m, H] float16: raw outputs of target_layer_ids
     final: List[torch.Tensor]  # [L - P, H] float32: final-norm outputs at the generated positions
     layer_ids: List[int] = field(default_factory=list)
+    # "generated" (the target's continuation of the prompt) or "offline" (an answer the target did not
+    # write, teacher-forced); the positions from P on are the ones blocks are anchored in either way
+    kinds: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.kinds:
+            self.kinds = ["generated"] * len(self.tokens)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -122,6 +148,22 @@ class Sequences:
     @classmethod
     def load(cls, path: Path) -> "Sequences":
         return cls(**torch.load(str(path), weights_only=True))
+
+    @classmethod
+    def concat(cls, parts: Sequence["Sequences"]) -> "Sequences":
+        parts = [p for p in parts if p is not None and len(p)]
+        if not parts:
+            raise ValueError("Sequences.concat: no data")
+        if any(p.layer_ids != parts[0].layer_ids for p in parts):
+            raise ValueError("Sequences.concat: the parts hold different target layers")
+        out = cls([], [], [], [], [], list(parts[0].layer_ids), [])
+        for p in parts:
+            for name in ("tokens", "prompt_lens", "domains", "features", "final", "kinds"):
+                getattr(out, name).extend(getattr(p, name))
+        return out
+
+    def generated_tokens(self, kind: Optional[str] = None) -> int:
+        return sum(len(t) - P for t, P, k in zip(self.tokens, self.prompt_lens, self.kinds) if kind in (None, k))
 
 
 def encode_prompts(tokenizer, prompts, max_tokens: int) -> List[List[int]]:
@@ -225,21 +267,80 @@ def build_data(target: TargetModel, tokenizer, prompts, config: TrainConfig, lay
     return data
 
 
+def encode_offline(tokenizer, texts, budget: int, max_tokens: int, seed: int, eos: Optional[int] = None
+                   ) -> Tuple[List[List[int]], List[int], List[str]]:
+    """Offline texts (corpus.OfflineText) as token sequences ``prompt + answer``
+    (+ ``eos`` after a chat answer), cut at ``max_tokens``, drawn in a seeded order
+    until their answers hold ``budget`` tokens; with the prompt lengths."""
+    from . import corpus
+
+    sequences, prompt_lens, domains = [], [], []
+    total = 0
+    for t in corpus.sample(texts, len(texts), seed):
+        if total >= budget:
+            break
+        prompt = tokenizer.apply_chat_template(t.prompt) if t.chat else tokenizer.encode(t.prompt)
+        answer = tokenizer.encode(t.answer) + ([eos] if t.chat and eos is not None else [])
+        ids = (prompt + answer)[:max_tokens]
+        if len(ids) - len(prompt) < 4:
+            continue
+        sequences.append(ids)
+        prompt_lens.append(len(prompt))
+        domains.append(t.domain)
+        total += len(ids) - len(prompt)
+    return sequences, prompt_lens, domains
+
+
+def build_offline_data(target: TargetModel, tokenizer, texts_by_domain: Dict[str, list], config: TrainConfig,
+                       layer_ids: List[int], eos: Optional[int] = None, cache_path: Optional[Path] = None,
+                       progress: bool = True) -> Optional[Sequences]:
+    """Teacher forcing on offline texts: one target forward over each, keeping
+    the context features and the final-norm outputs of the answer positions
+    (no generation). ``config.offline_tokens`` answer tokens, split evenly over
+    the domains."""
+    if config.offline_tokens <= 0:
+        return None
+    if cache_path is not None and cache_path.is_file():
+        data = Sequences.load(cache_path)
+        if data.layer_ids == list(layer_ids):
+            return data
+    tokens, prompt_lens, domains = [], [], []
+    per = config.offline_tokens // max(1, len(texts_by_domain))
+    for domain, texts in texts_by_domain.items():
+        t, p, d = encode_offline(tokenizer, texts, per, config.offline_max_tokens, config.seed, eos)
+        tokens += t
+        prompt_lens += p
+        domains += d
+    features, finals = extract(target, tokens, prompt_lens, layer_ids, progress=progress)
+    data = Sequences([torch.tensor(t, dtype=torch.int64) for t in tokens], prompt_lens, domains, features, finals,
+                     list(layer_ids), ["offline"] * len(tokens))
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        data.save(cache_path)
+    return data
+
+
 # ------------------------------------------------------------- the model
 
 
 def frequent_tokens(data: Sequences, count: int, vocab: int) -> torch.Tensor:
     """The draft vocabulary: the ``count`` tokens the target generated most often
-    (ties: smaller id), then the most frequent prompt tokens, then the smallest
-    unused ids; as int32 ids in increasing order."""
+    (its continuations; ties: smaller id), then the most frequent tokens of the
+    offline answers and of the prompts, then the smallest unused ids; as int32
+    ids in increasing order. (Without continuations, the offline answers rank
+    first.)"""
     generated = torch.zeros(vocab, dtype=torch.int64)
-    prompted = torch.zeros(vocab, dtype=torch.int64)
-    for tokens, P in zip(data.tokens, data.prompt_lens):
-        generated += torch.bincount(tokens[P:], minlength=vocab)
-        prompted += torch.bincount(tokens[:P], minlength=vocab)
+    other = torch.zeros(vocab, dtype=torch.int64)
+    own = any(k == "generated" for k in data.kinds)
+    for tokens, P, kind in zip(data.tokens, data.prompt_lens, data.kinds):
+        if kind == "generated" or not own:
+            generated += torch.bincount(tokens[P:], minlength=vocab)
+        else:
+            other += torch.bincount(tokens[P:], minlength=vocab)
+        other += torch.bincount(tokens[:P], minlength=vocab)
     ids = torch.arange(vocab)
-    # lexicographic: generated count, then prompt count, then id
-    order = sorted(range(vocab), key=lambda v: (-int(generated[v]), -int(prompted[v]), v))
+    # lexicographic: generated count, then the other counts, then id
+    order = sorted(range(vocab), key=lambda v: (-int(generated[v]), -int(other[v]), v))
     chosen = ids[torch.tensor(order[:min(count, vocab)])]
     return torch.sort(chosen).values.to(torch.int32)
 
@@ -272,7 +373,36 @@ def new_drafter(target: TargetModel, config: TrainConfig, seed: int,
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02)
+        if config.init == "target":
+            init_from_target(drafter, target)
     return drafter
+
+
+def init_from_target(drafter: DSparkDrafter, target: TargetModel) -> List[int]:
+    """Draft layer ``i`` of ``n`` starts as target layer ``L - n + i`` (the target's top
+    layers: attention projections, MLP and both norms; per-head q/k norms where
+    the target has them, else 1), and ``fc`` as the identity on the highest
+    context layer's features (0 on the others), so the context the draft
+    layers first see is the target's own residual stream there. Returns the
+    target layers copied."""
+    t, c = target.config, drafter.config
+    if t.gemma4 is not None or c.form != "qwen3":
+        raise ValueError("init='target' supports Llama / Qwen3 targets")
+    if (t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim) != (
+            c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim):
+        raise ValueError("init='target': the draft layers do not have the target layers' shape")
+    layers = list(range(t.num_hidden_layers - c.num_hidden_layers, t.num_hidden_layers))
+    with torch.no_grad():
+        for mine, index in zip(drafter.layers, layers):
+            theirs = target.model.layers[index]
+            for name, value in theirs.state_dict().items():
+                if name in mine.state_dict():
+                    mine.state_dict()[name].copy_(value)
+        top = max(range(len(c.target_layer_ids)), key=lambda i: c.target_layer_ids[i])
+        H = c.target_hidden_size
+        drafter.fc.weight.zero_()
+        drafter.fc.weight[:, top * H:(top + 1) * H].copy_(torch.eye(c.hidden_size, H))
+    return layers
 
 
 def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -456,7 +586,8 @@ def evaluate_tau(target: TargetModel, drafter: DSparkDrafter, prompt_ids: List[L
                              stop_tokens=stop_tokens) for i in range(len(prompt_ids))]
     engine.generate(prompt_ids, params)
     m = engine.metrics
-    return {"tau": m.tau, "acceptance_by_position": m.acceptance_by_position, "rounds": m.request_rounds}
+    return {"tau": m.tau, "acceptance_by_position": m.acceptance_by_position, "rounds": m.request_rounds,
+            "position_trials": list(m.position_trials), "tokens": m.generated_tokens}
 
 
 # ------------------------------------------------------------- training
@@ -485,6 +616,10 @@ def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out
     usable = [i for i in range(len(data)) if len(data.tokens[i]) - data.prompt_lens[i] >= 2]
     if not usable:
         raise ValueError("no training sequence has two generated tokens")
+    # the target's own continuations and the offline texts, drawn with probability offline_mix
+    pools = {kind: [i for i in usable if data.kinds[i] == kind] for kind in ("generated", "offline")}
+    mix = config.offline_mix if pools["generated"] and pools["offline"] else float(bool(pools["offline"]))
+    amp = autocast_dtype(device) if config.autocast else None
     decay = [p for n, p in drafter.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in drafter.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -498,9 +633,13 @@ def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out
         drafter.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        indices = [usable[rng.randrange(len(usable))] for _ in range(config.sequences_per_step)]
+        indices = []
+        for _ in range(config.sequences_per_step):
+            pool = pools["offline"] if rng.random() < mix else pools["generated"]
+            indices.append(pool[rng.randrange(len(pool))])
         blocks = draw_blocks(data, indices, config, rng, config.mask_token_id, device)
-        terms = loss_terms(drafter, target, blocks)
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            terms = loss_terms(drafter, target, blocks)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), config.grad_clip)
@@ -516,8 +655,8 @@ def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out
             entry = {"step": step + 1, "seconds": round(time.perf_counter() - start, 1), "lr": lr_at(step, config),
                      **{k: round(v, 4) for k, v in running.items()}}
             for domain, prompts in (eval_sets or {}).items():
-                result = evaluate_tau(target, drafter, prompts, config.eval_new_tokens, 1.0, config.seed + 7,
-                                      stop_tokens)
+                result = evaluate_tau(target, drafter, prompts, config.eval_new_tokens, config.eval_temperature,
+                                      config.seed + 7, stop_tokens)
                 entry[f"tau_{domain}"] = round(result["tau"], 3)
             history.append(entry)
             log(json.dumps(entry))
@@ -526,6 +665,16 @@ def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out
     bar.close()
     drafter.eval()
     return drafter, history
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """bfloat16 where the device multiplies it natively (CUDA; a CPU with AMX or
+    AVX512-BF16), else None (float32 training)."""
+    from .precision import native_bfloat16
+
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cpu" and native_bfloat16() else None
 
 
 def save_checkpoint(drafter: DSparkDrafter, out: Path, config: TrainConfig, history: List[dict]) -> None:
@@ -549,16 +698,69 @@ def calibrate(target: TargetModel, drafter: DSparkDrafter, prompt_ids: List[List
 
 
 def data_key(target_folder: Path, config: TrainConfig, layer_ids: List[int], code_root=None, text_folder=None,
-             device: str = "cpu") -> str:
-    """A cache key for the generated data: what changes it."""
+             device: str = "cpu", kind: str = "generated", dtype: str = "float32") -> str:
+    """A cache key for the data of one kind ("generated" or "offline"): what changes it."""
     from . import corpus
 
     parts = {"target": str(Path(target_folder).resolve()), "layers": layer_ids, "domains": list(config.domains),
-             "prompts": config.train_prompts, "max_prompt": config.max_prompt_tokens,
-             "max_new": config.max_new_tokens, "seed": config.seed, "concurrency": config.generation_concurrency,
-             "code": str(code_root or corpus.stdlib_dir()), "text": str(text_folder or corpus.FORTUNES_DIR),
-             "python": sys.version.split()[0], "device": device, "version": 2}
+             "seed": config.seed, "code": str(code_root or corpus.stdlib_dir()),
+             "text": str(text_folder or corpus.FORTUNES_DIR), "python": sys.version.split()[0], "device": device,
+             "dtype": dtype, "kind": kind}
+    if kind == "generated":
+        parts.update(prompts=config.train_prompts, max_prompt=config.max_prompt_tokens, max_new=config.max_new_tokens,
+                     concurrency=config.generation_concurrency, version=2 if dtype == "float32" else 3)
+        if dtype == "float32":  # the keys of the caches written before the data dtype existed
+            for name in ("dtype", "kind"):
+                parts.pop(name)
+    else:
+        parts.update(tokens=config.offline_tokens, max_tokens=config.offline_max_tokens, version=1)
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_target(target_dir: Path, config: TrainConfig, device: str, target: Optional[TargetModel] = None
+                ) -> Tuple[TargetModel, str]:
+    """The target the data is made with: in ``config.data_dtype`` (``auto``: the
+    dtype the engine's ``--dtype auto`` picks here without measuring, which is
+    the demo's), so the drafter learns the target as it is decoded."""
+    from .precision import choose
+
+    dtype, _ = choose(config.data_dtype, device)
+    name = str(dtype).replace("torch.", "")
+    if target is not None and next(target.parameters()).dtype == dtype:
+        return target, name
+    return TargetModel.load(target_dir, dtype=dtype, device=device), name
+
+
+def prepare_data(target_dir: Path, config: TrainConfig, device: str = "cpu", cache: Optional[Path] = None,
+                 progress: bool = True, code_root=None, text_folder=None, target: Optional[TargetModel] = None
+                 ) -> Sequences:
+    """The training data of ``config`` (each kind cached on its own): the target's
+    continuations of ``train_prompts`` prompts and ``offline_tokens`` teacher-forced
+    tokens of offline texts."""
+    from . import corpus
+    from .smollm2 import cache_dir
+    from .tokenizer import Tokenizer, stop_tokens
+
+    folder = cache or cache_dir() / "train-data"
+    tokenizer = Tokenizer(target_dir)
+    stops = stop_tokens(target_dir)
+    model, dtype = data_target(target_dir, config, device, target)
+    layer_ids = config.target_layer_ids or default_layer_ids(model.config.num_hidden_layers)
+    parts = []
+    if config.train_prompts > 0:
+        prompts = domain_prompts(config.domains, "train", config.train_prompts, config.seed, code_root, text_folder)
+        path = folder / f"{data_key(target_dir, config, layer_ids, code_root, text_folder, device, 'generated', dtype)}.pt"
+        print(f"data: {len(prompts)} prompts continued by the target in {dtype} (cache {path})", file=sys.stderr)
+        parts.append(build_data(model, tokenizer, prompts, config, layer_ids, stops, path, progress))
+    if config.offline_tokens > 0:
+        texts = {d: corpus.offline_texts(d, "train", code_root if d == "code" else text_folder)
+                 for d in config.domains}
+        path = folder / f"{data_key(target_dir, config, layer_ids, code_root, text_folder, device, 'offline', dtype)}.pt"
+        print(f"data: {config.offline_tokens} teacher-forced tokens of offline texts in {dtype} (cache {path})",
+              file=sys.stderr)
+        parts.append(build_offline_data(model, tokenizer, texts, config, layer_ids, stops[0] if stops else None,
+                                        path, progress))
+    return Sequences.concat(parts)
 
 
 def domain_prompts(domains: Sequence[str], split: str, count: int, seed: int, code_root=None, text_folder=None):
@@ -577,19 +779,18 @@ def run(target_dir: Path, out: Path, config: TrainConfig, device: str = "cpu", c
         progress: bool = True, code_root=None, text_folder=None) -> DSparkDrafter:
     """The whole recipe: data (cached), training with periodic evaluation, STS,
     the checkpoint in `out`."""
-    from .smollm2 import cache_dir
     from .tokenizer import Tokenizer, stop_tokens
 
+    config.validate()
     torch.manual_seed(config.seed)
+    started = time.perf_counter()
     target = TargetModel.load(target_dir, device=device)
     tokenizer = Tokenizer(target_dir)
     stops = stop_tokens(target_dir)
-    layer_ids = config.target_layer_ids or default_layer_ids(target.config.num_hidden_layers)
-    prompts = domain_prompts(config.domains, "train", config.train_prompts, config.seed, code_root, text_folder)
-    key = data_key(target_dir, config, layer_ids, code_root, text_folder, device)
-    cache_path = (cache or cache_dir() / "train-data") / f"{key}.pt"
-    print(f"data: {len(prompts)} prompts continued by the target (cache {cache_path})", file=sys.stderr)
-    data = build_data(target, tokenizer, prompts, config, layer_ids, stops, cache_path, progress)
+    data = prepare_data(target_dir, config, device, cache, progress, code_root, text_folder)
+    data_seconds = time.perf_counter() - started
+    print(f"data: {data.generated_tokens('generated')} generated and {data.generated_tokens('offline')} offline "
+          f"tokens ({data_seconds / 60:.1f} min)", file=sys.stderr)
     held = domain_prompts(config.domains, "held-out", (config.eval_prompts + config.calibration_prompts)
                           * len(config.domains), config.seed + 1, code_root, text_folder)
     eval_sets: Dict[str, List[List[int]]] = {}
@@ -608,10 +809,31 @@ def run(target_dir: Path, out: Path, config: TrainConfig, device: str = "cpu", c
         result = calibrate(target, drafter, calibration, config.eval_new_tokens, config.seed + 11, stops)
         print(f"STS temperatures: {[round(t, 3) for t in result['temperatures']]}", file=sys.stderr)
         drafter.sts.save(out)
-    final = {d: round(evaluate_tau(target, drafter, ids, config.eval_new_tokens, 1.0, config.seed + 7,
-                                   stops)["tau"], 3) for d, ids in eval_sets.items()}
+    final = {d: round(evaluate_tau(target, drafter, ids, config.eval_new_tokens, config.eval_temperature,
+                                   config.seed + 7, stops)["tau"], 3) for d, ids in eval_sets.items()}
     history.append({"step": config.steps, "saved_weights": True, **{f"tau_{d}": v for d, v in final.items()}})
-    (out / "training.json").write_text(json.dumps({"config": config.to_dict(), "history": history}, indent=1))
+    # the goal's measurement: greedy, as decoded by the demo (its dtype), on held-out and on the demo's prompts
+    from .corpus import DEMO_PROMPTS
+
+    model, dtype = data_target(target_dir, config, device, target)
+    shipped = DSparkDrafter.load(out, model, dtype=next(model.parameters()).dtype, device=device)
+    report = {"dtype": dtype, "new_tokens": config.eval_new_tokens}
+    for d, ids in eval_sets.items():
+        sets = {"held-out": ids}
+        if d in DEMO_PROMPTS:
+            sets["demo"] = encode_prompts(tokenizer, [corpus_prompt(t) for t in DEMO_PROMPTS[d]],
+                                          config.max_prompt_tokens)
+        for name, prompts in sets.items():
+            result = evaluate_tau(model, shipped, prompts, config.eval_new_tokens, 0.0, config.seed + 7, stops)
+            report[f"{d}/{name}"] = {"prompts": len(prompts), "tau": round(result["tau"], 3),
+                                     "rounds": result["rounds"],
+                                     "acceptance_by_position": [round(a, 3) for a in result["acceptance_by_position"]],
+                                     "position_trials": result["position_trials"]}
+            print(f"greedy {d} {name}: tau {result['tau']:.2f}", file=sys.stderr)
+    times = {"data_seconds": round(data_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
+             "generated_tokens": data.generated_tokens("generated"), "offline_tokens": data.generated_tokens("offline")}
+    (out / "training.json").write_text(json.dumps({"config": config.to_dict(), "history": history, "time": times,
+                                                   "greedy": report}, indent=1))
     print(json.dumps(history[-1]), file=sys.stderr)
     return drafter
 
@@ -622,6 +844,13 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+def corpus_prompt(text: str):
+    """A demo prompt (a chat turn) as the corpora's Prompt."""
+    from .corpus import Prompt
+
+    return Prompt(text, True, "demo", "demo")
 
 
 def _bar(enabled: bool, total: int, desc: str):

@@ -539,7 +539,8 @@ class DSparkDrafter(nn.Module):
             return weight
         key = (weight.data_ptr(), weight.device, weight.dtype, tensor_version(weight))
         if self._lm_rows.get("key") != key:
-            rows = weight.detach()[self.draft_vocab.long()].contiguous()
+            with torch.inference_mode(False):  # drafting runs in inference mode; the cached rows outlive it
+                rows = weight.detach()[self.draft_vocab.long()].contiguous()
             packed = PackedWeight(rows) if self._pack_rows and PackedWeight.usable(rows) else None
             self._lm_rows = {"key": key, "rows": rows, "packed": packed}
         return self._lm_rows["rows"]
