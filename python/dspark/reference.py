@@ -470,6 +470,17 @@ class MarkovReference(NamedTuple):
     margins: torch.Tensor  # [R, gamma]: relative gap of the two best race keys (inf when greedy ties are exact)
 
 
+def _row_lse(row_max: float, lse: float) -> float:
+    """markov.h's row_lse: a row whose maximum sits at a float limit (no logit
+    above -FLT_MAX: no mass, sampled uniformly; or one at +FLT_MAX) reports
+    that limit's infinity."""
+    if row_max <= -_FLOAT_MAX:
+        return -math.inf
+    if row_max >= _FLOAT_MAX:
+        return math.inf
+    return lse
+
+
 def _round_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).to(torch.float64) if dtype in (torch.bfloat16, torch.float16) else x
 
@@ -553,7 +564,7 @@ def markov_sample(
                 if top.numel() > 1:
                     margins[r, k] = float((top[0] - top[1]) / max(1.0, abs(float(top[0]))))
                 tokens[r, k] = token
-                lse[r, k] = float(clean.max())
+                lse[r, k] = _row_lse(float(clean.max()), float(clean.max()))
             else:
                 z32 = _sanitize_logits(c * _scale(T))
                 z = z32.to(torch.float64)
@@ -570,7 +581,7 @@ def markov_sample(
                 token = int(ids[column])
                 margins[r, k] = margin
                 tokens[r, k] = token
-                lse[r, k] = float(math.log(2.0) * (m + torch.log2(s)))
+                lse[r, k] = _row_lse(float(m), float(math.log(2.0) * (m + torch.log2(s))))
                 logprobs[r, k] = float(math.log(2.0) * (z[column] - m - torch.log2(s)))
             prev = int(tokens[r, k])
     return MarkovReference(tokens, logprobs, lse, corrected, margins)

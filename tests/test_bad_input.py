@@ -1,0 +1,254 @@
+"""Hostile arguments to the ops: each defect found by fuzzing, pinned down.
+
+Size arguments are checked before anything is allocated from them, tensors an
+op writes may not overlap themselves or the op's other arguments, empty
+tensors take any strides, and every message names the argument."""
+
+import math
+
+import pytest
+import torch
+
+from dspark import ops, reference
+
+
+def _empty_batch(R=0, V=16):
+    return torch.randn(R, V), torch.zeros(0, dtype=torch.int32), torch.zeros(R + 1, dtype=torch.int32)
+
+
+# ----------------------------------------------------------- rejection_sample
+
+
+@pytest.mark.parametrize("value, exc", [(-2, ValueError), (-1, ValueError), (2**32, ValueError),
+                                        (2**31 - 1, ValueError), (1025, ValueError), (2.0, TypeError),
+                                        (True, TypeError), ("3", TypeError)])
+def test_max_num_draft_is_checked_before_the_output_is_allocated(monkeypatch, value, exc):
+    """max_num_draft = 2**32 used to allocate [R, 2**32 + 1] int32 (48 GiB for
+    three requests) before the ValueError; -2 failed inside torch.empty."""
+    target, tokens, cu = _empty_batch(R=3)
+    calls = []
+    real_empty = torch.empty
+
+    def counting_empty(*args, **kwargs):
+        calls.append(args)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", counting_empty)
+    with pytest.raises(exc, match="max_num_draft"):
+        ops.rejection_sample(target, tokens, cu, seed=0, max_num_draft=value)
+    assert calls == []
+
+
+def test_max_num_draft_may_pad_up_to_the_limit_or_to_the_draft_count():
+    target, tokens, cu = _empty_batch(R=2)
+    out = ops.rejection_sample(target, tokens, cu, seed=0, max_num_draft=ops.MAX_PADDING)
+    assert out.output_tokens.shape == (2, ops.MAX_PADDING + 1) and (out.output_tokens[:, 1:] == -1).all()
+
+
+def test_a_bad_cu_num_draft_is_refused_before_the_computed_width_is_allocated():
+    target = torch.randn(1, 8)
+    with pytest.raises(ValueError, match="cu_num_draft"):
+        ops.rejection_sample(target, torch.zeros(0, dtype=torch.int32),
+                             torch.tensor([0, 2**31 - 1], dtype=torch.int32), seed=0)
+
+
+def test_empty_strided_views_are_accepted_at_zero_requests():
+    """R = 0 is documented to return empty outputs; an empty view with a
+    non-unit last stride used to be refused."""
+    V = 16
+    target = torch.randn(0, 2 * V)[:, ::2]
+    assert target.shape == (0, V) and target.stride(-1) == 2
+    draft = torch.randn(0, 3 * V)[:, ::3]
+    out = ops.rejection_sample(target, torch.zeros(0, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                               draft_logits=draft, seed=0)
+    assert out.output_tokens.shape == (0, 1) and out.num_accepted.shape == (0,)
+    tokens = torch.empty(0, 10, dtype=torch.int32)[:, ::2]
+    out = ops.rejection_sample(target, torch.zeros(0, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                               seed=0, max_num_draft=4, out=(tokens, torch.empty(0, dtype=torch.int32), None))
+    assert out.output_tokens.shape == (0, 5)
+
+
+def test_overlapping_outputs_are_refused():
+    R, n, V = 3, 2, 8
+    target = torch.randn(R * n + R, V)
+    tokens = torch.randint(0, V, (R * n,), dtype=torch.int32)
+    cu = torch.arange(0, R * n + 1, n, dtype=torch.int32)
+    expanded = torch.empty(1, n + 1, dtype=torch.int32).expand(R, n + 1)
+    with pytest.raises(ValueError, match="'output_tokens'.*stride-0"):
+        ops.rejection_sample(target, tokens, cu, seed=0, max_num_draft=n,
+                             out=(expanded, torch.empty(R, dtype=torch.int32), None))
+    shared = torch.empty(R * (n + 1), dtype=torch.int32)
+    with pytest.raises(ValueError, match="'output_tokens'.*share memory with 'num_accepted'"):
+        ops.rejection_sample(target, tokens, cu, seed=0, max_num_draft=n,
+                             out=(shared.view(R, n + 1), shared[:R], None))
+    with pytest.raises(ValueError, match="'num_accepted'.*share memory with 'cu_num_draft'"):
+        ops.rejection_sample(target, tokens, cu, seed=0, max_num_draft=n,
+                             out=(torch.empty(R, n + 1, dtype=torch.int32), cu[:R], None))
+
+
+# ----------------------------------------------------------------------- rope
+
+
+def test_rope_refuses_an_expanded_q_that_it_would_rotate_several_times():
+    """A stride-0 q used to be rotated in place once per token that maps to the
+    same memory; PyTorch's in-place ops refuse such views."""
+    base = torch.randn(1, 2, 8)
+    q = base.expand(3, 2, 8)
+    with pytest.raises(ValueError, match="'q'.*stride-0"):
+        ops.rope(q, None, torch.arange(3), theta=1e4)
+    assert torch.equal(base, base.clone())
+    k = torch.randn(1, 1, 8).expand(3, 1, 8)
+    with pytest.raises(ValueError, match="'k'.*stride-0"):
+        ops.rope(torch.randn(3, 2, 8), k, torch.arange(3), theta=1e4)
+    heads = torch.randn(3, 1, 8).expand(3, 4, 8)  # heads share memory
+    with pytest.raises(ValueError, match="'q'"):
+        ops.rope(heads, None, torch.arange(3), theta=1e4)
+
+
+def test_rope_refuses_q_and_k_in_the_same_memory():
+    q = torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match="'q'.*share memory with 'k'"):
+        ops.rope(q, q, torch.arange(3), theta=1e4)
+    with pytest.raises(ValueError, match="share memory"):
+        ops.rope(q, q[:, :1], torch.arange(3), theta=1e4)
+
+
+def test_rope_accepts_q_and_k_sliced_from_one_projection():
+    T, H, Hkv, D = 4, 2, 1, 8
+    fused = torch.randn(T, H + 2 * Hkv, D)
+    q, k = fused[:, :H], fused[:, H:H + Hkv]
+    expected_q, expected_k = q.clone(), k.clone()
+    positions = torch.arange(T)
+    ops.rope(expected_q, expected_k, positions, theta=1e4)
+    ops.rope(q, k, positions, theta=1e4)
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+
+
+@pytest.mark.parametrize("rotary_dim, exc", [(2.5, TypeError), ("4", TypeError), (True, TypeError), (3, ValueError),
+                                             (0, ValueError), (16, ValueError)])
+def test_rope_rotary_dim_is_an_int(rotary_dim, exc):
+    with pytest.raises(exc, match="rotary_dim"):
+        ops.rope(torch.randn(2, 1, 8), None, torch.arange(2), rotary_dim=rotary_dim)
+
+
+# ------------------------------------------------------ append_kv / attention
+
+
+def test_append_kv_refuses_one_tensor_as_both_caches():
+    cache = torch.zeros(2, 4, 1, 8)
+    k = torch.randn(3, 1, 8)
+    with pytest.raises(ValueError, match="'k_cache'.*share memory with 'v_cache'"):
+        ops.append_kv(k, k.clone(), cache, cache, torch.arange(3))
+
+
+def test_paged_attention_refuses_out_in_q():
+    q = torch.randn(2, 2, 8)
+    cache = torch.randn(1, 4, 1, 8)
+    args = (cache, cache.clone(), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([2], dtype=torch.int32),
+            torch.tensor([0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="'out'.*share memory with 'q'"):
+        ops.paged_attention(q, *args, out=q)
+
+
+@pytest.mark.parametrize("scale, exc", [("abc", TypeError), (None, None), (float("nan"), ValueError),
+                                        (float("inf"), ValueError), (0.0, ValueError), (-1.0, ValueError),
+                                        (1e39, ValueError), (10**400, ValueError), (True, TypeError)])
+def test_paged_attention_scale_is_named(scale, exc):
+    q = torch.randn(2, 2, 8)
+    cache = torch.randn(1, 4, 1, 8)
+    args = (cache, cache.clone(), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([2], dtype=torch.int32),
+            torch.tensor([0, 2], dtype=torch.int32))
+    if exc is None:
+        ops.paged_attention(q, *args, scale=scale)
+        return
+    with pytest.raises(exc, match="'scale'"):
+        ops.paged_attention(q, *args, scale=scale)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: ops.paged_attention(torch.randn(1, 1, 8), torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8),
+                                torch.zeros(1, 1, dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+                                torch.tensor([0, 1], dtype=torch.int32), mask=["causal"]),
+    lambda: ops.markov_sample(torch.randn(1, 2, 8), torch.zeros(1, dtype=torch.int64), torch.randn(8, 2),
+                              torch.randn(8, 2), head=["vanilla"], seed=0),
+    lambda: ops.schedule_prefix(torch.rand(2, 3), mode={"fixed"}),
+])
+def test_unhashable_choices_raise_a_type_error_naming_the_argument(call):
+    with pytest.raises(TypeError, match="argument '(mask|head|mode)'"):
+        call()
+
+
+@pytest.mark.parametrize("threshold, exc", [(float("nan"), ValueError), ("0.5", TypeError), (None, ValueError)])
+def test_schedule_threshold_is_a_number(threshold, exc):
+    with pytest.raises(exc, match="threshold"):
+        ops.schedule_prefix(torch.rand(2, 3), mode="threshold", threshold=threshold)
+
+
+def test_schedule_out_tensors_may_not_alias():
+    conf = torch.rand(4, 3)
+    lengths = torch.empty(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="'lengths'.*share memory with 'capacity'"):
+        ops.schedule_prefix(conf, mode="fixed", out=(lengths, torch.empty(1), lengths[:1]))
+
+
+# --------------------------------------------------------------------- markov
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+@pytest.mark.parametrize("fill", [-math.inf, math.nan])
+def test_markov_row_without_mass_reports_lse_minus_inf(temperature, fill):
+    """An all -inf (or NaN) corrected row is sampled uniformly; its lse was a
+    finite -2.4e38 that matched neither the row (-inf) nor the logprobs."""
+    R, gamma, V, rank = 2, 3, 40, 4
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(R, gamma, V, generator=g)
+    U[0, 1] = fill
+    anchor = torch.zeros(R, dtype=torch.int64)
+    w1, w2 = torch.zeros(V, rank), torch.zeros(V, rank)
+    out = ops.markov_sample(U, anchor, w1, w2, temperature=temperature, seed=3)
+    ref = reference.markov_sample(U, anchor, w1, w2, temperature=temperature, seed=3)
+    assert out.lse[0, 1] == -math.inf and ref.lse[0, 1] == -math.inf
+    if temperature > 0:
+        assert out.logprobs[0, 1] == pytest.approx(-math.log(V), abs=1e-5)
+    assert torch.isfinite(out.lse[0, [0, 2]]).all() and torch.isfinite(out.lse[1]).all()
+    assert torch.equal(out.draft_tokens, ref.draft_tokens)
+    torch.testing.assert_close(out.lse, ref.lse, atol=2e-4, rtol=0)
+    # a uniform sample: over many seeds every column is drawn
+    seen = {int(ops.markov_sample(U[:1], anchor[:1], w1, w2, temperature=1.0, seed=s).draft_tokens[0, 1])
+            for s in range(400)}
+    assert len(seen) == V
+
+
+def test_markov_row_with_plus_inf_reports_lse_plus_inf():
+    U = torch.randn(1, 2, 16)
+    U[0, 0, 5] = math.inf
+    w = torch.zeros(16, 2)
+    for temperature in (1.0, 0.0):
+        out = ops.markov_sample(U, torch.zeros(1, dtype=torch.int64), w, w, temperature=temperature, seed=1)
+        ref = reference.markov_sample(U, torch.zeros(1, dtype=torch.int64), w, w, temperature=temperature, seed=1)
+        assert out.lse[0, 0] == math.inf and ref.lse[0, 0] == math.inf and int(out.draft_tokens[0, 0]) == 5
+        assert math.isfinite(float(out.lse[0, 1]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_markov_row_without_mass_cuda_matches_cpu(temperature):
+    R, gamma, V, rank = 3, 4, 300, 8
+    g = torch.Generator().manual_seed(1)
+    U = torch.randn(R, gamma, V, generator=g)
+    U[1, 2] = -math.inf
+    U[2, 0, 7] = math.inf
+    anchor = torch.zeros(R, dtype=torch.int64)
+    w1, w2 = torch.randn(V, rank, generator=g) * 0.1, torch.randn(V, rank, generator=g) * 0.1
+    cpu = ops.markov_sample(U, anchor, w1, w2, temperature=temperature, seed=5)
+    dev = ops.markov_sample(U.cuda(), anchor.cuda(), w1.cuda(), w2.cuda(), temperature=temperature, seed=5)
+    assert dev.lse[1, 2].item() == -math.inf and dev.lse[2, 0].item() == math.inf
+    assert torch.equal(dev.draft_tokens.cpu(), cpu.draft_tokens)
+    torch.testing.assert_close(dev.lse.cpu(), cpu.lse, atol=2e-4, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_overlapping_outputs_are_refused():
+    q = torch.randn(1, 2, 8, device="cuda").expand(3, 2, 8)
+    with pytest.raises(ValueError, match="stride-0"):
+        ops.rope(q, None, torch.arange(3, device="cuda"), theta=1e4)
