@@ -252,3 +252,75 @@ def test_cuda_overlapping_outputs_are_refused():
     q = torch.randn(1, 2, 8, device="cuda").expand(3, 2, 8)
     with pytest.raises(ValueError, match="stride-0"):
         ops.rope(q, None, torch.arange(3, device="cuda"), theta=1e4)
+
+
+# --------------------------------------------------------------------- engine
+
+
+@pytest.fixture(scope="module")
+def engine_models():
+    from fuzz.corpus import tiny_drafter, tiny_target
+
+    target = tiny_target()
+    return target, tiny_drafter(target)
+
+
+@pytest.mark.parametrize("with_drafter", [False, True])
+@pytest.mark.parametrize("prompt, params, words", [
+    ([1, 2, 3], dict(max_new_tokens=2.5), "max_new_tokens must be an int"),
+    ([1, 2, 3], dict(max_new_tokens=True), "max_new_tokens must be an int"),
+    ([1, 2, 3], dict(temperature="0.5"), "temperature must be a finite number"),
+    ([1, 2, 3], dict(temperature=None), "temperature must be a finite number"),
+    ([1, 2, 3], dict(temperature=float("nan")), "temperature must be a finite number"),
+    ([1, 2, 3], dict(temperature=float("inf")), "temperature must be a finite number"),
+    ([1, 2, 3], dict(temperature=1e39), "temperature must be a finite number"),
+    ([1, 2, 3], dict(seed=1.5), "seed must be an int"),
+    ([1, 2, 3], dict(seed="7"), "seed must be an int"),
+    ([1, 2, 3], dict(stop_tokens=None), "stop_tokens must be a sequence"),
+    ([1, 2, 3], dict(stop_tokens="ab"), "stop_tokens must be a sequence"),
+    ([1, 2, 3], dict(stop_tokens=[1.0]), "stop_tokens must hold int token ids"),
+    (["a", "b"], {}, "prompt must hold int token ids"),
+    ([1.0, 2.0], {}, "prompt must hold int token ids"),
+    ([1, 1.7], {}, "prompt must hold int token ids, got float 1.7 at index 1"),
+    ([True, 2], {}, "prompt must hold int token ids, got bool"),
+    ("hello", {}, "prompt must be a sequence"),
+    (None, {}, "prompt must be a sequence"),
+    (7, {}, "prompt must be a sequence"),
+    (torch.tensor([1.0, 2.0]), {}, "prompt must be a 1-D integer tensor"),
+    (torch.tensor([[1, 2]]), {}, "prompt must be a 1-D integer tensor"),
+    ([1, 2, -1], {}, "outside the vocabulary"),
+    ([1, 2, 96], {}, "outside the vocabulary"),
+    ([1, 2, 3], None, "sampling parameters must be a SamplingParams"),
+])
+def test_one_bad_request_does_not_stop_the_batch(engine_models, with_drafter, prompt, params, words):
+    """A wrongly typed field used to make generate() raise for the whole batch
+    (or, for a float token id, silently truncate it)."""
+    from dspark.engine import SamplingParams, SpeculativeEngine
+
+    target, drafter = engine_models
+    engine = SpeculativeEngine(target, drafter if with_drafter else None, max_model_len=64, max_concurrency=4)
+    good = [([5, 6, 7], SamplingParams(0.0, max_new_tokens=6)), ([9, 3], SamplingParams(0.8, seed=4, max_new_tokens=5))]
+    bad_params = None if params is None else SamplingParams(**dict(dict(temperature=0.0, max_new_tokens=4), **params))
+    prompts = [good[0][0], prompt, good[1][0]]
+    results = engine.generate(prompts, [good[0][1], bad_params, good[1][1]])
+    assert results[1].finish_reason == "error" and words in results[1].error, results[1].error
+    alone = engine.generate([g[0] for g in good], [g[1] for g in good])
+    assert [r.tokens for r in (results[0], results[2])] == [r.tokens for r in alone]
+    assert all(r.finish_reason in ("stop", "length") for r in alone)
+
+
+def test_integer_like_requests_are_accepted(engine_models):
+    import numpy as np
+
+    from dspark.engine import SamplingParams, SpeculativeEngine
+
+    engine = SpeculativeEngine(engine_models[0], max_model_len=64)
+    base = engine.generate([[5, 6, 7]], SamplingParams(0.7, seed=3, max_new_tokens=5, stop_tokens=[95]))[0]
+    for prompt, params in [
+        (torch.tensor([5, 6, 7]), SamplingParams(0.7, seed=3, max_new_tokens=5, stop_tokens=(95,))),
+        (np.array([5, 6, 7]), SamplingParams(0.7, seed=np.int64(3), max_new_tokens=np.int32(5),
+                                             stop_tokens=torch.tensor([95]))),
+        ((5, 6, 7), SamplingParams(np.float32(0.7), seed=3, max_new_tokens=5, stop_tokens=range(95, 96))),
+    ]:
+        out = engine.generate([prompt], params)[0]
+        assert out.error is None and out.tokens == base.tokens
