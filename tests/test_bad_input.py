@@ -324,3 +324,39 @@ def test_integer_like_requests_are_accepted(engine_models):
     ]:
         out = engine.generate([prompt], params)[0]
         assert out.error is None and out.tokens == base.tokens
+
+
+# ------------------------------------------------------ found by the fuzz suite
+
+
+def test_confidence_of_a_nan_logit_is_nan():
+    """A NaN hidden state gave conf = 1 (sigmoid's flushed exp2 of NaN), which a
+    scheduler reads as certainty; it is NaN now, as torch.sigmoid gives, which
+    the scheduler reads as 0."""
+    R, gamma, d, V, rank = 2, 3, 4, 9, 2
+    hidden = torch.randn(R, gamma, d)
+    hidden[0, 1, 2] = math.nan
+    w1 = torch.randn(V, rank)
+    args = (hidden, w1, torch.tensor([1, 2]), torch.tensor([[3, 4, 5], [6, 7, 8]]), torch.randn(1, d + rank),
+            torch.randn(1))
+    out = ops.confidence(*args)
+    ref = reference.confidence(*args)
+    assert math.isnan(out.conf[0, 1]) and math.isnan(out.survival[0, 2])
+    torch.testing.assert_close(out.conf, ref[1], equal_nan=True)
+    lengths = ops.schedule_prefix(out.conf, mode="threshold", threshold=1e-30).lengths
+    assert lengths[0] <= 1  # the scheduler stops at the NaN
+
+
+def test_draft_probs_row_below_the_fixed_point_resolution_has_no_mass():
+    """The kernels normalise draft probabilities by a 2^-40 fixed-point sum; a row
+    summing to 1e-16 has no mass there (p_d = 0), and the reference agrees."""
+    target = torch.tensor([[0.0, 1.0], [-54.1, -17.7], [0.3, 0.1]])
+    probs = torch.tensor([[0.2, 0.8], [1.45e-16, math.nan]])
+    tokens, cu = torch.tensor([1, 0]), torch.tensor([0, 2], dtype=torch.int32)
+    out = ops.rejection_sample(target, tokens, cu, draft_probs=probs, temperature=50.0, seed=3,
+                               return_soft_acceptance=True)
+    ref = reference.rejection_sample(target, tokens, cu, draft_probs=probs, temperature=50.0, seed=3,
+                                     return_soft_acceptance=True)
+    assert float(out.soft_acceptance[1]) == 0.0
+    torch.testing.assert_close(out.soft_acceptance, ref.soft_acceptance, atol=1e-5, rtol=0)
+    assert torch.equal(out.output_tokens, ref.output_tokens)

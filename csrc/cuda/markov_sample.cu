@@ -711,7 +711,7 @@ __global__ void __launch_bounds__(kThreads) confidence_kernel(ConfidenceParams p
       const float logit = num::add(s, bias);
       const float t = p.temperatures ? p.temperatures[k] : 1.0f;
       p.logits[int64_t{r} * p.gamma + k] = logit;
-      p.conf[int64_t{r} * p.gamma + k] = markov::sigmoid(num::div(logit, t));
+      p.conf[int64_t{r} * p.gamma + k] = markov::confidence_of(num::div(logit, t));
     }
   }
   __syncthreads();

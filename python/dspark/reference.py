@@ -169,12 +169,19 @@ def _truncated_softmax2(logits: torch.Tensor, temperature: float, top_k: int, to
 
 
 def _given_probs(q: torch.Tensor) -> torch.Tensor:
+    """Draft probabilities as the kernels normalise them (rejection.h): cleaned
+    to [0, 1] in float32, summed in 2^-40 fixed point (each value rounded), the
+    sum rounded to float32; a row whose sum rounds to 0 (below about 2^-41)
+    has no mass (every p_d is 0)."""
     q = q.to(torch.float32)
     q = torch.where(q >= _MIN_WEIGHT, q, torch.zeros_like(q))  # NaN and negatives -> 0
-    q = torch.clamp(q, max=1.0).to(torch.float64)
-    total = q.sum()
-    p = q / total if total > 0 else q
-    return torch.where(p >= _MIN_WEIGHT, p, torch.zeros_like(p))
+    q = torch.clamp(q, max=1.0)
+    fixed = int(torch.round(q.to(torch.float64) * 2.0**40).sum())
+    if fixed == 0:
+        return torch.zeros_like(q, dtype=torch.float64)
+    total = torch.tensor(float(fixed), dtype=torch.float32) * torch.tensor(2.0**-40, dtype=torch.float32)
+    p = q * (torch.tensor(1.0, dtype=torch.float32) / total)
+    return torch.where(p >= _MIN_WEIGHT, p, torch.zeros_like(p)).to(torch.float64)
 
 
 def _greedy_argmax(logits: torch.Tensor) -> int:

@@ -72,6 +72,13 @@ DSPARK_HD DSPARK_INLINE float sigmoid(float x) {
   return num::div(1.0f, num::add(1.0f, t));
 }
 
+// The confidence head's c = sigmoid(logit / t). A NaN logit gives a NaN
+// confidence, as torch.sigmoid does (the scheduler reads NaN as 0), not the
+// 1 that sigmoid's flushed exp2 of NaN would give.
+DSPARK_HD DSPARK_INLINE float confidence_of(float scaled_logit) {
+  return scaled_logit == scaled_logit ? sigmoid(scaled_logit) : scaled_logit;
+}
+
 DSPARK_HD DSPARK_INLINE float tanh_(float x) {
   // tanh(x) = 2 sigmoid(2x) - 1
   return num::sub(num::mul(2.0f, sigmoid(num::mul(2.0f, x))), 1.0f);

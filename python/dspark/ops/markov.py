@@ -262,7 +262,8 @@ def confidence(
     """The confidence head: ``c_k = sigmoid(w . [h_k ; W1[x_{k-1}]] + b)`` for every
     position (``x_0`` is the anchor; position k never sees ``x_k`` itself), with
     optional per-position STS temperatures ``[gamma]`` applied as
-    ``sigmoid(logit / t_k)``.
+    ``sigmoid(logit / t_k)``. A NaN logit gives a NaN confidence (as
+    ``torch.sigmoid``), which :func:`schedule_prefix` reads as 0.
 
     Args: ``hidden [R, gamma, d]``, ``w1 [V, rank]``, ``anchor_tokens [R]``,
     ``draft_tokens [R, gamma]``, ``weight [1, d + rank]`` (or ``[d + rank]``),

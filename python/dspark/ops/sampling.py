@@ -363,8 +363,9 @@ def rejection_sample(
 
     Defined behaviour: NaN and -inf logits have probability 0 (a row with no finite
     logit is uniform); +inf logits share the row's mass; draft probabilities are
-    clamped to [0, 1] (NaN -> 0) and normalised, and a draft token with ``p_d = 0``
-    is accepted iff ``p_t > 0`` (vLLM rejects it); a draft token outside the
+    clamped to [0, 1] (NaN -> 0) and normalised by their sum in 2^-40 fixed point (a
+    row whose sum is below about 1e-12 has no mass: p_d = 0), and a draft token with
+    ``p_d = 0`` is accepted iff ``p_t > 0`` (vLLM rejects it); a draft token outside the
     truncated support is rejected; ``R = 0`` returns empty outputs.
     """
     op = "rejection_sample"
