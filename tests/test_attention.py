@@ -252,7 +252,7 @@ def _args():
     (lambda b: b.update(cu_q=b["cu_q"] + 1), ValueError, "cu_q"),
     (lambda b: b.update(mask="sliding"), ValueError, "mask"),
     (lambda b: b.update(scale=-1.0), ValueError, "scale"),
-    (lambda b: b.update(scale="abc"), TypeError, "'scale' must be a float"),
+    (lambda b: b.update(scale="abc"), TypeError, "'scale' must be a number"),
     (lambda b: b.update(window=-1), ValueError, "'window' must be an int"),
     (lambda b: b.update(window=2.5), ValueError, "'window' must be an int"),
     (lambda b: b.update(window=True), ValueError, "'window' must be an int"),

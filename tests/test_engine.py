@@ -547,9 +547,10 @@ def test_generate_command(tmp_path, capsys):
     prompts = ["w5 w17 w3 w99", "w1 w2"]
     for extra in ([], ["--draft", str(tmp_path / "d")], ["--draft", str(tmp_path / "d"), "--policy", "async"]):
         code = main(["generate", "--target", str(tmp_path / "t"), "--prompt", prompts[0], "--prompt", prompts[1],
-                     "--max-new-tokens", "12", "--no-progress", "--json", str(tmp_path / "out.json")] + extra)
-        out = capsys.readouterr().out
-        assert code == 0
+                     "--max-new-tokens", "12", "--dtype", "float32", "--no-progress", "--json", str(tmp_path / "out.json")] + extra)
+        captured = capsys.readouterr()
+        out = captured.out
+        assert code == 0, captured.err
         for text in prompts:
             ids = [int(w[1:]) for w in text.split()]
             expected = " ".join(f"w{t}" for t in hf_greedy(hf, ids, 12))

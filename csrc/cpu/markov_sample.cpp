@@ -271,7 +271,7 @@ void confidence(const ConfidenceArgs& a) {
         const float logit = num::add(logits[r * gamma + k], bias);
         logits[r * gamma + k] = logit;
         const float t = a.temperatures.defined() ? load_float(a.temperatures.data, a.temperatures.dtype, k) : 1.0f;
-        const float c = markov::sigmoid(num::div(logit, t));
+        const float c = markov::confidence_of(num::div(logit, t));
         conf[r * gamma + k] = c;
         a_k = num::mul(a_k, c);
         survival[r * gamma + k] = a_k;

@@ -568,7 +568,7 @@ __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t
     for (int64_t c = lane; c < p.chunks; c += kWarpSize) row_max = num::fmax(row_max, __ldcg(&cs[c].max));
     row_max = warp_max_f(row_max);
     int32_t token;
-    float logprob = 0.0f, lse = row_max;
+    float logprob = 0.0f, lse = markov::row_lse(row_max, row_max);
     if (greedy) {
       int32_t first = 0x7fffffff;
       for (int64_t c = lane; c < p.chunks; c += kWarpSize)
@@ -593,7 +593,7 @@ __global__ void __launch_bounds__(kThreads) markov_step_kernel(Params p, int32_t
       best = warp_best(best);
       const float log2_sum = num::log2(num::from_fixed(sum));
       token = best.column;
-      lse = num::mul(markov::kLn2, num::add(row_max, log2_sum));
+      lse = markov::row_lse(row_max, num::mul(markov::kLn2, num::add(row_max, log2_sum)));
       logprob = num::mul(markov::kLn2, num::sub(num::sub(best.z, row_max), log2_sum));
     }
     if (p.draft_vocab) token = p.draft_vocab[token];  // the column's target id
@@ -711,7 +711,7 @@ __global__ void __launch_bounds__(kThreads) confidence_kernel(ConfidenceParams p
       const float logit = num::add(s, bias);
       const float t = p.temperatures ? p.temperatures[k] : 1.0f;
       p.logits[int64_t{r} * p.gamma + k] = logit;
-      p.conf[int64_t{r} * p.gamma + k] = markov::sigmoid(num::div(logit, t));
+      p.conf[int64_t{r} * p.gamma + k] = markov::confidence_of(num::div(logit, t));
     }
   }
   __syncthreads();

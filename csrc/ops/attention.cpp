@@ -55,6 +55,8 @@ void append_kv(const AppendKvArgs& a) {
   DSPARK_CHECK_TYPE(a.v.dtype == a.k.dtype, op, ": argument 'v' must have k's dtype ", dtype_name(a.k.dtype),
                     ", got ", dtype_name(a.v.dtype));
   check_int_vector(op, "slot_mapping", a.slot_mapping, device, T, {DType::kInt64});
+  check::no_aliasing(op, {{"k_cache", &a.k_cache}, {"v_cache", &a.v_cache}},
+                     {{"k", &a.k}, {"v", &a.v}, {"slot_mapping", &a.slot_mapping}});
   if (device.type == DeviceType::kCPU) {
     const int64_t* slots = a.slot_mapping.ptr<int64_t>();
     for (int64_t t = 0; t < T; ++t)
@@ -125,6 +127,9 @@ void paged_attention(const PagedAttentionArgs& a) {
     check::contiguous(op, "lse", a.lse);
     DSPARK_CHECK_VALUE(a.lse.size(0) == T && a.lse.size(1) == Hq, op, ": argument 'lse' must be [T, H_q]");
   }
+  check::no_aliasing(op, {{"out", &a.out}, {"lse", &a.lse}},
+                     {{"q", &a.q}, {"k_cache", &a.k_cache}, {"v_cache", &a.v_cache}, {"block_table", &a.block_table},
+                      {"kv_lens", &a.kv_lens}, {"cu_q", &a.cu_q}});
   if (device.type == DeviceType::kCPU) {
     const int32_t* cu = a.cu_q.ptr<int32_t>();
     const int32_t* lens = a.kv_lens.ptr<int32_t>();
@@ -175,6 +180,10 @@ void rope(const RopeArgs& a) {
     DSPARK_CHECK_VALUE(t->size(0) == a.q.size(0), op, ": 'q' and 'k' must have the same number of tokens");
   }
   check_int_vector(op, "positions", a.positions, device, a.q.size(0), {DType::kInt32, DType::kInt64});
+  // q and k are rotated in place: an element reached twice would be rotated twice.
+  check::no_internal_overlap(op, "q", a.q);
+  if (a.k.defined()) check::no_internal_overlap(op, "k", a.k);
+  check::no_aliasing(op, {{"q", &a.q}, {"k", &a.k}}, {{"positions", &a.positions}, {"inv_freq", &a.inv_freq}});
   if (device.type == DeviceType::kCPU) {
     cpu::rope(a);
     return;

@@ -124,6 +124,14 @@ void markov_sample(const MarkovSampleArgs& a) {
   check_output(op, "logprobs", a.logprobs, device, {R, gamma}, DType::kFloat32);
   check_output(op, "lse", a.lse, device, {R, gamma}, DType::kFloat32);
   if (a.corrected.defined()) check_output(op, "corrected_logits", a.corrected, device, {R, gamma, Vd}, DType::kFloat32);
+  check::no_aliasing(op,
+                     {{"draft_tokens", &a.draft_tokens}, {"logprobs", &a.logprobs}, {"lse", &a.lse},
+                      {"corrected_logits", &a.corrected}},
+                     {{"base_logits", &a.base_logits}, {"anchor_tokens", &a.anchor_tokens}, {"w1", &a.w1},
+                      {"w2", &a.w2}, {"gate_weight", &a.gate_weight}, {"gate_bias", &a.gate_bias},
+                      {"joint_weight", &a.joint_weight}, {"joint_bias", &a.joint_bias}, {"hidden", &a.hidden},
+                      {"temperature", &a.temperatures}, {"seed", &a.seeds}, {"offset", &a.offsets},
+                      {"draft_vocab", &a.draft_vocab}});
 
   if (device.type == DeviceType::kCPU) {
     check_tokens_on_host(op, "anchor_tokens", a.anchor_tokens, V);
@@ -184,6 +192,10 @@ void confidence(const ConfidenceArgs& a) {
   check_output(op, "logits", a.logits, device, {R, gamma}, DType::kFloat32);
   check_output(op, "conf", a.conf, device, {R, gamma}, DType::kFloat32);
   check_output(op, "survival", a.survival, device, {R, gamma}, DType::kFloat32);
+  check::no_aliasing(op, {{"logits", &a.logits}, {"conf", &a.conf}, {"survival", &a.survival}},
+                     {{"hidden", &a.hidden}, {"w1", &a.w1}, {"anchor_tokens", &a.anchor_tokens},
+                      {"draft_tokens", &a.draft_tokens}, {"weight", &a.weight}, {"bias", &a.bias},
+                      {"temperatures", &a.temperatures}});
   if (device.type == DeviceType::kCPU) {
     check_tokens_on_host(op, "anchor_tokens", a.anchor_tokens, V);
     check_tokens_on_host(op, "draft_tokens", a.draft_tokens, V);

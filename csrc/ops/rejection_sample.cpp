@@ -163,9 +163,10 @@ void rejection_sample(const RejectionSampleArgs& a) {
   check::dtype_in(kOp, "output_tokens", a.output_tokens, {DType::kInt32});
   check::same_device(kOp, "output_tokens", a.output_tokens, device);
   check::inner_contiguous(kOp, "output_tokens", a.output_tokens);
-  DSPARK_CHECK_VALUE(a.output_tokens.size(0) == R && a.output_tokens.size(1) == a.max_num_draft + 1,
-                     kOp, ": argument 'output_tokens' must have shape [R, max_num_draft + 1] = [", R,
-                     ", ", a.max_num_draft + 1, "], got ", a.output_tokens.shape_str());
+  const int64_t width = static_cast<int64_t>(a.max_num_draft) + 1;
+  DSPARK_CHECK_VALUE(a.output_tokens.size(0) == R && a.output_tokens.size(1) == width, kOp,
+                     ": argument 'output_tokens' must have shape [R, max_num_draft + 1] = [", R, ", ",
+                     width, "], got ", a.output_tokens.shape_str());
   check::defined(kOp, "num_accepted", a.num_accepted);
   check::ndim(kOp, "num_accepted", a.num_accepted, 1);
   check::dtype_in(kOp, "num_accepted", a.num_accepted, {DType::kInt32});
@@ -184,10 +185,21 @@ void rejection_sample(const RejectionSampleArgs& a) {
     check::dtype_in(kOp, "output_logprobs", a.output_logprobs, {DType::kFloat32});
     check::same_device(kOp, "output_logprobs", a.output_logprobs, device);
     check::inner_contiguous(kOp, "output_logprobs", a.output_logprobs);
-    DSPARK_CHECK_VALUE(a.output_logprobs.size(0) == R && a.output_logprobs.size(1) == a.max_num_draft + 1, kOp,
-                       ": argument 'output_logprobs' must have shape [R, max_num_draft + 1] = [", R, ", ",
-                       a.max_num_draft + 1, "], got ", a.output_logprobs.shape_str());
+    DSPARK_CHECK_VALUE(a.output_logprobs.size(0) == R && a.output_logprobs.size(1) == width, kOp,
+                       ": argument 'output_logprobs' must have shape [R, max_num_draft + 1] = [", R, ", ", width,
+                       "], got ", a.output_logprobs.shape_str());
+    check::no_internal_overlap(kOp, "output_logprobs", a.output_logprobs);
   }
+  check::no_internal_overlap(kOp, "output_tokens", a.output_tokens);
+  check::no_aliasing(kOp,
+                     {{"output_tokens", &a.output_tokens}, {"num_accepted", &a.num_accepted},
+                      {"soft_acceptance", &a.soft_acceptance}, {"output_logprobs", &a.output_logprobs}},
+                     {{"target_logits", &a.target_logits}, {"draft_tokens", &a.draft_tokens},
+                      {"cu_num_draft", &a.cu_num_draft}, {"draft_logits", &a.draft_logits},
+                      {"draft_probs", &a.draft_probs}, {"draft_vocab", &a.draft_vocab},
+                      {"temperature", &a.temperatures}, {"seed", &a.seeds}, {"offset", &a.offsets},
+                      {"bonus_tokens", &a.bonus_tokens}, {"top_k", &a.top_ks}, {"top_p", &a.top_ps},
+                      {"min_p", &a.min_ps}});
 
   rejection::Problem p{};
   p.target = a.target_logits.data;

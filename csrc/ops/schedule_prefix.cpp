@@ -52,6 +52,8 @@ void schedule_prefix(const SchedulePrefixArgs& a) {
   check_vector("throughput", a.throughput, device, {DType::kFloat32}, 1, "one element");
   check::defined(kOp, "capacity", a.capacity);
   check_vector("capacity", a.capacity, device, {DType::kInt32}, 1, "one element");
+  check::no_aliasing(kOp, {{"lengths", &a.lengths}, {"throughput", &a.throughput}, {"capacity", &a.capacity}},
+                     {{"conf", &a.conf}, {"cap", &a.cap}, {"sps", &a.sps}, {"budget", &a.budgets}});
 
   if (device.type == DeviceType::kCPU) {
     if (a.sps.defined()) {

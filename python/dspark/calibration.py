@@ -27,6 +27,7 @@ __all__ = ["CalibrationRecorder", "STS", "auc", "brier", "ece", "fit_sts", "metr
 
 STS_FILENAME = "sts.json"
 MIN_TRIALS = 50  # held-out rounds a position needs to get a temperature of its own
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 DEFAULT_GRID = torch.exp(torch.linspace(torch.log(torch.tensor(0.05)), torch.log(torch.tensor(20.0)), 400))
 
 
@@ -101,10 +102,22 @@ class STS:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "STS":
+        """Reads ``sts.json`` (from ``path`` or the directory ``path``). A file that
+        is not a JSON object with ``temperatures``, a non-empty list of positive
+        finite float32 numbers, is a ``dspark.models.CheckpointError``."""
+        from .models.checkpoint import CheckpointError, read_json_object
+
         path = Path(path)
         if path.is_dir():
             path = path / STS_FILENAME
-        return cls([float(t) for t in json.loads(path.read_text())["temperatures"]])
+        temperatures = read_json_object(path, STS_FILENAME).get("temperatures")
+        if (not isinstance(temperatures, list) or not temperatures
+                or any(isinstance(t, bool) or not isinstance(t, (int, float)) for t in temperatures)
+                or not all(0.0 < float(t) <= _FLOAT32_MAX for t in temperatures)):
+            shown = repr(temperatures)
+            raise CheckpointError(f"{path}: field 'temperatures' must be a non-empty list of positive finite numbers, "
+                                  f"got {shown if len(shown) <= 80 else shown[:77] + '...'}")
+        return cls([float(t) for t in temperatures])
 
 
 def _logit(c: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ Randomness: every request has its own seed (batch-invariant results); round
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
@@ -37,6 +38,7 @@ from .scheduler import Fixed, Policy, SPSTable
 __all__ = ["GenerationResult", "RequestMetrics", "RunMetrics", "SamplingParams", "SpeculativeEngine"]
 
 _SEED_MASK = (1 << 62) - 1
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -248,25 +250,30 @@ class SpeculativeEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> List[GenerationResult]:
-        """Generates for every prompt (token ids); results in prompt order. A bad
-        request (empty, too long, invalid ids) gets a result with finish_reason
-        'error' and does not affect the others."""
+        """Generates for every prompt (token ids); results in prompt order.
+
+        Each request is checked when it is admitted: the prompt is a sequence of
+        int token ids in ``[0, V)`` (bools and floats are refused, not rounded),
+        ``max_new_tokens`` an int >= 1, ``temperature`` a finite number >= 0,
+        ``seed`` an int or None, ``stop_tokens`` a sequence of ints, ``top_k`` an
+        int in ``[0, V]``, ``top_p`` a number in ``(0, 1]``, ``min_p`` one in
+        ``[0, 1]``, ``logprobs`` a bool, and prompt + max_new_tokens fits
+        ``max_model_len``. A bad request gets a result with finish_reason 'error'
+        and a message, and does not affect the others."""
         if sampling is None or isinstance(sampling, SamplingParams):
             sampling = [sampling or SamplingParams()] * len(prompts)
         if len(sampling) != len(prompts):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(sampling)} sampling parameters")
         self.metrics = RunMetrics()
         self.policy.reset()
-        requests = []
+        results: List[Optional[GenerationResult]] = [None] * len(prompts)
+        queue = []
         for i, (prompt, params) in enumerate(zip(prompts, sampling)):
-            seed = params.seed if params.seed is not None else (self.seed * 1000003 + i)
-            requests.append(_Request(i, [int(t) for t in prompt], params, seed & _SEED_MASK))
-        results: List[Optional[GenerationResult]] = [None] * len(requests)
-        for r in requests:
-            problem = self._check_request(r)
-            if problem:
-                results[r.index] = GenerationResult([], "error", problem)
-        queue = [r for r in requests if results[r.index] is None]
+            request = self._check_request(i, prompt, params)
+            if isinstance(request, str):
+                results[i] = GenerationResult([], "error", request)
+            else:
+                queue.append(request)
         start = time.perf_counter()
         self._run(queue, results)
         self.metrics.wall_seconds = time.perf_counter() - start
@@ -353,27 +360,50 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------- helpers
 
-    def _check_request(self, r: _Request) -> Optional[str]:
+    def _check_request(self, index: int, prompt: object, params: object) -> Union["_Request", str]:
+        """The request, with its fields checked by type and range and copied
+        (token ids are ints, not bools or floats), or what is wrong with it."""
         V = self.target.config.vocab_size
-        if not r.prompt:
+        if not isinstance(params, SamplingParams):
+            return f"sampling parameters must be a SamplingParams, got {type(params).__name__}"
+        tokens = _int_sequence(prompt)
+        if isinstance(tokens, str):
+            return f"prompt {tokens}"
+        if not tokens:
             return "empty prompt"
-        if any(not 0 <= t < V for t in r.prompt):
-            return f"prompt holds token ids outside the vocabulary [0, {V})"
-        if r.params.max_new_tokens < 1:
-            return f"max_new_tokens must be >= 1, got {r.params.max_new_tokens}"
-        if not r.params.temperature >= 0:
-            return f"temperature must be >= 0, got {r.params.temperature}"
-        if not (isinstance(r.params.top_k, int) and 0 <= r.params.top_k <= V):
-            return f"top_k must be an int in [0, {V}] (0: off), got {r.params.top_k!r}"
-        if not 0.0 < r.params.top_p <= 1.0:
-            return f"top_p must be in (0, 1] (1: off), got {r.params.top_p}"
-        if not 0.0 <= r.params.min_p <= 1.0:
-            return f"min_p must be in [0, 1] (0: off), got {r.params.min_p}"
-        total = len(r.prompt) + r.params.max_new_tokens
+        bad = next((i for i, t in enumerate(tokens) if not 0 <= t < V), None)
+        if bad is not None:
+            return f"prompt holds token ids outside the vocabulary [0, {V}) (prompt[{bad}] = {tokens[bad]})"
+        max_new = params.max_new_tokens
+        if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral) or max_new < 1:
+            return f"max_new_tokens must be an int >= 1, got {_show(max_new)}"
+        temperature = params.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+                0.0 <= float(temperature) <= _FLOAT32_MAX):
+            return f"temperature must be a finite number >= 0, got {_show(temperature)}"
+        seed = params.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            return f"seed must be an int or None, got {_show(seed)}"
+        stops = _int_sequence(params.stop_tokens)
+        if isinstance(stops, str):
+            return f"stop_tokens {stops}"
+        top_k, top_p, min_p = params.top_k, params.top_p, params.min_p
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= V:
+            return f"top_k must be an int in [0, {V}] (0: off), got {_show(top_k)}"
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < float(top_p) <= 1.0:
+            return f"top_p must be a number in (0, 1] (1: off), got {_show(top_p)}"
+        if isinstance(min_p, bool) or not isinstance(min_p, numbers.Real) or not 0.0 <= float(min_p) <= 1.0:
+            return f"min_p must be a number in [0, 1] (0: off), got {_show(min_p)}"
+        if not isinstance(params.logprobs, bool):
+            return f"logprobs must be True or False, got {_show(params.logprobs)}"
+        total = len(tokens) + int(max_new)
         if total > self.max_model_len:
-            return f"prompt ({len(r.prompt)}) + max_new_tokens ({r.params.max_new_tokens}) exceeds max_model_len " \
-                   f"{self.max_model_len}"
-        return None
+            return f"prompt ({len(tokens)}) + max_new_tokens ({max_new}) exceeds max_model_len {self.max_model_len}"
+        checked = SamplingParams(temperature=float(temperature), seed=None if seed is None else int(seed),
+                                 max_new_tokens=int(max_new), stop_tokens=tuple(stops), top_k=int(top_k),
+                                 top_p=float(top_p), min_p=float(min_p), logprobs=params.logprobs)
+        seed_value = checked.seed if checked.seed is not None else self.seed * 1000003 + index
+        return _Request(index, tokens, checked, seed_value & _SEED_MASK)
 
     def _budget(self, r: _Request) -> int:
         return len(r.prompt) + r.params.max_new_tokens + self.block + 1
@@ -725,6 +755,31 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _int_sequence(value: object) -> Union[List[int], str]:
+    """A sequence of integer token ids as a list of ints, or what is wrong with
+    it. Lists, tuples, ranges and 1-D integer tensors or arrays are sequences;
+    a string, a bool, a float (even 2.0) or anything else is not an id."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            return f"must be a 1-D integer tensor, got {value.dtype} of shape {list(value.shape)}"
+        return value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) and not hasattr(value, "__array__"):
+        return f"must be a sequence of int token ids, got {type(value).__name__}"
+    try:
+        items = list(value)
+    except TypeError:
+        return f"must be a sequence of int token ids, got {type(value).__name__}"
+    for i, t in enumerate(items):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            return f"must hold int token ids, got {type(t).__name__} {_show(t)} at index {i}"
+    return [int(t) for t in items]
 
 
 def _progress(enabled: bool, total: int):

@@ -169,12 +169,19 @@ def _truncated_softmax2(logits: torch.Tensor, temperature: float, top_k: int, to
 
 
 def _given_probs(q: torch.Tensor) -> torch.Tensor:
+    """Draft probabilities as the kernels normalise them (rejection.h): cleaned
+    to [0, 1] in float32, summed in 2^-40 fixed point (each value rounded), the
+    sum rounded to float32; a row whose sum rounds to 0 (below about 2^-41)
+    has no mass (every p_d is 0)."""
     q = q.to(torch.float32)
     q = torch.where(q >= _MIN_WEIGHT, q, torch.zeros_like(q))  # NaN and negatives -> 0
-    q = torch.clamp(q, max=1.0).to(torch.float64)
-    total = q.sum()
-    p = q / total if total > 0 else q
-    return torch.where(p >= _MIN_WEIGHT, p, torch.zeros_like(p))
+    q = torch.clamp(q, max=1.0)
+    fixed = int(torch.round(q.to(torch.float64) * 2.0**40).sum())
+    if fixed == 0:
+        return torch.zeros_like(q, dtype=torch.float64)
+    total = torch.tensor(float(fixed), dtype=torch.float32) * torch.tensor(2.0**-40, dtype=torch.float32)
+    p = q * (torch.tensor(1.0, dtype=torch.float32) / total)
+    return torch.where(p >= _MIN_WEIGHT, p, torch.zeros_like(p)).to(torch.float64)
 
 
 def _greedy_argmax(logits: torch.Tensor) -> int:
@@ -470,6 +477,17 @@ class MarkovReference(NamedTuple):
     margins: torch.Tensor  # [R, gamma]: relative gap of the two best race keys (inf when greedy ties are exact)
 
 
+def _row_lse(row_max: float, lse: float) -> float:
+    """markov.h's row_lse: a row whose maximum sits at a float limit (no logit
+    above -FLT_MAX: no mass, sampled uniformly; or one at +FLT_MAX) reports
+    that limit's infinity."""
+    if row_max <= -_FLOAT_MAX:
+        return -math.inf
+    if row_max >= _FLOAT_MAX:
+        return math.inf
+    return lse
+
+
 def _round_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).to(torch.float64) if dtype in (torch.bfloat16, torch.float16) else x
 
@@ -553,7 +571,7 @@ def markov_sample(
                 if top.numel() > 1:
                     margins[r, k] = float((top[0] - top[1]) / max(1.0, abs(float(top[0]))))
                 tokens[r, k] = token
-                lse[r, k] = float(clean.max())
+                lse[r, k] = _row_lse(float(clean.max()), float(clean.max()))
             else:
                 z32 = _sanitize_logits(c * _scale(T))
                 z = z32.to(torch.float64)
@@ -570,7 +588,7 @@ def markov_sample(
                 token = int(ids[column])
                 margins[r, k] = margin
                 tokens[r, k] = token
-                lse[r, k] = float(math.log(2.0) * (m + torch.log2(s)))
+                lse[r, k] = _row_lse(float(m), float(math.log(2.0) * (m + torch.log2(s))))
                 logprobs[r, k] = float(math.log(2.0) * (z[column] - m - torch.log2(s)))
             prev = int(tokens[r, k])
     return MarkovReference(tokens, logprobs, lse, corrected, margins)

@@ -23,6 +23,11 @@
 // largest key * 2^(m_c - M) (ties: smallest column). Reported (natural log):
 // lse = ln 2 (M + log2(S 2^-40)), logprob = ln 2 (z_x - M - log2(S 2^-40)).
 // Greedy (T <= 0): the token is the first argmax of c, logprob = 0, lse = max c.
+// A row whose maximum sits at a float limit reports that limit's infinity as
+// its lse (row_lse): no logit above -FLT_MAX (every one -inf or NaN, or scaled
+// below the float range) is a row without mass, sampled uniformly (logprob
+// -ln V) with lse = -inf, the limit of lse as the logits fall together; a
+// logit at +FLT_MAX (+inf) gives lse = +inf.
 //
 // Truncation (top-k / top-p / min-p of the request, dspark/truncation.h, over
 // the V_d columns of z): the row is sampled from its kept set, with keys
@@ -67,6 +72,13 @@ DSPARK_HD DSPARK_INLINE float sigmoid(float x) {
   return num::div(1.0f, num::add(1.0f, t));
 }
 
+// The confidence head's c = sigmoid(logit / t). A NaN logit gives a NaN
+// confidence, as torch.sigmoid does (the scheduler reads NaN as 0), not the
+// 1 that sigmoid's flushed exp2 of NaN would give.
+DSPARK_HD DSPARK_INLINE float confidence_of(float scaled_logit) {
+  return scaled_logit == scaled_logit ? sigmoid(scaled_logit) : scaled_logit;
+}
+
 DSPARK_HD DSPARK_INLINE float tanh_(float x) {
   // tanh(x) = 2 sigmoid(2x) - 1
   return num::sub(num::mul(2.0f, sigmoid(num::mul(2.0f, x))), 1.0f);
@@ -96,12 +108,20 @@ struct RowResult {
   float lse;
 };
 
+// The reported lse of a row from its maximum M (in the units of the row's z, or
+// of c when greedy) and lse_finite, the value computed from finite M.
+DSPARK_HD DSPARK_INLINE float row_lse(float row_max, float lse_finite) {
+  if (row_max <= -num::kFloatMax) return -num::kInf;
+  if (row_max >= num::kFloatMax) return num::kInf;
+  return lse_finite;
+}
+
 // Combines a row's chunks. The operations (max, integer sum, `better`) do not
 // depend on the visiting order, so a parallel combination gives the same.
 DSPARK_HD inline RowResult combine_chunks(const ChunkState* chunks, int64_t count, bool greedy) {
   float row_max = -num::kFloatMax;
   for (int64_t c = 0; c < count; ++c) row_max = num::fmax(row_max, chunks[c].max);
-  RowResult out{0, 0.0f, row_max};
+  RowResult out{0, 0.0f, row_lse(row_max, row_max)};
   if (greedy) {  // the first chunk holding the maximum holds the first argmax
     for (int64_t c = 0; c < count; ++c)
       if (chunks[c].max == row_max) {
@@ -124,7 +144,7 @@ DSPARK_HD inline RowResult combine_chunks(const ChunkState* chunks, int64_t coun
   }
   const float log2_sum = num::log2(num::from_fixed(sum));
   out.token = best;
-  out.lse = num::mul(kLn2, num::add(row_max, log2_sum));
+  out.lse = row_lse(row_max, num::mul(kLn2, num::add(row_max, log2_sum)));
   out.logprob = num::mul(kLn2, num::sub(num::sub(best_z, row_max), log2_sum));
   return out;
 }
@@ -139,7 +159,7 @@ DSPARK_HD DSPARK_INLINE RowResult truncated_result(int32_t token, float z_token,
   const float log2_sum = num::log2(num::from_fixed(kept_sum));
   RowResult out;
   out.token = token;
-  out.lse = num::mul(kLn2, num::add(row_max, log2_sum));
+  out.lse = row_lse(row_max, num::mul(kLn2, num::add(row_max, log2_sum)));
   out.logprob = num::mul(kLn2, num::sub(num::sub(z_token, row_max), log2_sum));
   return out;
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "dspark/errors.h"
 
@@ -102,6 +103,12 @@ struct TensorView {
     return s + "]";
   }
 
+  std::string strides_str() const {
+    std::string s = "[";
+    for (int i = 0; i < ndim; ++i) s += (i ? ", " : "") + std::to_string(strides[i]);
+    return s + "]";
+  }
+
   template <typename T>
   T* ptr() const { return static_cast<T*>(data); }
 
@@ -163,9 +170,92 @@ inline void contiguous(const char* op, const char* name, const TensorView& t) {
   DSPARK_CHECK_VALUE(t.is_contiguous(), op, ": argument '", name, "' must be contiguous");
 }
 
+// An empty tensor has no element to address, so any strides are accepted.
 inline void inner_contiguous(const char* op, const char* name, const TensorView& t) {
-  DSPARK_CHECK_VALUE(t.ndim == 0 || t.stride(-1) == 1 || t.size(-1) <= 1, op, ": argument '",
-                     name, "' must have unit stride in its last dimension");
+  DSPARK_CHECK_VALUE(t.ndim == 0 || t.numel() == 0 || t.stride(-1) == 1 || t.size(-1) <= 1, op,
+                     ": argument '", name, "' must have unit stride in its last dimension");
+}
+
+// Whether two different indices of `t` can address the same element. The
+// dimensions of size > 1 sorted by |stride| must each step over everything the
+// smaller ones span; that is exact for every layout PyTorch produces (dense,
+// sliced, transposed, expanded), and a layout it rejects that does not overlap
+// would need hand-made interleaved strides.
+inline bool has_internal_overlap(const TensorView& t) {
+  if (t.numel() <= 1) return false;
+  int64_t strides[TensorView::kMaxDims], sizes[TensorView::kMaxDims];
+  int n = 0;
+  for (int d = 0; d < t.ndim; ++d) {
+    if (t.shape[d] <= 1) continue;
+    const int64_t s = t.strides[d] < 0 ? -t.strides[d] : t.strides[d];
+    int i = n++;
+    for (; i > 0 && strides[i - 1] > s; --i) {
+      strides[i] = strides[i - 1];
+      sizes[i] = sizes[i - 1];
+    }
+    strides[i] = s;
+    sizes[i] = t.shape[d];
+  }
+  int64_t span = 0;  // the largest offset the smaller dimensions reach
+  for (int i = 0; i < n; ++i) {
+    if (strides[i] <= span) return true;
+    span += strides[i] * (sizes[i] - 1);
+  }
+  return false;
+}
+
+// A tensor the op writes must not address one element twice (an expanded or
+// stride-0 view): the writes would race or repeat, as PyTorch's in-place ops
+// refuse too.
+inline void no_internal_overlap(const char* op, const char* name, const TensorView& t) {
+  DSPARK_CHECK_VALUE(!has_internal_overlap(t), op, ": argument '", name,
+                     "' is written by the op and must not address an element twice (an expanded or ",
+                     "stride-0 view), got shape ", t.shape_str(), " and strides ", t.strides_str());
+}
+
+// Whether two tensors share memory, as far as it can be told from their views:
+// the same first element, or overlapping address ranges of two contiguous
+// tensors (each fills its range). Other layouts are not flagged: two
+// interleaved views of one buffer (q and k sliced from a fused projection)
+// share no element.
+inline bool may_share_memory(const TensorView& a, const TensorView& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
+  if (a.device != b.device) return false;
+  const auto range = [](const TensorView& t, uintptr_t& lo, uintptr_t& hi) {
+    int64_t low = 0, high = 0;
+    for (int d = 0; d < t.ndim; ++d) {
+      const int64_t reach = t.strides[d] * (t.shape[d] - 1);
+      (reach < 0 ? low : high) += reach;
+    }
+    const auto size = static_cast<int64_t>(dtype_size(t.dtype));
+    lo = reinterpret_cast<uintptr_t>(t.data) + static_cast<uintptr_t>(low * size);
+    hi = reinterpret_cast<uintptr_t>(t.data) + static_cast<uintptr_t>((high + 1) * size);
+  };
+  if (a.data == b.data) return true;
+  if (!a.is_contiguous() || !b.is_contiguous()) return false;
+  uintptr_t a_lo, a_hi, b_lo, b_hi;
+  range(a, a_lo, a_hi);
+  range(b, b_lo, b_hi);
+  return a_lo < b_hi && b_lo < a_hi;
+}
+
+inline void no_shared_memory(const char* op, const char* name, const TensorView& t,
+                             const char* other_name, const TensorView& other) {
+  DSPARK_CHECK_VALUE(!may_share_memory(t, other), op, ": argument '", name,
+                     "' is written by the op and must not share memory with '", other_name, "'");
+}
+
+using NamedView = std::pair<const char*, const TensorView*>;
+
+// The tensors an op writes must not share memory with one another nor with
+// the tensors it reads (undefined optional arguments are skipped).
+inline void no_aliasing(const char* op, std::initializer_list<NamedView> written,
+                        std::initializer_list<NamedView> read) {
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    for (auto o = w + 1; o != written.end(); ++o)
+      no_shared_memory(op, w->first, *w->second, o->first, *o->second);
+    for (const NamedView& r : read) no_shared_memory(op, w->first, *w->second, r.first, *r.second);
+  }
 }
 
 }  // namespace check

@@ -205,6 +205,9 @@ def rope_inv_freq(head_dim: int, params: dict) -> torch.Tensor:
         inv_freq = torch.where(medium, smoothed, scaled)
     elif kind != "default":
         raise CheckpointError(f"unsupported rope type {kind!r} (default, linear, llama3 and proportional are)")
+    if not bool(torch.isfinite(inv_freq).all()):
+        raise CheckpointError(f"the rotary settings {params} give non-finite frequencies for head_dim {head_dim} "
+                              "(rope_theta or factor out of range)")
     return inv_freq.float()
 
 
@@ -212,29 +215,19 @@ def rope_inv_freq(head_dim: int, params: dict) -> torch.Tensor:
 
 
 def read_config(folder: PathLike) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json")
-    return json.loads(path.read_text())
+    """``config.json`` of a model folder as a dict, read strictly (checkpoint.read_config)."""
+    from .checkpoint import read_config as read
+
+    return read(folder)
 
 
-def load_safetensors(folder: PathLike) -> Dict[str, torch.Tensor]:
+def load_safetensors(folder: PathLike, check_finite: bool = True) -> Dict[str, torch.Tensor]:
     """All tensors of a folder's ``model.safetensors`` (or its shards, via
-    ``model.safetensors.index.json``)."""
-    from safetensors.torch import load_file
+    ``model.safetensors.index.json``), after checking every header against its
+    file (checkpoint.Checkpoint)."""
+    from .checkpoint import Checkpoint
 
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no safetensors files")
-    tensors: Dict[str, torch.Tensor] = {}
-    for name in files:
-        tensors.update(load_file(str(folder / name)))
-    return tensors
+    return Checkpoint(folder).load(check_finite=check_finite)
 
 
 def save_safetensors(tensors: Dict[str, torch.Tensor], folder: PathLike, config: dict) -> None:
@@ -247,8 +240,12 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], folder: PathLike, config:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def load_state(module: nn.Module, tensors: Dict[str, torch.Tensor], what: str) -> None:
-    """Loads exactly the module's parameters; names what is missing or extra."""
+def load_state(module: nn.Module, tensors: Dict[str, torch.Tensor], what: str,
+               sizes: Optional[Dict[str, int]] = None) -> None:
+    """Loads exactly the module's parameters and buffers; names what is missing or
+    extra, a shape that differs (with the config ``sizes`` it may come from) and
+    a tensor of the wrong kind (integers for float weights or the reverse). On a
+    meta module with meta tensors it checks the same and allocates nothing."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -256,9 +253,20 @@ def load_state(module: nn.Module, tensors: Dict[str, torch.Tensor], what: str) -
         raise CheckpointError(f"{what}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                               f"unexpected keys {extra[:8]}{'...' if len(extra) > 8 else ''}")
     for name, value in tensors.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
+        want = expected[name]
+        if tuple(value.shape) != tuple(want.shape):
+            hint = ""
+            if sizes:
+                named = [f"{k} = {v}" for k, v in sizes.items() if v in tuple(want.shape)]
+                shown = named or [f"{k} = {v}" for k, v in sizes.items()]
+                hint = f" ({'' if named else 'from '}{', '.join(shown)})"
             raise CheckpointError(f"{what}: key {name} has shape {list(value.shape)}, "
-                                  f"the config implies {list(expected[name].shape)}")
+                                  f"the config implies {list(want.shape)}{hint}")
+        if value.dtype.is_floating_point != want.dtype.is_floating_point or value.dtype == torch.bool:
+            raise CheckpointError(f"{what}: key {name} has dtype {str(value.dtype).replace('torch.', '')}, expected "
+                                  f"{'a float' if want.dtype.is_floating_point else 'an integer'} dtype")
+    if any(t.is_meta for t in tensors.values()):
+        return  # shapes and dtypes checked; nothing to copy
     module.load_state_dict(tensors, strict=True)
 
 

@@ -33,6 +33,7 @@ so that DeepSpec's loader, which needs them, reads the folder.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -45,16 +46,59 @@ from torch import nn
 from .. import ops
 from ..calibration import STS
 from . import gemma4
+from .checkpoint import (Checkpoint, Field, check_rope, read_config, size_field, validate_fields,
+                         validate_rope)
 from .common import (CheckpointError, GemmaRMSNorm, Linear, PackedWeight, PagedKVCache, PathLike, RMSNorm, activation,
-                     linear, load_safetensors, load_state, pack_cpu_linears, read_config, rope_inv_freq,
-                     rope_parameters, save_safetensors, softcap, tensor_version)
-from .target import TargetModel
+                     linear, load_state, pack_cpu_linears, rope_inv_freq, save_safetensors, softcap, tensor_version)
+from .target import TargetModel, attention_shape
 
 HEADS = ("vanilla", "gated", "rnn")
 FORMS = ("qwen3", "gemma4")  # DeepSpec's Qwen3DSparkModel and Gemma4DSparkModel
 ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "gemma4": "Gemma4DSparkModel"}
 COPIES = ("embed_tokens.weight", "lm_head.weight")  # DeepSpec's copies of the target's embedding and LM head
 DEFAULT_NUM_ANCHORS = 512  # a training setting DeepSpec's loader requires; written when the config has none
+MAX_BLOCK_SIZE = 255  # draft positions per round the scheduler handles (csrc/include/dspark/schedule.h)
+_ID_LIMIT = (1 << 31) - 1
+
+# config.json of a drafter, key by key. The core keys may sit at the top level
+# or in a nested dspark_config / dflash_config (DeepSpec); the top level wins.
+DRAFTER_FIELDS = (
+    size_field("hidden_size"),
+    size_field("intermediate_size"),
+    size_field("num_hidden_layers"),
+    size_field("num_attention_heads"),
+    size_field("num_key_value_heads", required=False),
+    size_field("head_dim", required=False),
+    Field("rms_norm_eps", "real", default=1e-6, positive=True),
+    size_field("vocab_size"),
+    Field("block_size", "int", required=True, low=1, high=MAX_BLOCK_SIZE),
+    # -1 is the embedding output; the range is checked against the target (check_compatible)
+    Field("target_layer_ids", "int_list", required=True, low=-_ID_LIMIT, high=_ID_LIMIT),
+    size_field("target_hidden_size", required=False),  # default: hidden_size (or fc.weight's width)
+    Field("mask_token_id", "int", required=True, low=0, high=_ID_LIMIT),
+    size_field("markov_rank", required=False, default=0, low=0),
+    size_field("draft_vocab_size", required=False, default=0, low=0),
+    Field("markov_head_type", "str", default="vanilla"),
+    Field("enable_confidence_head", "bool", default=False),
+    Field("confidence_head_with_markov", "bool", default=True),
+    size_field("num_target_layers", required=False),
+)
+# The DeepSpec keys read at the top level (_deepspec_fields).
+DEEPSPEC_FIELDS = (
+    Field("model_type", "str"),
+    Field("attention_bias", "bool", default=False),
+    Field("hidden_act", "str"),
+    Field("hidden_activation", "str"),
+    Field("layer_types", "str_list"),
+    Field("enable_moe_block", "bool", default=False),
+    size_field("hidden_size_per_layer_input", required=False, low=0),
+    Field("attention_k_eq_v", "bool", default=False),
+    size_field("global_head_dim", required=False),
+    size_field("num_global_key_value_heads", required=False),
+    Field("per_layer_config", "object"),
+    Field("rope_parameters", "object"),
+    Field("final_logit_softcapping", "real", positive=True),
+)
 
 
 @dataclass
@@ -88,51 +132,72 @@ class DrafterConfig:
     intermediate_sizes: Optional[List[int]] = None  # per layer, when they differ (Gemma 4's double-wide MLPs)
 
     @classmethod
-    def from_dict(cls, c: dict) -> "DrafterConfig":
-        nested = dict(c.get("dspark_config") or c.get("dflash_config") or {})
-        get = lambda key, default=None: c.get(key, nested.get(key, default))  # noqa: E731
-
-        def need(key: str):
-            value = get(key)
-            if value is None:
-                raise KeyError(key)
-            return value
-
+    def from_dict(cls, c: dict, where: str = "drafter config.json") -> "DrafterConfig":
+        """A checked config: every field of DRAFTER_FIELDS and DEEPSPEC_FIELDS by
+        type and range, the attention shape and the rotary settings; a
+        CheckpointError names the field."""
+        if not isinstance(c, dict):
+            raise CheckpointError(f"{where} must be a JSON object, got {type(c).__name__}")
+        nested_key = next((k for k in ("dspark_config", "dflash_config") if c.get(k)), None)
+        nested = c.get(nested_key) if nested_key else {}
+        if not isinstance(nested, dict):
+            raise CheckpointError(f"{where}: field '{nested_key}' must be a JSON object, got {type(nested).__name__}")
+        get = lambda key, default=None: c[key] if c.get(key) is not None else nested.get(key, default)  # noqa: E731
+        v = validate_fields(c, DRAFTER_FIELDS, where, lookup=get)
+        validate_fields(c, DEEPSPEC_FIELDS, where)
+        architectures = c.get("architectures")
+        if architectures is not None and (not isinstance(architectures, list)
+                                          or not all(isinstance(a, str) for a in architectures)):
+            raise CheckpointError(f"{where}: field 'architectures' must be a list of strings, got {architectures!r}")
+        head_type = v["markov_head_type"].lower()
+        if head_type not in HEADS:
+            raise CheckpointError(f"{where}: field 'markov_head_type' must be one of {HEADS}, got "
+                                  f"{v['markov_head_type']!r}")
+        heads, kv_heads, head_dim = attention_shape(v, where)
+        if not v["mask_token_id"] < v["vocab_size"]:
+            raise CheckpointError(f"{where}: field 'mask_token_id' must be in [0, vocab_size = {v['vocab_size']}), "
+                                  f"got {v['mask_token_id']}")
+        if not v["draft_vocab_size"] <= v["vocab_size"]:
+            raise CheckpointError(f"{where}: field 'draft_vocab_size' must be in [0, vocab_size = {v['vocab_size']}], "
+                                  f"got {v['draft_vocab_size']}")
+        cfg = cls(
+            hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+            num_hidden_layers=v["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
+            head_dim=head_dim, rms_norm_eps=v["rms_norm_eps"], vocab_size=v["vocab_size"],
+            block_size=v["block_size"], target_layer_ids=v["target_layer_ids"],
+            target_hidden_size=v["target_hidden_size"] or v["hidden_size"], mask_token_id=v["mask_token_id"],
+            markov_rank=v["markov_rank"], draft_vocab_size=v["draft_vocab_size"], markov_head_type=head_type,
+            enable_confidence_head=v["enable_confidence_head"],
+            confidence_head_with_markov=v["confidence_head_with_markov"], raw=dict(c),
+        )
         try:
-            heads = int(c["num_attention_heads"])
-            layer_ids = need("target_layer_ids")
-            cfg = cls(
-                hidden_size=int(c["hidden_size"]),
-                intermediate_size=int(c["intermediate_size"]),
-                num_hidden_layers=int(c["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(c.get("num_key_value_heads") or heads),
-                head_dim=int(c.get("head_dim") or int(c["hidden_size"]) // heads),
-                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-                vocab_size=int(c["vocab_size"]),
-                block_size=int(need("block_size")),
-                target_layer_ids=[int(x) for x in layer_ids],
-                target_hidden_size=int(get("target_hidden_size", c["hidden_size"])),
-                mask_token_id=int(need("mask_token_id")),
-                markov_rank=int(get("markov_rank", 0) or 0),
-                draft_vocab_size=int(get("draft_vocab_size", 0) or 0),
-                markov_head_type=str(get("markov_head_type", "vanilla") or "vanilla").lower(),
-                enable_confidence_head=bool(get("enable_confidence_head", False)),
-                confidence_head_with_markov=bool(get("confidence_head_with_markov", True)),
-                rope=rope_parameters(c),
-                raw=dict(c),
-            )
-        except (KeyError, TypeError) as missing:
-            raise CheckpointError(f"drafter config.json lacks {missing}") from None
-        _deepspec_fields(cfg, c, get)
-        if cfg.markov_head_type not in HEADS:
-            raise CheckpointError(f"markov_head_type must be one of {HEADS}, got {cfg.markov_head_type!r}")
-        if cfg.block_size < 1:
-            raise CheckpointError(f"block_size must be >= 1, got {cfg.block_size}")
-        if not 0 <= cfg.draft_vocab_size <= cfg.vocab_size:
-            raise CheckpointError(f"draft_vocab_size must be in [0, vocab_size = {cfg.vocab_size}], "
-                                  f"got {cfg.draft_vocab_size}")
+            gemma = "Gemma4DSparkModel" in (architectures or []) or str(c.get("model_type") or "").startswith("gemma4")
+            if not gemma:
+                cfg.rope = validate_rope(c, where)
+            _deepspec_fields(cfg, c, get)
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # a field no table covers
+            raise CheckpointError(f"{where}: {type(e).__name__}: {e}") from None
+        if cfg.form == "gemma4":
+            cfg.rope = check_rope(cfg.rope, f"{where}: rope_parameters['full_attention']")
+            if cfg.num_key_value_heads < 1 or cfg.num_attention_heads % cfg.num_key_value_heads:
+                raise CheckpointError(f"{where}: num_attention_heads ({cfg.num_attention_heads}) must be a multiple "
+                                      f"of the global layers' kv heads ({cfg.num_key_value_heads})")
+            if cfg.head_dim < 2 or cfg.head_dim % 2:
+                raise CheckpointError(f"{where}: the global head dim must be even and >= 2, got {cfg.head_dim}")
         return cfg
+
+    def sizes(self) -> Dict[str, int]:
+        """The config's sizes that are tensor dimensions of a matching checkpoint
+        (the vocabulary is not: the drafter may use its target's embedding)."""
+        out = {"hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+               "num_attention_heads": self.num_attention_heads, "head_dim": self.head_dim,
+               "target_hidden_size": self.target_hidden_size, "markov_rank": self.markov_rank,
+               "draft_vocab_size": self.draft_vocab_size}
+        if self.markov_rank:
+            out["vocab_size"] = self.vocab_size  # the Markov head's W1 rows
+        return out
 
     @property
     def draft_columns(self) -> int:
@@ -332,47 +397,101 @@ class DSparkDrafter(nn.Module):
 
     @classmethod
     def load(cls, folder: PathLike, target: Optional[TargetModel] = None, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu", embeddings: str = "target") -> "DSparkDrafter":
+             device: torch.device | str = "cpu", embeddings: str = "target", *,
+             check_finite: bool = True) -> "DSparkDrafter":
         """Loads a drafter folder (DeepSpec's layout, see the module docstring).
 
         ``embeddings``: what to do with the checkpoint's copies of the target's
         embedding and LM head (``embed_tokens.weight``, ``lm_head.weight``):
         ``"target"`` (default) checks them against ``target``'s weights and uses
         the target's (refusing copies that differ), ``"own"`` keeps and uses the
-        drafter's copies. Without a target the copies are kept and used."""
+        drafter's copies. Without a target the copies are kept and used.
+
+        Checked as :meth:`TargetModel.load` does, before memory is allocated:
+        config.json field by field, the safetensors headers, the config's sizes
+        against the files, then the whole assembly (names, shapes, dtypes, the
+        target it must fit) on meta tensors; then ``sts.json`` (positive finite
+        temperatures, one per block position at least). With ``check_finite``,
+        NaN or infinite weights are refused. Any problem is a CheckpointError
+        naming the file and the field."""
         if embeddings not in ("target", "own"):
             raise ValueError(f"DSparkDrafter.load: embeddings must be 'target' or 'own', got {embeddings!r}")
-        config = DrafterConfig.from_dict(read_config(folder))
-        tensors = load_safetensors(folder)
+        folder = Path(folder)
+        where = str(folder / "config.json")
+        raw = read_config(folder)
+        config = DrafterConfig.from_dict(raw, where)
+        checkpoint = Checkpoint(folder)
+        checkpoint.bound(config.sizes(), {"num_hidden_layers": config.num_hidden_layers,
+                                          "len(target_layer_ids)": len(config.target_layer_ids)}, where)
+        try:
+            rope_inv_freq(config.head_dim, config.rope)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        # the whole assembly on meta tensors: names, shapes, dtypes, the target
+        cls._assemble(folder, DrafterConfig.from_dict(raw, where), checkpoint.meta_tensors(), target, embeddings,
+                      meta=True)
+        sts = None
+        sts_path = folder / "sts.json"
+        if os.path.lexists(sts_path):
+            sts = STS.load(sts_path)
+            if sts.gamma < config.block_size:
+                raise CheckpointError(f"{sts_path}: field 'temperatures' has {sts.gamma} entries, the drafter's "
+                                      f"block_size is {config.block_size}")
+        drafter = cls._assemble(folder, config, checkpoint.load(check_finite=check_finite), target, embeddings)
+        drafter.sts = sts
+        return drafter.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def _assemble(cls, folder: Path, config: DrafterConfig, tensors: Dict[str, torch.Tensor],
+                  target: Optional[TargetModel], embeddings: str, meta: bool = False) -> "DSparkDrafter":
+        """The drafter from its checkpoint's tensors. With ``meta`` (meta tensors)
+        it is built on the meta device and only names, shapes and dtypes are
+        checked; the checks that read values (the draft vocabulary, the copies of
+        the target's weights) wait for the real tensors."""
         copies = {name: tensors.pop(name) for name in COPIES if name in tensors}
         fc = tensors.get("fc.weight")
-        if fc is not None and fc.shape[1] % len(config.target_layer_ids) == 0:
+        if fc is not None and fc.dim() == 2 and fc.shape[1] % len(config.target_layer_ids) == 0:
             config.target_hidden_size = fc.shape[1] // len(config.target_layer_ids)
         if config.form == "gemma4":
             config.intermediate_sizes = _layer_widths(config, tensors)
             for i in range(config.num_hidden_layers):  # a buffer DeepSpec saves; transformers' initial value is 1
-                tensors.setdefault(f"layers.{i}.layer_scalar", torch.ones(1))
+                tensors.setdefault(f"layers.{i}.layer_scalar", torch.ones(1, device="meta" if meta else "cpu"))
         if target is not None:
-            check_compatible(config, target)
-        drafter = cls(config)
-        if "draft_vocab" in tensors:
+            try:
+                check_compatible(config, target)
+            except CheckpointError as e:
+                raise CheckpointError(f"drafter {folder}: {e}") from None
+        if meta:
+            with torch.device("meta"):
+                drafter = cls(config)
+        else:
+            drafter = cls(config)
+        if "draft_vocab" in tensors and not tensors["draft_vocab"].is_floating_point():
             tensors["draft_vocab"] = tensors["draft_vocab"].to(torch.int32)
-        load_state(drafter, tensors, f"drafter {folder}")
-        check_draft_vocab(drafter, f"drafter {folder}")
-        if target is not None and embeddings == "target":
+        load_state(drafter, tensors, f"drafter {folder}", config.sizes())
+        if meta:
             for name, copy in copies.items():
-                check_copy(name, copy, target)
-        elif copies:
-            drafter.use_own_embeddings(copies)
-        elif embeddings == "own":
-            raise CheckpointError(f"drafter {folder}: embeddings='own' but the checkpoint has no embed_tokens.weight "
-                                  "or lm_head.weight")
+                expected = [config.vocab_size, config.hidden_size]
+                if list(copy.shape) != expected or not copy.is_floating_point():
+                    raise CheckpointError(f"drafter {folder}: {name} has shape {list(copy.shape)} and dtype "
+                                          f"{str(copy.dtype).replace('torch.', '')}, the config implies {expected} "
+                                          "(vocab_size, hidden_size) of a float dtype")
+            if not copies and embeddings == "own":
+                raise CheckpointError(f"drafter {folder}: embeddings='own' but the checkpoint has no "
+                                      "embed_tokens.weight or lm_head.weight")
+            return drafter
+        check_draft_vocab(drafter, f"drafter {folder}")
+        try:
+            if target is not None and embeddings == "target":
+                for name, copy in copies.items():
+                    check_copy(name, copy, target)
+            elif copies:
+                drafter.use_own_embeddings(copies)
+        except CheckpointError as e:
+            raise CheckpointError(f"drafter {folder}: {e}") from None
         if target is not None:
             drafter.bind(target)
-        sts_path = Path(folder) / "sts.json"
-        if sts_path.is_file():
-            drafter.sts = STS.load(sts_path)
-        return drafter.to(device=device, dtype=dtype).eval()
+        return drafter
 
     def use_own_embeddings(self, copies: Dict[str, torch.Tensor]) -> None:
         """Keeps copies of an embedding / LM head (DeepSpec's names) and drafts with them."""

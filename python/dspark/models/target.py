@@ -13,6 +13,7 @@ output), which feed the DSpark drafter's context. Gemma 4's specifics are in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -21,10 +22,65 @@ from torch import nn
 
 from .. import ops
 from . import gemma4
-from .common import (CheckpointError, Linear, PagedKVCache, PathLike, RMSNorm, load_safetensors, load_state,
-                     read_config, rope_inv_freq, rope_parameters, save_safetensors, softcap)
+from .checkpoint import Checkpoint, Field, check_rope, read_config, size_field, validate_fields, validate_rope
+from .common import (CheckpointError, Linear, PagedKVCache, PathLike, RMSNorm, load_state, rope_inv_freq,
+                     save_safetensors, softcap)
 
 SUPPORTED = ("llama", "qwen3") + gemma4.MODEL_TYPES
+
+# config.json of a Llama / Qwen3 target, key by key (the rotary settings:
+# checkpoint.validate_rope). A missing key or null takes the default.
+TARGET_FIELDS = (
+    size_field("vocab_size"),
+    size_field("hidden_size"),
+    size_field("intermediate_size"),
+    size_field("num_hidden_layers"),
+    size_field("num_attention_heads"),
+    size_field("num_key_value_heads", required=False),  # default: num_attention_heads
+    size_field("head_dim", required=False),  # default: hidden_size // num_attention_heads
+    Field("rms_norm_eps", "real", default=1e-6, positive=True),
+    Field("tie_word_embeddings", "bool", default=False),
+    Field("attention_bias", "bool", default=False),
+)
+# The text config of a Gemma 4 target: the keys gemma4.parse reads.
+GEMMA4_FIELDS = TARGET_FIELDS[:5] + (
+    size_field("num_key_value_heads", required=False),
+    size_field("head_dim", required=False),
+    Field("rms_norm_eps", "real", default=1e-6, positive=True),
+    Field("tie_word_embeddings", "bool", default=True),
+    Field("attention_bias", "bool", default=False),
+    size_field("global_head_dim", required=False),
+    size_field("num_global_key_value_heads", required=False),
+    size_field("sliding_window", required=False),
+    size_field("num_kv_shared_layers", required=False, low=0),
+    size_field("hidden_size_per_layer_input", required=False, low=0),
+    size_field("vocab_size_per_layer_input", required=False),
+    Field("final_logit_softcapping", "real", positive=True),
+    Field("attention_k_eq_v", "bool", default=False),
+    Field("use_double_wide_mlp", "bool", default=False),
+    Field("enable_moe_block", "bool", default=False),
+    Field("hidden_activation", "str"),
+    Field("hidden_act", "str"),
+    Field("use_bidirectional_attention", "str"),
+    Field("layer_types", "str_list"),
+    Field("per_layer_config", "object"),
+    Field("rope_parameters", "object"),
+)
+
+
+def attention_shape(values: dict, where: str) -> tuple:
+    """(heads, kv_heads, head_dim) of validated fields: GQA needs heads to be a
+    multiple of kv heads, rotary embedding an even head dim."""
+    heads = values["num_attention_heads"]
+    kv_heads = values["num_key_value_heads"] or heads
+    head_dim = values["head_dim"] or values["hidden_size"] // heads
+    if heads % kv_heads:
+        raise CheckpointError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                              f"({kv_heads})")
+    if head_dim < 2 or head_dim % 2:
+        raise CheckpointError(f"{where}: head_dim must be even and >= 2 (rotary embedding), got {head_dim}"
+                              + ("" if values["head_dim"] else " (hidden_size // num_attention_heads)"))
+    return heads, kv_heads, head_dim
 
 
 @dataclass
@@ -52,56 +108,74 @@ class TargetConfig:
         return self.gemma4.final_logit_softcapping if self.gemma4 is not None else None
 
     @classmethod
-    def from_dict(cls, c: dict) -> "TargetConfig":
+    def from_dict(cls, c: dict, where: str = "config.json") -> "TargetConfig":
+        """A checked config: every field by type and range (TARGET_FIELDS, or
+        GEMMA4_FIELDS for Gemma 4's text config), the attention shape and the
+        rotary settings; a CheckpointError names the field."""
+        if not isinstance(c, dict):
+            raise CheckpointError(f"{where} must be a JSON object, got {type(c).__name__}")
         kind = c.get("model_type")
-        if kind not in SUPPORTED:
-            raise CheckpointError(f"unsupported model_type {kind!r}: dspark runs {', '.join(SUPPORTED)}")
+        if not isinstance(kind, str) or kind not in SUPPORTED:
+            raise CheckpointError(f"{where}: unsupported model_type {kind!r}: dspark runs {', '.join(SUPPORTED)}")
         if kind in gemma4.MODEL_TYPES:
-            return cls._from_gemma4(c)
-        try:
-            heads = int(c["num_attention_heads"])
-            return cls(
-                model_type=kind,
-                vocab_size=int(c["vocab_size"]),
-                hidden_size=int(c["hidden_size"]),
-                intermediate_size=int(c["intermediate_size"]),
-                num_hidden_layers=int(c["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(c.get("num_key_value_heads") or heads),
-                head_dim=int(c.get("head_dim") or int(c["hidden_size"]) // heads),
-                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-                attention_bias=bool(c.get("attention_bias", False)),
-                rope=rope_parameters(c),
-                raw=dict(c),
-            )
-        except KeyError as missing:
-            raise CheckpointError(f"config.json lacks {missing}") from None
+            return cls._from_gemma4(c, where)
+        v = validate_fields(c, TARGET_FIELDS, where)
+        heads, kv_heads, head_dim = attention_shape(v, where)
+        return cls(
+            model_type=kind, vocab_size=v["vocab_size"], hidden_size=v["hidden_size"],
+            intermediate_size=v["intermediate_size"], num_hidden_layers=v["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+            rms_norm_eps=v["rms_norm_eps"], tie_word_embeddings=v["tie_word_embeddings"],
+            attention_bias=v["attention_bias"], rope=validate_rope(c, where), raw=dict(c),
+        )
 
     @classmethod
-    def _from_gemma4(cls, c: dict) -> "TargetConfig":
-        text, spec = gemma4.parse(c)
+    def _from_gemma4(cls, c: dict, where: str) -> "TargetConfig":
+        if c.get("model_type") == "gemma4" and not isinstance(c.get("text_config"), dict):
+            raise CheckpointError(f"{where}: model_type 'gemma4' needs a text_config object, got "
+                                  f"{type(c.get('text_config')).__name__}")
+        text = c["text_config"] if c.get("model_type") == "gemma4" else c
+        v = validate_fields(text, GEMMA4_FIELDS, where)
+        for key, entry in (v["per_layer_config"] or {}).items():
+            if isinstance(entry, dict):
+                validate_fields(entry, (size_field("head_dim", required=False),
+                                        size_field("num_key_value_heads", required=False)),
+                                f"{where}: per_layer_config[{key!r}]")
+        if v["layer_types"] is not None and len(v["layer_types"]) != v["num_hidden_layers"]:
+            raise CheckpointError(f"{where}: field 'layer_types' has {len(v['layer_types'])} entries for "
+                                  f"num_hidden_layers = {v['num_hidden_layers']}")
         try:
-            heads = int(text["num_attention_heads"])
-            return cls(
-                model_type="gemma4",
-                vocab_size=int(text["vocab_size"]),
-                hidden_size=int(text["hidden_size"]),
-                intermediate_size=int(text["intermediate_size"]),
-                num_hidden_layers=int(text["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(text.get("num_key_value_heads") or heads),
-                head_dim=int(text["head_dim"]),
-                rms_norm_eps=float(text["rms_norm_eps"]),
-                tie_word_embeddings=bool(text["tie_word_embeddings"]),
-                attention_bias=bool(text.get("attention_bias", False)),
-                rope=dict(spec.rope["sliding_attention"] if "sliding_attention" in spec.rope
-                          else spec.rope["full_attention"]),
-                raw=dict(c),
-                gemma4=spec,
-            )
-        except KeyError as missing:
-            raise CheckpointError(f"config.json lacks {missing}") from None
+            text, spec = gemma4.parse(c, where)
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # a field no table covers
+            raise CheckpointError(f"{where}: {type(e).__name__}: {e}") from None
+        for layer_type, rope in spec.rope.items():
+            spec.rope[layer_type] = check_rope(rope, f"{where}: rope_parameters[{layer_type!r}]")
+        heads = v["num_attention_heads"]
+        return cls(
+            model_type="gemma4", vocab_size=v["vocab_size"], hidden_size=v["hidden_size"],
+            intermediate_size=v["intermediate_size"], num_hidden_layers=v["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=v["num_key_value_heads"] or heads,
+            head_dim=int(text["head_dim"]), rms_norm_eps=float(text["rms_norm_eps"]),
+            tie_word_embeddings=bool(text["tie_word_embeddings"]), attention_bias=v["attention_bias"],
+            rope=dict(spec.rope["sliding_attention"] if "sliding_attention" in spec.rope
+                      else spec.rope["full_attention"]),
+            raw=dict(c), gemma4=spec,
+        )
+
+    def sizes(self) -> Dict[str, int]:
+        """The config's sizes that are tensor dimensions of a matching checkpoint."""
+        out = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+               "intermediate_size": self.intermediate_size, "num_attention_heads": self.num_attention_heads,
+               "head_dim": self.head_dim}
+        g = self.gemma4
+        if g is not None:
+            out.update({f"head_dim of layer {i}": d for i, d in enumerate(g.head_dims)})
+            out.update({f"intermediate size of layer {i}": w for i, w in enumerate(g.intermediate_sizes)})
+            if g.ple_dim:
+                out.update(hidden_size_per_layer_input=g.ple_dim, vocab_size_per_layer_input=g.ple_vocab)
+        return out
 
 
 @dataclass
@@ -196,20 +270,43 @@ class TargetModel(nn.Module):
 
     @classmethod
     def load(cls, folder: PathLike, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu") -> "TargetModel":
-        config = TargetConfig.from_dict(read_config(folder))
+             device: torch.device | str = "cpu", *, check_finite: bool = True) -> "TargetModel":
+        """Loads a Hugging Face folder. Everything is checked before memory is
+        allocated: config.json field by field, the safetensors headers against
+        their files, the config's sizes against what the files hold, then the
+        model built on the meta device against every tensor's name, shape and
+        dtype; so the model never takes more memory than its files hold. With
+        ``check_finite``, NaN or infinite weights are refused. Any problem is a
+        CheckpointError naming the file and the field or tensor."""
+        folder = Path(folder)
+        where = str(folder / "config.json")
+        config = TargetConfig.from_dict(read_config(folder), where)
+        checkpoint = Checkpoint(folder)
+        checkpoint.bound(config.sizes(), {"num_hidden_layers": config.num_hidden_layers}, where)
+        try:
+            rope_inv_freq(config.head_dim, config.rope)
+            for layer_type, rope in (config.gemma4.rope.items() if config.gemma4 is not None else ()):
+                rope_inv_freq(config.gemma4.head_dims[config.gemma4.layer_types.index(layer_type)], rope)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
         with torch.device("meta"):
             model = cls(config)
+        what = f"target {folder}"
+        cls._assign(model, checkpoint.meta_tensors(), what)  # names, shapes and dtypes; nothing allocated
         model = model.to_empty(device="cpu")
-        tensors = load_safetensors(folder)
+        cls._assign(model, checkpoint.load(check_finite=check_finite), what)
+        return model.to(device=device, dtype=dtype).eval()
+
+    @staticmethod
+    def _assign(model: "TargetModel", tensors: Dict[str, torch.Tensor], what: str) -> None:
+        config = model.config
         if config.gemma4 is not None:
             tensors = gemma4.checkpoint_tensors(tensors, config.gemma4)
         if config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
-        load_state(_Untied(model), tensors, f"target {folder}")
+        load_state(_Untied(model), tensors, what, config.sizes())
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        return model.to(device=device, dtype=dtype).eval()
 
     def save(self, folder: PathLike) -> None:
         """The Hugging Face layout; a Gemma 4 target is written as its text model

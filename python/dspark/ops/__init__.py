@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from .attention import ATTENTION_MASKS, append_kv, paged_attention, rope, rope_inv_freq
 from .markov import MARKOV_HEADS, ConfidenceOutput, MarkovOutput, confidence, markov_sample
-from .sampling import RejectionOutput, rejection_sample
+from .sampling import MAX_PADDING, RejectionOutput, rejection_sample
 from .schedule import SCHEDULE_MODES, ScheduleOutput, schedule_prefix
 
 __all__ = [
     "ATTENTION_MASKS",
     "MARKOV_HEADS",
+    "MAX_PADDING",
     "SCHEDULE_MODES",
     "append_kv",
     "paged_attention",

@@ -3,7 +3,9 @@ and temperatures, each error naming the argument."""
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+import math
+import numbers
+from typing import Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -37,6 +39,51 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def show(value: object, limit: int = 60) -> str:
+    """repr(value) for a message, shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def int_arg(op: str, name: str, value: object, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """An integer scalar argument (Python or NumPy integers; not bool, not a float
+    with an integral value) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: argument '{name}' must be an int, got {type(value).__name__} {show(value)}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{op}: argument '{name}' must be in {span}, got {show(value)}")
+    return value
+
+
+def real_arg(op: str, name: str, value: object, *, positive: bool = False, non_negative: bool = False,
+             finite: bool = True) -> float:
+    """A real scalar argument (int or float, not bool), never NaN; optionally
+    finite, positive or non-negative."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: argument '{name}' must be a number, got {type(value).__name__} {show(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf if value > 0 else -math.inf
+    if math.isnan(value) or (finite and math.isinf(value)) or (positive and not value > 0) or (
+            non_negative and not value >= 0):
+        what = ("a positive" if positive else "a non-negative" if non_negative else "a") + (
+            " finite" if finite else "") + " number"
+        raise ValueError(f"{op}: argument '{name}' must be {what}, got {show(value)}")
+    return value
+
+
+def choice_arg(op: str, name: str, value: object, choices: Iterable[str]) -> str:
+    """A string argument that names one of ``choices``."""
+    choices = sorted(choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{op}: argument '{name}' must be one of {choices}, got {type(value).__name__} {show(value)}")
+    if value not in choices:
+        raise ValueError(f"{op}: argument '{name}' must be one of {choices}, got {show(value)}")
+    return value
+
 
 def float_tensor(op: str, name: str, t: object, device: torch.device, dim: int) -> torch.Tensor:
     t = require_tensor(op, name, t)
@@ -61,7 +108,7 @@ def temperature_args(op: str, temperature, device: torch.device):
         if not temperature.is_floating_point():
             raise TypeError(f"{op}: argument 'temperature' must be a float tensor, got {temperature.dtype}")
         return 1.0, on_device(op, "temperature", temperature.to(torch.float32), device)
-    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
         if not float(temperature) >= 0.0:
             raise ValueError(f"{op}: argument 'temperature' must be >= 0, got {temperature}")
         return float(temperature), None

@@ -10,12 +10,14 @@ import torch
 
 from .._ext import C
 from .._tensor import _DTYPE_CODES, is_capturing, stream_handle, view
-from ._common import compiling, float_tensor, on_device, require_tensor, token_tensor
+from ._common import (choice_arg, compiling, float_tensor, int_arg, on_device, real_arg, require_tensor,
+                      token_tensor)
 
 __all__ = ["ATTENTION_MASKS", "append_kv", "paged_attention", "rope", "rope_inv_freq"]
 
 
 ATTENTION_MASKS = {"causal": 0, "block": 1}
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @torch.library.custom_op("dspark::append_kv", mutates_args=("k_cache", "v_cache"))
@@ -150,15 +152,14 @@ def paged_attention(
             raise TypeError(f"{op}: argument '{name}' must be int32, got {t.dtype}")
     kv_lens = on_device(op, "kv_lens", kv_lens, device)
     cu_q = on_device(op, "cu_q", cu_q, device)
-    if mask not in ATTENTION_MASKS:
-        raise ValueError(f"{op}: argument 'mask' must be 'causal' or 'block', got {mask!r}")
+    choice_arg(op, "mask", mask, ATTENTION_MASKS)
     if q.shape[-1] == 0:
         raise ValueError(f"{op}: argument 'q' must have a head dim >= 1, got shape {list(q.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: argument 'scale' must be a float, got {type(scale).__name__}")
-    scale = float(scale)
+    scale = real_arg(op, "scale", scale, positive=True)
+    if scale > _FLOAT32_MAX:
+        raise ValueError(f"{op}: argument 'scale' must be a positive finite float32, got {scale!r}")
     if window is None:
         window = 0
     elif isinstance(window, bool) or not isinstance(window, int) or not 0 <= window < 2 ** 31:
@@ -248,7 +249,7 @@ def rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tensor, *,
             raise ValueError(f"{op}: argument 'k' must have unit stride in its last dimension")
     positions = token_tensor(op, "positions", positions, device)
     if inv_freq is None:
-        rotary_dim = q.shape[-1] if rotary_dim is None else int(rotary_dim)
+        rotary_dim = q.shape[-1] if rotary_dim is None else int_arg(op, "rotary_dim", rotary_dim)
         if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > q.shape[-1]:
             raise ValueError(f"{op}: argument 'rotary_dim' must be even and in (0, {q.shape[-1]}], got {rotary_dim}")
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (0.0 < float(theta) < math.inf):

@@ -10,7 +10,7 @@ import torch
 from .. import _random
 from .._ext import C
 from .._tensor import is_capturing, stream_handle, view
-from ._common import (check_vocab_map_on_device, compiling, float_tensor, on_device, require_tensor,
+from ._common import (check_vocab_map_on_device, choice_arg, compiling, float_tensor, on_device, require_tensor,
                       temperature_args, token_tensor, truncation_args, vocab_map)
 
 __all__ = ["MARKOV_HEADS", "ConfidenceOutput", "MarkovOutput", "confidence", "markov_sample"]
@@ -25,7 +25,10 @@ class MarkovOutput(NamedTuple):
     draft_tokens: ``[R, gamma]`` int64.
     logprobs: ``[R, gamma]`` float32, ``log p_d`` of each sampled token (0 when greedy).
     lse: ``[R, gamma]`` float32, log-sum-exp of each corrected row ``(U + B) / T``
-        (greedy: ``max(U + B)``), so ``log p_d(v) = (U + B)_v / T - lse``.
+        (greedy: ``max(U + B)``), so ``log p_d(v) = (U + B)_v / T - lse``. A row
+        with no logit above the float range's floor (all -inf or NaN) has no mass:
+        it is sampled uniformly, its logprobs are ``-log V`` and its lse is -inf
+        (the limit as the logits fall together); a +inf logit gives lse = +inf.
     corrected_logits: ``[R, gamma, V]`` (``[R, gamma, V_d]`` with a draft vocabulary)
         float32 ``U + B`` when requested (feed it to :func:`rejection_sample` as
         ``draft_logits``, with the same ``draft_vocab``), else None; -inf
@@ -155,8 +158,7 @@ def markov_sample(
     anchor_tokens = token_tensor(op, "anchor_tokens", anchor_tokens, device)
     w1 = float_tensor(op, "w1", w1, device, 2).contiguous()
     w2 = float_tensor(op, "w2", w2, device, 2).contiguous()
-    if head not in MARKOV_HEADS:
-        raise ValueError(f"{op}: argument 'head' must be one of {sorted(MARKOV_HEADS)}, got {head!r}")
+    choice_arg(op, "head", head, MARKOV_HEADS)
     if head == "vanilla":
         gate_weight = gate_bias = joint_weight = joint_bias = hidden = None
     else:
@@ -260,7 +262,8 @@ def confidence(
     """The confidence head: ``c_k = sigmoid(w . [h_k ; W1[x_{k-1}]] + b)`` for every
     position (``x_0`` is the anchor; position k never sees ``x_k`` itself), with
     optional per-position STS temperatures ``[gamma]`` applied as
-    ``sigmoid(logit / t_k)``.
+    ``sigmoid(logit / t_k)``. A NaN logit gives a NaN confidence (as
+    ``torch.sigmoid``), which :func:`schedule_prefix` reads as 0.
 
     Args: ``hidden [R, gamma, d]``, ``w1 [V, rank]``, ``anchor_tokens [R]``,
     ``draft_tokens [R, gamma]``, ``weight [1, d + rank]`` (or ``[d + rank]``),

@@ -10,10 +10,17 @@ import torch
 from .. import _random
 from .._ext import C
 from .._tensor import is_capturing, stream_handle, view
-from ._common import (check_vocab_map_on_device, compiling, float_matrix, on_device, require_tensor,
+from ._common import (check_vocab_map_on_device, compiling, float_matrix, int_arg, on_device, require_tensor,
                       temperature_args, token_tensor, truncation_args, vocab_map)
 
-__all__ = ["RejectionOutput", "rejection_sample"]
+__all__ = ["MAX_PADDING", "RejectionOutput", "rejection_sample"]
+
+# How far max_num_draft may exceed the number of draft tokens: columns past
+# N_draft can only hold padding, so a wider output is bounded by this rather
+# than by the caller's integer (a fixed width across rounds stays possible).
+MAX_PADDING = 1024
+# output_tokens' width max_num_draft + 1 must be an int32.
+_MAX_NUM_DRAFT_LIMIT = (1 << 31) - 2
 
 
 class RejectionOutput(NamedTuple):
@@ -333,9 +340,10 @@ def rejection_sample(
             make each request's result independent of its position in the batch.
         offset: int in ``[0, 2^32)`` or ``[1]`` / ``[R]`` int64: the stream offset
             (e.g. the round number).
-        max_num_draft: width of ``output_tokens`` minus one; computed from
-            ``cu_num_draft`` if omitted (a host synchronisation on CUDA; required
-            under CUDA graph capture and torch.compile).
+        max_num_draft: width of ``output_tokens`` minus one, an int in
+            ``[0, max(N_draft, MAX_PADDING)]``; computed from ``cu_num_draft`` if
+            omitted (a host synchronisation on CUDA; required under CUDA graph
+            capture and torch.compile).
         bonus_tokens: ``[R]`` int32 / int64 bonus tokens the caller drew
             (vLLM's layout): ``target_logits`` then holds the ``N_draft`` draft
             rows only, and a request that accepts all its drafts ends with its
@@ -355,8 +363,9 @@ def rejection_sample(
 
     Defined behaviour: NaN and -inf logits have probability 0 (a row with no finite
     logit is uniform); +inf logits share the row's mass; draft probabilities are
-    clamped to [0, 1] (NaN -> 0) and normalised, and a draft token with ``p_d = 0``
-    is accepted iff ``p_t > 0`` (vLLM rejects it); a draft token outside the
+    clamped to [0, 1] (NaN -> 0) and normalised by their sum in 2^-40 fixed point (a
+    row whose sum is below about 1e-12 has no mass: p_d = 0), and a draft token with
+    ``p_d = 0`` is accepted iff ``p_t > 0`` (vLLM rejects it); a draft token outside the
     truncated support is rejected; ``R = 0`` returns empty outputs.
     """
     op = "rejection_sample"
@@ -367,7 +376,12 @@ def rejection_sample(
     draft_tokens = require_tensor(op, "draft_tokens", draft_tokens)
     if draft_tokens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: argument 'draft_tokens' must be int32 or int64, got {draft_tokens.dtype}")
+    if draft_tokens.dim() != 1:
+        raise ValueError(f"{op}: argument 'draft_tokens' must be 1-D [N_draft], got shape {list(draft_tokens.shape)}")
     draft_tokens = on_device(op, "draft_tokens", draft_tokens, device)
+    if max_num_draft is not None:  # checked before anything is allocated from it
+        max_num_draft = int_arg(op, "max_num_draft", max_num_draft, 0,
+                                min(max(draft_tokens.shape[0], MAX_PADDING), _MAX_NUM_DRAFT_LIMIT))
     cu_num_draft = require_tensor(op, "cu_num_draft", cu_num_draft)
     if cu_num_draft.dtype != torch.int32:
         raise TypeError(f"{op}: argument 'cu_num_draft' must be int32, got {cu_num_draft.dtype}")
@@ -398,8 +412,11 @@ def rejection_sample(
     if max_num_draft is None:
         if not host_sync_allowed:
             raise ValueError(f"{op}: argument 'max_num_draft' is required under CUDA graph capture and torch.compile")
-        max_num_draft = int((cu_num_draft[1:] - cu_num_draft[:-1]).max()) if num_requests > 0 else 0
-        max_num_draft = max(max_num_draft, 0)
+        counts = cu_num_draft[1:].long() - cu_num_draft[:-1].long()
+        max_num_draft = max(int(counts.max()), 0) if num_requests > 0 else 0
+        if max_num_draft > draft_tokens.shape[0]:  # before the output is allocated from it
+            raise ValueError(f"{op}: argument 'cu_num_draft' gives a request {max_num_draft} draft tokens, more "
+                             f"than the {draft_tokens.shape[0]} in 'draft_tokens'")
     if validate and host_sync_allowed and device.type == "cuda":
         _check_values_on_device(
             op, draft_tokens, cu_num_draft, vocab, max_num_draft, temperatures, rng.offsets, bonus_tokens, truncation

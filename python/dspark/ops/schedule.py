@@ -8,7 +8,7 @@ import torch
 
 from .._ext import C
 from .._tensor import is_capturing, stream_handle, view
-from ._common import compiling, on_device, require_tensor
+from ._common import choice_arg, compiling, int_arg, on_device, real_arg, require_tensor
 
 __all__ = ["SCHEDULE_MODES", "ScheduleOutput", "schedule_prefix"]
 
@@ -125,8 +125,7 @@ def schedule_prefix(
     if conf.dim() != 2:
         raise ValueError(f"{op}: argument 'conf' must be [R, gamma], got shape {list(conf.shape)}")
     conf = conf.to(torch.float32).contiguous()
-    if mode not in SCHEDULE_MODES:
-        raise ValueError(f"{op}: argument 'mode' must be one of {sorted(SCHEDULE_MODES)}, got {mode!r}")
+    choice_arg(op, "mode", mode, SCHEDULE_MODES)
     mode_code = SCHEDULE_MODES[mode]
     if cap is not None:
         cap = require_tensor(op, "cap", cap)
@@ -149,15 +148,15 @@ def schedule_prefix(
                 raise ValueError(f"{op}: argument 'budget' must have one element, got shape {list(budget.shape)}")
             budgets = on_device(op, "budget", budget.reshape(1), device)
         elif isinstance(budget, int) and not isinstance(budget, bool):
-            budget_value = budget
+            budget_value = int_arg(op, "budget", budget, -(1 << 63), (1 << 63) - 1)  # < 0 admits nothing
         else:
             raise TypeError(f"{op}: argument 'budget' must be an int or a one-element tensor in budget mode, "
                             f"got {type(budget).__name__}")
     threshold_value = 0.0
     if mode == "threshold":
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold != threshold:
-            raise ValueError(f"{op}: argument 'threshold' must be a number in threshold mode, got {threshold!r}")
-        threshold_value = float(threshold)
+        if threshold is None:
+            raise ValueError(f"{op}: argument 'threshold' is required in threshold mode")
+        threshold_value = real_arg(op, "threshold", threshold, finite=False)
     if (validate and sps is not None and device.type == "cuda" and not compiling()
             and not is_capturing(device)):
         if not bool(((sps >= 0) & torch.isfinite(sps)).all()):

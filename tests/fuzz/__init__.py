@@ -1,0 +1,1 @@
+"""A fuzz suite: random and hostile inputs to every op, the loaders and the engine (see README)."""
