@@ -103,6 +103,46 @@ def _same(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
     return bool(torch.isclose(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True).all())
 
 
+def _truncation(rng: random.Random, R: int, V: int) -> Dict[str, object]:
+    """Top-k / top-p / min-p as scalars or per-request tensors, often off."""
+    kw: Dict[str, object] = {}
+    if rng.random() < 0.6:
+        return kw
+    for name in rng.sample(["top_k", "top_p", "min_p"], rng.randint(1, 3)):
+        if name == "top_k":
+            values = [rng.choice([0, 1, min(2, V), min(5, V), V]) for _ in range(R)]
+            scalar = rng.choice([0, 1, min(3, V), V])
+        elif name == "top_p":
+            values = [rng.choice([1.0, 0.9, 0.5, 1e-6]) for _ in range(R)]
+            scalar = rng.choice([1.0, 0.8, 0.3])
+        else:
+            values = [rng.choice([0.0, 0.1, 0.5, 1.0]) for _ in range(R)]
+            scalar = rng.choice([0.0, 0.05, 0.2])
+        if R and rng.random() < 0.5:
+            dtype = rng.choice([torch.int32, torch.int64]) if name == "top_k" else torch.float32
+            kw[name] = torch.tensor(values, dtype=dtype)
+        else:
+            kw[name] = scalar
+    return kw
+
+
+def _truncation_mutations(R: int, V: int, rng: random.Random) -> List[Tuple[str, Callable, List[str]]]:
+    def put(name, value):
+        return lambda a, k: k.__setitem__(name, value)
+    return [
+        ("top_k range", put("top_k", rng.choice([-1, V + 1, 2**40])), ["top_k"]),
+        ("top_k type", put("top_k", rng.choice([1.5, "3", None])), ["top_k"]),
+        ("top_k float tensor", put("top_k", torch.ones(max(R, 1))), ["top_k"]),
+        ("top_k tensor length", put("top_k", torch.ones(R + 2, dtype=torch.int64)), ["top_k"]),
+        ("top_p range", put("top_p", rng.choice([0.0, -0.5, 1.5, math.nan, math.inf])), ["top_p"]),
+        ("top_p type", put("top_p", rng.choice(["0.9", None, [0.9]])), ["top_p"]),
+        ("top_p int tensor", put("top_p", torch.ones(max(R, 1), dtype=torch.int64)), ["top_p"]),
+        ("min_p range", put("min_p", rng.choice([-0.1, 1.5, math.nan])), ["min_p"]),
+        ("min_p tensor range", put("min_p", torch.full((R,), rng.choice([-1.0, 2.0, math.nan]))), ["min_p"])
+        if R else None,
+    ]
+
+
 # ------------------------------------------------------------ rejection_sample
 
 
@@ -147,16 +187,22 @@ def _rejection_case(rng: random.Random):
                     else torch.randint(0, 2**32, (rng.choice([1, R]) if R else 1,), generator=g))
     if offset_kind == "tensor" and R == 0:
         kw["offset"] = rng.randrange(0, 2**32)
+    kw.update(_truncation(rng, R, V))
+    if R and rng.random() < 0.2:  # vLLM's layout: draft rows only, the caller's bonus tokens
+        target = target[torch.tensor(paired, dtype=torch.int64)] if N else target[:0]
+        kw["bonus_tokens"] = torch.randint(0, V, (R,), generator=g).to(rng.choice([torch.int32, torch.int64]))
     widest = max(counts, default=0)
     if rng.random() < 0.5:
         kw["max_num_draft"] = widest + rng.choice([0, 0, 1, 3])
     kw["return_soft_acceptance"] = rng.random() < 0.5
+    kw["return_logprobs"] = rng.random() < 0.4
     if rng.random() < 0.25:
         width = kw.get("max_num_draft", widest) + 1
         buffer = torch.full((R, width + rng.choice([0, 3])), 77, dtype=torch.int32)
         kw["max_num_draft"] = width - 1
         kw["out"] = (buffer[:, :width], torch.empty(R, dtype=torch.int32),
-                     torch.empty(N, dtype=torch.float32) if kw["return_soft_acceptance"] else None)
+                     torch.empty(N, dtype=torch.float32) if kw["return_soft_acceptance"] else None,
+                     torch.empty(R, width, dtype=torch.float32) if kw["return_logprobs"] else None)
     args = [_maybe_strided_matrix(target.to(dtype), rng), tokens, cu]
     return args, kw, counts
 
@@ -230,6 +276,12 @@ def _rejection_mutations(args, kw, counts, rng):
                                             max_num_draft=max(counts, default=0)),
          ["output_tokens", "out"]),
     ]
+    out += _truncation_mutations(R, V, rng)
+    if R:
+        out.append(("bonus_tokens range", lambda a, k: k.update(bonus_tokens=torch.full((R,), rng.choice([V, -1]))),
+                    ["bonus_tokens", "target_logits"]))
+        out.append(("bonus_tokens length", lambda a, k: k.update(bonus_tokens=torch.zeros(R + 1, dtype=torch.int64)),
+                    ["bonus_tokens", "target_logits"]))
     if R > 1:
         width = max(counts) + 1
         out.append(("out expanded", lambda a, k: k.update(
@@ -242,6 +294,11 @@ def _rejection_mutations(args, kw, counts, rng):
     return [m for m in out if m is not None]
 
 
+def _per_request(kw: dict, name: str, r: int, default):
+    value = kw.get(name, default)
+    return value[r].item() if isinstance(value, torch.Tensor) else value
+
+
 def _residual_within_rounding(r, out, ref, target, tokens, cu, kw) -> bool:
     """Whether request r's results differ only in a correction token drawn from a
     residual max(0, p_t - p_d) whose whole mass is within float32 rounding of 0
@@ -251,12 +308,19 @@ def _residual_within_rounding(r, out, ref, target, tokens, cu, kw) -> bool:
     n = int(cu[r + 1]) - int(cu[r])
     if k != int(ref.num_accepted[r]) or k >= n:
         return False
-    temperature = kw.get("temperature", 1.0)
-    T = float(temperature[r]) if isinstance(temperature, torch.Tensor) else float(temperature)
+    T = float(_per_request(kw, "temperature", r, 1.0))
     if not T > 0:
         return False
     begin = int(cu[r])
-    p_t = reference._softmax2(target[begin + r + k].cpu(), T)
+    row = begin + k if kw.get("bonus_tokens") is not None else begin + r + k
+    p_t = reference._softmax2(target[row].cpu(), T)
+    top_k, top_p, min_p = (_per_request(kw, "top_k", r, 0), _per_request(kw, "top_p", r, 1.0),
+                           _per_request(kw, "min_p", r, 0.0))
+    if (top_k, top_p, min_p) != (0, 1.0, 0.0):
+        z = torch.log2(p_t.clamp_min(1e-300)).to(torch.float32)
+        p_t = torch.where(reference.truncation_mask(z, int(top_k), float(top_p), float(min_p)), p_t,
+                          torch.zeros_like(p_t))
+        p_t = p_t / p_t.sum()
     if kw.get("draft_logits") is not None:
         p_d = reference._softmax2(kw["draft_logits"][begin + k].cpu(), T)
     elif kw.get("draft_probs") is not None:
@@ -296,6 +360,12 @@ def fuzz_rejection_sample(rng: random.Random) -> str:
     if kw.get("return_soft_acceptance"):
         check(out.soft_acceptance is not None and _same(out.soft_acceptance, ref.soft_acceptance, 1e-4, 1e-4),
               f"soft acceptance {out.soft_acceptance} vs {ref.soft_acceptance}")
+    if kw.get("return_logprobs"):
+        check(out.logprobs is not None and tuple(out.logprobs.shape) == (R, width), "logprobs shape")
+        for r in torch.nonzero(same).flatten().tolist():
+            n = int(out.num_accepted[r]) + 1
+            check(_same(out.logprobs[r, :n], ref.logprobs[r, :n], 1e-4, 2e-3),
+                  f"request {r}: logprobs {out.logprobs[r, :n].tolist()} vs {ref.logprobs[r, :n].tolist()}")
     return SUCCESS
 
 
@@ -325,6 +395,7 @@ def _markov_case(rng: random.Random):
     kw["seed"] = (rng.randrange(-(2**63), 2**63) if rng.random() < 0.5 or R == 0
                   else torch.randint(0, 2**62, (R,), generator=g))
     kw["offset"] = rng.randrange(0, 2**32)
+    kw.update(_truncation(rng, R, V))
     kw["return_corrected_logits"] = rng.random() < 0.5
     args = [base, torch.randint(0, V, (R,), generator=g), (0.5 * torch.randn(V, rank, generator=g)).to(wdtype),
             (0.5 * torch.randn(V, rank, generator=g)).to(wdtype)]
@@ -354,7 +425,7 @@ def fuzz_markov_sample(rng: random.Random) -> str:
             ("temperature", put("temperature", rng.choice([-1.0, math.nan, "1", None])), ["temperature"]),
             ("seed", put("seed", rng.choice([1.5, "1", True])), ["seed"]),
             ("offset", put("offset", rng.choice([-5, 2**32, 0.5])), ["offset"]),
-        ]
+        ] + _truncation_mutations(R, V, rng)
         name, change, names = rng.choice([m for m in mutations if m is not None])
         change(args, kw)
         return expect_error(lambda: ops.markov_sample(*args, **kw), names)
