@@ -341,6 +341,47 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_demo_in_bfloat16_checks_exactness_in_float32_and_measures_divergences(tiny, tmp_path):
+    """Outside float32 the demo decodes a batch per domain in float32 as well
+    (plain and fixed must be identical there), counts the outputs compared, and
+    gives every divergence of the demo's dtype its float32 logit gap, computed
+    by next_logits (checked here against the engine's greedy choice)."""
+    from dspark.demo import Divergence, DemoResult, next_logits, print_exactness, run_demo
+    from dspark.engine import SamplingParams, SpeculativeEngine
+    from test_engine import write_tokenizer
+
+    folder, target = tiny
+    write_tokenizer(folder, VOCAB)
+    config = train.TrainConfig(block_size=4, markov_rank=16, num_layers=1, steps=10, sequences_per_step=2,
+                               blocks_per_sequence=2, eval_every=0)
+    data = make_data(target, config, train.default_layer_ids(4), count=3)
+    drafter, history = train.train_drafter(target, data, config, progress=False, log=lambda s: None)
+    train.save_checkpoint(drafter, tmp_path / "drafter", config, history)
+    prompts = {"code": ["w1 w2 w3", "w4 w5"], "text": ["w9 w8 w7 w6", "w10"]}
+    out = io.StringIO()
+    result = run_demo(folder, tmp_path / "drafter", prompts, dtype="bfloat16", batches=(1, 2), max_new_tokens=10,
+                      repeats=1, chat=False, plot=None, progress=False, out=out)
+    text = out.getvalue()
+    assert result.dtype == "bfloat16" and result.float32_check is True and result.exact()
+    assert result.outputs_compared == 2 * 2 * (1 + 2)  # two speculative configurations, two domains, batches 1 + 2
+    assert "float32 check: greedy outputs of speculative decoding are identical" in text
+    assert all(d.gap == d.gap and d.gap >= 0 for d in result.divergences)  # every gap measured
+
+    ids = [5, 17, 3, 9]
+    engine = SpeculativeEngine(target, None, max_concurrency=1, max_model_len=32)
+    generated = engine.generate([ids], SamplingParams(temperature=0.0, max_new_tokens=1))[0]
+    assert generated.error is None, generated.error
+    first = generated.tokens[0]
+    assert int(next_logits(target, ids).argmax()) == first
+
+    fake = DemoResult("bfloat16", batches=[], outputs_compared=8, float32_check=True,
+                      divergences=[Divergence("code", 4, "fixed", 1, 7, 11, 12, 0.01),
+                                   Divergence("text", 4, "fixed", 0, 3, 5, 6, 0.03)])
+    out = io.StringIO()
+    print_exactness(fake, out)
+    assert "6 of 8 speculative outputs identical" in out.getvalue() and "largest 0.030" in out.getvalue()
+
+
 # ------------------------------------------------------- bench drafters
 
 

@@ -65,7 +65,7 @@ class TrainConfig:
     # identity on the highest context layer; "random": N(0, 0.02) (see new_drafter)
     init: str = "target"
     # optimisation
-    steps: int = 2400
+    steps: int = 4000
     sequences_per_step: int = 8
     blocks_per_sequence: int = 4
     lr: float = 2e-3
@@ -77,14 +77,14 @@ class TrainConfig:
     autocast: bool = True  # bfloat16 autocast where the device multiplies bfloat16 natively (AMX, AVX512-BF16, CUDA)
     # data
     domains: Tuple[str, ...] = ("code", "text")
-    train_prompts: int = 400  # split evenly over the domains
+    train_prompts: int = 3000  # split evenly over the domains
     max_prompt_tokens: int = 256
     max_new_tokens: int = 96
     generation_concurrency: int = 128
     # teacher forcing: answer tokens of offline texts (corpus.offline_texts), split evenly over the domains,
     # and the fraction of training sequences drawn from them (the rest: the target's own continuations)
     offline_tokens: int = 240000
-    offline_mix: float = 0.5
+    offline_mix: float = 0.3
     offline_max_tokens: int = 384  # an offline sequence (prompt and answer) is cut there
     data_dtype: str = "auto"  # the target's dtype while making the data (precision.choose; the demo's dtype)
     # evaluation and calibration (held-out prompts)
