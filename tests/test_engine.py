@@ -492,10 +492,12 @@ def test_adaptive_drafting_switches_both_ways_and_stays_lossless(llama):
     assert again[-4:] == [True] * 4 and sum(again) / len(again) > 0.6, again
 
 
-def test_plain_steps_extend_the_drafter_context_like_drafting_rounds(llama):
-    """The drafter's context cache after a run of plain steps (the gate off
-    after the first round) holds the same keys and values, position for
-    position, as after a run that drafted every round."""
+def test_plain_steps_extend_the_drafter_context_like_drafting_rounds(llama, monkeypatch):
+    """Plain rounds do no drafter work: their committed positions wait and are
+    written into the drafter's context in one batch before the next draft or
+    admission. After that write the context cache of a run of plain steps (the
+    gate off after the first round) holds the same keys and values, position
+    for position, as after a run that drafted every round."""
 
     class FirstRoundOnly(Fixed):
         def __init__(self):
@@ -508,11 +510,19 @@ def test_plain_steps_extend_the_drafter_context_like_drafting_rounds(llama):
 
     prompt = PROMPTS[2]
     drafter = llama.bigram_drafter([prompt])
+    writes = []
+    extend = type(drafter).extend_context
+    monkeypatch.setattr(type(drafter), "extend_context", lambda self, *a: writes.append(1) or extend(self, *a))
     caches = []
     for policy in (Fixed(), FirstRoundOnly()):
+        writes.clear()
         engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=1, max_model_len=80)
         result = engine.generate([prompt], greedy())[0]
         assert result.tokens == llama.reference(prompt)
+        if isinstance(policy, FirstRoundOnly):
+            assert len(writes) == 2  # the prefill and the one drafting round; the plain rounds wait
+            engine._flush_context()
+            assert len(writes) == 3 and not engine._deferred_context
         cache = engine.draft_cache
         positions = torch.arange(len(prompt) + len(result.tokens) - 1)
         slots = cache.slots(torch.zeros_like(positions), positions)
@@ -567,3 +577,48 @@ def test_generate_command(tmp_path, capsys):
     assert main(["generate", "--target", str(tmp_path / "t"), "--draft", str(tmp_path / "nowhere"),
                  "--prompt", "w1"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_deferred_context_is_written_before_requests_join(llama, monkeypatch):
+    """Requests finish and others take their pages while the rounds alternate
+    between drafting and plain steps: the deferred context of the plain rounds
+    is written before any admission (a finished request's pages may go to the
+    newcomer) and before every draft, and every output still equals the
+    target's greedy text."""
+
+    class EveryThirdRound(Fixed):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def draft_this_round(self, num_requests):
+            self.calls += 1
+            return self.calls % 3 == 0
+
+    drafter = llama.bigram_drafter(PROMPTS)
+    policy = EveryThirdRound()
+    admitted, drafted = [], []
+    admit, draft = SpeculativeEngine._admit, SpeculativeEngine._draft
+
+    def checked_admit(self, queue, free_slots, results):
+        joined = admit(self, queue, free_slots, results)
+        if joined is not None:
+            admitted.append(len(self._deferred_context))
+        return joined
+
+    def checked_draft(self, state, *args, **kwargs):
+        out = draft(self, state, *args, **kwargs)
+        drafted.append(len(self._deferred_context))
+        return out
+
+    monkeypatch.setattr(SpeculativeEngine, "_admit", checked_admit)
+    monkeypatch.setattr(SpeculativeEngine, "_draft", checked_draft)
+    lengths = [6 + 2 * i for i in range(len(PROMPTS))]  # requests leave at different rounds
+    engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=2,
+                               max_model_len=max(map(len, PROMPTS)) + max(lengths) + 1)
+    results = engine.generate(PROMPTS, [SamplingParams(temperature=0.0, max_new_tokens=n) for n in lengths])
+    for prompt, result, n in zip(PROMPTS, results, lengths):
+        assert result.tokens == llama.reference(prompt, n)
+    m = engine.metrics
+    assert 0 < m.drafting_rounds < m.rounds
+    assert len(admitted) > 2 and set(admitted) == {0} and set(drafted) == {0}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -244,6 +244,9 @@ class SpeculativeEngine:
                 drafter.pack_cpu()
         self.metrics = RunMetrics()
         self._truncating = False  # whether a request of the current run truncates (set by _run)
+        # (hidden, positions, draft-cache slots) of plain rounds, written into the drafter's context in one
+        # batch before the next draft or admission (see _flush_context)
+        self._deferred_context: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._logprobs = False  # whether a request of the current run asks for log-probabilities
 
     # ----------------------------------------------------------------- API
@@ -433,6 +436,7 @@ class SpeculativeEngine:
         pending = None  # what the last round committed, read at the next synchronisation
         bar = _progress(self.progress, sum(r.params.max_new_tokens for r in queue))
         V = self.target.config.vocab_size
+        self._deferred_context = []
         self._truncating = any(0 < r.params.top_k < V or r.params.top_p < 1.0 or r.params.min_p > 0.0
                                for r in queue)
         self._logprobs = any(r.params.logprobs for r in queue)
@@ -514,6 +518,7 @@ class SpeculativeEngine:
         """Drafts a block for every request in ``state`` and (``schedule``) lets the
         policy choose the verification lengths."""
         drafter, target = self.drafter, self.target
+        self._flush_context()
         gamma = self.gamma if self.policy.max_length is None else max(1, min(self.gamma, self.policy.max_length))
         draft = drafter.draft(target, state.anchors, state.starts, state.slots, cache or self.draft_cache,
                               num_positions=gamma)
@@ -534,6 +539,23 @@ class SpeculativeEngine:
         lengths = torch.clamp(lengths, max=gamma)
         return _Drafted(sampled.draft_tokens, sampled.corrected_logits, lengths,
                         conf.logits if conf is not None else None)
+
+    def _flush_context(self) -> None:
+        """Writes the committed positions of the plain rounds since the last draft
+        into the drafter's context, in one batch. Plain rounds defer it: while the
+        policy expects drafting not to pay, a round costs one target step and no
+        drafter work at all. It must run before the next draft (which reads the
+        context) and before a request is admitted (a finished request's pages may
+        be handed to it). The values written are the same as when written at once;
+        only the drafts (never the committed distribution) could see a rounding
+        difference from the batched computation."""
+        if not self._deferred_context:
+            return
+        parts, self._deferred_context = self._deferred_context, []
+        hidden = torch.cat([h for h, _, _ in parts]) if len(parts) > 1 else parts[0][0]
+        positions = torch.cat([p for _, p, _ in parts]) if len(parts) > 1 else parts[0][1]
+        slots = torch.cat([s for _, _, s in parts]) if len(parts) > 1 else parts[0][2]
+        self.drafter.extend_context(hidden, positions, slots, self.draft_cache)
 
     # ------------------------------------------------------------ verifying
 
@@ -583,7 +605,10 @@ class SpeculativeEngine:
         if self.drafter is not None:
             keep = off_t <= accepted[req_t]  # committed positions extend the drafter's context
             slots = self.draft_cache.slots(state.slots[req_t], positions).masked_fill(~keep, -1)
-            self.drafter.extend_context(out.hidden, positions, slots, self.draft_cache)
+            if drafted is None:  # a plain round: the drafter's context waits for the next draft
+                self._deferred_context.append((out.hidden, positions, slots))
+            else:
+                self.drafter.extend_context(out.hidden, positions, slots, self.draft_cache)
         state.anchors = new_anchor
         state.starts = state.starts + count
         state.generated = state.generated + count
@@ -596,6 +621,8 @@ class SpeculativeEngine:
     def _admit(self, queue: List[_Request], free_slots: List[int],
                results: List[Optional[GenerationResult]]) -> Optional["_Joined"]:
         """Prefills queued requests while there are free slots and cache pages."""
+        if queue and free_slots:
+            self._flush_context()
         joined: List[_Request] = []
         prefill_tokens = 0
         while queue and free_slots:
