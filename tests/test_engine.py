@@ -492,6 +492,18 @@ def test_adaptive_drafting_switches_both_ways_and_stays_lossless(llama):
     assert again[-4:] == [True] * 4 and sum(again) / len(again) > 0.6, again
 
 
+class DraftOn(Fixed):
+    """Fixed, drafting only in the rounds (counted from 1) that ``rule`` picks."""
+
+    def __init__(self, rule):
+        super().__init__()
+        self.rule, self.calls = rule, 0
+
+    def draft_this_round(self, num_requests):
+        self.calls += 1
+        return self.rule(self.calls)
+
+
 def test_plain_steps_extend_the_drafter_context_like_drafting_rounds(llama, monkeypatch):
     """Plain rounds do no drafter work: their committed positions wait and are
     written into the drafter's context in one batch before the next draft or
@@ -499,14 +511,9 @@ def test_plain_steps_extend_the_drafter_context_like_drafting_rounds(llama, monk
     gate off after the first round) holds the same keys and values, position
     for position, as after a run that drafted every round."""
 
-    class FirstRoundOnly(Fixed):
+    class FirstRoundOnly(DraftOn):
         def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def draft_this_round(self, num_requests):
-            self.calls += 1
-            return self.calls == 1
+            super().__init__(lambda call: call == 1)
 
     prompt = PROMPTS[2]
     drafter = llama.bigram_drafter([prompt])
@@ -586,14 +593,9 @@ def test_deferred_context_is_written_before_requests_join(llama, monkeypatch):
     newcomer) and before every draft, and every output still equals the
     target's greedy text."""
 
-    class EveryThirdRound(Fixed):
+    class EveryThirdRound(DraftOn):
         def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def draft_this_round(self, num_requests):
-            self.calls += 1
-            return self.calls % 3 == 0
+            super().__init__(lambda call: call % 3 == 0)
 
     drafter = llama.bigram_drafter(PROMPTS)
     policy = EveryThirdRound()

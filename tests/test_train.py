@@ -298,22 +298,29 @@ def test_smollm2_conversion_matches_transformers(tmp_path, monkeypatch):
 # ------------------------------------------------------------------- demo
 
 
-def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
-    """Every (domain, batch) has the three configurations with their timed
-    repeats, ratios and metrics; speculative outputs are checked against plain
-    decoding; the table shows the spread and the trials behind each acceptance
-    rate; the figure is written."""
-    from dspark.demo import CONFIGS, pooled_acceptance, run_demo
+def _demo_setup(folder, target, tmp_path):
+    """A word-level tokenizer for the tiny target, a briefly trained drafter in
+    tmp_path / "drafter", and two prompts per domain."""
     from test_engine import write_tokenizer
 
-    folder, target = tiny
     write_tokenizer(folder, VOCAB)
     config = train.TrainConfig(block_size=4, markov_rank=16, num_layers=1, steps=10, sequences_per_step=2,
                                blocks_per_sequence=2, eval_every=0)
     data = make_data(target, config, train.default_layer_ids(4), count=3)
     drafter, history = train.train_drafter(target, data, config, progress=False, log=lambda s: None)
     train.save_checkpoint(drafter, tmp_path / "drafter", config, history)
-    prompts = {"code": ["w1 w2 w3", "w4 w5"], "text": ["w9 w8 w7 w6", "w10"]}
+    return {"code": ["w1 w2 w3", "w4 w5"], "text": ["w9 w8 w7 w6", "w10"]}
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
+    """Every (domain, batch) has the three configurations with their timed
+    repeats, ratios and metrics; speculative outputs are checked against plain
+    decoding; the table shows the spread and the trials behind each acceptance
+    rate; the figure is written."""
+    from dspark.demo import CONFIGS, pooled_acceptance, run_demo
+
+    folder, target = tiny
+    prompts = _demo_setup(folder, target, tmp_path)
     out = io.StringIO()
     result = run_demo(folder, tmp_path / "drafter", prompts, dtype="float32", batches=(1, 2, 4), max_new_tokens=12,
                       repeats=2, chat=False, plot=tmp_path / "demo.png", progress=False, out=out)
@@ -348,16 +355,9 @@ def test_demo_in_bfloat16_checks_exactness_in_float32_and_measures_divergences(t
     by next_logits (checked here against the engine's greedy choice)."""
     from dspark.demo import Divergence, DemoResult, next_logits, print_exactness, run_demo
     from dspark.engine import SamplingParams, SpeculativeEngine
-    from test_engine import write_tokenizer
 
     folder, target = tiny
-    write_tokenizer(folder, VOCAB)
-    config = train.TrainConfig(block_size=4, markov_rank=16, num_layers=1, steps=10, sequences_per_step=2,
-                               blocks_per_sequence=2, eval_every=0)
-    data = make_data(target, config, train.default_layer_ids(4), count=3)
-    drafter, history = train.train_drafter(target, data, config, progress=False, log=lambda s: None)
-    train.save_checkpoint(drafter, tmp_path / "drafter", config, history)
-    prompts = {"code": ["w1 w2 w3", "w4 w5"], "text": ["w9 w8 w7 w6", "w10"]}
+    prompts = _demo_setup(folder, target, tmp_path)
     out = io.StringIO()
     result = run_demo(folder, tmp_path / "drafter", prompts, dtype="bfloat16", batches=(1, 2), max_new_tokens=10,
                       repeats=1, chat=False, plot=None, progress=False, out=out)

@@ -28,7 +28,7 @@ import sysconfig
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 # the general-audience files of the package
@@ -62,7 +62,10 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _code_items(root: Path) -> Iterator[Prompt]:
+def _public_functions(root: Path) -> Iterator[Tuple[str, List[str], ast.FunctionDef]]:
+    """(file relative to root, its lines, function node) for every public
+    function of the Python sources under root (tests, site-packages and idlelib
+    left out), in a fixed order."""
     files = sorted(p for p in root.rglob("*.py") if not any("test" in part for part in p.parts[len(root.parts):])
                    and "site-packages" not in p.parts and "idlelib" not in p.parts)
     for path in files:
@@ -74,19 +77,23 @@ def _code_items(root: Path) -> Iterator[Prompt]:
         lines = source.splitlines()
         rel = str(path.relative_to(root))
         for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith(("_", "test")):
-                continue
-            doc = ast.get_docstring(node)
-            key = f"{rel}:{node.lineno}"
-            if doc and len(doc.split("\n")[0]) > 20:
-                args = ", ".join(a.arg for a in node.args.args)
-                summary = doc.split("\n")[0].strip()
-                yield Prompt(f"Write a Python function `{node.name}({args})`. {summary}", True, "code", key)
-            else:
-                start = max(0, node.lineno - 4)
-                body = lines[start:node.lineno + 3]
-                if len("\n".join(body)) > 60:
-                    yield Prompt("\n".join(body) + "\n", False, "code", key)
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith(("_", "test")):
+                yield rel, lines, node
+
+
+def _code_items(root: Path) -> Iterator[Prompt]:
+    for rel, lines, node in _public_functions(root):
+        doc = ast.get_docstring(node)
+        key = f"{rel}:{node.lineno}"
+        if doc and len(doc.split("\n")[0]) > 20:
+            args = ", ".join(a.arg for a in node.args.args)
+            summary = doc.split("\n")[0].strip()
+            yield Prompt(f"Write a Python function `{node.name}({args})`. {summary}", True, "code", key)
+        else:
+            start = max(0, node.lineno - 4)
+            body = lines[start:node.lineno + 3]
+            if len("\n".join(body)) > 60:
+                yield Prompt("\n".join(body) + "\n", False, "code", key)
 
 
 def _fortune_entries(folder: Path, files: Sequence[str]) -> Iterator[Prompt]:
@@ -143,34 +150,22 @@ OFFLINE_CODE_LINES = 40  # a function is cut after this many lines
 
 
 def _code_texts(root: Path) -> Iterator[OfflineText]:
-    files = sorted(p for p in root.rglob("*.py") if not any("test" in part for part in p.parts[len(root.parts):])
-                   and "site-packages" not in p.parts and "idlelib" not in p.parts)
-    for path in files:
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError, ValueError):
+    for rel, lines, node in _public_functions(root):
+        end = getattr(node, "end_lineno", None) or node.lineno
+        body = textwrap.dedent("\n".join(lines[node.lineno - 1:min(end, node.lineno - 1 + OFFLINE_CODE_LINES)]))
+        if len(body) < 60 or not body.isascii():
             continue
-        lines = source.splitlines()
-        rel = str(path.relative_to(root))
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith(("_", "test")):
-                continue
-            end = getattr(node, "end_lineno", None) or node.lineno
-            body = textwrap.dedent("\n".join(lines[node.lineno - 1:min(end, node.lineno - 1 + OFFLINE_CODE_LINES)]))
-            if len(body) < 60 or not body.isascii():
-                continue
-            doc = ast.get_docstring(node)
-            key = f"{rel}:{node.lineno}"
-            if doc and len(doc.split("\n")[0]) > 20:
-                args = ", ".join(a.arg for a in node.args.args)
-                summary = doc.split("\n")[0].strip()
-                yield OfflineText(f"Write a Python function `{node.name}({args})`. {summary}", True,
-                                  f"```python\n{body}\n```", "code", key)
-            else:
-                head, tail = body.split("\n", 1) if "\n" in body else (body, "")
-                if tail:
-                    yield OfflineText(head + "\n", False, tail, "code", key)
+        doc = ast.get_docstring(node)
+        key = f"{rel}:{node.lineno}"
+        if doc and len(doc.split("\n")[0]) > 20:
+            args = ", ".join(a.arg for a in node.args.args)
+            summary = doc.split("\n")[0].strip()
+            yield OfflineText(f"Write a Python function `{node.name}({args})`. {summary}", True,
+                              f"```python\n{body}\n```", "code", key)
+        else:
+            head, tail = body.split("\n", 1) if "\n" in body else (body, "")
+            if tail:
+                yield OfflineText(head + "\n", False, tail, "code", key)
 
 
 def offline_texts(domain: str, split: str = "train", root: Optional[Path] = None) -> List[OfflineText]:
