@@ -403,8 +403,8 @@ def rejection_sample(
     temperature_value, temperatures = temperature_args(op, temperature, device)
     vocab = target_logits.shape[1]
     if vocab < 1:  # before the truncation is checked against it
-        raise ValueError(f"{op}: argument 'target_logits' must have at least one column (V >= 1), got shape "
-                         f"{list(target_logits.shape)}")
+        raise ValueError(f"{op}: argument 'target_logits' must have at least one column (a vocabulary of V >= 1), "
+                         f"got shape {list(target_logits.shape)}")
     truncation = truncation_args(op, top_k, top_p, min_p, num_requests, vocab, device)
     if bonus_tokens is not None:
         bonus_tokens = token_tensor(op, "bonus_tokens", bonus_tokens, device)
