@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../ops/request_params.h"
 #include "dspark/dtype_load.h"
 #include "dspark/markov.h"
 #include "dspark/ops.h"
@@ -152,13 +153,7 @@ void markov_sample(const MarkovSampleArgs& a) {
   const int32_t* draft_vocab = a.draft_vocab.defined() ? a.draft_vocab.ptr<int32_t>() : nullptr;
   const size_t w2_size = dtype_size(a.w2.dtype);
   // Requests whose sampled rows are truncated keep them in z_rows (slot per request).
-  truncation::Params trunc;
-  trunc.top_k = a.top_k;
-  trunc.top_ks = a.top_ks.defined() ? a.top_ks.ptr<int32_t>() : nullptr;
-  trunc.top_p = a.top_p;
-  trunc.top_ps = a.top_ps.defined() ? a.top_ps.ptr<float>() : nullptr;
-  trunc.min_p = a.min_p;
-  trunc.min_ps = a.min_ps.defined() ? a.min_ps.ptr<float>() : nullptr;
+  const truncation::Params trunc = truncation_params(a.top_k, a.top_ks, a.top_p, a.top_ps, a.min_p, a.min_ps);
   std::vector<int64_t> slot(static_cast<size_t>(s.R), -1);
   int64_t slots = 0;
   if (trunc.any())

@@ -57,6 +57,7 @@
 #include <type_traits>
 
 #include "../ops/markov_workspace.h"
+#include "../ops/request_params.h"
 #include "common.cuh"
 #include "dspark/dtype_load.h"
 #include "dspark/markov.h"
@@ -735,13 +736,7 @@ void markov_sample(const MarkovSampleArgs& a) {
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   const int64_t rank = a.w1.size(1);
   const int64_t d = a.head != Head::kVanilla ? a.hidden.size(2) : 0;
-  truncation::Params trunc;
-  trunc.top_k = a.top_k;
-  trunc.top_ks = a.top_ks.defined() ? a.top_ks.ptr<int32_t>() : nullptr;
-  trunc.top_p = a.top_p;
-  trunc.top_ps = a.top_ps.defined() ? a.top_ps.ptr<float>() : nullptr;
-  trunc.min_p = a.min_p;
-  trunc.min_ps = a.min_ps.defined() ? a.min_ps.ptr<float>() : nullptr;
+  const truncation::Params trunc = truncation_params(a.top_k, a.top_ks, a.top_p, a.top_ps, a.min_p, a.min_ps);
   const MarkovWorkspace w = MarkovWorkspace::layout(R, gamma, V, rank, d, a.head, trunc.any());
   char* ws = a.workspace.ptr<char>();
 
