@@ -552,9 +552,7 @@ class SpeculativeEngine:
         if not self._deferred_context:
             return
         parts, self._deferred_context = self._deferred_context, []
-        hidden = torch.cat([h for h, _, _ in parts]) if len(parts) > 1 else parts[0][0]
-        positions = torch.cat([p for _, p, _ in parts]) if len(parts) > 1 else parts[0][1]
-        slots = torch.cat([s for _, _, s in parts]) if len(parts) > 1 else parts[0][2]
+        hidden, positions, slots = parts[0] if len(parts) == 1 else (torch.cat(x) for x in zip(*parts))
         self.drafter.extend_context(hidden, positions, slots, self.draft_cache)
 
     # ------------------------------------------------------------ verifying
