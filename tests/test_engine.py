@@ -254,13 +254,17 @@ def test_sampled_lossless(small, config):
     hf, target = small
     temperature = 0.8 if config == "fixed" else 1.0
     extra = {"draft_vocab": 2} if config == "draft-vocabulary" else {}
-    drafter = None if config == "target-only" else random_drafter(target, rank=16, block=3, scale=0.5, seed=2,
+    # adaptive: blocks of 2, so that the first round's verification is not bound by the 4-token budget
+    # (the gate learns only from requests whose budget did not bind)
+    block = 2 if config == "adaptive-hardware-aware" else 3
+    drafter = None if config == "target-only" else random_drafter(target, rank=16, block=block, scale=0.5, seed=2,
                                                                   **extra)
     policy = Fixed()
     if config == "async-hardware-aware":
         policy = AsyncHardwareAware(SPSTable.from_curve(lambda b: 100.0 * min(b, 900) / 900, 2048), envelope=False)
     if config == "adaptive-hardware-aware":
-        policy = HardwareAware(BORDERLINE, gate=DraftGate(BORDERLINE.envelope(), memory=0.5, probe_min=1, probe_max=2))
+        policy = HardwareAware(BORDERLINE, gate=DraftGate(BORDERLINE.envelope(), memory=0.5, probe_min=1, probe_max=2,
+                                                            probe_budget=0.0, measured=False))
     index, metrics = sample_sequences(target, drafter, policy, temperature)
     if drafter is not None:  # drafts were accepted and rejected, many times
         assert metrics.accepted_drafts > 500 and metrics.verified_drafts - metrics.accepted_drafts > 500, metrics
@@ -477,7 +481,8 @@ def test_adaptive_drafting_switches_both_ways_and_stays_lossless(llama):
     prompts = PROMPTS[:6]
     drafter = llama.bigram_drafter(prompts)
     good_w2 = drafter.markov_head.markov_w2.weight.detach().clone()
-    policy = HardwareAware(GATED, gate=DraftGate(GATED, probe_min=2, probe_max=8))
+    gate = DraftGate(GATED, memory=0.9, probe_min=2, probe_max=8, probe_budget=0.0, margin=0.0, measured=False)
+    policy = HardwareAware(GATED, gate=gate)
     engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=3, max_model_len=80)
     runs = []
     for useless in (False, True, False):
@@ -490,6 +495,49 @@ def test_adaptive_drafting_switches_both_ways_and_stays_lossless(llama):
     assert sum(good) / len(good) > 0.9, good
     assert sum(bad) / len(bad) < 0.4 and bad[-8:].count(True) <= 2, bad
     assert again[-4:] == [True] * 4 and sum(again) / len(again) > 0.6, again
+
+
+def test_engine_reports_each_round_time_to_the_policy(llama):
+    """Every verified round is reported once (observe_round) with its kind, the
+    requests drafted or stepped (a drafting round counts the requests drafted,
+    some of which may finish before verification), the tokens verified
+    (requests + drafts) and a positive wall time; greedy output is still the target's with the gate
+    deciding from measured times."""
+    prompts = PROMPTS[:4]
+    drafter = llama.bigram_drafter(prompts)
+
+    class Recording(HardwareAware):
+        def __init__(self):
+            super().__init__(GATED, gate=DraftGate(GATED, probe_min=1, probe_max=2, probe_budget=0.0))
+            self.rounds = []
+            self.lengths = []
+            self.observed = []
+
+        def __call__(self, conf, cap=None, validate=True):
+            lengths = super().__call__(conf, cap, validate)
+            self.lengths.append(lengths.tolist())
+            return lengths
+
+        def observe_round(self, drafted, requests, batch_tokens, seconds):
+            self.rounds.append((drafted, requests, batch_tokens, seconds))
+            super().observe_round(drafted, requests, batch_tokens, seconds)
+
+        def observe(self, lengths, accepted):
+            self.observed.append(len(lengths))
+            super().observe(lengths, accepted)
+
+    policy = Recording()
+    engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=2, max_model_len=80)
+    results = engine.generate(prompts, greedy())
+    assert_matches(llama, prompts, results)
+    m = engine.metrics
+    assert len(policy.rounds) == m.rounds and sum(d for d, *_ in policy.rounds) == m.drafting_rounds > 0
+    assert all(seconds > 0 and 1 <= R <= 2 and B >= R for _, R, B, seconds in policy.rounds)
+    assert all(B == R for drafted, R, B, _ in policy.rounds if not drafted)
+    assert sum(B for *_, B, _ in policy.rounds) == m.request_rounds + m.verified_drafts  # every row verified
+    assert policy.gate._time_weight[1] > 0  # the gate took the drafting rounds' times
+    # the requests whose last rounds were bound by their token budget are not learnt from
+    assert 0 < sum(policy.observed) < m.request_rounds - (m.rounds - m.drafting_rounds)
 
 
 class DraftOn(Fixed):

@@ -210,7 +210,7 @@ COSTS = SPSTable.from_curve(lambda b: 100.0, 64, draft_curve=lambda r: 0.02, max
 
 
 def test_gate_turns_drafting_off_for_a_useless_drafter_and_probes_with_growing_intervals():
-    gate = DraftGate(COSTS, probe_min=2, probe_max=8)
+    gate = DraftGate(COSTS, probe_min=2, probe_max=8, probe_budget=0.0)
     decisions = drive(gate, [0] * 40)
     # probe, 2 plain steps, probe, 4, probe, 8, probe, 8 ...
     want = [True] + [False] * 2 + [True] + [False] * 4 + [True] + [False] * 8 + [True] + [False] * 8 + [True]
@@ -227,7 +227,7 @@ def test_gate_keeps_drafting_when_it_pays():
 
 
 def test_gate_switches_both_ways():
-    gate = DraftGate(COSTS, probe_min=2, probe_max=4, memory=0.0)
+    gate = DraftGate(COSTS, probe_min=2, probe_max=4, memory=0.0, probe_budget=0.0)
     good, bad = [3] * 10, [0] * 10
     decisions = drive(gate, good + bad + good)
     assert all(decisions[:10])  # drafting pays
@@ -237,8 +237,92 @@ def test_gate_switches_both_ways():
     assert resumed <= 4 and all(decisions[20 + resumed:])  # a probe sees good drafts: drafting resumes
 
 
+def test_gate_probes_within_its_budget():
+    """A useless drafter: each probe (a 30 ms round verifying 3 drafts per
+    request, against a 10 ms plain step) costs 2 plain steps more, so a 5 %
+    budget waits 40 plain steps between probes, however short the doubling
+    interval; the probes' extra time stays within the budget."""
+    gate = DraftGate(COSTS, probe_min=2, probe_max=8, probe_budget=0.05)
+    decisions = drive(gate, [0] * 300)
+    probes = [i for i, d in enumerate(decisions) if d]
+    assert probes[:2] == [0, 41] and all(b - a == 41 for a, b in zip(probes, probes[1:])), probes
+    extra = 2 * len(probes)  # in plain steps
+    assert extra / len(decisions) <= 0.05 + 2 / len(decisions)
+    # a cap bounds the wait
+    capped = DraftGate(COSTS, probe_min=2, probe_max=8, probe_budget=0.001, probe_cap=16)
+    probes = [i for i, d in enumerate(drive(capped, [0] * 60)) if d]
+    assert probes[:3] == [0, 17, 34], probes
+
+
+def test_gate_corrects_the_table_by_measured_round_times():
+    """The table says a drafting round (tau 4, 30 ms) pays against a 10 ms plain
+    step; the measured rounds say drafting rounds take twice the table's time and
+    plain steps what the table says: drafting no longer pays. Reversed (plain
+    steps measured 3x slower than the table, e.g. host work the profile did
+    not see), a drafter the table rejects pays. measured=False ignores the
+    times."""
+    for measured in (True, False):
+        gate = DraftGate(COSTS, measured=measured)
+        gate.observe([3] * 4, [3] * 4)
+        for _ in range(20):
+            gate.observe_round(True, 4, 16, 0.060)
+            gate.observe_round(False, 4, 4, 0.010)
+        drafting, plain = gate.expected_throughput(4)
+        assert plain == pytest.approx(400.0)
+        assert drafting == pytest.approx(4 * 4 / (0.060 if measured else 0.030), rel=1e-6)
+        assert gate.decide(4) is (not measured)
+
+    gate = DraftGate(COSTS)
+    gate.observe([3] * 4, [1] * 4)  # tau 2 per 30 ms: 267 tok/s against 400
+    assert gate.decide(4) is False
+    for _ in range(20):
+        gate.observe_round(True, 4, 16, 0.030)
+        gate.observe_round(False, 4, 4, 0.030)
+    drafting, plain = gate.expected_throughput(4)
+    assert plain == pytest.approx(4 / 0.030) and drafting > plain
+
+
+def test_gate_measured_times_fallback_and_outliers():
+    gate = DraftGate(COSTS)
+    assert gate.correction(True) == gate.correction(False) == 1.0
+    gate.observe_round(True, 4, 16, 0.045)  # 1.5x the table: the plain kind, not measured yet, takes it too
+    assert gate.correction(True) == pytest.approx(1.5) and gate.correction(False) == pytest.approx(1.5)
+    gate.observe_round(False, 4, 4, 0.010)
+    assert gate.correction(False) == pytest.approx(1.0)
+    stalled = DraftGate(COSTS, time_memory=0.0)
+    stalled.observe_round(False, 4, 4, 10.0)  # a 1000x stall counts as 4x
+    assert stalled.correction(False) == pytest.approx(4.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        stalled.observe_round(False, 4, 4, bad)
+    stalled.observe_round(False, 0, 0, 0.01)
+    assert stalled.correction(False) == pytest.approx(4.0)
+
+
+def test_gate_hysteresis():
+    """Not drafting, a probe that shows drafting 1 % better than a plain step does
+    not resume it (margin 3 %); one that shows 10 % better does."""
+    sps = SPSTable.from_curve(lambda b: 100.0, 64, draft_curve=lambda r: 0.01, max_requests=16)
+    gate = DraftGate(sps, probe_budget=0.0, memory=0.0, measured=False)
+    gate.observe([1], [0])  # tau 1 per 20 ms: does not pay
+    assert gate.decide(1) is False
+    gate.observe([1], [1.02])  # tau 2.02 per 20 ms: +1 %
+    assert not gate.decide(1)
+    gate.observe([1], [1.2])  # tau 2.2: +10 %
+    assert gate.decide(1)
+    gate.observe([1], [1.02])  # drafting: +1 % keeps it drafting
+    assert gate.decide(1)
+
+
 def test_gate_bad_arguments():
     with pytest.raises(ValueError, match="memory"):
         DraftGate(COSTS, memory=1.0)
     with pytest.raises(ValueError, match="probe_min"):
         DraftGate(COSTS, probe_min=5, probe_max=4)
+    with pytest.raises(ValueError, match="probe_min"):
+        DraftGate(COSTS, probe_max=64, probe_cap=32)
+    with pytest.raises(ValueError, match="probe_budget"):
+        DraftGate(COSTS, probe_budget=1.0)
+    with pytest.raises(ValueError, match="margin"):
+        DraftGate(COSTS, margin=-0.1)
+    with pytest.raises(ValueError, match="time_memory"):
+        DraftGate(COSTS, time_memory=1.0)

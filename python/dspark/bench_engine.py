@@ -187,14 +187,19 @@ def _policies(sps) -> Dict[str, Policy]:
 
 def engine_benchmark(quick: bool = False, device: str = "cpu", target_dir: Optional[str] = None,
                      draft_dir: Optional[str] = None, dtype: Union[str, torch.dtype] = "auto",
-                     concurrency: Sequence[int] = (1, 4, 16), repeats: int = 3) -> dict:
+                     concurrency: Sequence[int] = (1, 4, 16), repeats: int = 5) -> dict:
     """Plain decoding against speculative decoding with a good, a mediocre and a
     useless drafter (synthetic models) or with the given drafter (checkpoints),
     at each concurrency: fixed(gamma), hardware-aware (the drafting cost in the
     decision, adaptive drafting) and hardware-aware with drafting taken as free
     (no gate). Every configuration of a concurrency runs once to warm up, then
-    ``repeats`` times interleaved with the others; tokens per second is the
-    median over the repeats, with its relative spread (max - min over median).
+    ``repeats`` times interleaved with the others (a pass runs each once),
+    and plain decoding once more after the last pass; tokens per second is
+    the median over the repeats, with its relative spread (max - min over
+    median). The speedup is the median over the passes of a configuration's
+    tokens per second against the plain runs bracketing its pass (the
+    geometric mean of the one that opens it and the one that opens the next),
+    so a slow drift of the machine over a pass cancels out.
     """
     from .precision import choose
 
@@ -246,8 +251,11 @@ def engine_benchmark(quick: bool = False, device: str = "cpu", target_dir: Optio
             for config, policy in _policies(sps).items():
                 runs[(quality, config)] = (engine, policy)
         samples: Dict[tuple, List[dict]] = {key: [] for key in runs}
-        for rep in range(repeats + 1):  # the first pass warms up every configuration
+        plain_key = ("-", "plain decoding")
+        for rep in range(repeats + 2):  # the first pass warms up every configuration; the last is plain only
             for key, (engine, policy) in runs.items():
+                if rep == repeats + 1 and key != plain_key:
+                    break
                 if policy is not None:
                     engine.policy = policy
                 results = engine.generate(prompts, params)
@@ -262,12 +270,19 @@ def engine_benchmark(quick: bool = False, device: str = "cpu", target_dir: Optio
                                          "acceptance_by_position": d["acceptance_by_position"],
                                          "prefix_acceptance_by_position": d["prefix_acceptance_by_position"],
                                          "same_tokens": [r.tokens for r in results] == base_tokens[R]})
-        plain = statistics.median(x["tokens_per_second"] for x in samples[("-", "plain decoding")])
+        # each pass's configurations against the plain runs that bracket the pass (the geometric mean of
+        # the one before and the one after): a drift of the machine during the pass moves both alike
+        plain_tps = [x["tokens_per_second"] for x in samples[plain_key]]
+        baselines = [math.sqrt(a * b) for a, b in zip(plain_tps, plain_tps[1:])]
+        samples[plain_key] = samples[plain_key][:repeats]
         for (quality, config), xs in samples.items():
             tps = [x["tokens_per_second"] for x in xs]
             median = statistics.median(tps)
+            ratios = [t / b for t, b in zip(tps, baselines)]
+            speedup = statistics.median(ratios)
             rows.append({"R": R, "drafter": quality, "config": config, "tokens_per_second": median,
-                         "spread": (max(tps) - min(tps)) / median if median else 0.0, "speedup": median / plain,
+                         "spread": (max(tps) - min(tps)) / median if median else 0.0, "speedup": speedup,
+                         "speedup_range": [min(ratios), max(ratios)],
                          "tau": xs[-1]["tau"], "verified_per_round": xs[-1]["verified_per_round"],
                          "rounds": xs[-1]["rounds"], "drafting_rounds": xs[-1]["drafting_rounds"],
                          "acceptance_by_position": xs[-1]["acceptance_by_position"] if quality != "-" else None,
@@ -294,17 +309,21 @@ def print_engine(result: dict) -> None:
     kind = "synthetic models (see `python -m dspark bench engine --help`)" if result["synthetic"] else "checkpoints"
     print(f"engine, {kind}, {result['device']} {result['dtype']} ({result['dtype_reason']}), CPU kernels "
           f"{result['cpu_isa']}; greedy, {result['max_new_tokens']} new tokens per request; tok/s = median of "
-          f"{result['repeats']} interleaved runs after a warm-up (spread = (max - min) / median); "
-          "x plain = against plain decoding in this run")
-    header = (f"{'R':>3} {'drafter':9} {'config':32} {'tok/s':>8} {'spread':>7} {'x plain':>8} {'tau':>6} "
-              f"{'verified':>9} {'drafting':>9} {'same':>5}")
+          f"{result['repeats']} interleaved passes after a warm-up (spread = (max - min) / median); "
+          "x plain = median over the passes of tok/s against the plain runs that bracket the pass (geometric "
+          "mean of the one before and the one after), with its range; * = below 0.97x")
+    header = (f"{'R':>3} {'drafter':9} {'config':32} {'tok/s':>8} {'spread':>7} {'x plain':>8} {'range':>11} "
+              f"{'tau':>6} {'verified':>9} {'drafting':>9} {'same':>5}")
     print(header)
     print("-" * len(header))
     for r in result["rows"]:
         same = "" if r["drafter"] == "-" else ("yes" if r["same_tokens"] else "NO")
         drafting = "" if r["drafter"] == "-" else f"{r['drafting_rounds']}/{r['rounds']}"
+        lo, hi = r.get("speedup_range", [r["speedup"], r["speedup"]])
+        flag = "*" if r["speedup"] < 0.97 else " "
         print(f"{r['R']:3d} {r['drafter']:9} {r['config']:32} {r['tokens_per_second']:8.1f} {r['spread']:6.0%} "
-              f"{r['speedup']:8.2f} {r['tau']:6.2f} {r['verified_per_round']:9.2f} {drafting:>9} {same:>5}")
+              f"{r['speedup']:7.2f}{flag} {lo:5.2f}-{hi:<5.2f} {r['tau']:6.2f} {r['verified_per_round']:9.2f} "
+              f"{drafting:>9} {same:>5}")
     print("\nacceptance at draft positions 1..: conditional (given 1..k-1 accepted) | prefix (1..k all accepted, "
           "DeepSpec's accept_rate)")
     for r in result["rows"]:

@@ -440,10 +440,16 @@ class SpeculativeEngine:
         self._truncating = any(0 < r.params.top_k < V or r.params.top_p < 1.0 or r.params.min_p > 0.0
                                for r in queue)
         self._logprobs = any(r.params.logprobs for r in queue)
+        clock = _RoundClock(dev)
         while active or queue or pending is not None:
             # 1. draft (device), unless the policy expects a plain step to pay more
             drafted = None
-            if active and self.drafter is not None and self.policy.draft_this_round(len(active)):
+            drafted_requests = len(active)
+            draft_now = bool(active) and self.drafter is not None and self.policy.draft_this_round(len(active))
+            if draft_now:
+                self._flush_context()  # the deferred work of earlier plain rounds: not timed as this round's
+            round_start = clock.start()
+            if draft_now:
                 drafted = self._draft(state)
             # 2. the one synchronisation of the round
             fetch = []
@@ -452,6 +458,8 @@ class SpeculativeEngine:
             if drafted is not None:
                 fetch.append(drafted.lengths.to(torch.int64))
             host = torch.cat([t.to(torch.int64).reshape(-1) for t in fetch]).tolist() if fetch else []
+            if fetch:
+                clock.report(self.policy)  # the last round's time (its events are done)
             at = 0
             if pending is not None:
                 n_rows, width = pending.tokens.shape
@@ -462,8 +470,13 @@ class SpeculativeEngine:
                 logprobs = pending.logprobs.reshape(-1).tolist() if pending.logprobs is not None else None
                 before = sum(len(r.tokens) for r in pending.requests)
                 round_lengths, round_accepted = [], []
+                observed_lengths, observed_accepted = [], []  # what the policy learns from
                 for i, r in enumerate(pending.requests):
                     count = accepted[i] + 1
+                    # a request whose remaining token budget bound its verification length says
+                    # little about the drafter: the policy does not learn from it
+                    cap = r.params.max_new_tokens - len(r.tokens) - 1
+                    uncapped = cap >= self.gamma or (pending.verified[i] or 0) < cap
                     r.tokens.extend(tokens[i * width:i * width + count])
                     if logprobs is not None and r.params.logprobs:
                         r.logprobs.extend(logprobs[i * width:i * width + count])
@@ -474,13 +487,16 @@ class SpeculativeEngine:
                         r.metrics.accepted += accepted[i]
                         round_lengths.append(verified)
                         round_accepted.append(accepted[i])
+                        if uncapped:
+                            observed_lengths.append(verified)
+                            observed_accepted.append(accepted[i])
                     self._finish(r)
                 if round_lengths:
                     self.metrics.rounds += 1
                     self.metrics.record(round_lengths, round_accepted)
                     if pending.drafted:
                         self.metrics.drafting_rounds += 1
-                        self.policy.observe(round_lengths, round_accepted)
+                        self.policy.observe(observed_lengths, observed_accepted)
                 bar.update(sum(len(r.tokens) for r in pending.requests) - before)
             lengths = host[at:at + len(active)] if drafted is not None else [0] * len(active)
             pending = None
@@ -504,6 +520,8 @@ class SpeculativeEngine:
             committed = None
             if active:
                 committed = self._verify(active, state, drafted, lengths)
+                clock.stop(round_start, drafted is not None, drafted_requests if drafted is not None else len(active),
+                           len(active) + sum(lengths))
             joined = self._admit(queue, free_slots, results)
             if committed is not None or joined is not None:
                 pending = _Pending.concat(committed, joined)
@@ -692,6 +710,36 @@ class SpeculativeEngine:
         return {"top_k": state.top_k, "top_p": state.top_p, "min_p": state.min_p}
 
 # ------------------------------------------------------------------ state
+
+
+class _RoundClock:
+    """Each round's wall time for the policy (``Policy.observe_round``), from
+    the round's start (before drafting) to its verification launched, admission
+    excluded: host time on the CPU, where every op is synchronous; on CUDA two
+    events on the current stream, read after the next round's synchronisation,
+    so timing adds none."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: Optional[tuple] = None
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, start, drafted: bool, requests: int, batch_tokens: int) -> None:
+        self.pending = (start, self.start(), drafted, requests, batch_tokens)
+
+    def report(self, policy: Policy) -> None:
+        if self.pending is None:
+            return
+        start, stop, drafted, requests, batch_tokens = self.pending
+        self.pending = None
+        seconds = start.elapsed_time(stop) * 1e-3 if self.cuda else stop - start
+        policy.observe_round(drafted, requests, batch_tokens, seconds)
 
 
 @dataclass

@@ -9,6 +9,7 @@ int32 on the same device, with no host synchronisation.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -102,14 +103,19 @@ class SPSTable:
         slope = max(0.0, self.draft_seconds[last] - self.draft_seconds[last - 1])
         return self.draft_seconds[last] + slope * (requests - last)
 
-    def round_rate(self, requests: int, batch_tokens: int, draft: bool = True) -> float:
-        """Rounds per second of a round that drafts for ``requests`` requests (or
-        not, ``draft=False``) and verifies ``batch_tokens`` tokens:
-        ``1 / (t_draft(R) + 1 / SPS(B))``; 0 where the table has no entry."""
+    def round_time(self, requests: int, batch_tokens: int, draft: bool = True) -> float:
+        """Seconds of a round that drafts for ``requests`` requests (or not,
+        ``draft=False``) and verifies ``batch_tokens`` tokens:
+        ``t_draft(R) + 1 / SPS(B)``; infinite where the table has no entry."""
         sps = self(batch_tokens)
         if sps <= 0.0:
-            return 0.0
-        return 1.0 / ((self.draft_time(requests) if draft else 0.0) + 1.0 / sps)
+            return float("inf")
+        return (self.draft_time(requests) if draft else 0.0) + 1.0 / sps
+
+    def round_rate(self, requests: int, batch_tokens: int, draft: bool = True) -> float:
+        """Rounds per second of that round, ``1 / round_time``; 0 where the table
+        has no entry."""
+        return 1.0 / self.round_time(requests, batch_tokens, draft)
 
     def with_draft_cost(self, requests: int) -> List[float]:
         """The table a round of ``requests`` drafted requests is scheduled on:
@@ -285,6 +291,13 @@ class Policy:
         """What a drafting round verified and accepted, per request (host
         values, read by the engine after the round)."""
 
+    def observe_round(self, drafted: bool, requests: int, batch_tokens: int, seconds: float) -> None:
+        """A finished round's wall time (drafting if it drafted, the
+        synchronisation, the verification forward and sampling): it drafted for
+        ``requests`` requests (or was a plain step for them) and verified
+        ``batch_tokens`` tokens. Reported by the engine at the synchronisation
+        after the round."""
+
     def reset(self) -> None:
         """Forgets the history of a run (the engine calls it at every generate)."""
 
@@ -338,44 +351,83 @@ def _as_table(sps: Union[SPSTable, torch.Tensor, Sequence[float]]) -> SPSTable:
 class DraftGate:
     """Adaptive drafting: before each round, whether drafting is expected to pay.
 
-    Estimates, from the drafting rounds observed so far (exponentially
-    weighted, ``memory`` per round): ``tau`` = tokens committed per request and
-    round (bonus included) and ``l`` = drafts verified per request and round,
-    under the policy's own choices. For a batch of ``R`` requests the expected
-    throughput of drafting is ``R tau / (t_draft(R) + 1 / SPS(R + R l))`` and that
-    of a plain step is ``R SPS(R)`` (no drafter work). The rule:
+    What it knows, all from rounds already finished:
+
+    * the drafter, from the drafting rounds observed (exponentially weighted,
+      ``memory`` per request-round, so the estimate spans about
+      ``1 / (1 - memory)`` request-rounds whatever the batch): ``tau`` = tokens
+      committed per request and round (bonus included) and ``l`` = drafts
+      verified per request and round, under the policy's own choices (the
+      engine leaves out requests whose remaining token budget capped the
+      block);
+    * the machine, from the cost table, corrected by the measured wall time of
+      the rounds (``measured=True``): the engine reports every round's seconds
+      (:meth:`observe_round`), and the gate keeps, for plain rounds and for
+      drafting rounds separately, the exponentially weighted geometric mean
+      (``time_memory`` per round) of measured over predicted seconds, ``k_plain``
+      and ``k_draft``. A kind not measured yet takes the other kind's
+      correction. This absorbs what a profile misses or gets wrong on a noisy
+      machine: a table off by tens of percent, the per-round host work
+      (sampling, bookkeeping), the deferred context written when drafting
+      resumes.
+
+    For a batch of ``R`` requests the expected throughput of drafting is
+    ``R tau / (k_draft (t_draft(R) + 1 / SPS(R + R l)))`` and that of a plain step
+    (no drafter work) ``R / (k_plain / SPS(R))``. The rule:
 
     * no observation yet: draft (a probe);
-    * drafting is expected to pay: draft, and the probing interval returns to
-      ``probe_min``;
-    * it is not: plain steps; after ``interval`` of them, one drafting round
-      (a probe) refreshes the estimates, and the interval doubles up to
-      ``probe_max`` while probes keep showing that drafting does not pay.
+    * while drafting: keep drafting while it is expected to pay at least as
+      much as a plain step;
+    * while not drafting: resume when a probe makes drafting expected to pay
+      ``margin`` more than a plain step (a hysteresis, so that a drafter at
+      break-even does not flap between the two on timing noise);
+    * when it stops paying: plain steps; after a wait, one drafting round (a
+      probe) refreshes the estimates. The wait is the larger of an interval
+      that starts at ``probe_min`` and doubles up to ``probe_max`` while probes
+      keep showing that drafting does not pay, and the number of plain steps
+      that keeps the probes' extra cost under ``probe_budget`` of the time
+      (a probe costs ``k_draft (t_draft(R) + 1 / SPS(B))`` against
+      ``k_plain / SPS(R)`` for the plain step it replaces), at most
+      ``probe_cap``.
 
     Lossless: the decision for round t uses only rounds before t (their
-    acceptance is known; round t's draft does not exist yet), and the cost
-    model is a fixed table. Conditioned on the past, a plain step commits a
-    token from the target distribution and a drafting round commits tokens
-    from it too (the acceptance rule is exact for any draft and any
-    verification length chosen without looking at the drafts it admits), so
-    whichever the gate picks, the committed sequence follows the target.
-    Decisions use the profiled costs, never wall time, so a run is
-    reproducible.
+    acceptance and their wall time are known; round t's draft does not exist
+    yet). Conditioned on the past, a plain step commits a token from the
+    target distribution and a drafting round commits tokens from it too (the
+    acceptance rule is exact for any draft and any verification length chosen
+    without looking at the drafts it admits), so whichever the gate picks, the
+    committed sequence follows the target. With ``measured=False`` decisions
+    use the fixed table only, so a run is reproducible (wall times vary between
+    runs; with them, a seeded sampled run can take other decisions and so other,
+    equally exact, samples).
     """
 
-    def __init__(self, table: SPSTable, *, memory: float = 0.8, probe_min: int = 4, probe_max: int = 64) -> None:
+    def __init__(self, table: SPSTable, *, memory: float = 0.97, probe_min: int = 4, probe_max: int = 64,
+                 probe_budget: float = 0.01, probe_cap: int = 1024, margin: float = 0.03, measured: bool = True,
+                 time_memory: float = 0.9) -> None:
         if not 0.0 <= memory < 1.0:
             raise ValueError(f"DraftGate: memory must be in [0, 1), got {memory}")
-        if not 1 <= probe_min <= probe_max:
-            raise ValueError(f"DraftGate: need 1 <= probe_min <= probe_max, got {probe_min}, {probe_max}")
+        if not 0.0 <= time_memory < 1.0:
+            raise ValueError(f"DraftGate: time_memory must be in [0, 1), got {time_memory}")
+        if not 1 <= probe_min <= probe_max <= probe_cap:
+            raise ValueError(f"DraftGate: need 1 <= probe_min <= probe_max <= probe_cap, got {probe_min}, "
+                             f"{probe_max}, {probe_cap}")
+        if not 0.0 <= probe_budget < 1.0:
+            raise ValueError(f"DraftGate: probe_budget must be in [0, 1), got {probe_budget}")
+        if not margin >= 0.0:
+            raise ValueError(f"DraftGate: margin must be >= 0, got {margin}")
         self.table = table
         self.memory, self.probe_min, self.probe_max = memory, probe_min, probe_max
+        self.probe_budget, self.probe_cap, self.margin = probe_budget, probe_cap, margin
+        self.measured, self.time_memory = measured, time_memory
         self.forget()
 
     def forget(self) -> None:
         self._weight = self._tokens = self._verified = 0.0  # weighted request-rounds and their sums
+        self._time_weight = [0.0, 0.0]  # plain, drafting rounds: weights and sums of log(measured / predicted)
+        self._time_log = [0.0, 0.0]
         self._drafting = True  # the state before any observation: draft (a probe)
-        self._interval = self.probe_min  # plain steps before the next probe
+        self._interval = self.probe_min  # the doubling part of the wait before the next probe
         self._countdown = 0
         self.decisions: List[bool] = []  # this gate's decisions, in order (for metrics and tests)
 
@@ -386,33 +438,63 @@ class DraftGate:
             return None
         return self._tokens / self._weight, self._verified / self._weight
 
-    def expected_throughput(self, num_requests: int) -> Tuple[float, float]:
-        """(drafting, plain) expected tokens per second for a batch of ``num_requests``."""
+    def correction(self, drafted: bool) -> float:
+        """Measured over predicted round time (geometric mean) of drafting or plain
+        rounds; the other kind's when this one has no measurement, 1 with none."""
+        kind = int(drafted)
+        for k in (kind, 1 - kind):
+            if self.measured and self._time_weight[k] > 0.0:
+                return math.exp(self._time_log[k] / self._time_weight[k])
+        return 1.0
+
+    def round_times(self, num_requests: int) -> Tuple[float, float]:
+        """(drafting round, plain step) expected seconds for ``num_requests``
+        requests, the drafting round verifying the estimated drafts (none before
+        any observation)."""
         R = num_requests
-        plain = R * self.table(R)
+        est = self.estimates
+        verified = est[1] if est is not None else 0.0
+        drafting = self.correction(True) * self.table.round_time(R, R + int(round(R * verified)))
+        return drafting, self.correction(False) * self.table.round_time(R, R, draft=False)
+
+    def expected_throughput(self, num_requests: int) -> Tuple[float, float]:
+        """(drafting, plain) expected tokens per second for a batch of ``num_requests``
+        (drafting is nan before any observation)."""
+        R = num_requests
+        drafting_time, plain_time = self.round_times(R)
+        plain = R / plain_time
         est = self.estimates
         if est is None:
             return float("nan"), plain
-        tau, verified = est
-        batch = R + int(round(R * verified))
-        return R * tau * self.table.round_rate(R, batch), plain
+        return R * est[0] / drafting_time, plain
+
+    def _wait(self, num_requests: int) -> int:
+        """Plain steps before the next probe."""
+        wait = self._interval
+        if self.probe_budget > 0.0:
+            drafting_time, plain_time = self.round_times(num_requests)
+            if plain_time < float("inf") and drafting_time > plain_time:
+                extra = (drafting_time - plain_time) / plain_time  # a probe's extra cost, in plain steps
+                wait = max(wait, math.ceil(extra / self.probe_budget))
+        return min(wait, self.probe_cap)
 
     def decide(self, num_requests: int) -> bool:
         if num_requests <= 0:
             return False
         drafting, plain = self.expected_throughput(num_requests)
-        if drafting != drafting or drafting >= plain:  # nothing observed yet (a probe), or drafting pays
+        threshold = plain if self._drafting else plain * (1.0 + self.margin)
+        if drafting != drafting or drafting >= threshold:  # nothing observed yet (a probe), or drafting pays
             self._drafting, self._interval, self._countdown = True, self.probe_min, 0
             decision = True
         else:
-            if self._drafting:  # it stopped paying: wait `interval` plain steps before probing
-                self._drafting, self._countdown = False, self._interval
+            if self._drafting:  # it stopped paying: plain steps, then a probe
+                self._drafting, self._countdown = False, self._wait(num_requests)
             if self._countdown > 0:
                 self._countdown -= 1
                 decision = False
-            else:  # a probe; if it still does not pay, the next wait is twice as long
+            else:  # a probe; if it still does not pay, the next wait is longer
                 self._interval = min(2 * self._interval, self.probe_max)
-                self._countdown = self._interval
+                self._countdown = self._wait(num_requests)
                 decision = True
         self.decisions.append(decision)
         return decision
@@ -420,10 +502,29 @@ class DraftGate:
     def observe(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
         if not lengths:
             return
-        keep = self.memory
+        keep = self.memory ** len(lengths)
         self._weight = keep * self._weight + len(lengths)
         self._tokens = keep * self._tokens + sum(a + 1 for a in accepted)
         self._verified = keep * self._verified + sum(lengths)
+
+    def observe_round(self, drafted: bool, requests: int, batch_tokens: int, seconds: float) -> None:
+        """A finished round's wall time: it drafted for ``requests`` requests (or
+        was a plain step for them) and verified ``batch_tokens`` tokens. Ignored
+        with ``measured=False``, for empty rounds and where the table has no
+        entry; one ratio counts at most a factor of 4 either way (a round
+        stalled by the operating system does not swing the estimate)."""
+        if not self.measured or requests <= 0 or not seconds > 0.0 or seconds == float("inf"):
+            return
+        predicted = self.table.round_time(requests, batch_tokens, draft=drafted)
+        if not 0.0 < predicted < float("inf"):
+            return
+        ratio = min(max(math.log(seconds / predicted), -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
+        kind, keep = int(drafted), self.time_memory
+        self._time_weight[kind] = keep * self._time_weight[kind] + 1.0
+        self._time_log[kind] = keep * self._time_log[kind] + ratio
+
+
+_MAX_LOG_RATIO = math.log(4.0)
 
 
 class HardwareAware(Policy):
@@ -448,20 +549,24 @@ class HardwareAware(Policy):
     drafting (``R SPS_R(R)``) is worse than a plain step (``R SPS(R)``), which
     the policy cannot undo once the draft exists; ``adaptive=True`` adds a
     :class:`DraftGate` that skips drafting for rounds where it is not expected
-    to pay. ``envelope=True`` schedules on the table's non-increasing envelope
-    in ``B`` (:meth:`SPSTable.envelope`).
+    to pay; with ``measured=True`` the gate corrects the table by the measured
+    wall time of the engine's rounds (:class:`DraftGate`; ``False``: decisions
+    from the table only, reproducible between runs). ``envelope=True``
+    schedules on the table's non-increasing envelope in ``B``
+    (:meth:`SPSTable.envelope`).
     """
 
     name = "hardware-aware"
 
     def __init__(self, sps: Union[SPSTable, torch.Tensor, Sequence[float]], *, draft_cost: bool = True,
-                 adaptive: bool = True, envelope: bool = True, gate: Optional[DraftGate] = None) -> None:
+                 adaptive: bool = True, envelope: bool = True, gate: Optional[DraftGate] = None,
+                 measured: bool = True) -> None:
         self.sps = _as_table(sps)
         self.model = self.sps.envelope() if envelope else self.sps
         if not draft_cost:
             self.model = SPSTable(self.model.steps_per_second, dict(self.model.meta), [], list(self.model.spread))
         self.draft_cost = draft_cost and bool(self.sps.draft_seconds)
-        self.gate = (gate or DraftGate(self.model)) if adaptive else None
+        self.gate = (gate or DraftGate(self.model, measured=measured)) if adaptive else None
         if not draft_cost:
             self.name = f"{type(self).name} (drafting free)"
         elif not adaptive:
@@ -487,6 +592,10 @@ class HardwareAware(Policy):
     def observe(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
         if self.gate is not None:
             self.gate.observe(lengths, accepted)
+
+    def observe_round(self, drafted: bool, requests: int, batch_tokens: int, seconds: float) -> None:
+        if self.gate is not None:
+            self.gate.observe_round(drafted, requests, batch_tokens, seconds)
 
     def reset(self) -> None:
         """The gate's estimates and decisions carry over between runs of the same
