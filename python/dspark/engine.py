@@ -244,8 +244,8 @@ class SpeculativeEngine:
                 drafter.pack_cpu()
         self.metrics = RunMetrics()
         self._truncating = False  # whether a request of the current run truncates (set by _run)
-        # (hidden, positions, draft-cache slots) of plain rounds, written into the drafter's context in one
-        # batch before the next draft or admission (see _flush_context)
+        # (hidden, positions, request slots) of plain rounds, written into the drafter's context in one
+        # batch before the next draft or admission (see _flush_context; no page changes hands before)
         self._deferred_context: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._logprobs = False  # whether a request of the current run asks for log-probabilities
 
@@ -570,8 +570,8 @@ class SpeculativeEngine:
         if not self._deferred_context:
             return
         parts, self._deferred_context = self._deferred_context, []
-        hidden, positions, slots = parts[0] if len(parts) == 1 else (torch.cat(x) for x in zip(*parts))
-        self.drafter.extend_context(hidden, positions, slots, self.draft_cache)
+        hidden, positions, requests = parts[0] if len(parts) == 1 else (torch.cat(x) for x in zip(*parts))
+        self.drafter.extend_context(hidden, positions, self.draft_cache.slots(requests, positions), self.draft_cache)
 
     # ------------------------------------------------------------ verifying
 
@@ -618,13 +618,14 @@ class SpeculativeEngine:
         # commit on the device
         count = accepted + 1
         new_anchor = result.output_tokens.gather(1, accepted.unsqueeze(1)).squeeze(1).to(torch.int64)
-        if self.drafter is not None:
+        if drafted is None and self.drafter is not None:
+            # a plain round (one row per request, all committed): the drafter's context waits for the next
+            # draft, and so does the work of finding its cache slots
+            self._deferred_context.append((out.hidden, positions, state.slots))
+        elif self.drafter is not None:
             keep = off_t <= accepted[req_t]  # committed positions extend the drafter's context
             slots = self.draft_cache.slots(state.slots[req_t], positions).masked_fill(~keep, -1)
-            if drafted is None:  # a plain round: the drafter's context waits for the next draft
-                self._deferred_context.append((out.hidden, positions, slots))
-            else:
-                self.drafter.extend_context(out.hidden, positions, slots, self.draft_cache)
+            self.drafter.extend_context(out.hidden, positions, slots, self.draft_cache)
         state.anchors = new_anchor
         state.starts = state.starts + count
         state.generated = state.generated + count
