@@ -14,14 +14,8 @@ namespace {
 
 TensorView strided(void* data, std::initializer_list<int64_t> shape, std::initializer_list<int64_t> strides,
                    DType dtype = DType::kFloat32) {
-  TensorView v;
-  v.data = data;
-  v.dtype = dtype;
-  v.present = true;
-  v.ndim = static_cast<int32_t>(shape.size());
+  TensorView v = TensorView::contiguous(data, dtype, Device{}, shape);
   int i = 0;
-  for (int64_t s : shape) v.shape[i++] = s;
-  i = 0;
   for (int64_t s : strides) v.strides[i++] = s;
   return v;
 }

@@ -135,6 +135,17 @@ def replace_tensor(folder: Path, name: str, value: Optional[torch.Tensor], new_n
     raise KeyError(name)
 
 
+def load_tensor(folder: Path, name: str) -> torch.Tensor:
+    """The tensor `name`, from the shard that holds it."""
+    from safetensors.torch import load_file
+
+    for path in weight_files(folder):
+        tensors = load_file(str(path))
+        if name in tensors:
+            return tensors[name]
+    raise KeyError(name)
+
+
 def all_tensor_names(folder: Path) -> List[str]:
     names = []
     for path in weight_files(folder):
@@ -246,32 +257,21 @@ def _flip_bytes(folder, rng):
 
 def _nonfinite_weight(folder, rng):
     name = rng.choice(all_tensor_names(folder))
-    from safetensors.torch import load_file
-
-    for path in weight_files(folder):
-        tensors = load_file(str(path))
-        if name in tensors:
-            t = tensors[name].clone()
-            flat = t.view(-1)
-            flat[rng.randrange(flat.numel())] = rng.choice([math.nan, math.inf, -math.inf])
-            replace_tensor(folder, name, t)
-            return f"{name}: one weight made non-finite"
-    raise KeyError(name)
+    t = load_tensor(folder, name).clone()
+    flat = t.view(-1)
+    flat[rng.randrange(flat.numel())] = rng.choice([math.nan, math.inf, -math.inf])
+    replace_tensor(folder, name, t)
+    return f"{name}: one weight made non-finite"
 
 
 def _dtype_change(bad: bool):
     def apply(folder, rng):
         name = rng.choice(all_tensor_names(folder))
-        from safetensors.torch import load_file
-
-        for path in weight_files(folder):
-            tensors = load_file(str(path))
-            if name in tensors:
-                dtype = rng.choice([torch.int32, torch.int64, torch.uint8, torch.bool, torch.int8] if bad
-                                   else [torch.float64, torch.float16, torch.bfloat16])
-                replace_tensor(folder, name, tensors[name].to(dtype))
-                return f"{name} stored as {dtype}"
-        raise KeyError(name)
+        t = load_tensor(folder, name)
+        dtype = rng.choice([torch.int32, torch.int64, torch.uint8, torch.bool, torch.int8] if bad
+                           else [torch.float64, torch.float16, torch.bfloat16])
+        replace_tensor(folder, name, t.to(dtype))
+        return f"{name} stored as {dtype}"
     return apply
 
 
@@ -309,18 +309,12 @@ def _rename_tensor(folder, rng):
 
 
 def _reshape_tensor(folder, rng):
-    from safetensors.torch import load_file
-
     name = rng.choice(all_tensor_names(folder))
-    for path in weight_files(folder):
-        tensors = load_file(str(path))
-        if name in tensors:
-            t = tensors[name]
-            shape = rng.choice([(t.numel(),), (1, t.numel()), tuple(reversed(t.shape)), (t.numel() + 1,)])
-            value = t.reshape(shape) if math.prod(shape) == t.numel() else torch.zeros(shape)
-            replace_tensor(folder, name, value.contiguous())
-            return f"{name}: shape {list(t.shape)} -> {list(shape)}"
-    raise KeyError(name)
+    t = load_tensor(folder, name)
+    shape = rng.choice([(t.numel(),), (1, t.numel()), tuple(reversed(t.shape)), (t.numel() + 1,)])
+    value = t.reshape(shape) if math.prod(shape) == t.numel() else torch.zeros(shape)
+    replace_tensor(folder, name, value.contiguous())
+    return f"{name}: shape {list(t.shape)} -> {list(shape)}"
 
 
 TARGET_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
