@@ -473,14 +473,14 @@ class SpeculativeEngine:
                 observed_lengths, observed_accepted = [], []  # what the policy learns from
                 for i, r in enumerate(pending.requests):
                     count = accepted[i] + 1
-                    # a request whose remaining token budget bound its verification length says
-                    # little about the drafter: the policy does not learn from it
+                    verified = pending.verified[i]
+                    # a request whose remaining token budget (before this round) bound its
+                    # verification length says little about the drafter: the policy does not learn from it
                     cap = r.params.max_new_tokens - len(r.tokens) - 1
-                    uncapped = cap >= self.gamma or (pending.verified[i] or 0) < cap
+                    uncapped = verified is not None and (cap >= self.gamma or verified < cap)
                     r.tokens.extend(tokens[i * width:i * width + count])
                     if logprobs is not None and r.params.logprobs:
                         r.logprobs.extend(logprobs[i * width:i * width + count])
-                    verified = pending.verified[i]
                     if verified is not None:  # None: the prefill's token, not a round
                         r.metrics.rounds += 1
                         r.metrics.drafted_verified += verified

@@ -368,8 +368,8 @@ class DraftGate:
       and ``k_draft``. A kind not measured yet takes the other kind's
       correction. This absorbs what a profile misses or gets wrong on a noisy
       machine: a table off by tens of percent, the per-round host work
-      (sampling, bookkeeping), the deferred context written when drafting
-      resumes.
+      (sampling, bookkeeping). The deferred context a resumed drafting round
+      writes first is the plain rounds' work and is not timed as that round's.
 
     For a batch of ``R`` requests the expected throughput of drafting is
     ``R tau / (k_draft (t_draft(R) + 1 / SPS(R + R l)))`` and that of a plain step
