@@ -368,4 +368,68 @@ def test_packed_bfloat16_linear_equals_torch_and_never_goes_stale(rows):
     y = layer(x.requires_grad_(True))  # autograd: the plain path, with gradients
     y.float().sum().backward()
     assert x.grad is not None
-    assert not Linear(4, 4).pack_cpu()  # float32 weights are not packed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DSPARK_CPU_PACK_FLOAT32", "off")
+        assert not Linear(4, 4).pack_cpu()  # float32 weights are packed only where it pays
+
+
+@pytest.mark.parametrize("rows", [1, 8, 33])
+def test_packed_float32_linear_equals_torch_where_enabled(monkeypatch, rows):
+    """With float32 packing on, a float32 Linear runs on the packed weight and
+    gives torch's results to float32 rounding; off, it is not packed."""
+    from dspark.models.common import Linear, PackedWeight, _packing_available
+
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "on")
+    torch.manual_seed(rows)
+    layer = Linear(96, 200, bias=True)
+    x = torch.randn(rows, 96)
+    assert layer.pack_cpu() == _packing_available()
+    if layer.packed is None:
+        pytest.skip("this PyTorch has no oneDNN packed linear")
+    with torch.inference_mode():
+        y = layer(x)
+        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert not torch.equal(layer.packed(x, layer.bias), ref) or torch.equal(y, ref)  # it ran the packed path
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.weight.mul_(-1.0)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # stale: not used
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "off")
+    assert not PackedWeight.usable(layer.weight)
+    assert not layer.pack_cpu() and layer.packed is None
+
+
+def test_float32_packing_setting_is_checked_and_auto_is_measured_once(monkeypatch):
+    from dspark.models import common
+
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "sometimes")
+    with pytest.raises(ValueError, match="DSPARK_CPU_PACK_FLOAT32"):
+        common.float32_packing_pays()
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "auto")
+    monkeypatch.setattr(common, "_float32_decision", {})
+    calls = []
+
+    def fake_measure():
+        calls.append(1)
+        return {"pays": True, "packed_ms": 1.0, "blas_ms": 2.0}
+
+    monkeypatch.setattr(common, "_measure_float32_packing", fake_measure)
+    assert common.float32_packing_report() == ""
+    assert common.float32_packing_pays() and common.float32_packing_pays()
+    assert len(calls) == 1
+    assert "packed 1.00 ms against BLAS 2.00 ms" in common.float32_packing_report()
+    monkeypatch.setattr(common, "_float32_decision", {})
+    monkeypatch.setattr(common, "_measure_float32_packing",
+                        lambda: {"pays": False, "packed_ms": 3.0, "blas_ms": 2.0})
+    assert not common.float32_packing_pays()
+    assert "through BLAS" in common.float32_packing_report()
+
+
+def test_float32_packing_measurement_returns_timings():
+    from dspark.models import common
+
+    d = common._measure_float32_packing()
+    assert isinstance(d["pays"], bool)
+    if common._packing_available():
+        assert d["packed_ms"] > 0 and d["blas_ms"] > 0

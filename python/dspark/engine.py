@@ -238,7 +238,7 @@ class SpeculativeEngine:
             drafter.new_cache(total, page_size, max_concurrency, pages_per_request) if drafter is not None else None)
         # the drafter's draft vocabulary (None: it scores the whole vocabulary)
         self.draft_vocab = drafter.vocab_map(self.device) if drafter is not None else None
-        if self.device.type == "cpu":  # bfloat16 layers run on weights packed once (models.common.PackedWeight)
+        if self.device.type == "cpu":  # linears run on weights packed once where it pays (models.common.PackedWeight)
             pack_cpu_linears(target)
             if drafter is not None:
                 drafter.pack_cpu()

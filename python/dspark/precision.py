@@ -53,7 +53,22 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
 def choose(name: str, device: Union[str, torch.device], target=None, gamma: int = 7, repeats: int = 5
            ) -> Tuple[torch.dtype, str]:
     """(dtype, reason) for ``--dtype name``; ``auto`` measures ``target`` (a
-    float32 TargetModel on the CPU) when the CPU has native bfloat16."""
+    float32 TargetModel on the CPU) when the CPU has native bfloat16. For
+    float32 on the CPU the reason also says how its linears run
+    (``models.common.float32_packing_pays``)."""
+    dtype, reason = _choose(name, device, target, gamma, repeats)
+    if dtype == torch.float32 and torch.device(device).type == "cpu":
+        from .models.common import float32_packing_pays, float32_packing_report
+
+        float32_packing_pays()
+        report = float32_packing_report()
+        if report:
+            reason += f"; {report}"
+    return dtype, reason
+
+
+def _choose(name: str, device: Union[str, torch.device], target, gamma: int, repeats: int
+            ) -> Tuple[torch.dtype, str]:
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")

@@ -50,16 +50,36 @@ def tensor_version(t: torch.Tensor) -> int:
         return -1
 
 
-class PackedWeight:
-    """A linear layer's bfloat16 weight laid out once for oneDNN's CPU matmul.
+def _bfloat16_packing_supported() -> bool:
+    """oneDNN packs bfloat16 weights only on CPUs with AVX-512 (BW/VL/DQ) or
+    AVX-NE-CONVERT; elsewhere the reorder raises, and bfloat16 linears stay on
+    torch's own path."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else True
+    except RuntimeError:
+        return False
 
-    Why: for bfloat16 weights on the CPU, torch's linear runs oneDNN's AMX /
-    AVX512-BF16 matmul, which copies the weight into its tiled layout at every
-    call: a fixed cost of tens of microseconds per layer and twice the weight
-    traffic, which made bfloat16 decoding slower than float32 although it reads
-    half the bytes. Packed once, the per-call copy is gone (the same products,
-    the same results). The packed copy is extra memory (one more copy of the
-    weight) and is used only for inference on the CPU with an unchanged weight.
+
+class PackedWeight:
+    """A linear layer's weight laid out once for oneDNN's CPU matmul.
+
+    Why, for bfloat16: torch's linear runs oneDNN's AMX / AVX512-BF16 matmul,
+    which copies the weight into its tiled layout at every call: a fixed cost
+    of tens of microseconds per layer and twice the weight traffic, which made
+    bfloat16 decoding slower than float32 although it reads half the bytes.
+    Packed once, the per-call copy is gone (the same products, the same
+    results).
+
+    Why, for float32 (only where :func:`float32_packing_pays`): torch's float32
+    linear calls the BLAS it was built with (MKL), whose kernels for the few
+    rows of a decoding step are slow on some CPUs (measured on a 2-core AMD
+    EPYC, AVX2: SmolLM2's LM head over 8 rows takes 18.6 ms through MKL and
+    6.1 ms through oneDNN's packed matmul; the whole target forward over 8
+    tokens 81 against 62 ms). On others MKL is as fast, so it is measured.
+
+    The packed copy is extra memory (one more copy of the weight) and is used
+    only for inference on the CPU with an unchanged weight.
     """
 
     def __init__(self, weight: torch.Tensor, rows_hint: int = 8) -> None:
@@ -77,7 +97,84 @@ class PackedWeight:
 
     @staticmethod
     def usable(weight: torch.Tensor) -> bool:
-        return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _packing_available()
+        if weight.device.type != "cpu" or weight.dim() != 2 or not _packing_available():
+            return False
+        if weight.dtype == torch.bfloat16:
+            return _bfloat16_packing_supported()
+        return weight.dtype == torch.float32 and float32_packing_pays()
+
+
+# float32 packing: "on", "off" or "auto" (measured once per process; DSPARK_CPU_PACK_FLOAT32 overrides)
+PACK_FLOAT32_ENV = "DSPARK_CPU_PACK_FLOAT32"
+_PACK_FLOAT32_SHAPE = (16384, 1024)  # 64 MB in float32: larger than a CPU's last-level cache, as model weights are
+_PACK_FLOAT32_ROWS = (1, 8)  # a decoding step's and a verification's rows per request
+_PACK_FLOAT32_REPEATS = 5
+_PACK_FLOAT32_GAIN = 0.95  # packed must take under this share of the BLAS time
+_float32_decision: Dict[str, object] = {}
+
+
+def float32_packing_pays() -> bool:
+    """Whether float32 linears run faster on oneDNN's packed weights than
+    through torch's BLAS on this CPU. ``DSPARK_CPU_PACK_FLOAT32`` = ``on`` /
+    ``off`` decides; ``auto`` (default) times both on a weight larger than the
+    cache (16384 x 1024) for 1 and 8 rows, interleaved, 5 repeats, and packs
+    when the packed median total is under 0.95 of the BLAS one. Measured once
+    per process (about 0.1-0.3 s); :func:`float32_packing_report` says what
+    was measured. Either way the products are the same up to summation order,
+    and plain and speculative decoding in one engine use the same path."""
+    import os
+
+    mode = os.environ.get(PACK_FLOAT32_ENV, "auto").strip().lower()
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"{PACK_FLOAT32_ENV} must be auto, on or off, got {mode!r}")
+    if mode != "auto":
+        return mode == "on" and _packing_available()
+    if "pays" not in _float32_decision:
+        _float32_decision.update(_measure_float32_packing())
+    return bool(_float32_decision["pays"])
+
+
+def float32_packing_report() -> str:
+    """One line on the float32 packing decision ("" before it was measured)."""
+    d = _float32_decision
+    if "pays" not in d:
+        return ""
+    return (f"float32 linears {'on oneDNN packed weights' if d['pays'] else 'through BLAS'} "
+            f"(measured: packed {d['packed_ms']:.2f} ms against BLAS {d['blas_ms']:.2f} ms for 1 + 8 rows "
+            f"of a {_PACK_FLOAT32_SHAPE[0]} x {_PACK_FLOAT32_SHAPE[1]} weight)")
+
+
+def _measure_float32_packing() -> Dict[str, object]:
+    import statistics
+    import time
+
+    if not _packing_available():
+        return {"pays": False, "packed_ms": float("nan"), "blas_ms": float("nan")}
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        weight = torch.randn(_PACK_FLOAT32_SHAPE, generator=gen) * 0.02
+        packed = PackedWeight(weight, max(_PACK_FLOAT32_ROWS))
+        xs = [torch.randn(m, weight.shape[1], generator=gen) for m in _PACK_FLOAT32_ROWS]
+
+        def run(fn) -> float:
+            t0 = time.perf_counter()
+            for x in xs:
+                fn(x)
+            return time.perf_counter() - t0
+
+        def blas(x):
+            return F.linear(x, weight)
+
+        def onednn(x):
+            return packed(x, None)
+
+        run(blas), run(onednn)  # warm-up
+        t_blas, t_packed = [], []
+        for _ in range(_PACK_FLOAT32_REPEATS):
+            t_blas.append(run(blas))
+            t_packed.append(run(onednn))
+    b, p = statistics.median(t_blas), statistics.median(t_packed)
+    return {"pays": p < _PACK_FLOAT32_GAIN * b, "packed_ms": p * 1e3, "blas_ms": b * 1e3}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -91,7 +188,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same checkpoint keys) that runs CPU inference
-    on a :class:`PackedWeight` after :meth:`pack_cpu` (bfloat16 weights only)."""
+    on a :class:`PackedWeight` after :meth:`pack_cpu` (bfloat16 weights, and
+    float32 ones where :func:`float32_packing_pays`)."""
 
     packed: Optional[PackedWeight] = None
 
@@ -107,8 +205,8 @@ class Linear(nn.Linear):
 
 
 def pack_cpu_linears(module: nn.Module, rows_hint: int = 8) -> int:
-    """Packs every :class:`Linear` of `module` whose weight can be (CPU, bfloat16);
-    returns how many were packed."""
+    """Packs every :class:`Linear` of `module` whose weight can be
+    (:meth:`PackedWeight.usable`); returns how many were packed."""
     return sum(m.pack_cpu(rows_hint) for m in module.modules() if isinstance(m, Linear))
 
 

@@ -665,8 +665,9 @@ class DSparkDrafter(nn.Module):
         return self._lm_rows["rows"]
 
     def pack_cpu(self) -> int:
-        """Packs the drafter's bfloat16 linear layers (and its LM head rows) for
-        CPU inference (common.PackedWeight); returns how many layers were packed."""
+        """Packs the drafter's linear layers (and its LM head rows) for CPU
+        inference where :meth:`common.PackedWeight.usable`; returns how many
+        layers were packed."""
         self._pack_rows = True
         self._lm_rows = {}
         return pack_cpu_linears(self)
