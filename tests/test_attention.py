@@ -473,3 +473,37 @@ def test_cuda_append_rope_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out.cpu(), want) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=name)
+@pytest.mark.parametrize("D", [64, 72, 80, 128])
+def test_every_isa_matches_reference_and_threads_do_not_change_bits(dtype, D):
+    """The CPU kernel under each instruction set (register blocks of 8, 16 and
+    32 columns and their tails: D = 72, 80) matches the reference; one request
+    with 8 queries is split over the threads by queries, and the split does not
+    change a bit (every row is computed alone)."""
+    import dspark
+
+    before_isa, before_threads = dspark.cpu_isa(), dspark.num_threads()
+    try:
+        for isa in dspark.backends()["cpu"]["isas"]:
+            dspark.set_cpu_isa(isa)
+            for R in (1, 5):
+                g = torch.Generator().manual_seed(D + R)
+                kv = torch.randint(8, 200, (R,), generator=g).int()  # 8 new queries after a context
+                pages = int((kv.max() + 15) // 16)
+                b = dict(q=torch.randn(8 * R, 6, D, generator=g).to(dtype),
+                         k_cache=torch.randn(R * pages + 2, 16, 2, D, generator=g).to(dtype),
+                         v_cache=torch.randn(R * pages + 2, 16, 2, D, generator=g).to(dtype),
+                         block_table=torch.randperm(R * pages + 2, generator=g)[: R * pages].reshape(R, pages).int(),
+                         kv_lens=kv, cu_q=torch.arange(R + 1, dtype=torch.int32) * 8)
+                for mask in ("causal", "block"):
+                    check_against_reference(b, mask, dtype)
+                    dspark.set_num_threads(1)
+                    one = ops.paged_attention(**b, mask=mask, return_lse=True)
+                    dspark.set_num_threads(before_threads)
+                    many = ops.paged_attention(**b, mask=mask, return_lse=True)
+                    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1]), (isa, R, mask)
+    finally:
+        dspark.set_cpu_isa(before_isa)
+        dspark.set_num_threads(before_threads)

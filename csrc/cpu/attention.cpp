@@ -1,13 +1,18 @@
 // CPU backend of append_kv, paged_attention and rope.
 //
-// paged_attention: threads over (request, kv head). For one pair, the query
-// rows are the q_len queries times the G query heads of the group; keys and
-// values are gathered from the pages 64 at a time, so every loaded key and
-// value serves all the rows; scores and P V are small products per tile, and
-// the online softmax keeps a running maximum, sum and output per row (no
-// score matrix over the whole context). With a sliding window the walk starts
-// at the first key the request's first query sees (keys before it are never
-// read), and each row masks the keys outside its own window.
+// paged_attention: threads over (request, kv head), and over parts of a
+// request's queries when there are fewer pairs than twice the threads. For one
+// job, the query rows are its queries times the G query heads of the group;
+// keys and values are read in place from the pages (in the cache's dtype,
+// widened in registers), 64 keys per tile, so every loaded key and value
+// serves all the rows: S = Q K^T and O += P V are small register-blocked
+// products per run of keys within a page (gemm.h), and the online softmax
+// keeps a running maximum, sum and output per row (no score matrix over the
+// whole context). Under the causal mask the walk stops at the job's last
+// query's key; with a sliding window it starts at the first key the job's
+// first query sees (keys outside are never read), and each row masks the keys
+// outside its own window. Bytes: each job reads its keys and values once,
+// R Hkv parts kv_len D (2 x dtype) in all, plus q and out.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -69,44 +74,56 @@ void paged_attention(const PagedAttentionArgs& a) {
   const int32_t* table = a.block_table.ptr<int32_t>();
   const float scale = a.scale;
   const int64_t window = a.window;
+  const int64_t key_stride = Hkv * D;  // elements between consecutive keys of one head in a page
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-  parallel_for(R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q, k, v, vt, pv, s, m, l, acc, alpha_row;
+  // Jobs: (request, kv head, part of the request's queries). A request's
+  // queries are split into parts only when there are fewer (request, head)
+  // pairs than twice the threads, so that small batches use every core.
+  int64_t max_q = 0;
+  for (int64_t r = 0; r < R; ++r) max_q = std::max<int64_t>(max_q, cu[r + 1] - cu[r]);
+  const int64_t pairs = R * Hkv;
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>(max_q, (2 * num_threads() + pairs - 1) / std::max<int64_t>(pairs, 1)));
+
+  parallel_for(pairs * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q, s, m, l, acc;
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t r = job / Hkv, h = job % Hkv;
+      const int64_t r = job / (Hkv * parts), h = job / parts % Hkv, part = job % parts;
       const int64_t q0 = cu[r], q_len = cu[r + 1] - cu[r], kv = lens[r];
-      const int64_t rows = q_len * G;
+      // this job's queries [i0, i1) of the request's q_len
+      const int64_t per = (q_len + parts - 1) / parts;
+      const int64_t i0 = std::min(q_len, part * per), i1 = std::min(q_len, i0 + per);
+      const int64_t rows = (i1 - i0) * G;
       if (rows == 0) continue;
       q.resize(static_cast<size_t>(rows * D));
-      for (int64_t i = 0; i < q_len; ++i)
+      for (int64_t i = i0; i < i1; ++i)
         for (int64_t g = 0; g < G; ++g)
           convert_to_float(element(a.q, (q0 + i) * a.q.stride(0) + (h * G + g) * a.q.stride(1)), a.q.dtype, D,
-                           &q[static_cast<size_t>((i * G + g) * D)]);
+                           &q[static_cast<size_t>(((i - i0) * G + g) * D)]);
       m.assign(static_cast<size_t>(rows), kNegInf);
       l.assign(static_cast<size_t>(rows), 0.0f);
       acc.assign(static_cast<size_t>(rows * D), 0.0f);
-      k.resize(static_cast<size_t>(kKeyTile * D));
-      v.resize(static_cast<size_t>(kKeyTile * D));
-      vt.resize(static_cast<size_t>(kKeyTile * D));
-      pv.resize(static_cast<size_t>(rows * D));
-      alpha_row.resize(static_cast<size_t>(rows));
       s.resize(static_cast<size_t>(rows * kKeyTile));
       // query i is at position kv - q_len + i; its window starts window - 1 keys before it
-      const int64_t key_begin = window > 0 ? std::max<int64_t>(0, kv - q_len - window + 1) : 0;
-      for (int64_t j0 = key_begin; j0 < kv; j0 += kKeyTile) {
-        const int64_t n = std::min(kKeyTile, kv - j0);
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t key = j0 + j;
+      const int64_t key_begin = window > 0 ? std::max<int64_t>(0, kv - q_len + i0 - window + 1) : 0;
+      // under the causal mask no query of this job sees past its last query's key
+      const int64_t key_end = a.mask == AttentionMask::kCausal ? kv - q_len + i1 : kv;
+      for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyTile) {
+        const int64_t n = std::min(kKeyTile, key_end - j0);
+        // S = Q K^T straight from the pages (keys of one page are key_stride apart)
+        for (int64_t j = 0; j < n;) {
+          const int64_t key = j0 + j, offset = key % page_size;
+          const int64_t run = std::min(n - j, page_size - offset);
           const int64_t page = table[r * max_pages + key / page_size];
-          const int64_t at = ((page * page_size + key % page_size) * Hkv + h) * D;
-          convert_to_float(element(a.k_cache, at), a.k_cache.dtype, D, &k[static_cast<size_t>(j * D)]);
-          convert_to_float(element(a.v_cache, at), a.v_cache.dtype, D, &v[static_cast<size_t>(j * D)]);
+          matmul_nt(q.data(), D, rows, element(a.k_cache, ((page * page_size + offset) * Hkv + h) * D),
+                    a.k_cache.dtype, key_stride, run, D, &s[static_cast<size_t>(j)], kKeyTile);
+          j += run;
         }
-        matmul_nt(q.data(), D, rows, k.data(), DType::kFloat32, D, n, D, s.data(), kKeyTile);
-        // Scores -> probabilities of this tile (rows with no visible key: all 0).
+        // Scores -> probabilities of this tile (rows with no visible key: all 0); the
+        // running output is rescaled to the new maximum before P V is added.
         for (int64_t row = 0; row < rows; ++row) {
-          const int64_t i = row / G;
+          const int64_t i = i0 + row / G;
           const int64_t last = a.mask == AttentionMask::kCausal ? kv - q_len + i : kv - 1;  // last visible key
           const int64_t first = window > 0 ? kv - q_len + i - window + 1 : 0;             // first visible key
           // visible keys of this tile: [begin, visible)
@@ -124,24 +141,27 @@ void paged_attention(const PagedAttentionArgs& a) {
           const float sum = m_new == kNegInf ? (std::fill(sr, sr + n, 0.0f), 0.0f)
                                              : exp_shifted(sr + begin, visible - begin, n - begin, m_new);
           const float alpha = m_new == kNegInf ? 1.0f : std::exp(m_old - m_new);
-          alpha_row[static_cast<size_t>(row)] = alpha;
           l[static_cast<size_t>(row)] = l[static_cast<size_t>(row)] * alpha + sum;
           m[static_cast<size_t>(row)] = m_new;
+          if (alpha != 1.0f) {
+            float* o = &acc[static_cast<size_t>(row * D)];
+            for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
+          }
         }
-        // P V for all rows at once (V transposed so that the product reads rows).
-        for (int64_t j = 0; j < kKeyTile; ++j)
-          for (int64_t d = 0; d < D; ++d) vt[static_cast<size_t>(d * kKeyTile + j)] = j < n ? v[static_cast<size_t>(j * D + d)] : 0.0f;
-        matmul_nt(s.data(), kKeyTile, rows, vt.data(), DType::kFloat32, kKeyTile, D, kKeyTile, pv.data(), D);
-        for (int64_t row = 0; row < rows; ++row) {
-          const float alpha = alpha_row[static_cast<size_t>(row)];
-          float* o = &acc[static_cast<size_t>(row * D)];
-          const float* add = &pv[static_cast<size_t>(row * D)];
-          for (int64_t d = 0; d < D; ++d) o[d] = o[d] * alpha + add[d];
+        // O += P V straight from the pages
+        for (int64_t j = 0; j < n;) {
+          const int64_t key = j0 + j, offset = key % page_size;
+          const int64_t run = std::min(n - j, page_size - offset);
+          const int64_t page = table[r * max_pages + key / page_size];
+          matmul_nn_acc(&s[static_cast<size_t>(j)], kKeyTile, rows,
+                        element(a.v_cache, ((page * page_size + offset) * Hkv + h) * D), a.v_cache.dtype, key_stride,
+                        run, D, acc.data(), D);
+          j += run;
         }
       }
-      for (int64_t i = 0; i < q_len; ++i)
+      for (int64_t i = i0; i < i1; ++i)
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t row = i * G + g, t = q0 + i, head = h * G + g;
+          const int64_t row = (i - i0) * G + g, t = q0 + i, head = h * G + g;
           const float sum = l[static_cast<size_t>(row)];
           const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
           const int64_t out_at = (t * Hq + head) * D;

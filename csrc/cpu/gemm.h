@@ -19,4 +19,10 @@ namespace dspark::cpu {
 void matmul_nt(const float* a, int64_t lda, int64_t m, const void* w, DType w_dtype, int64_t ldw,
                int64_t n, int64_t k, float* c, int64_t ldc, bool a_exact16 = false);
 
+// C += A B: A [M, N] float32 (rows lda apart), B [N, K] float32 / float16 /
+// bfloat16 (rows ldb apart, e.g. attention's V rows in a paged cache), C [M, K]
+// float32 (rows ldc apart). Each B row is read once per block of 4 A rows.
+void matmul_nn_acc(const float* a, int64_t lda, int64_t m, const void* b, DType b_dtype, int64_t ldb,
+                   int64_t n, int64_t k, float* c, int64_t ldc);
+
 }  // namespace dspark::cpu

@@ -62,6 +62,9 @@ struct Kernels {
   // C = A W^T (gemm.h)
   void (*matmul_nt)(const float* a, int64_t lda, int64_t m, const void* w, DType w_dtype, int64_t ldw, int64_t n,
                     int64_t k, float* c, int64_t ldc, bool a_exact16);
+  // C += A B (gemm.h)
+  void (*matmul_nn_acc)(const float* a, int64_t lda, int64_t m, const void* b, DType b_dtype, int64_t ldb, int64_t n,
+                        int64_t k, float* c, int64_t ldc);
   // C = A W^T for bfloat16 A and W with float32 accumulation; null without
   // BF16 dot products
   void (*matmul_bf16)(const uint16_t* a, int64_t lda, int64_t m, const uint16_t* w, int64_t ldw, int64_t n,
