@@ -348,6 +348,27 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_demo_decodes_half_as_many_tokens_above_batch_4(tiny, tmp_path):
+    """Batches above 4 decode half the new tokens (at least 8, at most the
+    asked number) in all three configurations, and the table says how many."""
+    from dspark.demo import CONFIGS, run_demo, tokens_at
+
+    assert [tokens_at(b, 64) for b in (1, 4, 5, 16)] == [64, 64, 32, 32]
+    assert tokens_at(16, 12) == 8 and tokens_at(16, 6) == 6 and tokens_at(16, 40) == 20
+    folder, target = tiny
+    prompts = _demo_setup(folder, target, tmp_path)
+    prompts = {d: p * 3 for d, p in prompts.items()}  # 6 prompts per domain
+    out = io.StringIO()
+    result = run_demo(folder, tmp_path / "drafter", {"code": prompts["code"]}, dtype="float32", batches=(4, 6),
+                      max_new_tokens=20, repeats=1, chat=False, plot=None, progress=False, out=out)
+    assert [(b.batch, b.new_tokens) for b in result.batches] == [(4, 20), (6, 10)]
+    for b in result.batches:
+        for name in CONFIGS:
+            assert b.configs[name].tokens == b.new_tokens * b.batch
+    rows = [line.split() for line in out.getvalue().splitlines() if line.startswith("fixed ")]
+    assert [(int(r[1]), int(r[2])) for r in rows] == [(4, 20), (6, 10)]  # batch, new
+
+
 def test_demo_in_bfloat16_checks_exactness_in_float32_and_measures_divergences(tiny, tmp_path):
     """Outside float32 the demo decodes a batch per domain in float32 as well
     (plain and fixed must be identical there), counts the outputs compared, and

@@ -12,7 +12,8 @@ batch 1, 4 and 16 through three configurations:
   here and now (target steps per second and drafting time), with adaptive
   drafting (rounds where drafting is not expected to pay are plain steps).
 
-Timing: one short warm-up run of each configuration (it also gives the
+Batches above 4 decode half as many new tokens per request (``tokens_at``;
+the table's ``new`` column). Timing: one short warm-up run of each configuration (it also gives the
 adaptive gate its first estimates), then ``repeats`` interleaved rounds of the
 three, so that a drift of the machine's load moves them alike; tokens per
 second are the median over repeats with their range, and the speedup is the
@@ -54,6 +55,15 @@ BATCHES = (1, 4, 16)
 PROFILE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 112, 128)
 FEW_TRIALS = 30  # an acceptance rate from fewer trials is marked as such
 WIDE_SPREAD = 0.15  # a configuration whose range of ratios to plain decoding is wider than this is flagged
+FULL_LENGTH_BATCH = 4  # larger batches decode half as many tokens per request (tokens_at)
+
+
+def tokens_at(batch: int, max_new_tokens: int) -> int:
+    """New tokens per request at `batch`: ``max_new_tokens`` up to batch 4, half
+    of it (at least 8) above, so that the batch-16 rows, whose verification of
+    every draft is the slowest configuration by far, do not take most of the
+    demo's time; the three configurations of a batch always decode the same."""
+    return max_new_tokens if batch <= FULL_LENGTH_BATCH else min(max_new_tokens, max(8, max_new_tokens // 2))
 
 
 @dataclass
@@ -84,6 +94,7 @@ class BatchResult:
     domain: str
     batch: int
     configs: Dict[str, ConfigResult] = field(default_factory=dict)
+    new_tokens: int = 0  # max_new_tokens of each request at this batch (tokens_at)
 
 
 @dataclass
@@ -171,11 +182,12 @@ def run_demo(target_dir: Path, drafter_dir: Path, prompts: Dict[str, Sequence[st
     bar = _bar(progress, total)
     for domain, batch in jobs:
         ids = encoded[domain][:batch]
-        params = [SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_tokens=stops) for _ in ids]
-        warm = [SamplingParams(temperature=0.0, max_new_tokens=max(4, max_new_tokens // 4), stop_tokens=stops)
+        new_tokens = tokens_at(batch, max_new_tokens)
+        params = [SamplingParams(temperature=0.0, max_new_tokens=new_tokens, stop_tokens=stops) for _ in ids]
+        warm = [SamplingParams(temperature=0.0, max_new_tokens=max(4, new_tokens // 4), stop_tokens=stops)
                 for _ in ids]
         policies = {"fixed": Fixed(), "hardware-aware": HardwareAware(sps)}  # a fresh adaptive gate per batch
-        entry = BatchResult(domain, batch, {name: ConfigResult(name) for name in CONFIGS})
+        entry = BatchResult(domain, batch, {name: ConfigResult(name) for name in CONFIGS}, new_tokens)
 
         def run(name: str, sampling) -> tuple:
             if hasattr(bar, "set_description"):
@@ -377,8 +389,8 @@ def print_tables(result: DemoResult, gamma: int, out=sys.stdout) -> None:
 
     wide = []
     for domain in dict.fromkeys(b.domain for b in result.batches):
-        head = (f"{'[' + domain + ']':22} {'batch':>5} {'tok/s':>7} {'range':>13} {'speedup':>8} {'range':>13} "
-                f"{'tau':>5} {'verified':>8} {'drafted':>8}")
+        head = (f"{'[' + domain + ']':22} {'batch':>5} {'new':>4} {'tok/s':>7} {'range':>13} {'speedup':>8} "
+                f"{'range':>13} {'tau':>5} {'verified':>8} {'drafted':>8}")
         say(head)
         say("-" * len(head))
         for b in (b for b in result.batches if b.domain == domain):
@@ -397,10 +409,11 @@ def print_tables(result: DemoResult, gamma: int, out=sys.stdout) -> None:
                     if r.ratios and max(r.ratios) - min(r.ratios) > WIDE_SPREAD:
                         wide.append(f"{domain} batch {b.batch} {name}")
                 mark = " *" if name == "hardware-aware" and r.median_speed < 0.97 * best_other else ""
-                say(f"{name:22} {b.batch:5d} {r.median_speed:7.1f} {span:>13} {ratio:>8} {ratio_span:>13} "
+                say(f"{name:22} {b.batch:5d} {b.new_tokens:4d} {r.median_speed:7.1f} {span:>13} {ratio:>8} {ratio_span:>13} "
                     f"{m.tau:5.2f} {m.verified_per_round:8.2f} {drafted:>8}{mark}")
         say()
-    say("tok/s: median over the timed repeats (range: slowest-fastest); speedup: median of the ratios to plain "
+    say("new: new tokens per request (half above batch 4); tok/s: median over the timed repeats (range: "
+        "slowest-fastest); speedup: median of the ratios to plain "
         "decoding in the same repeat (runs interleaved); tau: tokens per request-round, bonus included; "
         "verified: drafts verified per request-round; drafted: rounds that drafted; * hardware-aware below 0.97x "
         "of the better of plain and fixed")
