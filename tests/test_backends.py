@@ -46,3 +46,28 @@ def test_drivers_that_run_the_build(driver, runtime):
     """Minor-version compatibility: a runtime of major M runs on any driver for
     CUDA M.0 or newer, older minors included."""
     assert C.cuda_driver_problem(driver, runtime) == ""
+
+
+def test_cli_shortens_openmp_spinning_unless_the_user_set_it(tmp_path):
+    """`python -m dspark` sets GOMP_SPINCOUNT=3000 before torch loads, unless
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY is set; `import dspark` changes nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def info(extra):
+        out = subprocess.run([sys.executable, "-m", "dspark", "info"], env={**env, **extra}, capture_output=True,
+                             text=True, check=True, cwd=tmp_path).stdout
+        return json.loads(out)["openmp_env"]
+
+    assert info({})["GOMP_SPINCOUNT"] == "3000"
+    assert info({"GOMP_SPINCOUNT": "100000"})["GOMP_SPINCOUNT"] == "100000"
+    got = info({"OMP_WAIT_POLICY": "ACTIVE"})
+    assert got["GOMP_SPINCOUNT"] is None and got["OMP_WAIT_POLICY"] == "ACTIVE"
+    code = "import os, dspark; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout
+    assert out.strip() == "None"

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -29,6 +30,13 @@ int default_num_threads() {
   return hw > 0 ? static_cast<int>(hw) : 1;
 }
 
+// Workers sleep on a condition variable between regions. A region's tasks are
+// claimed one at a time from an atomic word that carries the region's
+// generation with the next index, so a worker that wakes late (its core taken
+// by another runtime's spinning threads, e.g. PyTorch's OpenMP workers after an
+// op) cannot claim a task of a later region; and the caller waits for the
+// tasks to be done, not for every worker to wake: when no worker gets a core
+// in time, the calling thread runs the whole region itself instead of waiting.
 class ThreadPool {
  public:
   explicit ThreadPool(int threads) { resize(threads); }
@@ -49,34 +57,50 @@ class ThreadPool {
   // Runs task(i) for i in [0, count) on the pool and the calling thread.
   void run(int64_t count, const std::function<void(int64_t)>& task) {
     std::unique_lock<std::mutex> call(call_mutex_);  // one parallel region at a time
+    uint32_t tag;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       task_ = &task;
       count_ = count;
-      next_.store(0);
-      pending_ = static_cast<int64_t>(workers_.size());
+      tag = static_cast<uint32_t>(++generation_);
+      claim_.store(static_cast<uint64_t>(tag) << 32);
+      completed_.store(0);
       error_ = nullptr;
-      ++generation_;
     }
     wake_.notify_all();
-    drain();
+    drain(tag, &task, count);
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
+    done_.wait(lock, [&] { return completed_.load() == count; });
     task_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
-  void drain() {
+  // Claims and runs tasks of the region tagged `tag` until none is left (or
+  // a later region has started).
+  void drain(uint32_t tag, const std::function<void(int64_t)>* task, int64_t count) {
     const bool was_in_region = t_in_parallel_region;
     t_in_parallel_region = true;
     const IeeeDenormals ieee;  // workers may have inherited flush-to-zero
-    for (int64_t i = next_.fetch_add(1); i < count_; i = next_.fetch_add(1)) {
+    for (;;) {
+      uint64_t word = claim_.load();
+      int64_t index = -1;
+      while ((word >> 32) == tag && static_cast<int64_t>(word & 0xffffffffu) < count) {
+        if (claim_.compare_exchange_weak(word, word + 1)) {
+          index = static_cast<int64_t>(word & 0xffffffffu);
+          break;
+        }
+      }
+      if (index < 0) break;
       try {
-        (*task_)(i);
+        (*task)(index);
       } catch (...) {
         std::lock_guard<std::mutex> lock(mutex_);
         if (!error_) error_ = std::current_exception();
+      }
+      if (completed_.fetch_add(1) + 1 == count) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        done_.notify_all();
       }
     }
     t_in_parallel_region = was_in_region;
@@ -84,18 +108,18 @@ class ThreadPool {
 
   void work(uint64_t seen) {
     for (;;) {
+      const std::function<void(int64_t)>* task;
+      int64_t count;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return shutdown_ || generation_ != seen; });
+        wake_.wait(lock, [&] { return shutdown_ || (generation_ != seen && task_ != nullptr); });
         if (shutdown_) return;
         seen = generation_;
+        task = task_;
+        count = count_;
       }
-      drain();
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        --pending_;
-      }
-      done_.notify_all();
+      // the task is only called after a claim of this region succeeds, so it is alive then
+      drain(static_cast<uint32_t>(seen), task, count);
     }
   }
 
@@ -115,8 +139,8 @@ class ThreadPool {
   std::condition_variable wake_, done_;
   const std::function<void(int64_t)>* task_ = nullptr;
   int64_t count_ = 0;
-  std::atomic<int64_t> next_{0};
-  int64_t pending_ = 0;
+  std::atomic<uint64_t> claim_{0};  // (region tag << 32) | next task index
+  std::atomic<int64_t> completed_{0};
   uint64_t generation_ = 0;
   bool shutdown_ = false;
   std::exception_ptr error_;

@@ -31,7 +31,10 @@ from typing import List, Optional
 def _info(_: argparse.Namespace) -> int:
     import dspark
 
-    print(json.dumps({"version": dspark.__version__, "backends": dspark.backends()}, indent=2))
+    import os
+
+    openmp = {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    print(json.dumps({"version": dspark.__version__, "backends": dspark.backends(), "openmp_env": openmp}, indent=2))
     return 0
 
 
