@@ -672,3 +672,19 @@ def test_deferred_context_is_written_before_requests_join(llama, monkeypatch):
     m = engine.metrics
     assert 0 < m.drafting_rounds < m.rounds
     assert len(admitted) > 2 and set(admitted) == {0} and set(drafted) == {0}
+
+
+def test_a_drafter_used_by_an_engine_can_be_copied(llama, monkeypatch):
+    """After an engine packed the drafter's layers and LM head rows (float32
+    packing forced on), a deep copy of the target and drafter decodes the same
+    tokens in a new engine."""
+    import copy
+
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "on")
+    prompts = PROMPTS[:4]
+    drafter = llama.bigram_drafter(prompts, draft_vocab=48)
+    engine = SpeculativeEngine(llama.target, drafter, max_concurrency=4, max_model_len=80)
+    first = [r.tokens for r in engine.generate(prompts, greedy())]
+    target2, drafter2 = copy.deepcopy(llama.target), copy.deepcopy(drafter)
+    again = SpeculativeEngine(target2, drafter2, max_concurrency=4, max_model_len=80)
+    assert [r.tokens for r in again.generate(prompts, greedy())] == first

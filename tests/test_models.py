@@ -433,3 +433,27 @@ def test_float32_packing_measurement_returns_timings():
     assert isinstance(d["pays"], bool)
     if common._packing_available():
         assert d["packed_ms"] > 0 and d["blas_ms"] > 0
+
+
+def test_packed_layers_and_drafters_can_be_copied_and_pickled(monkeypatch):
+    """A packed layer's oneDNN tensor has no storage: copies and pickles of a
+    packed Linear (and of a drafter with packed LM head rows) come out unpacked
+    and compute the same."""
+    import copy
+    import pickle
+
+    from dspark.models.common import Linear
+
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "on")
+    torch.manual_seed(0)
+    layer = Linear(32, 48)
+    if not layer.pack_cpu():
+        pytest.skip("this PyTorch has no oneDNN packed linear")
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        want = layer(x)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert twin.packed is None and layer.packed is not None
+        with torch.inference_mode():
+            torch.testing.assert_close(twin(x), want, rtol=1e-5, atol=1e-5)
+        assert twin.pack_cpu()

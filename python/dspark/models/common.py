@@ -203,6 +203,13 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed)
 
+    def __getstate__(self) -> dict:
+        # oneDNN's packed tensor has no storage to copy or pickle: a copy of the
+        # layer is unpacked (pack_cpu packs it again)
+        state = dict(super().__getstate__())
+        state.pop("packed", None)
+        return state
+
 
 def pack_cpu_linears(module: nn.Module, rows_hint: int = 8) -> int:
     """Packs every :class:`Linear` of `module` whose weight can be

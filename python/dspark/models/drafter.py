@@ -664,6 +664,13 @@ class DSparkDrafter(nn.Module):
             self._lm_rows = {"key": key, "rows": rows, "packed": packed}
         return self._lm_rows["rows"]
 
+    def __getstate__(self) -> dict:
+        # the LM head rows (and their packed copy, which cannot be copied) are
+        # gathered again on first use
+        state = dict(super().__getstate__())
+        state["_lm_rows"] = {}
+        return state
+
     def pack_cpu(self) -> int:
         """Packs the drafter's linear layers (and its LM head rows) for CPU
         inference where :meth:`common.PackedWeight.usable`; returns how many
