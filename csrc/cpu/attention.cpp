@@ -31,6 +31,12 @@ namespace {
 
 constexpr int64_t kKeyTile = 64;
 
+// Keys [first, first + length) of a tile that lie in one page; `at` is the
+// element offset of the first one's head in the k and v caches (same layout).
+struct KeyRun {
+  int64_t first, length, at;
+};
+
 const char* element(const TensorView& t, int64_t offset) {
   return static_cast<const char*>(t.data) + offset * static_cast<int64_t>(dtype_size(t.dtype));
 }
@@ -88,6 +94,7 @@ void paged_attention(const PagedAttentionArgs& a) {
 
   parallel_for(pairs * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q, s, m, l, acc;
+    std::vector<KeyRun> runs;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t r = job / (Hkv * parts), h = job / parts % Hkv, part = job % parts;
       const int64_t q0 = cu[r], q_len = cu[r + 1] - cu[r], kv = lens[r];
@@ -111,15 +118,19 @@ void paged_attention(const PagedAttentionArgs& a) {
       const int64_t key_end = a.mask == AttentionMask::kCausal ? kv - q_len + i1 : kv;
       for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyTile) {
         const int64_t n = std::min(kKeyTile, key_end - j0);
-        // S = Q K^T straight from the pages (keys of one page are key_stride apart)
+        // the tile's runs of keys within one page (keys of a run are key_stride apart)
+        runs.clear();
         for (int64_t j = 0; j < n;) {
           const int64_t key = j0 + j, offset = key % page_size;
-          const int64_t run = std::min(n - j, page_size - offset);
           const int64_t page = table[r * max_pages + key / page_size];
-          matmul_nt(q.data(), D, rows, element(a.k_cache, ((page * page_size + offset) * Hkv + h) * D),
-                    a.k_cache.dtype, key_stride, run, D, &s[static_cast<size_t>(j)], kKeyTile);
-          j += run;
+          const KeyRun run{j, std::min(n - j, page_size - offset), ((page * page_size + offset) * Hkv + h) * D};
+          runs.push_back(run);
+          j += run.length;
         }
+        // S = Q K^T straight from the pages
+        for (const KeyRun& run : runs)
+          matmul_nt(q.data(), D, rows, element(a.k_cache, run.at), a.k_cache.dtype, key_stride, run.length, D,
+                    &s[static_cast<size_t>(run.first)], kKeyTile);
         // Scores -> probabilities of this tile (rows with no visible key: all 0); the
         // running output is rescaled to the new maximum before P V is added.
         for (int64_t row = 0; row < rows; ++row) {
@@ -148,16 +159,10 @@ void paged_attention(const PagedAttentionArgs& a) {
             for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
           }
         }
-        // O += P V straight from the pages
-        for (int64_t j = 0; j < n;) {
-          const int64_t key = j0 + j, offset = key % page_size;
-          const int64_t run = std::min(n - j, page_size - offset);
-          const int64_t page = table[r * max_pages + key / page_size];
-          matmul_nn_acc(&s[static_cast<size_t>(j)], kKeyTile, rows,
-                        element(a.v_cache, ((page * page_size + offset) * Hkv + h) * D), a.v_cache.dtype, key_stride,
-                        run, D, acc.data(), D);
-          j += run;
-        }
+        // O += P V straight from the pages (values lie where the keys do, in v_cache)
+        for (const KeyRun& run : runs)
+          matmul_nn_acc(&s[static_cast<size_t>(run.first)], kKeyTile, rows, element(a.v_cache, run.at),
+                        a.v_cache.dtype, key_stride, run.length, D, acc.data(), D);
       }
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t g = 0; g < G; ++g) {
