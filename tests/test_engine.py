@@ -27,9 +27,9 @@ GATED_FREE = SPSTable.from_curve(lambda b: 100.0, 256)
 
 
 def policies():
-    # envelope=False: the policies see the jagged table's cliffs as they are
-    return [Fixed(), Fixed(1), Threshold(0.5), HardwareAware(SPS, envelope=False),
-            AsyncHardwareAware(SPS, envelope=False)]
+    # model="measured": the policies see the jagged table's cliffs as they are
+    return [Fixed(), Fixed(1), Threshold(0.5), HardwareAware(SPS, model="measured"),
+            AsyncHardwareAware(SPS, model="measured")]
 
 
 class Setup:
@@ -261,7 +261,7 @@ def test_sampled_lossless(small, config):
                                                                   **extra)
     policy = Fixed()
     if config == "async-hardware-aware":
-        policy = AsyncHardwareAware(SPSTable.from_curve(lambda b: 100.0 * min(b, 900) / 900, 2048), envelope=False)
+        policy = AsyncHardwareAware(SPSTable.from_curve(lambda b: 100.0 * min(b, 900) / 900, 2048), model="measured")
     if config == "adaptive-hardware-aware":
         policy = HardwareAware(BORDERLINE, gate=DraftGate(BORDERLINE.envelope(), memory=0.5, probe_min=1, probe_max=2,
                                                             probe_budget=0.0, measured=False))

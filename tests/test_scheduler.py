@@ -62,14 +62,14 @@ def test_simple_policies_match_the_op():
     assert Fixed()(conf, cap).tolist() == cap.tolist()
     assert Fixed(1)(conf).tolist() == [1] * 9
     assert torch.equal(Threshold(0.4)(conf, cap), ops.schedule_prefix(conf, mode="threshold", threshold=0.4, cap=cap).lengths)
-    assert torch.equal(HardwareAware(sps, envelope=False)(conf, cap),
+    assert torch.equal(HardwareAware(sps, model="measured")(conf, cap),
                        ops.schedule_prefix(conf, mode="causal", sps=sps.tensor(), cap=cap).lengths)
 
 
 def test_async_policy_cold_start_and_capacity_from_two_steps_back():
     g = torch.Generator().manual_seed(3)
     sps = SPSTable.from_curve(lambda b: 1.0 / (1 + 0.02 * b) * (0.8 if b % 16 == 1 else 1.0), 200)
-    policy = AsyncHardwareAware(sps, envelope=False)
+    policy = AsyncHardwareAware(sps, model="measured")
     confs = [torch.rand(8, 5, generator=g) ** 0.3 for _ in range(3)] + [torch.rand(11, 5, generator=g) ** 0.3]
     # steps 0 and 1: the synchronous causal scheduler
     for t in range(2):
@@ -172,6 +172,85 @@ def test_envelope_is_non_increasing_in_the_batch_and_keeps_cliffs():
     assert env.steps_per_second == [0.0, 10.0, 10.0, 6.0, 6.0, 6.0, 2.0]
     assert env.draft_seconds == [0.0, 0.2, 0.2, 0.3]
     assert table.steps_per_second == [0.0, 10.0, 11.0, 6.0, 7.0, 6.0, 2.0]  # the measurement is kept
+
+
+def test_non_decreasing_fit_pools_violators_and_the_minorant_is_the_lower_hull():
+    from dspark.scheduler import _convex_minorant, _non_decreasing_fit
+
+    assert _non_decreasing_fit([1.0, 3.0, 2.0, 4.0, 1.0]) == pytest.approx([1.0, 2.5, 2.5, 2.5, 2.5])
+    assert _non_decreasing_fit([2.0, 2.0, 5.0]) == [2.0, 2.0, 5.0]
+    assert _non_decreasing_fit([]) == []
+    # the hull of (0,1) (1,1) (2,4) (3,4) (4,5) is (0,1) (1,1) (4,5): (2,4) and (3,4) lie above that chord
+    assert _convex_minorant([1.0, 1.0, 4.0, 4.0, 5.0]) == pytest.approx([1.0, 1.0, 7 / 3, 11 / 3, 5.0])
+    assert _convex_minorant([0.0, 1.0, 1.5, 4.0]) == pytest.approx([0.0, 0.75, 1.5, 4.0])
+    assert _convex_minorant([3.0]) == [3.0]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        values = (torch.rand(30, generator=g) * 10).tolist()
+        fit = _non_decreasing_fit(values)
+        hull = _convex_minorant(fit)
+        assert all(a <= b + 1e-12 for a, b in zip(fit, fit[1:]))
+        assert sum(fit) == pytest.approx(sum(values))  # pooling keeps each block's mean
+        slopes = [b - a for a, b in zip(hull, hull[1:])]
+        assert all(s >= -1e-12 for s in slopes) and all(a <= b + 1e-9 for a, b in zip(slopes, slopes[1:]))
+        assert all(h <= f + 1e-9 for h, f in zip(hull, fit))  # below the fit, and touching it at the ends
+        assert hull[0] == pytest.approx(fit[0]) and hull[-1] == pytest.approx(fit[-1])
+
+
+def test_convex_model_keeps_a_convex_table_and_smooths_steps():
+    affine = SPSTable.from_curve(lambda b: 1.0 / (0.01 + 0.001 * b), 40, draft_curve=lambda r: 0.002 * r,
+                                 max_requests=4)
+    model = affine.convex()
+    assert model.steps_per_second == pytest.approx(affine.steps_per_second)
+    assert model.draft_seconds == pytest.approx(affine.draft_seconds)
+    # a step (B = 5 slow) and a table that ends (0 past B = 8): times become convex and non-decreasing
+    table = SPSTable([0.0, 10.0, 10.0, 10.0, 10.0, 5.0, 10.0, 10.0, 10.0, 0.0, 0.0],
+                     draft_seconds=[0.0, 0.2, 0.1, 0.3])
+    times = [1.0 / v for v in table.convex().steps_per_second[1:9]]
+    # non-decreasing fit: 0.1 x 4, then the run 0.2, 0.1, 0.1, 0.1 pooled to 0.125; then its lower hull
+    assert times == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.10625, 0.1125, 0.11875, 0.125])
+    assert table.convex().steps_per_second[9:] == [0.0, 0.0]
+    assert table.convex().draft_seconds == pytest.approx([0.0, 0.15, 0.15, 0.3])
+    assert table.steps_per_second[5] == 5.0  # the measurement is kept
+
+
+def test_causal_schedule_on_the_convex_model_is_the_global_optimum():
+    """theta = E[tau] / T(B) with E concave in B (candidates by survival,
+    descending) and T convex: quasi-concave, so the causal early stop (which
+    losslessness requires) finds the global search's throughput. On the
+    envelope of the same noisy table it can stop in front of a step."""
+    g = torch.Generator().manual_seed(7)
+    stopped_early = 0
+    for trial in range(40):
+        R, gamma = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 8, (1,), generator=g))
+        B_max = R * (gamma + 1)
+        noise = 1.0 + 0.3 * torch.rand(B_max, generator=g)
+        times = [(0.01 + 0.0004 * b) * float(noise[b - 1]) for b in range(1, B_max + 1)]
+        profiled = SPSTable([0.0] + [1.0 / t for t in times], {"device": "cpu"},
+                            [0.0] + [0.003 * r for r in range(1, R + 1)])
+        conf = torch.rand(R, gamma, generator=g) ** 0.2
+        for model in ("convex", "envelope"):
+            table = HardwareAware(profiled, model=model, adaptive=False).table(torch.device("cpu"), R)
+            causal = ops.schedule_prefix(conf, mode="causal", sps=table)
+            best = ops.schedule_prefix(conf, mode="global", sps=table)
+            if model == "convex":
+                assert float(causal.throughput) == pytest.approx(float(best.throughput), rel=1e-5), trial
+            else:
+                stopped_early += float(causal.throughput) < float(best.throughput) * (1 - 1e-5)
+    assert stopped_early >= 5  # the failure the convex model removes is common on noisy tables
+
+
+def test_table_model_auto_is_convex_for_a_cpu_profile_and_the_envelope_otherwise():
+    values = [0.0, 10.0, 12.0, 6.0, 7.0, 5.0]
+    cpu = SPSTable(values, {"device": "cpu"})
+    cuda = SPSTable(values, {"device": "cuda:0"})
+    assert HardwareAware(cpu).model.steps_per_second == pytest.approx(cpu.convex().steps_per_second)
+    assert HardwareAware(cuda).model.steps_per_second == cuda.envelope().steps_per_second
+    assert HardwareAware(values).model.steps_per_second == SPSTable(values).envelope().steps_per_second
+    assert HardwareAware(cpu, model="measured").model.steps_per_second == values
+    assert AsyncHardwareAware(cpu, model="envelope").model.steps_per_second == cpu.envelope().steps_per_second
+    with pytest.raises(ValueError, match="model must be one of"):
+        HardwareAware(cpu, model="smooth")
 
 
 def test_hardware_aware_schedules_on_the_table_with_the_drafting_cost():

@@ -55,11 +55,13 @@ class SPSTable:
     (``draft_seconds[R]``, ``R = 0..R_max``, entry 0 is 0).
 
     The measured curve is kept as it is (real curves are jagged: kernel tile
-    boundaries, CUDA graph buckets); :meth:`envelope` gives its non-increasing
-    envelope in ``B``, which the hardware-aware policies use by default so that
-    timing noise that makes a larger batch look faster is not taken for a
-    cliff. Any fixed table keeps every policy lossless: the table is a
-    modelling choice, not a part of the acceptance rule.
+    boundaries, CUDA graph buckets). The hardware-aware policies schedule on a
+    model of it: :meth:`envelope`, its non-increasing envelope in ``B`` (timing
+    noise that makes a larger batch look faster is not taken for a cliff, real
+    cliffs stay), or :meth:`convex`, a convex non-decreasing fit of the step
+    time (noise is pooled; the causal scheduler's early stop then finds the
+    best round size). Any fixed table keeps every policy lossless: the table is
+    a modelling choice, not a part of the acceptance rule.
 
     ``spread`` / ``draft_spread`` keep the relative interquartile range of each
     profiled entry (empty when unknown), so a caller can tell a trustworthy
@@ -135,6 +137,36 @@ class SPSTable:
             high = max(high, v)
             draft.append(high)
         return SPSTable(sps, dict(self.meta, envelope=True), draft, list(self.spread), list(self.draft_spread))
+
+    def convex(self) -> "SPSTable":
+        """The convex model: the step time ``1 / SPS(B)`` fitted by the
+        non-decreasing least-squares fit (pool-adjacent-violators), then
+        replaced by that fit's greatest convex minorant (its lower convex hull,
+        linear between its corners); the drafting time fitted non-decreasing in
+        ``R`` the same way. Entries past the first 0 (not admitted) stay 0.
+
+        Why: the causal scheduler stops at the first round size that does not
+        raise ``theta = E[tau] / T(B)``, and ``E[tau]`` is concave in ``B``
+        (candidates come by survival, descending). With ``T`` convex and
+        positive, ``theta`` is quasi-concave, so that first stop is its global
+        maximum: the early stop, which losslessness requires, loses nothing.
+        On a table with steps (the running-minimum envelope of a noisy
+        profile has one wherever a repeat ran slow) it stops in front of the
+        first step, however much larger ``theta`` is past it. A CPU forward's
+        time grows smoothly with ``B`` at these sizes (bytes first, then
+        arithmetic: a maximum of affine functions, convex), so on a CPU the
+        steps of a profile are noise, and pooling them is the better model;
+        a GPU's steps (tile and graph-bucket boundaries) are real and
+        reproducible (see ``HardwareAware``'s ``model``)."""
+        times = []
+        for v in self.steps_per_second[1:]:
+            if v <= 0.0:
+                break
+            times.append(1.0 / v)
+        fitted = _convex_minorant(_non_decreasing_fit(times))
+        sps = [0.0] + [1.0 / t for t in fitted] + [0.0] * (self.max_batch_tokens - len(fitted))
+        draft = [0.0] + _non_decreasing_fit(self.draft_seconds[1:]) if self.draft_seconds else []
+        return SPSTable(sps, dict(self.meta, model="convex"), draft, list(self.spread), list(self.draft_spread))
 
     def tensor(self, device: Union[str, torch.device] = "cpu", requests: Optional[int] = None) -> torch.Tensor:
         """The ``[B_max + 1]`` float32 table that schedule_prefix takes; with
@@ -257,6 +289,42 @@ class SPSTable:
         floats = lambda key: [float(x) for x in data.get(key, [])]  # noqa: E731
         return cls(floats("steps_per_second"), dict(data.get("meta", {})), floats("draft_seconds"), floats("spread"),
                    floats("draft_spread"))
+
+
+def _non_decreasing_fit(values: Sequence[float]) -> List[float]:
+    """The non-decreasing sequence nearest to ``values`` in least squares
+    (pool-adjacent-violators: a run that decreases is replaced by its mean)."""
+    blocks: List[List[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    out: List[float] = []
+    for total, count in blocks:
+        out += [total / count] * int(count)
+    return out
+
+
+def _convex_minorant(values: Sequence[float]) -> List[float]:
+    """The greatest convex function below the points ``(i, values[i])``
+    (their lower convex hull, linear between its corners)."""
+    hull: List[int] = []
+    for i, v in enumerate(values):
+        # drop the last corner while it lies on or above the chord from the one before it to i
+        while len(hull) > 1:
+            a, b = hull[-2], hull[-1]
+            if (values[b] - values[a]) * (i - a) >= (v - values[a]) * (b - a):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    out = list(values)
+    for a, b in zip(hull, hull[1:]):
+        for i in range(a + 1, b):
+            out[i] = values[a] + (values[b] - values[a]) * (i - a) / (b - a)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -527,6 +595,19 @@ class DraftGate:
 _MAX_LOG_RATIO = math.log(4.0)
 
 
+TABLE_MODELS = ("auto", "convex", "envelope", "measured")
+
+
+def _table_model(table: SPSTable, model: str, owner: str) -> SPSTable:
+    if model not in TABLE_MODELS:
+        raise ValueError(f"{owner}: model must be one of {', '.join(TABLE_MODELS)}, got {model!r}")
+    if model == "auto":
+        model = "convex" if str(table.meta.get("device", "")).startswith("cpu") else "envelope"
+    if model == "convex":
+        return table.convex()
+    return table.envelope() if model == "envelope" else table
+
+
 class HardwareAware(Policy):
     """The paper's Algorithm 1 (causal, with early stopping), lossless and
     synchronous: it decides from the current round's confidences, with the
@@ -551,18 +632,27 @@ class HardwareAware(Policy):
     :class:`DraftGate` that skips drafting for rounds where it is not expected
     to pay; with ``measured=True`` the gate corrects the table by the measured
     wall time of the engine's rounds (:class:`DraftGate`; ``False``: decisions
-    from the table only, reproducible between runs). ``envelope=True``
-    schedules on the table's non-increasing envelope in ``B``
-    (:meth:`SPSTable.envelope`).
+    from the table only, reproducible between runs).
+
+    ``model`` is what the table becomes before anything is scheduled on it:
+    ``"convex"`` (:meth:`SPSTable.convex`), ``"envelope"``
+    (:meth:`SPSTable.envelope`), ``"measured"`` (the table as profiled) or
+    ``"auto"``: convex for a table profiled on a CPU (its steps are timing
+    noise, and on steps the causal early stop halts in front of the first
+    one: measured on a 2-core CPU at batch 4, a drafter accepted at 0.96 per
+    position verified 2 to 5 of its 7 drafts per request on the envelope,
+    depending on where a profile's noise put the steps, and all 7 on the
+    convex fit), the envelope otherwise (a GPU profile's steps are real and
+    reproducible; analytic tables are taken as they are meant).
     """
 
     name = "hardware-aware"
 
     def __init__(self, sps: Union[SPSTable, torch.Tensor, Sequence[float]], *, draft_cost: bool = True,
-                 adaptive: bool = True, envelope: bool = True, gate: Optional[DraftGate] = None,
+                 adaptive: bool = True, model: str = "auto", gate: Optional[DraftGate] = None,
                  measured: bool = True) -> None:
         self.sps = _as_table(sps)
-        self.model = self.sps.envelope() if envelope else self.sps
+        self.model = _table_model(self.sps, model, type(self).__name__)
         if not draft_cost:
             self.model = SPSTable(self.model.steps_per_second, dict(self.model.meta), [], list(self.model.spread))
         self.draft_cost = draft_cost and bool(self.sps.draft_seconds)
@@ -631,8 +721,8 @@ class AsyncHardwareAware(HardwareAware):
     name = "async-hardware-aware"
 
     def __init__(self, sps: Union[SPSTable, torch.Tensor, Sequence[float]], *, draft_cost: bool = True,
-                 adaptive: bool = False, envelope: bool = True) -> None:
-        super().__init__(sps, draft_cost=draft_cost, adaptive=adaptive, envelope=envelope)
+                 adaptive: bool = False, model: str = "auto") -> None:
+        super().__init__(sps, draft_cost=draft_cost, adaptive=adaptive, model=model)
         if draft_cost and not adaptive:
             self.name = type(self).name
         self._batch_tokens: List[torch.Tensor] = []  # B* of steps t - 2 and t - 1, on the device
