@@ -245,7 +245,7 @@ BORDERLINE = SPSTable.from_curve(lambda b: 100.0, 2048, draft_curve=lambda r: 0.
 
 
 @pytest.mark.parametrize("config", ["target-only", "fixed", "async-hardware-aware", "adaptive-hardware-aware",
-                                    "draft-vocabulary"])
+                                    "draft-vocabulary", "drafting-for-some"])
 def test_sampled_lossless(small, config):
     """The first 4 tokens of 13500 requests follow the enumerated sequence
     distribution of the tiny target (81 cells, power >= 0.99 against TV 0.05).
@@ -265,6 +265,8 @@ def test_sampled_lossless(small, config):
     if config == "adaptive-hardware-aware":
         policy = HardwareAware(BORDERLINE, gate=DraftGate(BORDERLINE.envelope(), memory=0.5, probe_min=1, probe_max=2,
                                                             probe_budget=0.0, measured=False))
+    if config == "drafting-for-some":  # rounds drafting for all, a third, one, none, half of the requests
+        policy = DraftCycle()
     index, metrics = sample_sequences(target, drafter, policy, temperature)
     if drafter is not None:  # drafts were accepted and rejected, many times
         assert metrics.accepted_drafts > 500 and metrics.verified_drafts - metrics.accepted_drafts > 500, metrics
@@ -547,9 +549,9 @@ class DraftOn(Fixed):
         super().__init__()
         self.rule, self.calls = rule, 0
 
-    def draft_this_round(self, num_requests):
+    def draft_requests(self, num_requests):
         self.calls += 1
-        return self.rule(self.calls)
+        return num_requests if self.rule(self.calls) else 0
 
 
 def test_plain_steps_extend_the_drafter_context_like_drafting_rounds(llama, monkeypatch):
@@ -672,6 +674,77 @@ def test_deferred_context_is_written_before_requests_join(llama, monkeypatch):
     m = engine.metrics
     assert 0 < m.drafting_rounds < m.rounds
     assert len(admitted) > 2 and set(admitted) == {0} and set(drafted) == {0}
+
+
+class DraftCycle(Fixed):
+    """Fixed, drafting round after round for all requests, a third, one, none,
+    half of them (a probe drafts for the most recently admitted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.asked = 0, []
+
+    def draft_requests(self, num_requests):
+        self.calls += 1
+        n = [num_requests, num_requests // 3, 1, 0, num_requests // 2][self.calls % 5]
+        self.asked.append((num_requests, n))
+        return n
+
+    def observe(self, lengths, accepted):
+        self.observed = getattr(self, "observed", []) + [len(lengths)]
+
+
+def test_rounds_that_draft_for_some_requests(llama, monkeypatch):
+    """Rounds drafting for some of the requests (the most recently admitted),
+    requests finishing and joining between them: every output equals the
+    target's greedy text; a drafted request's deferred context is written
+    before its draft (the others' waits); every committed position reaches the
+    drafter's context once, and the context cache ends as after a run that
+    drafted every round; the policy learns only from the drafted requests."""
+    drafter = llama.bigram_drafter(PROMPTS)
+    prompts = PROMPTS[:7]
+    lengths = [10 + 3 * i for i in range(len(prompts))]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in lengths]
+    draft, extend = SpeculativeEngine._draft, type(drafter).extend_context
+    drafted_states, written = [], []
+
+    def checked_draft(self, state, *args, **kwargs):
+        pending = {s for entry in self._deferred_context for s in entry[3]}
+        drafted_states.append((state.slots.tolist(), pending))
+        return draft(self, state, *args, **kwargs)
+
+    def logged_extend(self, hidden, positions, slots, cache):
+        written.extend(int(s) for s in slots.tolist() if s >= 0)
+        return extend(self, hidden, positions, slots, cache)
+
+    monkeypatch.setattr(SpeculativeEngine, "_draft", checked_draft)
+    monkeypatch.setattr(type(drafter), "extend_context", logged_extend)
+    runs = []
+    # 3 at a time: requests leave and join between the rounds; 7: all admitted at once, so that both runs give
+    # each request the same cache pages and the caches can be compared
+    for policy, concurrency in ((DraftCycle(), 3), (Fixed(), 7), (DraftCycle(), 7)):
+        drafted_states.clear()
+        written.clear()
+        engine = SpeculativeEngine(llama.target, drafter, policy=policy, max_concurrency=concurrency,
+                                   max_model_len=max(map(len, prompts)) + max(lengths) + 1)
+        results = engine.generate(prompts, params)
+        for prompt, result, n in zip(prompts, results, lengths):
+            assert result.tokens == llama.reference(prompt, n)
+        for slots, pending in drafted_states:
+            assert not set(slots) & pending  # a drafted request's context is complete
+        if isinstance(policy, DraftCycle):
+            assert sum(0 < n < R for R, n in policy.asked) >= 5, policy.asked
+            assert any(pending for _, pending in drafted_states)  # some requests' context waited
+            assert 1 in policy.observed and max(policy.observed) <= concurrency
+            assert sum(policy.observed) < engine.metrics.request_rounds
+            engine._flush_context()  # what is left after the last round
+        runs.append((sorted(written), engine.draft_cache.k.clone(), engine.draft_cache.v.clone()))
+    (slots_all, k_all, v_all), (slots_cycle, k_cycle, v_cycle) = runs[1:]
+    assert slots_cycle == slots_all  # the same cache slots, each written as often
+    index = torch.tensor(sorted(set(slots_all)))
+    flat = lambda t: t.reshape(t.shape[0], -1, *t.shape[3:])[:, index]  # noqa: E731
+    torch.testing.assert_close(flat(k_cycle), flat(k_all), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flat(v_cycle), flat(v_all), atol=1e-5, rtol=1e-5)
 
 
 def test_a_drafter_used_by_an_engine_can_be_copied(llama, monkeypatch):

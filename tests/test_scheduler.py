@@ -405,3 +405,40 @@ def test_gate_bad_arguments():
         DraftGate(COSTS, margin=-0.1)
     with pytest.raises(ValueError, match="time_memory"):
         DraftGate(COSTS, time_memory=1.0)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="probe_requests"):
+            DraftGate(COSTS, probe_requests=bad)
+
+
+def test_gate_probes_draft_for_a_few_requests():
+    """A probe (and the first round) drafts for ``probe_requests`` of the
+    requests, a drafting round that pays for all of them; the budget's wait is
+    priced with the probe's size: a probe of 3 requests (1 ms each) verifying
+    5 drafts each costs 3 + 10 ms against a 10 ms plain step of 16 requests,
+    0.3 steps more, so a 1 % budget waits 30 steps; a probe of all 16
+    (16 + 10 ms) waits 160."""
+    costs = SPSTable.from_curve(lambda b: 100.0, 256, draft_curve=lambda r: 0.001 * r, max_requests=16)
+    gate = DraftGate(costs, probe_requests=3, probe_min=2, probe_max=8, probe_budget=0.0, memory=0.0, measured=False)
+    sizes = []
+    for accepted in [0] * 12 + [5] * 20:
+        n = gate.draft_requests(16)
+        sizes.append(n)
+        if n:
+            gate.observe([5] * n, [accepted] * n)
+    assert sizes[0] == 3 and set(sizes[:12]) == {0, 3}  # the first round, then probes while it does not pay
+    first = next(i for i in range(12, len(sizes)) if sizes[i])
+    assert sizes[first] == 3 and set(sizes[first + 1:]) == {16}  # a probe sees it paying: every request drafts
+    assert gate.draft_requests(2) == 2  # a drafting round drafts for all, whatever their number
+    for probe_requests, wait in ((3, 30), (None, 160)):
+        budgeted = DraftGate(costs, probe_requests=probe_requests, probe_min=2, probe_max=8, probe_budget=0.01,
+                             measured=False)
+        sizes = []
+        for _ in range(400):
+            n = budgeted.draft_requests(16)
+            sizes.append(n)
+            if n:
+                budgeted.observe([5] * n, [0] * n)
+        probes = [i for i, n in enumerate(sizes) if n]
+        gaps = {b - a - 1 for a, b in zip(probes, probes[1:])}
+        assert gaps and all(abs(g - wait) <= 1 for g in gaps), (probe_requests, probes)
+        assert {sizes[i] for i in probes} == {probe_requests or 16}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -244,9 +244,10 @@ class SpeculativeEngine:
                 drafter.pack_cpu()
         self.metrics = RunMetrics()
         self._truncating = False  # whether a request of the current run truncates (set by _run)
-        # (hidden, positions, request slots) of plain rounds, written into the drafter's context in one
-        # batch before the next draft or admission (see _flush_context; no page changes hands before)
-        self._deferred_context: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # (hidden, positions, request slots, the same slots on the host) of plain rounds, written into the
+        # drafter's context in one batch before the next draft or admission (see _flush_context; no page
+        # changes hands before)
+        self._deferred_context: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]] = []
         self._logprobs = False  # whether a request of the current run asks for log-probabilities
 
     # ----------------------------------------------------------------- API
@@ -442,15 +443,19 @@ class SpeculativeEngine:
         self._logprobs = any(r.params.logprobs for r in queue)
         clock = _RoundClock(dev)
         while active or queue or pending is not None:
-            # 1. draft (device), unless the policy expects a plain step to pay more
+            # 1. draft (device) for the requests the policy picks: none (a plain step, when it expects that
+            # to pay more), all, or a probe's few, the most recently admitted (a plain step for the others)
             drafted = None
-            drafted_requests = len(active)
-            draft_now = bool(active) and self.drafter is not None and self.policy.draft_this_round(len(active))
-            if draft_now:
-                self._flush_context()  # the deferred work of earlier plain rounds: not timed as this round's
+            n_draft = 0
+            if active and self.drafter is not None:
+                n_draft = min(max(int(self.policy.draft_requests(len(active))), 0), len(active))
+            subset = list(range(len(active) - n_draft, len(active))) if 0 < n_draft < len(active) else None
+            if n_draft:
+                # the deferred work of earlier plain rounds, for the requests drafted: not timed as this round's
+                self._flush_context(None if subset is None else {active[i].slot for i in subset})
             round_start = clock.start()
-            if draft_now:
-                drafted = self._draft(state)
+            if n_draft:
+                drafted = self._draft(state if subset is None else state.select(subset))
             # 2. the one synchronisation of the round
             fetch = []
             if pending is not None:
@@ -478,6 +483,8 @@ class SpeculativeEngine:
                     # verification length says little about the drafter: the policy does not learn from it
                     cap = r.params.max_new_tokens - len(r.tokens) - 1
                     uncapped = verified is not None and (cap >= self.gamma or verified < cap)
+                    if pending.drafted_rows is not None and not pending.drafted_rows[i]:
+                        uncapped = False  # a plain step within a probe says nothing about the drafter
                     r.tokens.extend(tokens[i * width:i * width + count])
                     if logprobs is not None and r.params.logprobs:
                         r.logprobs.extend(logprobs[i * width:i * width + count])
@@ -498,7 +505,16 @@ class SpeculativeEngine:
                         self.metrics.drafting_rounds += 1
                         self.policy.observe(observed_lengths, observed_accepted)
                 bar.update(sum(len(r.tokens) for r in pending.requests) - before)
-            lengths = host[at:at + len(active)] if drafted is not None else [0] * len(active)
+            lengths = [0] * len(active)
+            drafted_rows = None  # a probe: which requests it drafted for
+            if drafted is not None:
+                lengths = host[at:at + n_draft]
+                if subset is not None:  # the probe's requests in place, the others verify nothing
+                    placed = [0] * len(active)
+                    for j, i in enumerate(subset):
+                        placed[i] = lengths[j]
+                    lengths, drafted = placed, drafted.place(subset, len(active))
+                    drafted_rows = [i in subset for i in range(len(active))]
             pending = None
             # finished requests leave
             keep = [i for i, r in enumerate(active) if r.done is None]
@@ -516,11 +532,14 @@ class SpeculativeEngine:
                 lengths = [lengths[i] for i in keep]
                 if drafted is not None:
                     drafted = drafted.select(keep)
+                if drafted_rows is not None:
+                    drafted_rows = [drafted_rows[i] for i in keep]
             # 3. verify the drafted requests (device), then admit new ones
             committed = None
             if active:
                 committed = self._verify(active, state, drafted, lengths)
-                clock.stop(round_start, drafted is not None, drafted_requests if drafted is not None else len(active),
+                committed.drafted_rows = drafted_rows
+                clock.stop(round_start, drafted is not None, n_draft if drafted is not None else len(active),
                            len(active) + sum(lengths))
             joined = self._admit(queue, free_slots, results)
             if committed is not None or joined is not None:
@@ -536,7 +555,6 @@ class SpeculativeEngine:
         """Drafts a block for every request in ``state`` and (``schedule``) lets the
         policy choose the verification lengths."""
         drafter, target = self.drafter, self.target
-        self._flush_context()
         gamma = self.gamma if self.policy.max_length is None else max(1, min(self.gamma, self.policy.max_length))
         draft = drafter.draft(target, state.anchors, state.starts, state.slots, cache or self.draft_cache,
                               num_positions=gamma)
@@ -558,20 +576,38 @@ class SpeculativeEngine:
         return _Drafted(sampled.draft_tokens, sampled.corrected_logits, lengths,
                         conf.logits if conf is not None else None)
 
-    def _flush_context(self) -> None:
+    def _flush_context(self, requests: Optional[Set[int]] = None) -> None:
         """Writes the committed positions of the plain rounds since the last draft
-        into the drafter's context, in one batch. Plain rounds defer it: while the
-        policy expects drafting not to pay, a round costs one target step and no
-        drafter work at all. It must run before the next draft (which reads the
-        context) and before a request is admitted (a finished request's pages may
-        be handed to it). The values written are the same as when written at once;
+        into the drafter's context, in one batch: of every request, or of the
+        requests in the cache slots ``requests`` (a probe's; the others' wait on).
+        Plain rounds defer it: while the policy expects drafting not to pay, a
+        round costs one target step and no drafter work at all. It must run for
+        a request before it is drafted for (a draft reads the context) and for
+        all before a request is admitted (a finished request's pages may be
+        handed to it). The values written are the same as when written at once;
         only the drafts (never the committed distribution) could see a rounding
         difference from the batched computation."""
         if not self._deferred_context:
             return
-        parts, self._deferred_context = self._deferred_context, []
-        hidden, positions, requests = parts[0] if len(parts) == 1 else (torch.cat(x) for x in zip(*parts))
-        self.drafter.extend_context(hidden, positions, self.draft_cache.slots(requests, positions), self.draft_cache)
+        if requests is None:
+            parts, self._deferred_context = self._deferred_context, []
+        else:
+            parts, kept = [], []
+            for entry in self._deferred_context:
+                take = [i for i, s in enumerate(entry[3]) if s in requests]
+                rest = [i for i, s in enumerate(entry[3]) if s not in requests]
+                for rows, into in ((take, parts), (rest, kept)):
+                    if len(rows) == len(entry[3]):
+                        into.append(entry)
+                    elif rows:
+                        index = host_to_device(rows, torch.int64, self.device)
+                        into.append((entry[0][index], entry[1][index], entry[2][index], [entry[3][i] for i in rows]))
+            self._deferred_context = kept
+            if not parts:
+                return
+        hidden, positions, slots = (parts[0][:3] if len(parts) == 1
+                                    else (torch.cat(x) for x in list(zip(*parts))[:3]))
+        self.drafter.extend_context(hidden, positions, self.draft_cache.slots(slots, positions), self.draft_cache)
 
     # ------------------------------------------------------------ verifying
 
@@ -621,7 +657,7 @@ class SpeculativeEngine:
         if drafted is None and self.drafter is not None:
             # a plain round (one row per request, all committed): the drafter's context waits for the next
             # draft, and so does the work of finding its cache slots
-            self._deferred_context.append((out.hidden, positions, state.slots))
+            self._deferred_context.append((out.hidden, positions, state.slots, [r.slot for r in active]))
         elif self.drafter is not None:
             keep = off_t <= accepted[req_t]  # committed positions extend the drafter's context
             slots = self.draft_cache.slots(state.slots[req_t], positions).masked_fill(~keep, -1)
@@ -786,6 +822,19 @@ class _Drafted:
         return _Drafted(self.tokens[index], self.corrected[index], self.lengths[index],
                         self.conf_logits[index] if self.conf_logits is not None else None)
 
+    def place(self, rows: List[int], total: int) -> "_Drafted":
+        """This probe's drafts at ``rows`` of ``total`` requests; the others drafted
+        nothing (their length is 0, so their other entries are never read)."""
+        index = host_to_device(rows, torch.int64, self.tokens.device)
+
+        def put(t: torch.Tensor, empty: bool = False) -> torch.Tensor:
+            out = t.new_empty((total,) + t.shape[1:]) if empty else t.new_zeros((total,) + t.shape[1:])
+            out[index] = t
+            return out
+
+        return _Drafted(put(self.tokens), put(self.corrected, empty=True), put(self.lengths),
+                        put(self.conf_logits) if self.conf_logits is not None else None)
+
 
 @dataclass
 class _Joined:
@@ -804,6 +853,7 @@ class _Pending:
     verified: List[Optional[int]]  # draft tokens verified per request (None: a prefill)
     drafted: bool = False  # whether the round drafted (a plain step does not)
     logprobs: Optional[torch.Tensor] = None  # [R, width] float32 when requested
+    drafted_rows: Optional[List[bool]] = None  # a probe: which requests it drafted for (None: all or none)
 
     @staticmethod
     def concat(committed: Optional["_Pending"], joined: Optional[_Joined]) -> "_Pending":
@@ -818,9 +868,10 @@ class _Pending:
         logprobs = None
         if committed.logprobs is not None and prefill.logprobs is not None:
             logprobs = torch.cat([pad(committed.logprobs, -float("inf")), pad(prefill.logprobs, -float("inf"))])
+        rows = committed.drafted_rows + [False] * len(prefill.requests) if committed.drafted_rows else None
         return _Pending(committed.requests + prefill.requests, torch.cat([pad(committed.tokens), pad(prefill.tokens)]),
                         torch.cat([committed.accepted, prefill.accepted]), committed.verified + prefill.verified,
-                        committed.drafted, logprobs)
+                        committed.drafted, logprobs, rows)
 
 
 class _NoBar:

@@ -350,10 +350,12 @@ class Policy:
         schedule_prefix's value checks (a synchronisation on CUDA)."""
         raise NotImplementedError
 
-    def draft_this_round(self, num_requests: int) -> bool:
-        """Whether the next round drafts (else it is a plain decoding step with no
-        drafter work), decided from the past only. Default: always."""
-        return True
+    def draft_requests(self, num_requests: int) -> int:
+        """For how many of the next round's ``num_requests`` requests the round
+        drafts, decided from the past only: 0 makes it a plain decoding step with
+        no drafter work; fewer than all drafts for the most recently admitted
+        ones (a probe) and is a plain step for the others. Default: all."""
+        return num_requests
 
     def observe(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
         """What a drafting round verified and accepted, per request (host
@@ -450,13 +452,19 @@ class DraftGate:
       ``margin`` more than a plain step (a hysteresis, so that a drafter at
       break-even does not flap between the two on timing noise);
     * when it stops paying: plain steps; after a wait, one drafting round (a
-      probe) refreshes the estimates. The wait is the larger of an interval
-      that starts at ``probe_min`` and doubles up to ``probe_max`` while probes
-      keep showing that drafting does not pay, and the number of plain steps
-      that keeps the probes' extra cost under ``probe_budget`` of the time
-      (a probe costs ``k_draft (t_draft(R) + 1 / SPS(B))`` against
-      ``k_plain / SPS(R)`` for the plain step it replaces), at most
-      ``probe_cap``.
+      probe) refreshes the estimates. A probe, and the first round, drafts for
+      at most ``probe_requests`` of the requests (the engine takes the most
+      recently admitted; the others take a plain step in that round): ``tau``
+      and ``l`` are per request, so a few requests measure them, and the
+      probe's cost no longer grows with the batch (at batch 16 a probe that
+      drafted for every request also wrote every request's deferred drafter
+      context, a few percent of the plain steps before it on a small target).
+      The wait is the larger of an interval that starts at ``probe_min`` and
+      doubles up to ``probe_max`` while probes keep showing that drafting does
+      not pay, and the number of plain steps that keeps the probes' extra cost
+      under ``probe_budget`` of the time (a probe of ``k`` requests costs
+      ``k_draft (t_draft(k) + 1 / SPS(R + k l))`` against ``k_plain / SPS(R)``
+      for the plain step it replaces), at most ``probe_cap``.
 
     Lossless: the decision for round t uses only rounds before t (their
     acceptance and their wall time are known; round t's draft does not exist
@@ -472,7 +480,7 @@ class DraftGate:
 
     def __init__(self, table: SPSTable, *, memory: float = 0.97, probe_min: int = 4, probe_max: int = 64,
                  probe_budget: float = 0.01, probe_cap: int = 1024, margin: float = 0.03, measured: bool = True,
-                 time_memory: float = 0.9) -> None:
+                 time_memory: float = 0.9, probe_requests: Optional[int] = 4) -> None:
         if not 0.0 <= memory < 1.0:
             raise ValueError(f"DraftGate: memory must be in [0, 1), got {memory}")
         if not 0.0 <= time_memory < 1.0:
@@ -484,6 +492,10 @@ class DraftGate:
             raise ValueError(f"DraftGate: probe_budget must be in [0, 1), got {probe_budget}")
         if not margin >= 0.0:
             raise ValueError(f"DraftGate: margin must be >= 0, got {margin}")
+        if probe_requests is not None and (isinstance(probe_requests, bool) or not isinstance(probe_requests, int)
+                                           or probe_requests < 1):
+            raise ValueError(f"DraftGate: probe_requests must be a positive int or None, got {probe_requests!r}")
+        self.probe_requests = probe_requests
         self.table = table
         self.memory, self.probe_min, self.probe_max = memory, probe_min, probe_max
         self.probe_budget, self.probe_cap, self.margin = probe_budget, probe_cap, margin
@@ -497,6 +509,7 @@ class DraftGate:
         self._drafting = True  # the state before any observation: draft (a probe)
         self._interval = self.probe_min  # the doubling part of the wait before the next probe
         self._countdown = 0
+        self._probe = True  # whether the last drafting decision was a probe
         self.decisions: List[bool] = []  # this gate's decisions, in order (for metrics and tests)
 
     @property
@@ -515,15 +528,20 @@ class DraftGate:
                 return math.exp(self._time_log[k] / self._time_weight[k])
         return 1.0
 
-    def round_times(self, num_requests: int) -> Tuple[float, float]:
+    def round_times(self, num_requests: int, drafted: Optional[int] = None) -> Tuple[float, float]:
         """(drafting round, plain step) expected seconds for ``num_requests``
-        requests, the drafting round verifying the estimated drafts (none before
-        any observation)."""
+        requests, the drafting round drafting for ``drafted`` of them (default
+        all) and verifying the estimated drafts (none before any observation)."""
         R = num_requests
+        k = R if drafted is None else drafted
         est = self.estimates
         verified = est[1] if est is not None else 0.0
-        drafting = self.correction(True) * self.table.round_time(R, R + int(round(R * verified)))
+        drafting = self.correction(True) * self.table.round_time(k, R + int(round(k * verified)))
         return drafting, self.correction(False) * self.table.round_time(R, R, draft=False)
+
+    def probe_size(self, num_requests: int) -> int:
+        """Requests a probe drafts for."""
+        return num_requests if self.probe_requests is None else min(num_requests, self.probe_requests)
 
     def expected_throughput(self, num_requests: int) -> Tuple[float, float]:
         """(drafting, plain) expected tokens per second for a batch of ``num_requests``
@@ -540,7 +558,7 @@ class DraftGate:
         """Plain steps before the next probe."""
         wait = self._interval
         if self.probe_budget > 0.0:
-            drafting_time, plain_time = self.round_times(num_requests)
+            drafting_time, plain_time = self.round_times(num_requests, self.probe_size(num_requests))
             if plain_time < float("inf") and drafting_time > plain_time:
                 extra = (drafting_time - plain_time) / plain_time  # a probe's extra cost, in plain steps
                 wait = max(wait, math.ceil(extra / self.probe_budget))
@@ -553,6 +571,7 @@ class DraftGate:
         threshold = plain if self._drafting else plain * (1.0 + self.margin)
         if drafting != drafting or drafting >= threshold:  # nothing observed yet (a probe), or drafting pays
             self._drafting, self._interval, self._countdown = True, self.probe_min, 0
+            self._probe = drafting != drafting
             decision = True
         else:
             if self._drafting:  # it stopped paying: plain steps, then a probe
@@ -563,9 +582,16 @@ class DraftGate:
             else:  # a probe; if it still does not pay, the next wait is longer
                 self._interval = min(2 * self._interval, self.probe_max)
                 self._countdown = self._wait(num_requests)
-                decision = True
+                self._probe = decision = True
         self.decisions.append(decision)
         return decision
+
+    def draft_requests(self, num_requests: int) -> int:
+        """:meth:`decide`, as the number of requests to draft for: 0 (a plain
+        step), :meth:`probe_size` for a probe, else all of them."""
+        if not self.decide(num_requests):
+            return 0
+        return self.probe_size(num_requests) if self._probe else num_requests
 
     def observe(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
         if not lengths:
@@ -676,8 +702,8 @@ class HardwareAware(Policy):
         return ops.schedule_prefix(conf, mode="causal", sps=self.table(conf.device, conf.shape[0]), cap=cap,
                                    validate=validate).lengths
 
-    def draft_this_round(self, num_requests: int) -> bool:
-        return self.gate.decide(num_requests) if self.gate is not None else True
+    def draft_requests(self, num_requests: int) -> int:
+        return self.gate.draft_requests(num_requests) if self.gate is not None else num_requests
 
     def observe(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
         if self.gate is not None:
