@@ -11,7 +11,7 @@ With ``--target DIR --draft DIR`` the real checkpoints are used. Without them
 the models are synthetic: a random Llama target, and a random drafter whose
 Markov head is set to the bigram table of the target's own greedy output and
 whose confidence head is set to the acceptance rate measured on a warm-up run
-(no per-token signal). Acceptance in the synthetic setup is high by
+at each batch size, on that batch's prompts (no per-token signal). Acceptance in the synthetic setup is high by
 construction; it exercises the engine's mechanics and costs, not a trained
 drafter's quality.
 """
@@ -226,18 +226,20 @@ def engine_benchmark(quick: bool = False, device: str = "cpu", target_dir: Optio
         base_tokens[R] = [r.tokens for r in SpeculativeEngine(target, None, max_concurrency=R,
                                                                max_model_len=64 + max_new).generate(prompts,
                                                                                                     greedy(R))]
+    calibrated: Dict[tuple, float] = {}  # (quality, R): the constant confidence of that drafter at that batch
     if synthetic:
         texts = [p + t for R in concurrency for p, t in zip(prompts_by_R[R], base_tokens[R])]
         drafters = {}
         for quality in QUALITIES:
             drafter = synthetic_drafter(target, block_size=8).to(dtype)
             fit_drafter(drafter, quality, texts, seed=1)
-            if quality != "useless":  # calibrated: the confidence is the measured acceptance
-                probe = SpeculativeEngine(target, drafter, max_concurrency=max(concurrency), max_model_len=64 + max_new)
-                probe.generate(prompts_by_R[max(concurrency)], greedy(max(concurrency)))
-                m = probe.metrics
-                accepted = [a / t for a, t in zip(m.position_accepts, m.position_trials) if t]
-                set_constant_confidence(drafter, sum(accepted) / len(accepted) if accepted else 0.5)
+            if quality != "useless":  # calibrated on each batch's prompts: the confidence is the acceptance there
+                for R in concurrency:
+                    probe = SpeculativeEngine(target, drafter, max_concurrency=R, max_model_len=64 + max_new)
+                    probe.generate(prompts_by_R[R], greedy(R))
+                    m = probe.metrics
+                    accepted = [a / t for a, t in zip(m.position_accepts, m.position_trials) if t]
+                    calibrated[(quality, R)] = sum(accepted) / len(accepted) if accepted else 0.5
             drafters[quality] = drafter
     else:
         drafters = {"checkpoint": DSparkDrafter.load(draft_dir, target, dtype=dtype, device=device)} if draft_dir else {}
@@ -246,6 +248,8 @@ def engine_benchmark(quick: bool = False, device: str = "cpu", target_dir: Optio
         runs = {("-", "plain decoding"): (SpeculativeEngine(target, None, max_concurrency=R, max_model_len=64 + max_new),
                                           None)}
         for quality, drafter in drafters.items():
+            if (quality, R) in calibrated:
+                set_constant_confidence(drafter, calibrated[(quality, R)])
             engine = SpeculativeEngine(target, drafter, max_concurrency=R, max_model_len=64 + max_new)
             sps = engine.profile_sps(warmup=1, repeats=5)
             for config, policy in _policies(sps).items():
