@@ -348,6 +348,34 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_demo_marks_hardware_aware_by_the_paired_ratios():
+    """The '*' (hardware-aware below 0.97x of the better of plain decoding and
+    fixed) uses the speedup column's statistic, the median of the ratios to
+    plain decoding in the same repeat: a machine that slowed down during the
+    hardware-aware repeats lowers its tok/s median, not its ratios."""
+    import io
+
+    from dspark.demo import BatchResult, ConfigResult, DemoResult, print_tables
+    from dspark.engine import RunMetrics
+
+    def config(name, seconds, ratios):
+        return ConfigResult(name, seconds=seconds, tokens=64, ratios=ratios, metrics=RunMetrics())
+
+    def marked(fixed_ratios, aware_seconds, aware_ratios):
+        batch = BatchResult("code", 1, new_tokens=64)
+        batch.configs = {"plain decoding": config("plain decoding", [1.0, 1.0, 1.0], []),
+                         "fixed": config("fixed", [1.0, 1.0, 1.0], fixed_ratios),
+                         "hardware-aware": config("hardware-aware", aware_seconds, aware_ratios)}
+        out = io.StringIO()
+        print_tables(DemoResult("float32", batches=[batch], load=[0.0, 0.0]), gamma=7, out=out)
+        return [line for line in out.getvalue().splitlines() if line.startswith("hardware-aware")][0].endswith("*")
+
+    slow_machine = [1.2, 1.2, 1.2]  # tok/s median 0.83 of plain's
+    assert not marked([0.6, 0.6, 0.6], slow_machine, [1.05, 1.1, 1.0])
+    assert marked([1.5, 1.5, 1.6], [0.7, 0.7, 0.7], [1.40, 1.42, 1.45])  # 1.42 < 0.97 * 1.5
+    assert marked([0.6, 0.6, 0.6], [1.0, 1.0, 1.0], [0.9, 0.95, 0.93])  # below plain decoding
+
+
 def test_demo_decodes_half_as_many_tokens_above_batch_4(tiny, tmp_path):
     """Batches above 4 decode half the new tokens (at least 8, at most the
     asked number) in all three configurations, and the table says how many."""
