@@ -171,6 +171,34 @@ def test_causal_with_one_query_is_decode_attention():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=name)
+def test_a_query_does_not_depend_on_the_queries_after_it(dtype):
+    """Greedy speculative decoding equals plain decoding only if a
+    verification row computes what a one-token step computes: the causal
+    output (and RoPE) of a request's first query, bit for bit, whether 1 or up
+    to 17 queries follow, at every context length around the key tiles."""
+    g = torch.Generator().manual_seed(2)
+    H, Hkv, D, page, pages = 8, 4, 64, 16, 16
+    k_cache = torch.randn(pages, page, Hkv, D, generator=g).to(dtype)
+    v_cache = torch.randn(pages, page, Hkv, D, generator=g).to(dtype)
+    table = torch.arange(pages, dtype=torch.int32).unsqueeze(0)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
+    for context in (0, 1, 15, 16, 31, 63, 64, 100, 200):
+        for n in (2, 5, 9, 17):
+            q = torch.randn(n, H, D, generator=g).to(dtype)
+            k = torch.randn(n, Hkv, D, generator=g).to(dtype)
+            q1, k1 = q[:1].clone(), k[:1].clone()
+            positions = torch.arange(context, context + n)
+            ops.rope(q, k, positions, inv_freq=inv_freq)
+            ops.rope(q1, k1, positions[:1].clone(), inv_freq=inv_freq)
+            assert torch.equal(q[0], q1[0]) and torch.equal(k[0], k1[0]), (context, n)
+            lens = lambda m: torch.tensor([context + m], dtype=torch.int32)  # noqa: E731
+            cu = lambda m: torch.tensor([0, m], dtype=torch.int32)  # noqa: E731
+            many = ops.paged_attention(q, k_cache, v_cache, table, lens(n), cu(n))
+            one = ops.paged_attention(q1, k_cache, v_cache, table, lens(1), cu(1))
+            assert torch.equal(many[0], one[0]), (context, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=name)
 def test_append_then_attend_equals_contiguous_attention(dtype):
     """append_kv into a fresh paged cache (with padding slots), then
     paged_attention, equals attention over the contiguous keys."""

@@ -328,6 +328,10 @@ def print_engine(result: dict) -> None:
         print(f"{r['R']:3d} {r['drafter']:9} {r['config']:32} {r['tokens_per_second']:8.1f} {r['spread']:6.0%} "
               f"{r['speedup']:7.2f}{flag} {lo:5.2f}-{hi:<5.2f} {r['tau']:6.2f} {r['verified_per_round']:9.2f} "
               f"{drafting:>9} {same:>5}")
+    if result["dtype"] != "float32":
+        print(f"same: greedy outputs equal plain decoding's in {result['dtype']}; there a verification forward and a "
+              "one-token step round differently (README, Exactness), so a near-tie of the random target's logits can "
+              "make them part, and the text after it (which the synthetic drafters were fitted on) with them")
     print("\nacceptance at draft positions 1..: conditional (given 1..k-1 accepted) | prefix (1..k all accepted, "
           "DeepSpec's accept_rate)")
     for r in result["rows"]:
