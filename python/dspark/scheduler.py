@@ -459,6 +459,9 @@ class DraftGate:
       probe's cost no longer grows with the batch (at batch 16 a probe that
       drafted for every request also wrote every request's deferred drafter
       context, a few percent of the plain steps before it on a small target).
+      The policy schedules a probe's verification lengths as for a batch of
+      its ``k`` requests (the others add one token each to the forward it
+      does not see); any lengths keep the round lossless.
       The wait is the larger of an interval that starts at ``probe_min`` and
       doubles up to ``probe_max`` while probes keep showing that drafting does
       not pay, and the number of plain steps that keeps the probes' extra cost
