@@ -31,3 +31,23 @@ def test_synthetic_drafter_qualities_are_ordered_and_lossless():
     assert acceptance["good"] > 0.6
     assert 0.15 < acceptance["mediocre"] < acceptance["good"] - 0.1
     assert acceptance["useless"] < 0.05
+
+
+def test_print_engine_flags_a_noisy_run(capsys):
+    """The plain rows' ratios to their own bracketing runs are the noise floor:
+    wider than 0.15 and the output says the run cannot settle 0.97x."""
+    from dspark.bench_engine import print_engine
+
+    def row(R, drafter, config, lo, hi):
+        return {"R": R, "drafter": drafter, "config": config, "tokens_per_second": 100.0, "spread": 0.1,
+                "speedup": 1.0, "speedup_range": [lo, hi], "tau": 1.0, "verified_per_round": 0.0, "rounds": 10,
+                "drafting_rounds": 0, "acceptance_by_position": None, "prefix_acceptance_by_position": [],
+                "same_tokens": True}
+
+    base = {"synthetic": True, "device": "cpu", "dtype": "float32", "dtype_reason": "as asked", "cpu_isa": "avx2",
+            "max_new_tokens": 8, "repeats": 5}
+    print_engine(dict(base, rows=[row(1, "-", "plain decoding", 0.97, 1.04), row(4, "-", "plain decoding", 0.98, 1.02)]))
+    assert "WIDE SPREAD" not in capsys.readouterr().out
+    print_engine(dict(base, rows=[row(1, "-", "plain decoding", 0.87, 1.12), row(4, "-", "plain decoding", 0.98, 1.02)]))
+    out = capsys.readouterr().out
+    assert "WIDE SPREAD" in out and "batch 1: 0.87-1.12x" in out and "batch 4" not in out.split("WIDE SPREAD")[1]

@@ -165,6 +165,7 @@ def transformers_ratio(target: TargetModel, prompt: List[int], max_new_tokens: i
 
 
 QUALITIES = ("good", "mediocre", "useless")
+WIDE = 0.15  # a plain row whose ratios to its bracketing runs span more than this flags the run as noisy
 
 
 def fit_drafter(drafter: DSparkDrafter, quality: str, sequences: Sequence[Sequence[int]], seed: int = 0) -> None:
@@ -328,6 +329,13 @@ def print_engine(result: dict) -> None:
         print(f"{r['R']:3d} {r['drafter']:9} {r['config']:32} {r['tokens_per_second']:8.1f} {r['spread']:6.0%} "
               f"{r['speedup']:7.2f}{flag} {lo:5.2f}-{hi:<5.2f} {r['tau']:6.2f} {r['verified_per_round']:9.2f} "
               f"{drafting:>9} {same:>5}")
+    noisy = [(r["R"], *r["speedup_range"]) for r in result["rows"]
+             if r["drafter"] == "-" and "speedup_range" in r and r["speedup_range"][1] - r["speedup_range"][0] > WIDE]
+    if noisy:
+        spans = ", ".join(f"batch {R}: {lo:.2f}-{hi:.2f}x" for R, lo, hi in noisy)
+        print(f"WIDE SPREAD: plain decoding against its own bracketing runs ranged {spans} over the passes (wider "
+              f"than {WIDE:.2f}): the machine was busy or noisy, and a row within that of 0.97x cannot be told from "
+              "it; rerun before trusting those rows")
     if result["dtype"] != "float32":
         print(f"same: greedy outputs equal plain decoding's in {result['dtype']}; there a verification forward and a "
               "one-token step round differently (README, Exactness), so a near-tie of the random target's logits can "
