@@ -11,9 +11,9 @@ With ``--target DIR --draft DIR`` the real checkpoints are used. Without them
 the models are synthetic: a random Llama target, and a random drafter whose
 Markov head is set to the bigram table of the target's own greedy output and
 whose confidence head is set to the acceptance rate measured on a warm-up run
-at each batch size, on that batch's prompts (no per-token signal). Acceptance in the synthetic setup is high by
-construction; it exercises the engine's mechanics and costs, not a trained
-drafter's quality.
+at each batch size, on that batch's prompts (no per-token signal). Acceptance
+in the synthetic setup is high by construction; it exercises the engine's
+mechanics and costs, not a trained drafter's quality.
 """
 
 from __future__ import annotations

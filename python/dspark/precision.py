@@ -15,8 +15,6 @@ Whatever is chosen, speculative and plain decoding use the same dtype.
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Callable, Dict, Sequence, Tuple, Union
 
@@ -45,15 +43,6 @@ def native_bfloat16() -> str:
     if "avx512_bf16" in flags:
         return "AVX512-BF16"
     return ""
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def choose(name: str, device: Union[str, torch.device], target=None, gamma: int = 7, repeats: int = 5
@@ -101,15 +90,10 @@ def forward_costs(target, dtypes: Sequence[torch.dtype], gamma: int, repeats: in
     gamma + 1 (a copy of the target in that dtype; linear layers packed as the
     engine packs them), after a context of 128 tokens. After a warm-up of each,
     every repeat times each dtype once, so a drift of the machine moves them
-    alike."""
-    steps = {dtype: _forward_step(target, dtype, gamma) for dtype in dtypes}
-    for step in steps.values():
-        step()
-    times: Dict[torch.dtype, list] = {dtype: [] for dtype in dtypes}
-    for _ in range(repeats):
-        for dtype, step in steps.items():
-            times[dtype].append(_median_seconds(step, 1))
-    return {dtype: statistics.median(ts) for dtype, ts in times.items()}
+    alike (``models.common.interleaved_medians``)."""
+    from .models.common import interleaved_medians
+
+    return interleaved_medians({dtype: _forward_step(target, dtype, gamma) for dtype in dtypes}, repeats)
 
 
 def _forward_step(target, dtype: torch.dtype, gamma: int) -> Callable[[], None]:

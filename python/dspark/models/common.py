@@ -144,10 +144,25 @@ def float32_packing_report() -> str:
             f"of a {_PACK_FLOAT32_SHAPE[0]} x {_PACK_FLOAT32_SHAPE[1]} weight)")
 
 
-def _measure_float32_packing() -> Dict[str, object]:
+def interleaved_medians(fns: Dict[object, Callable[[], object]], repeats: int) -> Dict[object, float]:
+    """Median seconds of each callable: after one warm-up call of each, every
+    repeat times each once, in order, so a drift of the machine moves them
+    alike."""
     import statistics
     import time
 
+    for fn in fns.values():
+        fn()
+    times: Dict[object, List[float]] = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
+def _measure_float32_packing() -> Dict[str, object]:
     if not _packing_available():
         return {"pays": False, "packed_ms": float("nan"), "blas_ms": float("nan")}
     gen = torch.Generator().manual_seed(0)
@@ -156,24 +171,16 @@ def _measure_float32_packing() -> Dict[str, object]:
         packed = PackedWeight(weight, max(_PACK_FLOAT32_ROWS))
         xs = [torch.randn(m, weight.shape[1], generator=gen) for m in _PACK_FLOAT32_ROWS]
 
-        def run(fn) -> float:
-            t0 = time.perf_counter()
+        def blas() -> None:
             for x in xs:
-                fn(x)
-            return time.perf_counter() - t0
+                F.linear(x, weight)
 
-        def blas(x):
-            return F.linear(x, weight)
+        def onednn() -> None:
+            for x in xs:
+                packed(x, None)
 
-        def onednn(x):
-            return packed(x, None)
-
-        run(blas), run(onednn)  # warm-up
-        t_blas, t_packed = [], []
-        for _ in range(_PACK_FLOAT32_REPEATS):
-            t_blas.append(run(blas))
-            t_packed.append(run(onednn))
-    b, p = statistics.median(t_blas), statistics.median(t_packed)
+        median = interleaved_medians({"blas": blas, "packed": onednn}, _PACK_FLOAT32_REPEATS)
+    b, p = median["blas"], median["packed"]
     return {"pays": p < _PACK_FLOAT32_GAIN * b, "packed_ms": p * 1e3, "blas_ms": b * 1e3}
 
 
