@@ -682,7 +682,7 @@ class DraftCycle(Fixed):
 
     def __init__(self):
         super().__init__()
-        self.calls, self.asked = 0, []
+        self.calls, self.asked, self.observed = 0, [], []
 
     def draft_requests(self, num_requests):
         self.calls += 1
@@ -691,7 +691,7 @@ class DraftCycle(Fixed):
         return n
 
     def observe(self, lengths, accepted):
-        self.observed = getattr(self, "observed", []) + [len(lengths)]
+        self.observed.append(len(lengths))
 
 
 def test_rounds_that_draft_for_some_requests(llama, monkeypatch):
