@@ -293,6 +293,10 @@ def test_smollm2_conversion_matches_transformers(tmp_path, monkeypatch):
                         lambda *a, **k: loads.append(a) or real(*a, **k))
     assert [tokenizer.apply_chat_template("Why is the sky blue?") for _ in range(3)] == [expected] * 3
     assert len(loads) <= 1
+    # the user turn's prefix (train.self_requests continues it): the template's tokens before the content
+    prefix = tokenizer.chat_user_prefix()
+    assert expected[:len(prefix)] == prefix and tokenizer.decode(prefix).endswith("user\n")
+    assert tokenizer.encode("Why is the sky blue?") == expected[len(prefix):len(prefix) + 6]
 
 
 # ------------------------------------------------------------------- demo
@@ -491,6 +495,72 @@ class _WordTokenizer:
 
     def apply_chat_template(self, text):
         return [1] + self.encode(text) + [2]
+
+
+class _RequestTokenizer(_WordTokenizer):
+    """_WordTokenizer with a user-turn prefix and decoding (w<N> words)."""
+
+    def chat_user_prefix(self):
+        return [1, 7]
+
+    def decode(self, tokens):
+        return " ".join(f"w{t}" for t in tokens)
+
+
+def test_self_requests_are_the_targets_finished_user_turns_split_by_hash(tiny, monkeypatch):
+    """A request is the target's sampled continuation of the user-turn prefix,
+    kept only when it ended with a stop token, had 20-400 ASCII characters and
+    was new; train and held-out requests never share a text; seeded."""
+    _, target = tiny
+    monkeypatch.setattr(train, "REQUEST_MAX_TOKENS", 16)
+    stop = 5
+    made = []
+    generate = train.SpeculativeEngine.generate
+
+    def spy(engine, prompts, params):
+        results = generate(engine, prompts, params)
+        made.extend(zip(prompts, params, results))
+        return results
+
+    monkeypatch.setattr(train.SpeculativeEngine, "generate", spy)
+    tok = _RequestTokenizer()
+    kept = train.self_requests(target, tok, 30, "train", 4, [stop], concurrency=16, progress=False)
+    assert 0 < len(kept) <= 30 and len({p.text for p in kept}) == len(kept)
+    ended = {tok.decode(r.tokens[:-1]) for _, _, r in made if r.tokens and r.tokens[-1] == stop}
+    unfinished = {tok.decode(r.tokens) for _, _, r in made if not r.tokens or r.tokens[-1] != stop}
+    assert unfinished, "every sample ended: the test would not see the filter"
+    for p in kept:
+        assert p.chat and p.domain == "text" and p.source == f"request:{p.text}" and not corpus.held_out(p.source)
+        assert p.text in ended and 20 <= len(p.text) <= 400 and str(stop) not in p.text.split("w")
+    assert all(prompt == [1, 7] and param.temperature == 1.0 for prompt, param, _ in made)
+    held = train.self_requests(target, tok, 20, "held-out", 4, [stop], concurrency=16, progress=False)
+    assert held and all(corpus.held_out(p.source) for p in held)
+    assert not {p.text for p in held} & {p.text for p in kept}
+    made.clear()
+    again = train.self_requests(target, tok, 30, "train", 4, [stop], concurrency=16, progress=False)
+    assert [p.text for p in again] == [p.text for p in kept]
+
+
+def test_requests_data_is_made_only_when_the_cache_cannot_serve_it(tiny, tmp_path):
+    _, target = tiny
+    config = train.TrainConfig(max_new_tokens=8, generation_concurrency=4)
+    calls = []
+
+    def prompts():
+        calls.append(1)
+        return [corpus.Prompt("w3 w4 w5", True, "text", "a"), corpus.Prompt("w9 w8", True, "text", "b")]
+
+    path = tmp_path / "requests.pt"
+    first = train.build_data(target, _RequestTokenizer(), prompts, config, [0, 2], [], path, progress=False)
+    assert calls == [1] and len(first) == 2 and first.prompt_lens == [5, 4]
+    again = train.build_data(target, _RequestTokenizer(), prompts, config, [0, 2], [], path, progress=False)
+    assert calls == [1] and [t.tolist() for t in again.tokens] == [t.tolist() for t in first.tokens]
+    train.build_data(target, _RequestTokenizer(), prompts, config, [0, 1], [], path, progress=False)
+    assert calls == [1, 1]  # other layers: made again
+    with pytest.raises(ValueError, match="requests must be >= 0"):
+        train.TrainConfig(requests=-1).validate()
+    with pytest.raises(ValueError, match="'text' in domains"):
+        train.TrainConfig(requests=10, domains=("code",)).validate()
 
 
 def test_offline_texts_are_teacher_forced_answers(tiny):

@@ -153,7 +153,8 @@ def train_config_from_args(args: argparse.Namespace):
     return TrainConfig(block_size=args.block_size, markov_rank=args.markov_rank, markov_head=args.markov_head,
                        confidence=not args.no_confidence, num_layers=args.layers, steps=args.steps,
                        sequences_per_step=args.sequences_per_step, blocks_per_sequence=args.blocks_per_sequence,
-                       lr=args.lr, seed=args.seed, train_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                       lr=args.lr, seed=args.seed, train_prompts=args.prompts, requests=args.requests,
+                       max_new_tokens=args.max_new_tokens,
                        eval_every=args.eval_every, domains=tuple(args.domains.split(",")),
                        draft_vocab=args.draft_vocab, offline_tokens=args.offline_tokens, offline_mix=args.offline_mix,
                        init=args.init, data_dtype=args.data_dtype)
@@ -190,6 +191,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--prompts", type=int, default=d.train_prompts, help="training prompts (default %(default)s)")
+    parser.add_argument("--requests", type=int, default=d.requests,
+                        help="chat requests the target writes itself and continues, as text prompts besides "
+                             "--prompts (default %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                         help="target continuation length (default %(default)s)")
     parser.add_argument("--offline-tokens", type=int, default=d.offline_tokens,

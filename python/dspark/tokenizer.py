@@ -58,6 +58,19 @@ class Tokenizer:
         return [int(t) for t in ids]
 
 
+    def chat_user_prefix(self) -> List[int]:
+        """The folder's chat template up to where a user turn's content begins (a
+        default system turn included): what a chat model has seen before a
+        request, so that continuing it samples a request (needs transformers)."""
+        marker = "\x01"
+        self.apply_chat_template(marker)  # loads the template
+        text = self._hf.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                            tokenize=False)
+        if marker not in text:
+            raise RuntimeError(f"{self.folder}: the chat template does not show a user turn's content")
+        return self.encode(text.split(marker)[0])
+
+
 def stop_tokens(folder: PathLike) -> List[int]:
     """The end-of-sequence ids of a model folder (generation_config.json, then config.json)."""
     found: List[int] = []

@@ -78,6 +78,9 @@ class TrainConfig:
     # data
     domains: Tuple[str, ...] = ("code", "text")
     train_prompts: int = 3000  # split evenly over the domains
+    # chat requests the target writes itself (self_requests), continued by it as "text" prompts besides
+    # train_prompts (needs "text" in domains)
+    requests: int = 0
     max_prompt_tokens: int = 256
     max_new_tokens: int = 96
     generation_concurrency: int = 128
@@ -111,7 +114,11 @@ class TrainConfig:
         if self.offline_tokens < 0 or not 0.0 <= self.offline_mix <= 1.0:
             raise ValueError(f"offline_tokens must be >= 0 and offline_mix in [0, 1], got {self.offline_tokens}, "
                              f"{self.offline_mix}")
-        if self.train_prompts < 1 and self.offline_tokens < 1:
+        if self.requests < 0:
+            raise ValueError(f"requests must be >= 0, got {self.requests}")
+        if self.requests and "text" not in self.domains:
+            raise ValueError("requests are text prompts: they need 'text' in domains")
+        if self.train_prompts < 1 and self.offline_tokens < 1 and self.requests < 1:
             raise ValueError("no training data: train_prompts and offline_tokens are both 0")
 
     def to_dict(self) -> dict:
@@ -248,12 +255,61 @@ def default_layer_ids(num_layers: int) -> List[int]:
     return sorted({1, num_layers // 2, num_layers - 2})
 
 
+REQUEST_MAX_TOKENS = 64  # a request is kept only when it ends within this many tokens
+REQUEST_CHARS = (20, 400)  # and has this many characters (ASCII)
+REQUEST_ROUNDS = 4  # rounds of sampling before fewer than asked are returned
+
+
+def self_requests(target: TargetModel, tokenizer, count: int, split: str, seed: int, stop_tokens: Sequence[int],
+                  concurrency: int = 128, progress: bool = True) -> list:
+    """Up to ``count`` distinct chat requests written by the target itself, as
+    text prompts (corpus.Prompt) of one split.
+
+    The target continues its chat template's prefix of a user turn
+    (``tokenizer.chat_user_prefix()``) at temperature 1: a chat model samples
+    the kind of request it was tuned to answer, which is the register of
+    chat use (questions, advice, stories), not that of the offline corpora.
+    A request is kept when it ended (a stop token within REQUEST_MAX_TOKENS),
+    has REQUEST_CHARS characters, is ASCII, is new, and falls in ``split`` by
+    the hash of its text (corpus.held_out), so training and held-out requests
+    never share a text. Sampling runs in rounds until ``count`` are kept."""
+    from . import corpus
+
+    prefix = tokenizer.chat_user_prefix()
+    engine = SpeculativeEngine(target, None, max_concurrency=concurrency,
+                               max_model_len=len(prefix) + REQUEST_MAX_TOKENS, seed=seed, progress=progress)
+    stops = set(stop_tokens)
+    kept: Dict[str, object] = {}
+    drawn = 0
+    rate = 1.0 - corpus.HELD_OUT_PERCENT / 100 if split == "train" else corpus.HELD_OUT_PERCENT / 100
+    for _ in range(REQUEST_ROUNDS):
+        missing = count - len(kept)
+        if missing <= 0:
+            break
+        n = max(16, int(missing / rate * 1.5))  # about a third of the samples are dropped
+        params = [SamplingParams(temperature=1.0, seed=seed * 1000003 + drawn + i, max_new_tokens=REQUEST_MAX_TOKENS,
+                                 stop_tokens=list(stop_tokens)) for i in range(n)]
+        drawn += n
+        for result in engine.generate([prefix] * n, params):
+            if result.error is not None or not result.tokens or result.tokens[-1] not in stops:
+                continue
+            text = tokenizer.decode(result.tokens[:-1]).strip()
+            source = f"request:{text}"
+            if not (REQUEST_CHARS[0] <= len(text) <= REQUEST_CHARS[1]) or not text.isascii() or source in kept:
+                continue
+            if corpus.held_out(source) == (split == "held-out"):
+                kept[source] = corpus.Prompt(text, True, "text", source)
+    return list(kept.values())[:count]
+
+
 def build_data(target: TargetModel, tokenizer, prompts, config: TrainConfig, layer_ids: List[int],
                stop_tokens: Sequence[int], cache_path: Optional[Path] = None, progress: bool = True) -> Sequences:
     if cache_path is not None and cache_path.is_file():
         data = Sequences.load(cache_path)
         if data.layer_ids == list(layer_ids):
             return data
+    if callable(prompts):  # made only when the cache cannot serve
+        prompts = prompts()
     ids = encode_prompts(tokenizer, prompts, config.max_prompt_tokens)
     tokens, prompt_lens, domains = generate_sequences(target, ids, [p.domain for p in prompts], stop_tokens,
                                                       config.max_new_tokens, config.generation_concurrency,
@@ -712,6 +768,10 @@ def data_key(target_folder: Path, config: TrainConfig, layer_ids: List[int], cod
         if dtype == "float32":  # the keys of the caches written before the data dtype existed
             for name in ("dtype", "kind"):
                 parts.pop(name)
+    elif kind == "requests":
+        parts.update(requests=config.requests, max_prompt=config.max_prompt_tokens, max_new=config.max_new_tokens,
+                     concurrency=config.generation_concurrency, request_tokens=REQUEST_MAX_TOKENS,
+                     request_chars=list(REQUEST_CHARS), version=1)
     else:
         parts.update(tokens=config.offline_tokens, max_tokens=config.offline_max_tokens, version=1)
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -752,6 +812,15 @@ def prepare_data(target_dir: Path, config: TrainConfig, device: str = "cpu", cac
         path = folder / f"{data_key(target_dir, config, layer_ids, code_root, text_folder, device, 'generated', dtype)}.pt"
         print(f"data: {len(prompts)} prompts continued by the target in {dtype} (cache {path})", file=sys.stderr)
         parts.append(build_data(model, tokenizer, prompts, config, layer_ids, stops, path, progress))
+    if config.requests > 0:
+        path = folder / f"{data_key(target_dir, config, layer_ids, code_root, text_folder, device, 'requests', dtype)}.pt"
+        print(f"data: {config.requests} chat requests written and continued by the target in {dtype} (cache {path})",
+              file=sys.stderr)
+        def requests():
+            return self_requests(model, tokenizer, config.requests, "train", config.seed, stops,
+                                 config.generation_concurrency, progress)
+
+        parts.append(build_data(model, tokenizer, requests, config, layer_ids, stops, path, progress))
     if config.offline_tokens > 0:
         texts = {d: corpus.offline_texts(d, "train", code_root if d == "code" else text_folder)
                  for d in config.domains}
@@ -823,6 +892,10 @@ def run(target_dir: Path, out: Path, config: TrainConfig, device: str = "cpu", c
         if d in DEMO_PROMPTS:
             sets["demo"] = encode_prompts(tokenizer, [corpus_prompt(t) for t in DEMO_PROMPTS[d]],
                                           config.max_prompt_tokens)
+        if d == "text" and config.requests > 0:  # the target's own held-out requests: chat use, not the demo's
+            sets["requests"] = encode_prompts(tokenizer, self_requests(model, tokenizer, 2 * config.eval_prompts,
+                                                                       "held-out", config.seed + 3, stops,
+                                                                       progress=False), config.max_prompt_tokens)
         for name, prompts in sets.items():
             result = evaluate_tau(model, shipped, prompts, config.eval_new_tokens, 0.0, config.seed + 7, stops)
             report[f"{d}/{name}"] = {"prompts": len(prompts), "tau": round(result["tau"], 3),
