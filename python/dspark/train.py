@@ -65,7 +65,7 @@ class TrainConfig:
     # identity on the highest context layer; "random": N(0, 0.02) (see new_drafter)
     init: str = "target"
     # optimisation
-    steps: int = 4000
+    steps: int = 8000
     sequences_per_step: int = 8
     blocks_per_sequence: int = 4
     lr: float = 2e-3
@@ -77,10 +77,10 @@ class TrainConfig:
     autocast: bool = True  # bfloat16 autocast where the device multiplies bfloat16 natively (AMX, AVX512-BF16, CUDA)
     # data
     domains: Tuple[str, ...] = ("code", "text")
-    train_prompts: int = 3000  # split evenly over the domains
+    train_prompts: int = 5000  # split evenly over the domains
     # chat requests the target writes itself (self_requests), continued by it as "text" prompts besides
     # train_prompts (needs "text" in domains)
-    requests: int = 0
+    requests: int = 2000
     max_prompt_tokens: int = 256
     max_new_tokens: int = 96
     generation_concurrency: int = 128
@@ -91,7 +91,7 @@ class TrainConfig:
     offline_max_tokens: int = 384  # an offline sequence (prompt and answer) is cut there
     data_dtype: str = "auto"  # the target's dtype while making the data (precision.choose; the demo's dtype)
     # evaluation and calibration (held-out prompts)
-    eval_every: int = 500
+    eval_every: int = 1000
     eval_prompts: int = 8  # per domain
     eval_new_tokens: int = 48
     eval_temperature: float = 0.0  # greedy: what the demo decodes
