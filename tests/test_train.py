@@ -456,7 +456,8 @@ def test_bench_drafters_seeds_share_the_data_and_reload_from_the_cache(tiny, tmp
     build_data = train.build_data
     monkeypatch.setattr(train, "build_data", lambda *a, **k: built.append(1) or build_data(*a, **k))
     opts = dict(gammas=(3,), steps=8, seeds=2, eval_prompts=2, new_tokens=8, cache=tmp_path, progress=False)
-    small = dict(train_prompts=6, max_new_tokens=16, blocks_per_sequence=2, offline_tokens=0, data_dtype="float32")
+    small = dict(train_prompts=6, requests=0, max_new_tokens=16, blocks_per_sequence=2, offline_tokens=0,
+                 data_dtype="float32")
     recipe = bench_drafters.recipe
     monkeypatch.setattr(bench_drafters, "recipe", lambda *a: dataclasses.replace(recipe(*a), **small))
     first = bench_drafters.drafters_benchmark(folder, **opts)
