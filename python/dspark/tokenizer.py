@@ -46,26 +46,29 @@ class Tokenizer:
             return self._fast.decode(list(tokens), skip_special_tokens=True)
         return self._hf.decode(list(tokens), skip_special_tokens=True)
 
-    def apply_chat_template(self, text: str) -> List[int]:
-        """The prompt as a single user turn of the folder's chat template (needs transformers)."""
+    def _chat(self, text: str, tokenize: bool):
+        """``text`` as a single user turn of the folder's chat template, with the
+        assistant's turn opened (transformers' tokenizer, loaded once: about a second)."""
         from transformers import AutoTokenizer
 
-        if self._hf is None:  # loaded once: it costs about a second
+        if self._hf is None:
             self._hf = AutoTokenizer.from_pretrained(str(self.folder))
-        ids = self._hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        return self._hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=tokenize)
+
+    def apply_chat_template(self, text: str) -> List[int]:
+        """The prompt as a single user turn of the folder's chat template (needs transformers)."""
+        ids = self._chat(text, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(t) for t in ids]
-
 
     def chat_user_prefix(self) -> List[int]:
         """The folder's chat template up to where a user turn's content begins (a
         default system turn included): what a chat model has seen before a
         request, so that continuing it samples a request (needs transformers)."""
         marker = "\x01"
-        self.apply_chat_template(marker)  # loads the template
-        text = self._hf.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
-                                            tokenize=False)
+        text = self._chat(marker, tokenize=False)
         if marker not in text:
             raise RuntimeError(f"{self.folder}: the chat template does not show a user turn's content")
         return self.encode(text.split(marker)[0])

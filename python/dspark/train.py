@@ -119,7 +119,7 @@ class TrainConfig:
         if self.requests and "text" not in self.domains:
             raise ValueError("requests are text prompts: they need 'text' in domains")
         if self.train_prompts < 1 and self.offline_tokens < 1 and self.requests < 1:
-            raise ValueError("no training data: train_prompts and offline_tokens are both 0")
+            raise ValueError("no training data: train_prompts, requests and offline_tokens are all 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -816,6 +816,7 @@ def prepare_data(target_dir: Path, config: TrainConfig, device: str = "cpu", cac
         path = folder / f"{data_key(target_dir, config, layer_ids, code_root, text_folder, device, 'requests', dtype)}.pt"
         print(f"data: {config.requests} chat requests written and continued by the target in {dtype} (cache {path})",
               file=sys.stderr)
+
         def requests():
             return self_requests(model, tokenizer, config.requests, "train", config.seed, stops,
                                  config.generation_concurrency, progress)
