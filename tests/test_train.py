@@ -333,9 +333,14 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert [(b.domain, b.batch) for b in result.batches] == [("code", 1), ("code", 2), ("text", 1), ("text", 2)]
     for b in result.batches:
         assert list(b.configs) == list(CONFIGS)
+        # batch 1 decodes MIN_REQUESTS = 2 prompts, one at a time: every round holds one request
+        assert b.requests == 2
         plain = b.configs["plain decoding"]
-        assert len(plain.seconds) == 2 and plain.identical is None and plain.tokens == 12 * b.batch
-        assert all(len(t) == 12 for t in plain.outputs)
+        assert len(plain.seconds) == 2 and plain.identical is None and plain.tokens == 12 * 2
+        assert len(plain.outputs) == 2 and all(len(t) == 12 for t in plain.outputs)
+        for name in CONFIGS:
+            m = b.configs[name].metrics
+            assert (m.request_rounds == m.rounds) == (b.batch == 1), (b.batch, name)
         for name in CONFIGS[1:]:
             c = b.configs[name]
             assert c.identical is True and len(c.ratios) == 2 and c.outputs == plain.outputs
@@ -398,7 +403,7 @@ def test_demo_decodes_half_as_many_tokens_above_batch_4(tiny, tmp_path):
         for name in CONFIGS:
             assert b.configs[name].tokens == b.new_tokens * b.batch
     rows = [line.split() for line in out.getvalue().splitlines() if line.startswith("fixed ")]
-    assert [(int(r[1]), int(r[2])) for r in rows] == [(4, 20), (6, 10)]  # batch, new
+    assert [(int(r[1]), int(r[2]), int(r[3])) for r in rows] == [(4, 4, 20), (6, 6, 10)]  # batch, reqs, new
 
 
 def test_demo_in_bfloat16_checks_exactness_in_float32_and_measures_divergences(tiny, tmp_path):
@@ -416,7 +421,8 @@ def test_demo_in_bfloat16_checks_exactness_in_float32_and_measures_divergences(t
                       repeats=1, chat=False, plot=None, progress=False, out=out)
     text = out.getvalue()
     assert result.dtype == "bfloat16" and result.float32_check is True and result.exact()
-    assert result.outputs_compared == 2 * 2 * (1 + 2)  # two speculative configurations, two domains, batches 1 + 2
+    # two speculative configurations, two domains, batches 1 and 2 (two prompts each)
+    assert result.outputs_compared == 2 * 2 * (2 + 2)
     assert "float32 check: greedy outputs of speculative decoding are identical" in text
     assert all(d.gap == d.gap and d.gap >= 0 for d in result.divergences)  # every gap measured
 

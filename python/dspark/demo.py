@@ -12,8 +12,11 @@ batch 1, 4 and 16 through three configurations:
   here and now (target steps per second and drafting time), with adaptive
   drafting (rounds where drafting is not expected to pay are plain steps).
 
-Batches above 4 decode half as many new tokens per request (``tokens_at``;
-the table's ``new`` column). Timing: one short warm-up run of each configuration (it also gives the
+The batch size is the number of requests in flight. A row decodes the
+first ``batch`` prompts of its domain, and batch 1 the first two one after the
+other (``requests_at``; the table's ``reqs`` column), so that one prompt does
+not decide it. Batches above 4 decode half as many new tokens per request
+(``tokens_at``; the table's ``new`` column). Timing: one short warm-up run of each configuration (it also gives the
 adaptive gate its first estimates), then ``repeats`` interleaved rounds of the
 three, so that a drift of the machine's load moves them alike; tokens per
 second are the median over repeats with their range, and the speedup is the
@@ -56,6 +59,9 @@ PROFILE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96
 FEW_TRIALS = 30  # an acceptance rate from fewer trials is marked as such
 WIDE_SPREAD = 0.15  # a configuration whose range of ratios to plain decoding is wider than this is flagged
 FULL_LENGTH_BATCH = 4  # larger batches decode half as many tokens per request (tokens_at)
+# a smaller batch decodes this many prompts, `batch` at a time (requests_at), so that one prompt's
+# difficulty does not decide the row
+MIN_REQUESTS = 2
 
 
 def tokens_at(batch: int, max_new_tokens: int) -> int:
@@ -64,6 +70,13 @@ def tokens_at(batch: int, max_new_tokens: int) -> int:
     every draft is the slowest configuration by far, do not take most of the
     demo's time; the three configurations of a batch always decode the same."""
     return max_new_tokens if batch <= FULL_LENGTH_BATCH else min(max_new_tokens, max(8, max_new_tokens // 2))
+
+
+def requests_at(batch: int) -> int:
+    """Prompts a row of batch size ``batch`` decodes: ``batch``, at least
+    ``MIN_REQUESTS``. The engine holds at most ``batch`` of them in flight, so
+    at batch 1 they are decoded one after the other."""
+    return max(batch, MIN_REQUESTS)
 
 
 @dataclass
@@ -95,6 +108,7 @@ class BatchResult:
     batch: int
     configs: Dict[str, ConfigResult] = field(default_factory=dict)
     new_tokens: int = 0  # max_new_tokens of each request at this batch (tokens_at)
+    requests: int = 0  # prompts decoded, at most `batch` in flight (requests_at)
 
 
 @dataclass
@@ -163,9 +177,9 @@ def run_demo(target_dir: Path, drafter_dir: Path, prompts: Dict[str, Sequence[st
         f"{drafter_dir.name}: gamma {gamma}, {c.num_hidden_layers} layers, Markov rank {c.markov_rank} "
         f"({c.markov_head_type}), draft vocabulary {c.draft_vocab_size or c.vocab_size}")
     say(f"device {device} ({_device_name(device)}); dtype {reason}; load average {load_start:.1f}")
-    batches = [b for b in batches if b <= min(len(p) for p in prompts.values())]
+    batches = [b for b in batches if requests_at(b) <= min(len(p) for p in prompts.values())]
     if not batches:
-        raise ValueError("run_demo: fewer prompts than the smallest batch")
+        raise ValueError(f"run_demo: fewer prompts than the smallest batch (at least {MIN_REQUESTS} per domain)")
     encoded = {d: [tokenizer.apply_chat_template(t) if chat else tokenizer.encode(t) for t in texts]
                for d, texts in prompts.items()}
     concurrency = max(batches)
@@ -180,19 +194,23 @@ def run_demo(target_dir: Path, drafter_dir: Path, prompts: Dict[str, Sequence[st
     jobs = [(d, b) for d in encoded for b in batches]
     total = len(jobs) * len(CONFIGS) * (repeats + 1)
     bar = _bar(progress, total)
+    engines = {concurrency: (plain_engine, spec_engine)}  # per batch size: at most `batch` requests in flight
     for domain, batch in jobs:
-        ids = encoded[domain][:batch]
+        ids = encoded[domain][:requests_at(batch)]
         new_tokens = tokens_at(batch, max_new_tokens)
+        if batch not in engines:
+            engines[batch] = (SpeculativeEngine(target, None, max_concurrency=batch, max_model_len=max_len),
+                              SpeculativeEngine(target, drafter, max_concurrency=batch, max_model_len=max_len))
         params = [SamplingParams(temperature=0.0, max_new_tokens=new_tokens, stop_tokens=stops) for _ in ids]
         warm = [SamplingParams(temperature=0.0, max_new_tokens=max(4, new_tokens // 4), stop_tokens=stops)
                 for _ in ids]
         policies = {"fixed": Fixed(), "hardware-aware": HardwareAware(sps)}  # a fresh adaptive gate per batch
-        entry = BatchResult(domain, batch, {name: ConfigResult(name) for name in CONFIGS}, new_tokens)
+        entry = BatchResult(domain, batch, {name: ConfigResult(name) for name in CONFIGS}, new_tokens, len(ids))
 
         def run(name: str, sampling) -> tuple:
             if hasattr(bar, "set_description"):
                 bar.set_description(f"{domain} batch {batch:2d} {name:14s}")
-            engine = plain_engine if name == "plain decoding" else spec_engine
+            engine = engines[batch][0 if name == "plain decoding" else 1]
             if name != "plain decoding":
                 engine.policy = policies[name]
             t0 = time.perf_counter()
@@ -389,8 +407,8 @@ def print_tables(result: DemoResult, gamma: int, out=sys.stdout) -> None:
 
     wide = []
     for domain in dict.fromkeys(b.domain for b in result.batches):
-        head = (f"{'[' + domain + ']':22} {'batch':>5} {'new':>4} {'tok/s':>7} {'range':>13} {'speedup':>8} "
-                f"{'range':>13} {'tau':>5} {'verified':>8} {'drafted':>8}")
+        head = (f"{'[' + domain + ']':22} {'batch':>5} {'reqs':>4} {'new':>4} {'tok/s':>7} {'range':>13} "
+                f"{'speedup':>8} {'range':>13} {'tau':>5} {'verified':>8} {'drafted':>8}")
         say(head)
         say("-" * len(head))
         for b in (b for b in result.batches if b.domain == domain):
@@ -411,10 +429,11 @@ def print_tables(result: DemoResult, gamma: int, out=sys.stdout) -> None:
                     if r.ratios and max(r.ratios) - min(r.ratios) > WIDE_SPREAD:
                         wide.append(f"{domain} batch {b.batch} {name}")
                 mark = " *" if name == "hardware-aware" and r.speedup < 0.97 * best_other else ""
-                say(f"{name:22} {b.batch:5d} {b.new_tokens:4d} {r.median_speed:7.1f} {span:>13} {ratio:>8} {ratio_span:>13} "
-                    f"{m.tau:5.2f} {m.verified_per_round:8.2f} {drafted:>8}{mark}")
+                say(f"{name:22} {b.batch:5d} {b.requests:4d} {b.new_tokens:4d} {r.median_speed:7.1f} {span:>13} "
+                    f"{ratio:>8} {ratio_span:>13} {m.tau:5.2f} {m.verified_per_round:8.2f} {drafted:>8}{mark}")
         say()
-    say("new: new tokens per request (half above batch 4); tok/s: median over the timed repeats (range: "
+    say(f"batch: requests in flight; reqs: prompts decoded (at least {MIN_REQUESTS}: one after the other at batch 1); "
+        "new: new tokens per request (half above batch 4); tok/s: median over the timed repeats (range: "
         "slowest-fastest); speedup: median of the ratios to plain "
         "decoding in the same repeat (runs interleaved); tau: tokens per request-round, bonus included; "
         "verified: drafts verified per request-round; drafted: rounds that drafted; * hardware-aware below 0.97x "
@@ -456,7 +475,7 @@ def plot_results(result: DemoResult, gamma: int, path: Path, sps: Optional[SPSTa
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs)
         ax.set_xticklabels([str(x) for x in xs])
-        ax.set_xlabel("batch size (requests)")
+        ax.set_xlabel("batch size (requests in flight)")
         ax.set_ylabel("generated tokens / s")
         ax.set_ylim(bottom=0)
         ax.set_title(f"{domain}: throughput (median, range of {len(rows[0].configs['plain decoding'].seconds)} "
