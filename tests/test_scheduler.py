@@ -377,6 +377,72 @@ def test_gate_measured_times_fallback_and_outliers():
     assert stalled.correction(False) == pytest.approx(4.0)
 
 
+def drive_timed(gate: DraftGate, rounds: int, accepted, draft_seconds: float, plain_seconds: float, R=4, verified=3):
+    """Runs the gate for ``rounds`` rounds and reports every round's wall time,
+    as the engine does: a drafting round verifying ``verified`` drafts per
+    request takes ``draft_seconds``, a plain step ``plain_seconds``."""
+    decisions = []
+    for _ in range(rounds):
+        d = gate.decide(R)
+        decisions.append(d)
+        if d:
+            gate.observe([verified] * R, list(accepted))
+        gate.observe_round(d, R, R + R * verified if d else R, draft_seconds if d else plain_seconds)
+    return decisions
+
+
+def test_gate_plain_probes_measure_the_plain_step():
+    """The table says drafting pays 8 % (tau 3.25 per 30 ms round against 1 per
+    10 ms plain step) and the drafting rounds take what it says; the engine's
+    plain steps take 7 ms, which the gate cannot know without timing one. While
+    drafting it takes a plain step after max(probe_min, budget) = 4 drafting
+    rounds, measures it, and stops drafting; without plain probes it drafts on."""
+    accepted = [2, 2, 3, 2]
+    gate = DraftGate(COSTS, probe_min=4, probe_max=8, probe_budget=0.01)
+    decisions = drive_timed(gate, 60, accepted, 0.030, 0.007)
+    assert decisions[:5] == [True] * 4 + [False]
+    assert decisions[5:].count(True) <= 3  # drafting probes only
+    assert gate.correction(False) == pytest.approx(0.7) and gate.correction(True) == pytest.approx(1.0)
+    drafting, plain = gate.expected_throughput(4)
+    assert drafting < plain
+    blind = DraftGate(COSTS, probe_min=4, probe_max=8, probe_budget=0.01, plain_probes=False)
+    assert all(drive_timed(blind, 60, accepted, 0.030, 0.007))
+    unmeasured = DraftGate(COSTS, probe_min=4, probe_max=8, probe_budget=0.01, measured=False)
+    assert all(drive_timed(unmeasured, 60, accepted, 0.030, 0.007))
+
+
+def test_gate_plain_probes_within_their_budget():
+    """Drafting pays by a third (tau 4 per 30 ms against 1 per 10 ms, both as the
+    table says): a plain probe in place of a drafting round gives up
+    10 ms x (1 - 400 / 533) = 2.5 ms of drafting's time, 1/12 of a round, so a
+    1 % budget spaces them 9 drafting rounds apart, and drafting goes on."""
+    gate = DraftGate(COSTS, probe_min=4, probe_max=8, probe_budget=0.01)
+    decisions = drive_timed(gate, 100, [3] * 4, 0.030, 0.010)
+    plain = [i for i, d in enumerate(decisions) if not d]
+    assert plain == list(range(9, 100, 10)), plain
+    capped = DraftGate(COSTS, probe_min=2, probe_max=4, probe_budget=0.001, probe_cap=16)
+    plain = [i for i, d in enumerate(drive_timed(capped, 60, [3] * 4, 0.030, 0.010)) if not d]
+    assert plain == [16, 33, 50], plain
+
+
+def test_gate_clips_a_stalled_round_and_follows_a_lasting_change():
+    """After 50 plain steps as the table says, one stalled 4x slower moves the
+    correction by at most 1.5 ** 0.1 (time_clip 1.5, time_memory 0.9), against
+    4 ** 0.1 unclipped; a lasting 2x change is still followed."""
+    for clip, low, high in ((1.5, 1.03, 1.05), (float("inf"), 1.14, 1.16)):
+        gate = DraftGate(COSTS, time_clip=clip)
+        for _ in range(50):
+            gate.observe_round(False, 4, 4, 0.010)
+        gate.observe_round(False, 4, 4, 0.040)
+        assert low < gate.correction(False) < high, (clip, gate.correction(False))
+        for _ in range(60):
+            gate.observe_round(False, 4, 4, 0.020)
+        assert gate.correction(False) == pytest.approx(2.0, rel=0.02)
+    first = DraftGate(COSTS, time_clip=1.5)
+    first.observe_round(True, 4, 16, 0.090)  # the first measurement of a kind is taken whole (up to 4x)
+    assert first.correction(True) == pytest.approx(3.0)
+
+
 def test_gate_hysteresis():
     """Not drafting, a probe that shows drafting 1 % better than a plain step does
     not resume it (margin 3 %); one that shows 10 % better does."""
@@ -405,6 +471,9 @@ def test_gate_bad_arguments():
         DraftGate(COSTS, margin=-0.1)
     with pytest.raises(ValueError, match="time_memory"):
         DraftGate(COSTS, time_memory=1.0)
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ValueError, match="time_clip"):
+            DraftGate(COSTS, time_clip=bad)
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="probe_requests"):
             DraftGate(COSTS, probe_requests=bad)

@@ -467,7 +467,31 @@ class DraftGate:
       not pay, and the number of plain steps that keeps the probes' extra cost
       under ``probe_budget`` of the time (a probe of ``k`` requests costs
       ``k_draft (t_draft(k) + 1 / SPS(R + k l))`` against ``k_plain / SPS(R)``
-      for the plain step it replaces), at most ``probe_cap``.
+      for the plain step it replaces), at most ``probe_cap``;
+    * while drafting, with measured times: a plain step now and then (a plain
+      probe), so that ``k_plain`` is measured rather than borrowed from the
+      drafting rounds. Without it a gate that drafts from the first round on
+      never times a plain step, and a table whose plain steps are off by
+      more than its drafting rounds (a profile's context length, its first
+      shapes) keeps a drafter that does not pay: measured on a 2-core CPU at
+      batch 4, the table priced a plain step at 56 ms where the engine's took
+      44 ms, and the gate drafted every round at 0.83x of plain decoding. A
+      plain probe follows ``w`` drafting rounds after the last plain step,
+      ``w`` the larger of ``probe_min`` and the number that keeps its cost under
+      ``probe_budget`` of the time: in place of a drafting round it gives up
+      ``t_plain (1 - theta_plain / theta_draft)`` of drafting's tokens-time, so
+      ``w = t_plain (1 - theta_plain / theta_draft) / (t_draft probe_budget)``,
+      at most ``probe_cap`` (frequent where the choice is close, rare where
+      drafting pays by far). A plain probe is a plain step: lossless like
+      every decision of the gate.
+
+    A round's measured time counts at most a factor ``time_clip`` away from
+    its kind's current correction (after the first, which counts at most a
+    factor 4 either way): a round stalled by the operating system or the
+    hypervisor (steal) moves the estimate by at most ``time_clip ** (1 -
+    time_memory)`` (1.041 by default, against 1.149 for a 4x stall
+    unclipped), while a lasting change of the machine is still followed,
+    one clipped step per round.
 
     Lossless: the decision for round t uses only rounds before t (their
     acceptance and their wall time are known; round t's draft does not exist
@@ -483,7 +507,8 @@ class DraftGate:
 
     def __init__(self, table: SPSTable, *, memory: float = 0.97, probe_min: int = 4, probe_max: int = 64,
                  probe_budget: float = 0.01, probe_cap: int = 1024, margin: float = 0.03, measured: bool = True,
-                 time_memory: float = 0.9, probe_requests: Optional[int] = 4) -> None:
+                 time_memory: float = 0.9, probe_requests: Optional[int] = 4, time_clip: float = 1.5,
+                 plain_probes: bool = True) -> None:
         if not 0.0 <= memory < 1.0:
             raise ValueError(f"DraftGate: memory must be in [0, 1), got {memory}")
         if not 0.0 <= time_memory < 1.0:
@@ -493,6 +518,8 @@ class DraftGate:
                              f"{probe_max}, {probe_cap}")
         if not 0.0 <= probe_budget < 1.0:
             raise ValueError(f"DraftGate: probe_budget must be in [0, 1), got {probe_budget}")
+        if not time_clip >= 1.0:
+            raise ValueError(f"DraftGate: time_clip must be >= 1 (inf: unclipped), got {time_clip}")
         if not margin >= 0.0:
             raise ValueError(f"DraftGate: margin must be >= 0, got {margin}")
         if probe_requests is not None and (isinstance(probe_requests, bool) or not isinstance(probe_requests, int)
@@ -503,6 +530,7 @@ class DraftGate:
         self.memory, self.probe_min, self.probe_max = memory, probe_min, probe_max
         self.probe_budget, self.probe_cap, self.margin = probe_budget, probe_cap, margin
         self.measured, self.time_memory = measured, time_memory
+        self.time_clip, self.plain_probes = float(time_clip), bool(plain_probes)
         self.forget()
 
     def forget(self) -> None:
@@ -513,6 +541,7 @@ class DraftGate:
         self._interval = self.probe_min  # the doubling part of the wait before the next probe
         self._countdown = 0
         self._probe = True  # whether the last drafting decision was a probe
+        self._since_plain = 0  # drafting rounds since the last plain step
         self.decisions: List[bool] = []  # this gate's decisions, in order (for metrics and tests)
 
     @property
@@ -575,7 +604,7 @@ class DraftGate:
         if drafting != drafting or drafting >= threshold:  # nothing observed yet (a probe), or drafting pays
             self._drafting, self._interval, self._countdown = True, self.probe_min, 0
             self._probe = drafting != drafting
-            decision = True
+            decision = not (drafting == drafting and self._since_plain >= self._plain_wait(num_requests))
         else:
             if self._drafting:  # it stopped paying: plain steps, then a probe
                 self._drafting, self._countdown = False, self._wait(num_requests)
@@ -586,8 +615,21 @@ class DraftGate:
                 self._interval = min(2 * self._interval, self.probe_max)
                 self._countdown = self._wait(num_requests)
                 self._probe = decision = True
+        self._since_plain = self._since_plain + 1 if decision else 0
         self.decisions.append(decision)
         return decision
+
+    def _plain_wait(self, num_requests: int) -> float:
+        """Drafting rounds before the next plain probe (infinite when there is
+        none: ``plain_probes=False``, or no measured drafting round yet)."""
+        if not (self.plain_probes and self.measured and self._time_weight[1] > 0.0):
+            return float("inf")
+        drafting_time, plain_time = self.round_times(num_requests)
+        drafting, plain = self.expected_throughput(num_requests)
+        if self.probe_budget <= 0.0 or not drafting > 0.0:
+            return self.probe_max
+        extra = plain_time * max(0.0, 1.0 - plain / drafting) / drafting_time  # in drafting rounds
+        return min(max(self.probe_min, math.ceil(extra / self.probe_budget)), self.probe_cap)
 
     def draft_requests(self, num_requests: int) -> int:
         """:meth:`decide`, as the number of requests to draft for: 0 (a plain
@@ -608,8 +650,9 @@ class DraftGate:
         """A finished round's wall time: it drafted for ``requests`` requests (or
         was a plain step for them) and verified ``batch_tokens`` tokens. Ignored
         with ``measured=False``, for empty rounds and where the table has no
-        entry; one ratio counts at most a factor of 4 either way (a round
-        stalled by the operating system does not swing the estimate)."""
+        entry; one ratio counts at most a factor of 4 either way, and at most
+        ``time_clip`` away from its kind's current correction (a round stalled
+        by the operating system does not swing the estimate)."""
         if not self.measured or requests <= 0 or not seconds > 0.0 or seconds == float("inf"):
             return
         predicted = self.table.round_time(requests, batch_tokens, draft=drafted)
@@ -617,6 +660,9 @@ class DraftGate:
             return
         ratio = min(max(math.log(seconds / predicted), -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
         kind, keep = int(drafted), self.time_memory
+        if self._time_weight[kind] > 0.0 and self.time_clip < float("inf"):  # within time_clip of the estimate
+            current, clip = self._time_log[kind] / self._time_weight[kind], math.log(self.time_clip)
+            ratio = min(max(ratio, current - clip), current + clip)
         self._time_weight[kind] = keep * self._time_weight[kind] + 1.0
         self._time_log[kind] = keep * self._time_log[kind] + ratio
 
