@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark.bench_engine import _prompts, fit_drafter, synthetic_drafter, synthetic_target
+from dspark.bench_engine import _prompts, fit_drafter, refit_where_parted, synthetic_drafter, synthetic_target
 from dspark.engine import SamplingParams, SpeculativeEngine
 
 
@@ -31,6 +31,40 @@ def test_synthetic_drafter_qualities_are_ordered_and_lossless():
     assert acceptance["good"] > 0.6
     assert 0.15 < acceptance["mediocre"] < acceptance["good"] - 0.1
     assert acceptance["useless"] < 0.05
+
+
+def test_a_good_drafter_is_refitted_where_speculative_text_parts_from_plain():
+    """Outside float32 speculative decoding can part from plain decoding's text
+    at a near-tie, and a bigram of plain decoding's text knows nothing after.
+    Simulated in float32: the drafter is fitted on "plain" texts whose second
+    half was replaced (as if they had parted there). Fitted on those alone it
+    accepts little past the first half; refitted where `fixed` parts from
+    them, it is good again; a useless drafter is not refitted."""
+    target = synthetic_target(quick=True)
+    V, R, new = target.config.vocab_size, 2, 32
+    prompts = _prompts(R, V, seed=5)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=new) for _ in range(R)]
+    plain = [r.tokens for r in SpeculativeEngine(target, None, max_concurrency=R, max_model_len=128).generate(
+        prompts, params)]
+    g = torch.Generator().manual_seed(7)
+    fake = [t[:new // 2] + torch.randint(0, V - 1, (new - new // 2,), generator=g).tolist() for t in plain]
+    texts = [p + t for p, t in zip(prompts, fake)]
+
+    def acceptance(drafter) -> float:
+        engine = SpeculativeEngine(target, drafter, max_concurrency=R, max_model_len=128)
+        assert [r.tokens for r in engine.generate(prompts, params)] == plain
+        m = engine.metrics
+        return m.accepted_drafts / max(1, sum(m.position_trials))
+
+    drafter = synthetic_drafter(target, block_size=8)
+    fit_drafter(drafter, "good", texts, seed=1)
+    before = acceptance(drafter)
+    assert refit_where_parted(drafter, "good", target, texts, {R: prompts}, {R: fake}, new, seed=1) == R
+    after = acceptance(drafter)
+    assert after > 0.6 and after > before + 0.2, (before, after)
+    useless = synthetic_drafter(target, block_size=8)
+    fit_drafter(useless, "useless", texts)
+    assert refit_where_parted(useless, "useless", target, texts, {R: prompts}, {R: fake}, new) == 0
 
 
 def test_print_engine_flags_a_noisy_run(capsys):
