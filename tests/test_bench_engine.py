@@ -10,14 +10,20 @@ from dspark.bench_engine import _prompts, fit_drafter, refit_where_parted, synth
 from dspark.engine import SamplingParams, SpeculativeEngine
 
 
+def plain_setup(R: int, new: int, seed: int, max_model_len: int):
+    """The quick synthetic target, R prompts, greedy parameters and plain decoding's outputs."""
+    target = synthetic_target(quick=True)
+    prompts = _prompts(R, target.config.vocab_size, seed=seed)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=new) for _ in range(R)]
+    plain = [r.tokens for r in SpeculativeEngine(target, None, max_concurrency=R,
+                                                 max_model_len=max_model_len).generate(prompts, params)]
+    return target, prompts, params, plain
+
+
 def test_synthetic_drafter_qualities_are_ordered_and_lossless():
     torch.manual_seed(0)
-    target = synthetic_target(quick=True)
-    V, R, new = target.config.vocab_size, 4, 24
-    prompts = _prompts(R, V, seed=3)
-    params = [SamplingParams(temperature=0.0, max_new_tokens=new) for _ in range(R)]
-    plain = [r.tokens for r in SpeculativeEngine(target, None, max_concurrency=R, max_model_len=96).generate(
-        prompts, params)]
+    R = 4
+    target, prompts, params, plain = plain_setup(R, 24, seed=3, max_model_len=96)
     texts = [p + t for p, t in zip(prompts, plain)]
     acceptance = {}
     for quality in ("good", "mediocre", "useless"):
@@ -40,12 +46,9 @@ def test_a_good_drafter_is_refitted_where_speculative_text_parts_from_plain():
     half was replaced (as if they had parted there). Fitted on those alone it
     accepts little past the first half; refitted where `fixed` parts from
     them, it is good again; a useless drafter is not refitted."""
-    target = synthetic_target(quick=True)
-    V, R, new = target.config.vocab_size, 2, 32
-    prompts = _prompts(R, V, seed=5)
-    params = [SamplingParams(temperature=0.0, max_new_tokens=new) for _ in range(R)]
-    plain = [r.tokens for r in SpeculativeEngine(target, None, max_concurrency=R, max_model_len=128).generate(
-        prompts, params)]
+    R, new = 2, 32
+    target, prompts, params, plain = plain_setup(R, new, seed=5, max_model_len=128)
+    V = target.config.vocab_size
     g = torch.Generator().manual_seed(7)
     fake = [t[:new // 2] + torch.randint(0, V - 1, (new - new // 2,), generator=g).tolist() for t in plain]
     texts = [p + t for p, t in zip(prompts, fake)]
