@@ -175,27 +175,37 @@ def test_a_query_does_not_depend_on_the_queries_after_it(dtype):
     """Greedy speculative decoding equals plain decoding only if a
     verification row computes what a one-token step computes: the causal
     output (and RoPE) of a request's first query, bit for bit, whether 1 or up
-    to 17 queries follow, at every context length around the key tiles."""
+    to 17 queries follow, at every context length around the key tiles, under
+    every instruction set the CPU has (their register blocks group different
+    rows for 1 and for n queries)."""
+    import dspark
+
     g = torch.Generator().manual_seed(2)
     H, Hkv, D, page, pages = 8, 4, 64, 16, 16
     k_cache = torch.randn(pages, page, Hkv, D, generator=g).to(dtype)
     v_cache = torch.randn(pages, page, Hkv, D, generator=g).to(dtype)
     table = torch.arange(pages, dtype=torch.int32).unsqueeze(0)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
-    for context in (0, 1, 15, 16, 31, 63, 64, 100, 200):
-        for n in (2, 5, 9, 17):
-            q = torch.randn(n, H, D, generator=g).to(dtype)
-            k = torch.randn(n, Hkv, D, generator=g).to(dtype)
-            q1, k1 = q[:1].clone(), k[:1].clone()
-            positions = torch.arange(context, context + n)
-            ops.rope(q, k, positions, inv_freq=inv_freq)
-            ops.rope(q1, k1, positions[:1].clone(), inv_freq=inv_freq)
-            assert torch.equal(q[0], q1[0]) and torch.equal(k[0], k1[0]), (context, n)
-            lens = lambda m: torch.tensor([context + m], dtype=torch.int32)  # noqa: E731
-            cu = lambda m: torch.tensor([0, m], dtype=torch.int32)  # noqa: E731
-            many = ops.paged_attention(q, k_cache, v_cache, table, lens(n), cu(n))
-            one = ops.paged_attention(q1, k_cache, v_cache, table, lens(1), cu(1))
-            assert torch.equal(many[0], one[0]), (context, n)
+    before_isa = dspark.cpu_isa()
+    try:
+        for context in (0, 1, 15, 16, 31, 63, 64, 100, 200):
+            for n in (2, 5, 9, 17):
+                q = torch.randn(n, H, D, generator=g).to(dtype)
+                k = torch.randn(n, Hkv, D, generator=g).to(dtype)
+                q1, k1 = q[:1].clone(), k[:1].clone()
+                positions = torch.arange(context, context + n)
+                ops.rope(q, k, positions, inv_freq=inv_freq)
+                ops.rope(q1, k1, positions[:1].clone(), inv_freq=inv_freq)
+                assert torch.equal(q[0], q1[0]) and torch.equal(k[0], k1[0]), (context, n)
+                lens = lambda m: torch.tensor([context + m], dtype=torch.int32)  # noqa: E731
+                cu = lambda m: torch.tensor([0, m], dtype=torch.int32)  # noqa: E731
+                for isa in dspark.backends()["cpu"]["isas"]:
+                    dspark.set_cpu_isa(isa)
+                    many = ops.paged_attention(q, k_cache, v_cache, table, lens(n), cu(n))
+                    one = ops.paged_attention(q1, k_cache, v_cache, table, lens(1), cu(1))
+                    assert torch.equal(many[0], one[0]), (isa, context, n)
+    finally:
+        dspark.set_cpu_isa(before_isa)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=name)
@@ -508,7 +518,8 @@ def test_cuda_append_rope_and_graph_capture():
 def test_every_isa_matches_reference_and_threads_do_not_change_bits(dtype, D):
     """The CPU kernel under each instruction set (register blocks of 8, 16 and
     32 columns and their tails: D = 72, 80) matches the reference; one request
-    with 8 queries is split over the threads by queries, and the split does not
+    with 8 queries is split over the threads by queries (R = 1 with 1,000 keys
+    and more: smaller calls run on the calling thread), and the split does not
     change a bit (every row is computed alone)."""
     import dspark
 
@@ -516,9 +527,9 @@ def test_every_isa_matches_reference_and_threads_do_not_change_bits(dtype, D):
     try:
         for isa in dspark.backends()["cpu"]["isas"]:
             dspark.set_cpu_isa(isa)
-            for R in (1, 5):
+            for R, low, high in ((1, 1000, 1300), (5, 8, 200)):
                 g = torch.Generator().manual_seed(D + R)
-                kv = torch.randint(8, 200, (R,), generator=g).int()  # 8 new queries after a context
+                kv = torch.randint(low, high, (R,), generator=g).int()  # 8 new queries after a context
                 pages = int((kv.max() + 15) // 16)
                 b = dict(q=torch.randn(8 * R, 6, D, generator=g).to(dtype),
                          k_cache=torch.randn(R * pages + 2, 16, 2, D, generator=g).to(dtype),

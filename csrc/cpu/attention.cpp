@@ -1,18 +1,22 @@
 // CPU backend of append_kv, paged_attention and rope.
 //
 // paged_attention: threads over (request, kv head), and over parts of a
-// request's queries when there are fewer pairs than twice the threads. For one
-// job, the query rows are its queries times the G query heads of the group;
-// keys and values are read in place from the pages (in the cache's dtype,
-// widened in registers), 64 keys per tile, so every loaded key and value
-// serves all the rows: S = Q K^T and O += P V are small register-blocked
-// products per run of keys within a page (gemm.h), and the online softmax
-// keeps a running maximum, sum and output per row (no score matrix over the
-// whole context). Under the causal mask the walk stops at the job's last
-// query's key; with a sliding window it starts at the first key the job's
-// first query sees (keys outside are never read), and each row masks the keys
-// outside its own window. Bytes: each job reads its keys and values once,
-// R Hkv parts kv_len D (2 x dtype) in all, plus q and out.
+// request's queries when there are fewer pairs than twice the threads (calls
+// with little work run on the calling thread). For one job, the query rows
+// are its queries times the G query heads of the group, widened to float32
+// once and scaled by scale * log2(e), so that scores are in base 2. Keys are
+// walked in tiles of 64, read in place from the pages (in the cache's dtype,
+// widened in registers) by the tile's runs of keys within a page, so that
+// every loaded key and value serves all the job's rows: S = Q K^T and O +=
+// P V are register-blocked products over the tile (isa.h / kernels.inc:
+// attention_scores, attention_values), and the online softmax keeps a
+// running maximum, sum and output per row (no score matrix over the whole
+// context), its maximum and exponentials vectorised (vec.h: max_f32,
+// exp2_sum). Under the causal mask the walk stops at the job's last query's
+// key; with a sliding window it starts at the first key the job's first query
+// sees (keys outside are never read), and each row masks the keys outside its
+// own window. Bytes: each job reads its keys and values once, R Hkv parts
+// kv_len D (2 x dtype) in all, plus q and out.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,22 +24,22 @@
 #include <vector>
 
 #include "dspark/dtype_load.h"
+#include "dspark/numerics.h"
 #include "dspark/ops.h"
 #include "fp_env.h"
-#include "gemm.h"
+#include "isa.h"
 #include "parallel.h"
 #include "vec.h"
 
 namespace dspark::cpu {
 namespace {
 
-constexpr int64_t kKeyTile = 64;
-
-// Keys [first, first + length) of a tile that lie in one page; `at` is the
-// element offset of the first one's head in the k and v caches (same layout).
-struct KeyRun {
-  int64_t first, length, at;
-};
+constexpr int64_t kKeyTile = kScoreTile;
+// Multiply-adds below which paged_attention runs on the calling thread (about
+// 100 us of one core: a one-token step or a batch-1 verification of SmolLM2's
+// 9 heads over a few hundred keys). Measured on a 2-core VM, a pool region
+// cost 30-100 us more than such a call.
+constexpr int64_t kMinParallelMacs = int64_t{1} << 22;
 
 const char* element(const TensorView& t, int64_t offset) {
   return static_cast<const char*>(t.data) + offset * static_cast<int64_t>(dtype_size(t.dtype));
@@ -85,15 +89,24 @@ void paged_attention(const PagedAttentionArgs& a) {
 
   // Jobs: (request, kv head, part of the request's queries). A request's
   // queries are split into parts only when there are fewer (request, head)
-  // pairs than twice the threads, so that small batches use every core.
-  int64_t max_q = 0;
-  for (int64_t r = 0; r < R; ++r) max_q = std::max<int64_t>(max_q, cu[r + 1] - cu[r]);
+  // pairs than twice the threads, so that small batches use every core. A
+  // call with less work than kMinParallelMacs runs on the calling thread:
+  // waking the pool's workers costs more than it saves there.
+  int64_t max_q = 0, macs = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    max_q = std::max<int64_t>(max_q, cu[r + 1] - cu[r]);
+    macs += static_cast<int64_t>(cu[r + 1] - cu[r]) * lens[r] * Hq * D * 2;  // Q K^T and P V, unmasked
+  }
+  const bool serial = macs < kMinParallelMacs;
   const int64_t pairs = R * Hkv;
-  const int64_t parts = std::max<int64_t>(
+  const int64_t parts = serial ? 1 : std::max<int64_t>(
       1, std::min<int64_t>(max_q, (2 * num_threads() + pairs - 1) / std::max<int64_t>(pairs, 1)));
 
-  parallel_for(pairs * parts, 1, [&](int64_t begin, int64_t end) {
+  // scores are taken in base 2: the queries carry scale * log2(e)
+  const float q_scale = scale * num::kLog2e;
+  parallel_for(pairs * parts, serial ? pairs * parts : 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q, s, m, l, acc;
+    std::vector<float> kt(static_cast<size_t>(kKeyTile * D), 0.0f);  // the tile's keys by dimension (vec.h)
     std::vector<KeyRun> runs;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t r = job / (Hkv * parts), h = job / parts % Hkv, part = job % parts;
@@ -105,9 +118,11 @@ void paged_attention(const PagedAttentionArgs& a) {
       if (rows == 0) continue;
       q.resize(static_cast<size_t>(rows * D));
       for (int64_t i = i0; i < i1; ++i)
-        for (int64_t g = 0; g < G; ++g)
-          convert_to_float(element(a.q, (q0 + i) * a.q.stride(0) + (h * G + g) * a.q.stride(1)), a.q.dtype, D,
-                           &q[static_cast<size_t>(((i - i0) * G + g) * D)]);
+        for (int64_t g = 0; g < G; ++g) {
+          float* qr = &q[static_cast<size_t>(((i - i0) * G + g) * D)];
+          convert_to_float(element(a.q, (q0 + i) * a.q.stride(0) + (h * G + g) * a.q.stride(1)), a.q.dtype, D, qr);
+          for (int64_t d = 0; d < D; ++d) qr[d] = num::mul(qr[d], q_scale);
+        }
       m.assign(static_cast<size_t>(rows), kNegInf);
       l.assign(static_cast<size_t>(rows), 0.0f);
       acc.assign(static_cast<size_t>(rows * D), 0.0f);
@@ -127,12 +142,13 @@ void paged_attention(const PagedAttentionArgs& a) {
           runs.push_back(run);
           j += run.length;
         }
-        // S = Q K^T straight from the pages
-        for (const KeyRun& run : runs)
-          matmul_nt(q.data(), D, rows, element(a.k_cache, run.at), a.k_cache.dtype, key_stride, run.length, D,
-                    &s[static_cast<size_t>(run.first)], kKeyTile);
-        // Scores -> probabilities of this tile (rows with no visible key: all 0); the
-        // running output is rescaled to the new maximum before P V is added.
+        const int64_t num_runs = static_cast<int64_t>(runs.size());
+        // S = Q K^T (base-2 scores), straight from the pages
+        kernels().attention_scores(q.data(), rows, D, a.k_cache.data, a.k_cache.dtype, key_stride, runs.data(),
+                                   num_runs, kt.data(), s.data());
+        // Scores -> probabilities of this tile (keys a row does not see: 0; rows
+        // with no visible key so far: all 0); the running output is rescaled to
+        // the new maximum before P V is added.
         for (int64_t row = 0; row < rows; ++row) {
           const int64_t i = i0 + row / G;
           const int64_t last = a.mask == AttentionMask::kCausal ? kv - q_len + i : kv - 1;  // last visible key
@@ -141,28 +157,27 @@ void paged_attention(const PagedAttentionArgs& a) {
           const int64_t visible = std::max<int64_t>(0, std::min(n, last - j0 + 1));
           const int64_t begin = std::min(visible, std::max<int64_t>(0, first - j0));
           float* sr = &s[static_cast<size_t>(row * kKeyTile)];
-          float tile_max = kNegInf;
-          for (int64_t j = begin; j < visible; ++j) {
-            sr[j] *= scale;
-            tile_max = std::max(tile_max, sr[j]);
-          }
+          std::fill(sr, sr + begin, kNegInf);
+          std::fill(sr + visible, sr + n, kNegInf);
           const float m_old = m[static_cast<size_t>(row)];
-          const float m_new = std::max(m_old, tile_max);
-          std::fill(sr, sr + begin, 0.0f);
-          const float sum = m_new == kNegInf ? (std::fill(sr, sr + n, 0.0f), 0.0f)
-                                             : exp_shifted(sr + begin, visible - begin, n - begin, m_new);
-          const float alpha = m_new == kNegInf ? 1.0f : std::exp(m_old - m_new);
-          l[static_cast<size_t>(row)] = l[static_cast<size_t>(row)] * alpha + sum;
+          const float m_new = std::max(m_old, max_f32(sr + begin, visible - begin));
+          if (m_new == kNegInf) {
+            std::fill(sr, sr + n, 0.0f);
+            continue;
+          }
+          const float sum = exp2_sum(sr, n, m_new);
+          const float alpha = num::exp2(num::sub(m_old, m_new));  // 0 for the first visible key
+          l[static_cast<size_t>(row)] = num::add(num::mul(l[static_cast<size_t>(row)], alpha), sum);
           m[static_cast<size_t>(row)] = m_new;
           if (alpha != 1.0f) {
             float* o = &acc[static_cast<size_t>(row * D)];
-            for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
+            for (int64_t d = 0; d < D; ++d) o[d] = num::mul(o[d], alpha);
           }
         }
-        // O += P V straight from the pages (values lie where the keys do, in v_cache)
-        for (const KeyRun& run : runs)
-          matmul_nn_acc(&s[static_cast<size_t>(run.first)], kKeyTile, rows, element(a.v_cache, run.at),
-                        a.v_cache.dtype, key_stride, run.length, D, acc.data(), D);
+        // O += P V
+        // O += P V, straight from the pages (values lie where the keys do, in v_cache)
+        kernels().attention_values(s.data(), rows, a.v_cache.data, a.v_cache.dtype, key_stride, runs.data(), num_runs,
+                                   D, acc.data());
       }
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t g = 0; g < G; ++g) {
@@ -171,8 +186,10 @@ void paged_attention(const PagedAttentionArgs& a) {
           const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
           const int64_t out_at = (t * Hq + head) * D;
           for (int64_t d = 0; d < D; ++d) store_float(a.out.data, a.out.dtype, out_at + d, acc[static_cast<size_t>(row * D + d)] * inv);
+          // lse in natural units: (m + log2(sum)) ln 2
           if (a.lse.defined())
-            a.lse.ptr<float>()[t * Hq + head] = sum > 0.0f ? m[static_cast<size_t>(row)] + std::log(sum) : kNegInf;
+            a.lse.ptr<float>()[t * Hq + head] =
+                sum > 0.0f ? (m[static_cast<size_t>(row)] + std::log2(sum)) * num::kLn2 : kNegInf;
         }
     }
   });

@@ -38,6 +38,15 @@ Isa current_isa();
 // Selects the kernels of `isa` for this process; ValueError if unsupported.
 void set_isa(Isa isa);
 
+// Keys per tile of paged_attention (attention_scores, attention_values).
+constexpr int64_t kScoreTile = 64;
+
+// Keys [first, first + length) of a tile that lie in one page; `at` is the
+// element offset of the first one's row in the k and v caches (same layout).
+struct KeyRun {
+  int64_t first, length, at;
+};
+
 // The hot loops, one table per ISA.
 struct Kernels {
   // dst[i] = float(src[i]) for a float32 / float16 / bfloat16 source.
@@ -52,7 +61,8 @@ struct Kernels {
   void (*race_keys)(const float* w, const uint32_t* bits, int64_t n, uint32_t* keys);
   void (*logit_race_keys)(const float* z, float chunk_max, const uint32_t* bits, int64_t n, uint32_t* keys);
   uint32_t (*max_u32)(const uint32_t* x, int64_t n);
-  float (*exp_shifted)(float* x, int64_t visible, int64_t n, float shift);
+  float (*max_f32)(const float* x, int64_t n);
+  float (*exp2_sum)(float* x, int64_t n, float shift);
   uint32_t (*prob_max)(const float* q, int64_t n);
   uint64_t (*prob_sum)(const float* q, int64_t n);
   void (*logit_probs)(float* x, int64_t n, float scale, rejection::RowStats s);
@@ -65,6 +75,11 @@ struct Kernels {
   // C += A B (gemm.h)
   void (*matmul_nn_acc)(const float* a, int64_t lda, int64_t m, const void* b, DType b_dtype, int64_t ldb, int64_t n,
                         int64_t k, float* c, int64_t ldc);
+  // S = Q K^T and O += P V over one key tile of paged_attention (kernels.inc)
+  void (*attention_scores)(const float* q, int64_t rows, int64_t D, const void* k_cache, DType dtype, int64_t stride,
+                           const KeyRun* runs, int64_t num_runs, float* kt, float* s);
+  void (*attention_values)(const float* p, int64_t rows, const void* v_cache, DType dtype, int64_t stride,
+                           const KeyRun* runs, int64_t num_runs, int64_t D, float* o);
   // C = A W^T for bfloat16 A and W with float32 accumulation; null without
   // BF16 dot products
   void (*matmul_bf16)(const uint16_t* a, int64_t lda, int64_t m, const uint16_t* w, int64_t ldw, int64_t n,

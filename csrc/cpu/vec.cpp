@@ -70,9 +70,9 @@ void logit_race_keys(const float* z, float chunk_max, const uint32_t* bits, int6
 
 uint32_t max_u32(const uint32_t* x, int64_t n) { return kernels().max_u32(x, n); }
 
-float exp_shifted(float* x, int64_t visible, int64_t n, float shift) {
-  return kernels().exp_shifted(x, visible, n, shift);
-}
+float max_f32(const float* x, int64_t n) { return kernels().max_f32(x, n); }
+
+float exp2_sum(float* x, int64_t n, float shift) { return kernels().exp2_sum(x, n, shift); }
 
 uint64_t best_key(const uint32_t* keys, int64_t n, int64_t begin) {
   const uint32_t best = max_u32(keys, n);

@@ -43,9 +43,13 @@ void logit_race_keys(const float* z, float chunk_max, const uint32_t* bits, int6
 
 uint32_t max_u32(const uint32_t* x, int64_t n);
 
-// x[i] <- e^(x[i] - shift) for i < visible and 0 beyond (up to n); returns the
-// sum. Shared exp2 polynomial: results below 2^-100 are 0.
-float exp_shifted(float* x, int64_t visible, int64_t n, float shift);
+// The largest of x[0, n) (-inf for n = 0; NaN elements are passed over).
+float max_f32(const float* x, int64_t n);
+
+// x[i] <- 2^(x[i] - shift) for i < n; returns their sum. Shared exp2
+// polynomial: results below 2^-100 (and -inf, NaN) are 0. The same bits on
+// every ISA (16 partial sums in a fixed order).
+float exp2_sum(float* x, int64_t n, float shift);
 
 // (the largest key, its first index) as pack_arg(key, begin + index).
 uint64_t best_key(const uint32_t* keys, int64_t n, int64_t begin);

@@ -403,9 +403,10 @@ def _attention_batch(R: int, q_len: int, context: int, Hq: int, Hkv: int, D: int
     return q, k_cache, v_cache, table, kv_lens, cu
 
 
-# (name, H_q, H_kv, head dim, sliding window): the headline layer, and Gemma 4's sliding-window and global layers
+# (name, H_q, H_kv, head dim, sliding window): the headline layer, Gemma 4's sliding-window and global layers,
+# and SmolLM2-135M's layer (the demo's target; CPU only, in bfloat16 at the demo's batches and context)
 ATTENTION_LAYERS = (("headline", 32, 8, 128, 0), ("gemma4-sliding", 32, 16, 256, 1024),
-                    ("gemma4-global", 32, 4, 512, 0))
+                    ("gemma4-global", 32, 4, 512, 0), ("smollm2", 9, 3, 64, 0))
 
 
 def attention_timing(quick: bool = False, devices: Optional[Sequence[str]] = None) -> List[dict]:
@@ -417,7 +418,13 @@ def attention_timing(quick: bool = False, devices: Optional[Sequence[str]] = Non
         device = torch.device(dev_name)
         for layer, Hq, Hkv, D, window in ATTENTION_LAYERS:
             headline = layer == "headline"
-            if device.type == "cpu":
+            if layer == "smollm2":
+                if device.type != "cpu":
+                    continue
+                # a one-token step, and verifications of gamma + 1 = 8 tokens at batch 1, 4, 16
+                shapes = [(1, 1, 256), (1, 8, 256)] if quick else [(1, 1, 256), (1, 8, 256), (4, 8, 256), (16, 8, 256)]
+                dtype = torch.bfloat16
+            elif device.type == "cpu":
                 if quick:
                     shapes = [(1, 1, 1024), (4, 4, 1024)] if headline else [(1, 1, 2048)]
                 else:
@@ -442,7 +449,7 @@ def attention_timing(quick: bool = False, devices: Optional[Sequence[str]] = Non
 def _attention_row(dev_name: str, device: torch.device, dtype: torch.dtype, layer: str, Hq: int, Hkv: int, D: int,
                    window: int, page_size: int, R: int, q_len: int, context: int) -> dict:
     q, k_cache, v_cache, table, kv_lens, cu = _attention_batch(R, q_len, context, Hq, Hkv, D, page_size, dtype, device)
-    repeats = 3 if device.type == "cpu" else 20
+    repeats = (3 if R * q_len * context >= 1 << 16 else 50) if device.type == "cpu" else 20
     dspark_s = _time(lambda: ops.paged_attention(q, k_cache, v_cache, table, kv_lens, cu, window=window,
                                                  validate=False), device, repeats)
     # the same data as a padded batch for scaled_dot_product_attention
@@ -467,7 +474,8 @@ def _attention_row(dev_name: str, device: torch.device, dtype: torch.dtype, laye
 def _print_attention(rows: List[dict]) -> None:
     print("paged_attention (causal, pages of 16): median time per call, against scaled_dot_product_attention on the")
     print("same data as a padded contiguous batch (gathered outside the timing). Layers: headline (H_q 32, H_kv 8,")
-    print("D 128), gemma4-sliding (H_q 32, H_kv 16, D 256, window 1024), gemma4-global (H_q 32, H_kv 4, D 512)")
+    print("D 128), gemma4-sliding (H_q 32, H_kv 16, D 256, window 1024), gemma4-global (H_q 32, H_kv 4, D 512),")
+    print("smollm2 (H_q 9, H_kv 3, D 64; CPU, bfloat16)")
     header = (f"{'device':6} {'layer':15} {'R':>4} {'q_len':>5} {'context':>7} {'dtype':8} {'dspark ms':>10} "
               f"{'sdpa ms':>9} {'x sdpa':>7} {'GB/s':>8}")
     print(header)
