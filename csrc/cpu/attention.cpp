@@ -35,11 +35,15 @@ namespace dspark::cpu {
 namespace {
 
 constexpr int64_t kKeyTile = kScoreTile;
-// Multiply-adds below which paged_attention runs on the calling thread (about
-// 100 us of one core: a one-token step or a batch-1 verification of SmolLM2's
-// 9 heads over a few hundred keys). Measured on a 2-core VM, a pool region
-// cost 30-100 us more than such a call.
-constexpr int64_t kMinParallelMacs = int64_t{1} << 22;
+// Work below which paged_attention runs on the calling thread, in
+// multiply-adds, a key element read (widened and transposed: about one
+// instruction, as 16 FMA lanes are) counting kWorkPerKeyElement: about 100 us
+// of one core, a one-token step or a batch-1 verification of SmolLM2's 9
+// heads over a few hundred keys. Measured on a 2-core VM, a pool region cost
+// 30-100 us more than such a call; a one-token step of 16 requests (7x the
+// keys) ran 1.2x slower on one thread than the previous kernel on two.
+constexpr int64_t kMinParallelWork = int64_t{1} << 22;
+constexpr int64_t kWorkPerKeyElement = 16;
 
 const char* element(const TensorView& t, int64_t offset) {
   return static_cast<const char*>(t.data) + offset * static_cast<int64_t>(dtype_size(t.dtype));
@@ -90,14 +94,15 @@ void paged_attention(const PagedAttentionArgs& a) {
   // Jobs: (request, kv head, part of the request's queries). A request's
   // queries are split into parts only when there are fewer (request, head)
   // pairs than twice the threads, so that small batches use every core. A
-  // call with less work than kMinParallelMacs runs on the calling thread:
+  // call with less work than kMinParallelWork runs on the calling thread:
   // waking the pool's workers costs more than it saves there.
-  int64_t max_q = 0, macs = 0;
+  int64_t max_q = 0, work = 0;
   for (int64_t r = 0; r < R; ++r) {
     max_q = std::max<int64_t>(max_q, cu[r + 1] - cu[r]);
-    macs += static_cast<int64_t>(cu[r + 1] - cu[r]) * lens[r] * Hq * D * 2;  // Q K^T and P V, unmasked
+    work += static_cast<int64_t>(cu[r + 1] - cu[r]) * lens[r] * Hq * D * 2  // Q K^T and P V, unmasked
+            + kWorkPerKeyElement * lens[r] * Hkv * D;                       // keys read and transposed
   }
-  const bool serial = macs < kMinParallelMacs;
+  const bool serial = work < kMinParallelWork;
   const int64_t pairs = R * Hkv;
   const int64_t parts = serial ? 1 : std::max<int64_t>(
       1, std::min<int64_t>(max_q, (2 * num_threads() + pairs - 1) / std::max<int64_t>(pairs, 1)));
