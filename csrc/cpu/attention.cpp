@@ -34,7 +34,6 @@
 namespace dspark::cpu {
 namespace {
 
-constexpr int64_t kKeyTile = kScoreTile;
 // Work below which paged_attention runs on the calling thread, in
 // multiply-adds, a key element read (widened and transposed: about one
 // instruction, as 16 FMA lanes are) counting kWorkPerKeyElement: about 100 us
@@ -111,7 +110,8 @@ void paged_attention(const PagedAttentionArgs& a) {
   const float q_scale = scale * num::kLog2e;
   parallel_for(pairs * parts, serial ? pairs * parts : 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q, s, m, l, acc;
-    std::vector<float> kt(static_cast<size_t>(kKeyTile * D), 0.0f);  // the tile's keys by dimension (vec.h)
+    // the tile's keys by dimension, for the keys-in-lanes products (zeros until written)
+    std::vector<float> kt(D <= kMaxLanesDim ? static_cast<size_t>(kKeyTile * D) : 0, 0.0f);
     std::vector<KeyRun> runs;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t r = job / (Hkv * parts), h = job / parts % Hkv, part = job % parts;
@@ -179,7 +179,6 @@ void paged_attention(const PagedAttentionArgs& a) {
             for (int64_t d = 0; d < D; ++d) o[d] = num::mul(o[d], alpha);
           }
         }
-        // O += P V
         // O += P V, straight from the pages (values lie where the keys do, in v_cache)
         kernels().attention_values(s.data(), rows, a.v_cache.data, a.v_cache.dtype, key_stride, runs.data(), num_runs,
                                    D, acc.data());

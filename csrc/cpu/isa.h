@@ -38,8 +38,11 @@ Isa current_isa();
 // Selects the kernels of `isa` for this process; ValueError if unsupported.
 void set_isa(Isa isa);
 
-// Keys per tile of paged_attention (attention_scores, attention_values).
-constexpr int64_t kScoreTile = 64;
+// Keys per tile of paged_attention (attention_scores, attention_values), and
+// the largest head dim whose products put the keys in the vector lanes (AVX-512;
+// the tile's keys by dimension, kKeyTile x D floats, then stay in L1).
+constexpr int64_t kKeyTile = 64;
+constexpr int64_t kMaxLanesDim = 128;
 
 // Keys [first, first + length) of a tile that lie in one page; `at` is the
 // element offset of the first one's row in the k and v caches (same layout).
