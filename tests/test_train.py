@@ -123,6 +123,40 @@ def test_draft_vocabulary_is_the_most_generated_tokens_and_keeps_the_loss_defini
     assert float(terms["l1"]) >= float((outside * w).sum() / w.sum()) - 1e-6  # the mass it cannot reach
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma4"])
+def test_draft_vocabulary_loss_from_normalisers_equals_the_full_softmax(tiny, tiny_gemma4, kind):
+    """With a draft vocabulary, a step scores p_t on the V_d columns only, from
+    each position's log-normaliser over the whole vocabulary computed once
+    (Teacher.log_normalisers): the loss terms equal those of the softmax over
+    every column then restricted, also under a soft-capped head (Gemma 4) and
+    with target mass outside V_d."""
+    _, target = tiny if kind == "llama" else tiny_gemma4
+    config = train.TrainConfig(block_size=4, markov_rank=16, num_layers=1, sequences_per_step=3,
+                               blocks_per_sequence=3, init="random")
+    layer_ids = train.default_layer_ids(target.config.num_hidden_layers)
+    data = make_data(target, config, layer_ids, count=3)
+    drafter = train.new_drafter(target, config, 0, train.frequent_tokens(data, 12, VOCAB))
+    teacher = train.Teacher.of(drafter, target)
+    lse = teacher.log_normalisers(data, [0, 2])
+    assert lse[1] is None and [t.shape[0] for t in (lse[0], lse[2])] == [data.final[i].shape[0] for i in (0, 2)]
+    full = torch.logsumexp(train.softcap(target.lm_head(data.final[2].float()), target.config.final_logit_softcapping),
+                           dim=-1)
+    torch.testing.assert_close(lse[2], full, rtol=1e-5, atol=1e-5)
+    plain = train.draw_blocks(data, [0, 2], config, random.Random(3), config.mask_token_id)
+    normed = train.draw_blocks(data, [0, 2], config, random.Random(3), config.mask_token_id, lse=lse)
+    assert plain.lse is None and normed.lse is not None
+    with torch.no_grad():
+        a, b = train.loss_terms(drafter, target, plain), train.loss_terms(drafter, target, normed, teacher)
+    assert float(a["l1"]) > 0.05  # mass outside the 12 columns makes the outside term count
+    for key in ("ce", "l1", "bce", "loss", "tau_proxy"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+    # the step reads the normalisers given (not a softmax of its own): a wrong one changes the L1 term
+    wrong = [t + 0.5 if t is not None else None for t in lse]
+    shifted = train.draw_blocks(data, [0, 2], config, random.Random(3), config.mask_token_id, lse=wrong)
+    with torch.no_grad():
+        assert abs(float(train.loss_terms(drafter, target, shifted, teacher)["l1"]) - float(b["l1"])) > 1e-3
+
+
 def test_final_hidden_gives_the_target_distribution(tiny):
     _, target = tiny
     data = make_data(target, train.TrainConfig(), [0, 2], count=2)
