@@ -222,6 +222,13 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny, tmp_pat
     assert [r.tokens for r in spec] == [r.tokens for r in base]
 
 
+def test_report_rates_are_strict_json():
+    """A position without trials has rate nan; the training report writes null."""
+    values = train.rates([0.51234, float("nan"), 1.0])
+    assert values == [0.512, None, 1.0]
+    assert json.loads(json.dumps(values, allow_nan=False)) == values
+
+
 def test_training_is_deterministic(tiny):
     _, target = tiny
     config = train.TrainConfig(block_size=3, markov_rank=16, num_layers=1, steps=4, sequences_per_step=2,

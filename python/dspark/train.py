@@ -715,6 +715,12 @@ def evaluate_tau(target: TargetModel, drafter: DSparkDrafter, prompt_ids: List[L
 # ------------------------------------------------------------- training
 
 
+def rates(values: Sequence[float], digits: int = 3) -> List[Optional[float]]:
+    """Acceptance rates for a JSON report: rounded, None where a position had no
+    trials (its rate is nan, which strict JSON cannot hold)."""
+    return [round(v, digits) if v == v else None for v in values]
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
@@ -974,13 +980,13 @@ def run(target_dir: Path, out: Path, config: TrainConfig, device: str = "cpu", c
             result = evaluate_tau(model, shipped, prompts, config.eval_new_tokens, 0.0, config.seed + 7, stops)
             report[f"{d}/{name}"] = {"prompts": len(prompts), "tau": round(result["tau"], 3),
                                      "rounds": result["rounds"],
-                                     "acceptance_by_position": [round(a, 3) for a in result["acceptance_by_position"]],
+                                     "acceptance_by_position": rates(result["acceptance_by_position"]),
                                      "position_trials": result["position_trials"]}
             print(f"greedy {d} {name}: tau {result['tau']:.2f}", file=sys.stderr)
     times = {"data_seconds": round(data_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
              "generated_tokens": data.generated_tokens("generated"), "offline_tokens": data.generated_tokens("offline")}
     (out / "training.json").write_text(json.dumps({"config": config.to_dict(), "history": history, "time": times,
-                                                   "greedy": report}, indent=1))
+                                                   "greedy": report}, indent=1, allow_nan=False))
     print(json.dumps(history[-1]), file=sys.stderr)
     return drafter
 
