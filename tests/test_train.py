@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dspark import corpus, ops, train
+from dspark.engine import json_rates
 from dspark.models import DSparkDrafter, TargetModel
 from tiny_models import hf_gemma4_model, hf_model
 from training_data import training_data
@@ -224,7 +225,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny, tmp_pat
 
 def test_report_rates_are_strict_json():
     """A position without trials has rate nan; the training report writes null."""
-    values = train.rates([0.51234, float("nan"), 1.0])
+    values = json_rates([0.51234, float("nan"), 1.0], 3)
     assert values == [0.512, None, 1.0]
     assert json.loads(json.dumps(values, allow_nan=False)) == values
 

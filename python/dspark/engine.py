@@ -41,6 +41,12 @@ _SEED_MASK = (1 << 62) - 1
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def json_rates(values: Sequence[float], digits: Optional[int] = None) -> List[Optional[float]]:
+    """Rates for a JSON report (rounded to ``digits`` if given): None where a
+    position had no trials, whose rate is nan (strict JSON has no nan)."""
+    return [(v if digits is None else round(v, digits)) if v == v else None for v in values]
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0
@@ -135,15 +141,12 @@ class RunMetrics:
         return [a / t if t else float("nan") for a, t in zip(self.prefix_accepts, self.prefix_trials)]
 
     def as_dict(self) -> dict:
-        def rates(values: List[float]) -> List[Optional[float]]:
-            return [v if v == v else None for v in values]  # JSON has no nan
-
         return {"generated_tokens": self.generated_tokens, "wall_seconds": self.wall_seconds,
                 "tokens_per_second": self.tokens_per_second, "tau": self.tau, "rounds": self.rounds,
                 "drafting_rounds": self.drafting_rounds, "request_rounds": self.request_rounds,
                 "verified_per_round": self.verified_per_round,
-                "acceptance_by_position": rates(self.acceptance_by_position),
-                "prefix_acceptance_by_position": rates(self.prefix_acceptance_by_position)}
+                "acceptance_by_position": json_rates(self.acceptance_by_position),
+                "prefix_acceptance_by_position": json_rates(self.prefix_acceptance_by_position)}
 
     def record(self, lengths: Sequence[int], accepted: Sequence[int]) -> None:
         for length, acc in zip(lengths, accepted):

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import CalibrationRecorder
-from .engine import SamplingParams, SpeculativeEngine
+from .engine import SamplingParams, SpeculativeEngine, json_rates
 from .models import Batch, DrafterConfig, DSparkDrafter, TargetModel
 from .models.common import softcap
 from .models.drafter import HEADS
@@ -544,7 +544,7 @@ class Teacher:
     def of(cls, drafter: DSparkDrafter, target: TargetModel, dtype: torch.dtype = torch.float32) -> "Teacher":
         with torch.no_grad():
             weight = target.lm_head.weight.detach().to(dtype)
-            rows = weight[drafter.draft_vocab.long()].contiguous() if drafter.config.draft_vocab_size else weight
+            rows = drafter.lm_head_rows(target).detach().to(dtype) if drafter.config.draft_vocab_size else weight
         return cls(weight, rows, target.config.final_logit_softcapping)
 
     def logits(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
@@ -566,7 +566,7 @@ class Teacher:
                 final = torch.cat([data.final[i] for i in group]).to(self.weight.device)
                 lse = torch.cat([torch.logsumexp(self.logits(final[j:j + chunk]), dim=-1)
                                  for j in range(0, final.shape[0], chunk)]).cpu()
-                parts.extend(lse.split([data.final[i].shape[0] for i in group]))
+                parts.extend(lse.split(sizes[start:start + 64]))
                 bar.update(final.shape[0])
         bar.close()
         for i, part in zip(indices, parts):
@@ -715,12 +715,6 @@ def evaluate_tau(target: TargetModel, drafter: DSparkDrafter, prompt_ids: List[L
 # ------------------------------------------------------------- training
 
 
-def rates(values: Sequence[float], digits: int = 3) -> List[Optional[float]]:
-    """Acceptance rates for a JSON report: rounded, None where a position had no
-    trials (its rate is nan, which strict JSON cannot hold)."""
-    return [round(v, digits) if v == v else None for v in values]
-
-
 def lr_at(step: int, config: TrainConfig) -> float:
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
@@ -753,7 +747,7 @@ def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out
     if drafter.config.draft_vocab_size:
         started = time.perf_counter()
         lse = teacher.log_normalisers(data, usable, progress=progress)
-        log(f"p_t normalisers of {sum(len(data.tokens[i]) - data.prompt_lens[i] for i in usable)} positions "
+        log(f"p_t normalisers of {sum(lse[i].numel() for i in usable)} positions "
             f"({time.perf_counter() - started:.0f} s)")
     decay = [p for n, p in drafter.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in drafter.named_parameters() if p.dim() < 2]
@@ -980,7 +974,7 @@ def run(target_dir: Path, out: Path, config: TrainConfig, device: str = "cpu", c
             result = evaluate_tau(model, shipped, prompts, config.eval_new_tokens, 0.0, config.seed + 7, stops)
             report[f"{d}/{name}"] = {"prompts": len(prompts), "tau": round(result["tau"], 3),
                                      "rounds": result["rounds"],
-                                     "acceptance_by_position": rates(result["acceptance_by_position"]),
+                                     "acceptance_by_position": json_rates(result["acceptance_by_position"], 3),
                                      "position_trials": result["position_trials"]}
             print(f"greedy {d} {name}: tau {result['tau']:.2f}", file=sys.stderr)
     times = {"data_seconds": round(data_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
