@@ -377,6 +377,77 @@ def test_gate_measured_times_fallback_and_outliers():
     assert stalled.correction(False) == pytest.approx(4.0)
 
 
+def test_gate_ages_a_kind_it_has_not_measured_for_a_while():
+    """Every round ages both kinds' time corrections: plain steps measured at
+    1.34x the table in a warm-up, then 20 drafting rounds, then plain probes at
+    1.14x: the first probe already moves k_plain most of the way (with weights
+    aged only by their own kind's rounds it would keep 1.32), three bring it
+    within 3 %. The drafting kind's estimate is not moved by the ageing."""
+    gate = DraftGate(COSTS)
+    for _ in range(20):
+        gate.observe_round(False, 4, 4, 0.0134)
+    assert gate.correction(False) == pytest.approx(1.34)
+    for _ in range(20):
+        gate.observe_round(True, 4, 16, 0.030 * 1.17)
+    assert gate.correction(False) == pytest.approx(1.34) and gate.correction(True) == pytest.approx(1.17)
+    gate.observe_round(False, 4, 4, 0.0114)
+    assert gate.correction(False) < 1.25
+    for _ in range(2):
+        for _ in range(4):
+            gate.observe_round(True, 4, 16, 0.030 * 1.17)
+        gate.observe_round(False, 4, 4, 0.0114)
+    assert gate.correction(False) == pytest.approx(1.14, rel=0.03) and gate.correction(True) == pytest.approx(1.17)
+    # a kind unmeasured for thousands of rounds is still measured (its weight has a floor): no fallback
+    for _ in range(5000):
+        gate.observe_round(True, 4, 16, 0.030 * 1.17)
+    assert gate._time_weight[0] > 0.0 and gate.correction(False) == pytest.approx(1.14, rel=0.03)
+
+
+# a plain step: 10 ms at any batch; drafting: 4 ms more a round. Drafting pays above tau 1.4.
+DRAIN_COSTS = SPSTable.from_curve(lambda b: 100.0, 64, draft_curve=lambda r: 0.004, max_requests=16)
+
+
+def test_gate_weighs_the_last_request_to_finish_while_the_batch_drains():
+    """Two requests: the drafter helps request 0 (tau 3) and not request 1 (tau
+    1). On average (tau 2) drafting pays, and with requests waiting (no
+    budgets) the gate drafts. With no request waiting and 60 tokens left to
+    each, request 1 decides when the batch is done: 60 plain steps (600 ms)
+    against about 46 drafting rounds of 14 ms (its tau shrunk towards the
+    batch's by the prior): plain steps. When request 1 has 5 tokens left and
+    request 0 60, request 0 decides: about 22 rounds, drafting again. With
+    makespan=False the drain is ignored."""
+    def trained(**kw) -> DraftGate:
+        gate = DraftGate(DRAIN_COSTS, measured=False, **kw)
+        for _ in range(30):
+            gate.observe([3, 3], [2, 0])
+            gate.observe_requests([0, 1], [3, 3], [2, 0])
+        return gate
+
+    gate = trained()
+    assert gate.estimates[0] == pytest.approx(2.0)
+    assert gate.request_tau(0) > 2.6 and gate.request_tau(1) < 1.35 and gate.request_tau(7) == pytest.approx(2.0)
+    gate.before_round([0, 1], None)
+    drafting, plain = gate.expected_throughput(2)
+    assert drafting == pytest.approx(2 * 2.0 / 0.014) and plain == pytest.approx(200.0)
+    assert gate.decide(2) is True
+    gate.before_round([0, 1], [60, 60])
+    drafting, plain = gate.expected_throughput(2)
+    assert drafting == pytest.approx(2 * 60 / (60 / gate.request_tau(1)) / 0.014) and drafting < plain
+    assert gate.decide(2) is False
+    gate.before_round([0, 1], [60, 5])
+    drafting, plain = gate.expected_throughput(2)
+    assert drafting == pytest.approx(2 * 60 / (60 / gate.request_tau(0)) / 0.014) and drafting > 1.5 * plain
+    assert gate.decide(2) is True  # switched back at once (the check comes before any wait)
+    # request 1 gone: request 0 alone, tau well above the break-even
+    gate.before_round([0], [50])
+    assert set(gate._requests) == {0} and gate.decide(1) is True
+    per_round = trained(makespan=False)
+    per_round.before_round([0, 1], [60, 60])
+    assert per_round.decide(2) is True
+    with pytest.raises(ValueError, match="prior_rounds"):
+        DraftGate(DRAIN_COSTS, prior_rounds=-1.0)
+
+
 def drive_timed(gate: DraftGate, rounds: int, accepted, draft_seconds: float, plain_seconds: float, R=4, verified=3):
     """Runs the gate for ``rounds`` rounds and reports every round's wall time,
     as the engine does: a drafting round verifying ``verified`` drafts per

@@ -241,6 +241,31 @@ def test_training_is_deterministic(tiny):
         assert torch.equal(x, y), name
 
 
+def test_normalisers_shared_across_runs_are_computed_once_and_read(tiny):
+    """train_drafter(normalisers=cache): the first run with a draft vocabulary
+    computes the full-vocabulary normalisers and stores them, a second run on
+    the same data reads them (no second computation, the same weights as a run
+    without the cache), and what it reads is what it trains on."""
+    _, target = tiny
+    config = train.TrainConfig(block_size=3, markov_rank=16, num_layers=1, steps=3, sequences_per_step=2,
+                               blocks_per_sequence=2, eval_every=0, seed=5, draft_vocab=12, init="random")
+    data = make_data(target, config, train.default_layer_ids(4), count=3)
+    logs: list = []
+    cache: dict = {}
+    first, _ = train.train_drafter(target, data, config, progress=False, log=logs.append, normalisers=cache)
+    assert len(cache) == 1 and sum("normalisers" in line for line in logs) == 1
+    second, _ = train.train_drafter(target, data, config, progress=False, log=logs.append, normalisers=cache)
+    assert sum("normalisers" in line for line in logs) == 1
+    alone, _ = train.train_drafter(target, data, config, progress=False, log=lambda s: None)
+    for (name, x), (_, y), (_, z) in zip(first.state_dict().items(), second.state_dict().items(),
+                                         alone.state_dict().items()):
+        assert torch.equal(x, y) and torch.equal(x, z), name
+    key = next(iter(cache))
+    cache[key] = [t + 0.5 if t is not None else None for t in cache[key]]
+    shifted, _ = train.train_drafter(target, data, config, progress=False, log=lambda s: None, normalisers=cache)
+    assert any(not torch.equal(x, y) for x, y in zip(first.state_dict().values(), shifted.state_dict().values()))
+
+
 def test_bad_training_configs(tiny):
     _, target = tiny
     with pytest.raises(ValueError, match="markov_head"):

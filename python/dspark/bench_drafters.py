@@ -75,6 +75,7 @@ def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] 
     data_config = recipe("dspark", gammas[0], steps, seed)
     rows: List[Dict[str, object]] = []
     data = None
+    normalisers: Dict[str, list] = {}  # computed by the first drafter trained, read by the others
     for gamma in gammas:
         for kind in ("dflash", "dspark"):
             for train_seed in range(seed, seed + seeds):
@@ -90,7 +91,8 @@ def drafters_benchmark(target_dir: Optional[Path] = None, gammas: Sequence[int] 
                     print(f"training {kind} at gamma {gamma} for {steps} steps (seed {train_seed}) ...",
                           file=sys.stderr)
                     trained, _ = train.train_drafter(target, data, config, None, None, stops, progress,
-                                                     log=lambda s: print(s, file=sys.stderr))
+                                                     log=lambda s: print(s, file=sys.stderr),
+                                                     normalisers=normalisers)
                     train.save_checkpoint(trained, folder, config, [])
                     # evaluated as saved (save_dtype), like a cached one
                     drafter = DSparkDrafter.load(folder, target, device=device)

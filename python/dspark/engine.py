@@ -451,6 +451,9 @@ class SpeculativeEngine:
             drafted = None
             n_draft = 0
             if active and self.drafter is not None:
+                # with no request waiting the batch only drains: the policy may weigh when its last one ends
+                self.policy.before_round([r.index for r in active], None if queue else
+                                         [r.params.max_new_tokens - len(r.tokens) for r in active])
                 n_draft = min(max(int(self.policy.draft_requests(len(active))), 0), len(active))
             subset = list(range(len(active) - n_draft, len(active))) if 0 < n_draft < len(active) else None
             if n_draft:
@@ -478,7 +481,7 @@ class SpeculativeEngine:
                 logprobs = pending.logprobs.reshape(-1).tolist() if pending.logprobs is not None else None
                 before = sum(len(r.tokens) for r in pending.requests)
                 round_lengths, round_accepted = [], []
-                observed_lengths, observed_accepted = [], []  # what the policy learns from
+                observed, observed_lengths, observed_accepted = [], [], []  # what the policy learns from
                 for i, r in enumerate(pending.requests):
                     count = accepted[i] + 1
                     verified = pending.verified[i]
@@ -498,6 +501,7 @@ class SpeculativeEngine:
                         round_lengths.append(verified)
                         round_accepted.append(accepted[i])
                         if uncapped:
+                            observed.append(r.index)
                             observed_lengths.append(verified)
                             observed_accepted.append(accepted[i])
                     self._finish(r)
@@ -506,7 +510,7 @@ class SpeculativeEngine:
                     self.metrics.record(round_lengths, round_accepted)
                     if pending.drafted:
                         self.metrics.drafting_rounds += 1
-                        self.policy.observe(observed_lengths, observed_accepted)
+                        self.policy.observe_requests(observed, observed_lengths, observed_accepted)
                 bar.update(sum(len(r.tokens) for r in pending.requests) - before)
             lengths = [0] * len(active)
             drafted_rows = None  # a probe: which requests it drafted for

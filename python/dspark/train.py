@@ -724,8 +724,17 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out: Optional[Path] = None,
                   eval_sets: Optional[Dict[str, List[List[int]]]] = None, stop_tokens: Sequence[int] = (),
-                  progress: bool = True, log: Callable[[str], None] = print) -> Tuple[DSparkDrafter, List[dict]]:
-    """Trains a drafter on prepared data; returns it (float32, eval mode) and the log."""
+                  progress: bool = True, log: Callable[[str], None] = print,
+                  normalisers: Optional[Dict[str, List[Optional[torch.Tensor]]]] = None
+                  ) -> Tuple[DSparkDrafter, List[dict]]:
+    """Trains a drafter on prepared data; returns it (float32, eval mode) and the log.
+
+    ``normalisers``: a dict the caller keeps across runs on the same ``data``
+    and target (``bench drafters`` trains twelve drafters on one data set).
+    The full-vocabulary ``log sum exp`` of every position depends on neither
+    the drafter nor its draft vocabulary, only on the target, the data and
+    the dtype of the products, so it is computed by the first run that needs
+    it and read by the others."""
     config.validate()
     for p in target.parameters():
         p.requires_grad_(False)
@@ -745,10 +754,15 @@ def train_drafter(target: TargetModel, data: Sequences, config: TrainConfig, out
     teacher = Teacher.of(drafter, target, amp or torch.float32)
     lse = None
     if drafter.config.draft_vocab_size:
-        started = time.perf_counter()
-        lse = teacher.log_normalisers(data, usable, progress=progress)
-        log(f"p_t normalisers of {sum(lse[i].numel() for i in usable)} positions "
-            f"({time.perf_counter() - started:.0f} s)")
+        key = f"{teacher.weight.dtype}@{teacher.weight.device}"
+        lse = (normalisers or {}).get(key)
+        if lse is None:
+            started = time.perf_counter()
+            lse = teacher.log_normalisers(data, usable, progress=progress)
+            log(f"p_t normalisers of {sum(lse[i].numel() for i in usable)} positions "
+                f"({time.perf_counter() - started:.0f} s)")
+            if normalisers is not None:
+                normalisers[key] = lse
     decay = [p for n, p in drafter.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in drafter.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
