@@ -518,11 +518,11 @@ class DraftGate:
     batch 4 on text, drafting rounds gave 13-23 % more tokens per second than
     plain steps and the batch still finished at 0.88-1.00x, its slowest
     request needing 54 rounds for 64 tokens where the mean ``tau`` said 43.
-    So while the batch drains the gate compares
-    ``max_r n_r / (k_plain / SPS(R))`` with ``max_r (n_r / tau_r) k_draft
-    (t_draft(R) + 1 / SPS(R + R l))`` as throughputs (``R max_r n_r`` tokens over
-    either time; equal to the rule above when every request has the same
-    ``tau`` and budget). ``tau_r`` is the request's exponentially weighted tokens
+    So while the batch drains the gate compares the times to finish,
+    ``max_r n_r k_plain / SPS(R)`` for plain steps and ``max_r (n_r / tau_r)
+    k_draft (t_draft(R) + 1 / SPS(R + R l))`` for drafting (each as the
+    throughput ``R max_r n_r`` tokens over that time; the same comparison as
+    the rule above when every request has the same ``tau`` and budget). ``tau_r`` is the request's exponentially weighted tokens
     per round (``memory``) with ``prior_rounds`` rounds of the batch's ``tau`` as
     a prior (a request just admitted is the batch's average).
     ``makespan=False`` keeps the per-round rule throughout.
