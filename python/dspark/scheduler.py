@@ -522,9 +522,10 @@ class DraftGate:
     ``max_r n_r k_plain / SPS(R)`` for plain steps and ``max_r (n_r / tau_r)
     k_draft (t_draft(R) + 1 / SPS(R + R l))`` for drafting (each as the
     throughput ``R max_r n_r`` tokens over that time; the same comparison as
-    the rule above when every request has the same ``tau`` and budget). ``tau_r`` is the request's exponentially weighted tokens
-    per round (``memory``) with ``prior_rounds`` rounds of the batch's ``tau`` as
-    a prior (a request just admitted is the batch's average).
+    the rule above when every request has the same ``tau`` and budget).
+    ``tau_r`` is the request's exponentially weighted tokens per round
+    (``memory``) with ``prior_rounds`` rounds of the batch's ``tau`` as a prior
+    (a request just admitted is the batch's average).
     ``makespan=False`` keeps the per-round rule throughout.
 
     A round's measured time counts at most a factor ``time_clip`` away from
