@@ -452,6 +452,40 @@ def test_demo_marks_hardware_aware_by_the_paired_ratios():
     assert marked([0.6, 0.6, 0.6], [1.0, 1.0, 1.0], [0.9, 0.95, 0.93])  # below plain decoding
 
 
+def test_demo_costs_show_the_model_the_scheduler_decides_on():
+    """The printed costs are the profile's raw medians and, in brackets where
+    they differ, the table model HardwareAware schedules on (on a CPU the
+    convex fit): a noisy profile's jump at small B is pooled there."""
+    import io
+
+    from dspark.demo import print_costs, round_costs
+    from dspark.scheduler import HardwareAware, SPSTable
+
+    ms = {1: 100.0, 2: 160.0, 4: 165.0, 8: 175.0, 16: 180.0, 32: 240.0, 64: 360.0, 128: 600.0}
+    sizes = sorted(ms)
+    step = [0.0] * 129
+    for lo, hi in zip(sizes, sizes[1:] + [None]):
+        step[lo] = ms[lo]
+        for b in range(lo + 1, hi or lo + 1):
+            step[b] = ms[lo] + (ms[hi] - ms[lo]) * (b - lo) / (hi - lo)
+    sps = SPSTable([0.0] + [1e3 / t for t in step[1:]], {"device": "cpu"}, [0.0] + [0.01 * r for r in range(1, 17)])
+    out = io.StringIO()
+    print_costs(sps, [1, 16], 7, out)
+    text = out.getvalue()
+    model = HardwareAware(sps, adaptive=False).model
+    raw, fitted = round_costs(sps, [1], 7)[0], round_costs(model, [1], 7)[0]
+    assert fitted["verify_ms"] < 0.8 * raw["verify_ms"]  # the jump at B = 2 pooled into a line
+    line = [x for x in text.splitlines() if "batch  1:" in x][0]
+    assert f"verification  {raw['verify_ms']:.1f} ({fitted['verify_ms']:.1f}) ms" in line
+    assert f"tau {raw['break_even_tau']:.2f} ({fitted['break_even_tau']:.2f})" in line
+    assert "plain step  100.0 ms" in line  # equal in both: no bracket
+    assert "convex model" in text
+    gpu = SPSTable(list(sps.steps_per_second), {"device": "cuda"}, list(sps.draft_seconds))
+    out = io.StringIO()
+    print_costs(gpu, [1], 7, out)  # the envelope of a non-increasing rate is the table itself: no brackets
+    assert "(" not in out.getvalue().splitlines()[1] and "envelope model" in out.getvalue()
+
+
 def test_demo_decodes_half_as_many_tokens_above_batch_4(tiny, tmp_path):
     """Batches above 4 decode half the new tokens (at least 8, at most the
     asked number) in all three configurations, and the table says how many."""

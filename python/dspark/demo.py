@@ -393,11 +393,24 @@ def round_costs(sps: SPSTable, batches: Sequence[int], gamma: int) -> List[Dict[
 
 
 def print_costs(sps: SPSTable, batches: Sequence[int], gamma: int, out=sys.stdout) -> None:
-    print(f"profile (median of the profiled repeats): one plain step, one round's drafting, a verification of "
-          f"{gamma} drafts per request", file=out)
-    for c in round_costs(sps, batches, gamma):
-        print(f"  batch {c['batch']:2d}: plain step {c['plain_ms']:6.1f} ms, drafting {c['draft_ms']:6.1f} ms, "
-              f"verification {c['verify_ms']:6.1f} ms; fixed breaks even at tau {c['break_even_tau']:.2f}", file=out)
+    """The profiled costs (raw medians) and, where it differs, the same from the
+    table model the hardware-aware policy schedules on (``HardwareAware``'s
+    ``model="auto"``: on a CPU the convex fit, which pools a noisy profile's
+    steps), since that model, not the raw medians, decides its rounds."""
+    model = HardwareAware(sps, adaptive=False).model
+    name = model.meta.get("model") or ("envelope" if model.meta.get("envelope") else "measured")
+    print(f"profile (median of the profiled repeats; in brackets the scheduler's {name} model of it where it "
+          f"differs): one plain step, one round's drafting, a verification of {gamma} drafts per request", file=out)
+
+    def cell(raw: float, fitted: float, width: int, digits: int) -> str:
+        text = f"{raw:{width}.{digits}f}"
+        return text if abs(fitted - raw) <= 0.005 * abs(raw) else f"{text} ({fitted:.{digits}f})"
+
+    for c, m in zip(round_costs(sps, batches, gamma), round_costs(model, batches, gamma)):
+        print(f"  batch {c['batch']:2d}: plain step {cell(c['plain_ms'], m['plain_ms'], 6, 1)} ms, drafting "
+              f"{cell(c['draft_ms'], m['draft_ms'], 6, 1)} ms, verification "
+              f"{cell(c['verify_ms'], m['verify_ms'], 6, 1)} ms; fixed breaks even at tau "
+              f"{cell(c['break_even_tau'], m['break_even_tau'], 1, 2)}", file=out)
     print(file=out)
 
 
