@@ -5,12 +5,13 @@
 // of A rows x W rows reads each W row once per block of A rows. The copy of
 // the selected instruction set runs (isa.h): AVX-512 16-wide FMAs in 4 x 4,
 // 2 x 8 and 1 x 8 blocks, AVX2 8-wide FMAs in 4 x 3, 2 x 4 and 1 x 4 blocks
-// (the next block's W rows prefetched on both), or a portable loop. An
-// element's sum does not depend on the block it falls in (its lanes run along
-// K in order, then the same horizontal sum), so a row of C is the same whatever
-// M is and wherever the row sits in A. With `a_exact16` the caller guarantees that A's values are bfloat16
-// values (rounded already, as the Markov head's inputs are): with bfloat16 W
-// and AVX-512 BF16 the products then take 16-bit inputs directly.
+// (the next block's W rows prefetched on both), or a portable loop. On AVX2
+// an element's sum does not depend on the block it falls in (its lanes run
+// along K in order, then the same horizontal sum), so its bits are the same
+// whatever M and N are and wherever it sits (tests/cpp/test_gemm.cpp). With
+// `a_exact16` the caller guarantees that A's values are bfloat16 values
+// (rounded already, as the Markov head's inputs are): with bfloat16 W and
+// AVX-512 BF16 the products then take 16-bit inputs directly.
 #pragma once
 
 #include <cstdint>

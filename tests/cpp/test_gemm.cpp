@@ -11,25 +11,14 @@
 
 #include "../../csrc/cpu/gemm.h"
 #include "../../csrc/cpu/isa.h"
+#include "dspark/dtype_load.h"
+#include "dspark/numerics.h"
 #include "harness.h"
 
 using dspark::DType;
 namespace cpu = dspark::cpu;
 
 namespace {
-
-uint16_t to_bf16_bits(float x) {  // truncation: any bfloat16 value will do as a weight
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-float from_bf16_bits(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
 
 struct Problem {
   int64_t m, n, k;
@@ -46,8 +35,9 @@ Problem make(int64_t m, int64_t n, int64_t k, uint32_t seed) {
   p.w16.resize(static_cast<size_t>(n * k));
   for (auto& x : p.a) x = dist(gen);
   for (size_t i = 0; i < p.w32.size(); ++i) {
-    p.w16[i] = to_bf16_bits(dist(gen));
-    p.w32[i] = from_bf16_bits(p.w16[i]);  // the same values in both dtypes
+    // truncated to bfloat16 (any bfloat16 value will do as a weight): the same values in both dtypes
+    p.w16[i] = static_cast<uint16_t>(dspark::num::float_bits(dist(gen)) >> 16);
+    p.w32[i] = dspark::bf16_bits_to_float(p.w16[i]);
   }
   return p;
 }
