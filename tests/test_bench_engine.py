@@ -4,6 +4,7 @@ rows would not show what they claim."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dspark.bench_engine import _prompts, fit_drafter, refit_where_parted, synthetic_drafter, synthetic_target
@@ -88,3 +89,64 @@ def test_print_engine_flags_a_noisy_run(capsys):
     print_engine(dict(base, rows=[row(1, "-", "plain decoding", 0.87, 1.12), row(4, "-", "plain decoding", 0.98, 1.02)]))
     out = capsys.readouterr().out
     assert "WIDE SPREAD" in out and "batch 1: 0.87-1.12x" in out and "batch 4" not in out.split("WIDE SPREAD")[1]
+
+
+def test_goal_verdict_sign_test():
+    """A row meets the goal by its median; below it, the sign test says whether
+    the passes put it below beyond the run's noise (5 passes: only when all 5
+    are below, p = 1/32)."""
+    from dspark.bench_engine import goal_verdict
+
+    assert goal_verdict([0.90, 0.97, 1.10]) == ("meets", 1.0)  # the median reaches it
+    assert goal_verdict([0.95, 0.96, 0.94, 0.90, 0.96]) == ("below", 1 / 32)
+    verdict, p = goal_verdict([0.95, 0.96, 0.94, 0.90, 0.99])
+    assert verdict == "unclear" and p == 6 / 32
+    verdict, p = goal_verdict([0.95, 0.96, 0.94, 0.98, 0.99])
+    assert verdict == "unclear" and p == 16 / 32
+    assert goal_verdict([0.96], goal=0.97) == ("unclear", 0.5)
+    with pytest.raises(ValueError, match="no ratios"):
+        goal_verdict([])
+
+
+def test_goal_verdict_error_rates():
+    """Simulated passes (seeded): with the true median ratio at the goal the
+    verdict says "below" at most at the test's level (1/32 = 0.031 with 5
+    passes; 20000 rows: the 99.9 % band of the rate is about +-0.004), and a
+    row truly at 0.90 with a pass-to-pass spread of 0.03 is found below in at
+    least 90 % of runs (exact rate 0.95)."""
+    from dspark.bench_engine import goal_verdict
+
+    gen = torch.Generator().manual_seed(5)
+    at_goal = 0.97 + 0.05 * torch.randn(20000, 5, generator=gen, dtype=torch.float64)
+    false_alarms = sum(goal_verdict(row.tolist())[0] == "below" for row in at_goal) / len(at_goal)
+    assert false_alarms < 1 / 32 + 0.006, false_alarms
+    short = 0.90 + 0.03 * torch.randn(2000, 5, generator=gen, dtype=torch.float64)
+    power = sum(goal_verdict(row.tolist())[0] == "below" for row in short) / len(short)
+    assert power > 0.90, power
+
+
+def test_print_engine_states_the_goal(capsys):
+    """The hardware-aware rows' verdict line: rows meeting 0.97x by the median
+    are counted, each other row is named with its passes below and p."""
+    from dspark.bench_engine import print_engine
+
+    def row(R, drafter, config, passes):
+        med = sorted(passes)[len(passes) // 2]
+        return {"R": R, "drafter": drafter, "config": config, "tokens_per_second": 100.0, "spread": 0.1,
+                "speedup": med, "speedup_range": [min(passes), max(passes)], "speedup_passes": passes, "tau": 1.0,
+                "verified_per_round": 0.0, "rounds": 10, "drafting_rounds": 0, "acceptance_by_position": None,
+                "prefix_acceptance_by_position": [], "same_tokens": True}
+
+    base = {"synthetic": True, "device": "cpu", "dtype": "float32", "dtype_reason": "as asked", "cpu_isa": "avx2",
+            "max_new_tokens": 8, "repeats": 5}
+    rows = [row(1, "-", "plain decoding", [1.0] * 5),
+            row(1, "good", "hardware-aware", [1.5, 1.6, 1.4, 1.5, 1.5]),
+            row(1, "good", "fixed(gamma)", [0.5] * 5),  # not the goal's configuration
+            row(4, "useless", "hardware-aware", [0.96, 0.95, 0.99, 0.94, 0.96]),
+            row(16, "useless", "hardware-aware", [0.90, 0.91, 0.92, 0.90, 0.93])]
+    print_engine(dict(base, rows=rows))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("goal hardware-aware"))
+    assert "1 of 3 rows meet it by the median" in line
+    assert "batch 4 useless 0.9600x (4 of 5 passes below, sign test p = 0.188: not beyond this run's noise)" in line
+    assert "batch 16 useless 0.9100x (5 of 5 passes below, sign test p = 0.031: below it beyond this run's noise)" in line
+    assert "batch 1 " not in line

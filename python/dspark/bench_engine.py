@@ -29,7 +29,7 @@ import math
 import statistics
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -173,6 +173,30 @@ def transformers_ratio(target: TargetModel, prompt: List[int], max_new_tokens: i
 
 QUALITIES = ("good", "mediocre", "useless")
 WIDE = 0.15  # a plain row whose ratios to its bracketing runs span more than this flags the run as noisy
+GOAL = 0.97  # hardware-aware must reach this share of plain decoding's tokens per second in every row
+SIGNIFICANT = 0.05  # a row is below GOAL beyond the run's noise when its sign test's p-value is under this
+
+
+def goal_verdict(ratios: Sequence[float], goal: float = GOAL) -> Tuple[str, float]:
+    """Whether a configuration's per-pass ratios to plain decoding reach ``goal``.
+
+    ``"meets"`` when their median is at least ``goal``. Otherwise the sign test
+    of "the median ratio is at least ``goal``" (one-sided; a pass is one trial,
+    ties count as reaching it): with ``k`` of ``n`` passes below ``goal``, ``p
+    = P(Binomial(n, 1/2) >= k)``; ``"below"`` when ``p < SIGNIFICANT`` (with 5
+    passes: all 5 below, p = 1/32), else ``"unclear"`` (below by the median,
+    within what the run can tell from ``goal``). Returns the verdict and ``p``
+    (1 for ``"meets"``). The test assumes only that the passes are independent
+    draws of the ratio, not its distribution: the bracketing plain runs' own
+    noise widens it, and the test stays valid."""
+    xs = [float(x) for x in ratios]
+    if not xs:
+        raise ValueError("goal_verdict: no ratios")
+    if statistics.median(xs) >= goal:
+        return "meets", 1.0
+    n, k = len(xs), sum(x < goal for x in xs)
+    p = sum(math.comb(n, j) for j in range(k, n + 1)) / 2.0 ** n
+    return ("below" if p < SIGNIFICANT else "unclear"), p
 
 
 def fit_drafter(drafter: DSparkDrafter, quality: str, sequences: Sequence[Sequence[int]], seed: int = 0) -> None:
@@ -319,7 +343,7 @@ def engine_benchmark(quick: bool = False, device: str = "cpu", target_dir: Optio
             speedup = statistics.median(ratios)
             rows.append({"R": R, "drafter": quality, "config": config, "tokens_per_second": median,
                          "spread": (max(tps) - min(tps)) / median if median else 0.0, "speedup": speedup,
-                         "speedup_range": [min(ratios), max(ratios)],
+                         "speedup_range": [min(ratios), max(ratios)], "speedup_passes": ratios,
                          "tau": xs[-1]["tau"], "verified_per_round": xs[-1]["verified_per_round"],
                          "rounds": xs[-1]["rounds"], "drafting_rounds": xs[-1]["drafting_rounds"],
                          "acceptance_by_position": xs[-1]["acceptance_by_position"] if quality != "-" else None,
@@ -340,6 +364,28 @@ def _cpu_isa() -> str:
 def format_rates(rates: List[Optional[float]]) -> str:
     """Rates as '0.91 0.80 -' (None or nan: no round verified that position)."""
     return " ".join("  - " if a is None or a != a else f"{a:.2f}" for a in rates)
+
+
+def print_goal(rows: Sequence[dict], config: str = "hardware-aware") -> None:
+    """One line on the goal: ``config`` at least ``GOAL`` of plain decoding in
+    every row, with each row below it by the median and its sign test
+    (:func:`goal_verdict`)."""
+    judged = [(r, *goal_verdict(r["speedup_passes"])) for r in rows
+              if r["config"] == config and r.get("speedup_passes")]
+    if not judged:
+        return
+    short = [(r, verdict, p) for r, verdict, p in judged if verdict != "meets"]
+    line = (f"goal {config} >= {GOAL:.2f}x of plain decoding: {len(judged) - len(short)} of {len(judged)} rows "
+            "meet it by the median")
+    if short:
+        parts = []
+        for r, verdict, p in short:
+            n, k = len(r["speedup_passes"]), sum(x < GOAL for x in r["speedup_passes"])
+            what = "below it beyond this run's noise" if verdict == "below" else "not beyond this run's noise"
+            parts.append(f"batch {r['R']} {r['drafter']} {r['speedup']:.4f}x ({k} of {n} passes below, sign test "
+                         f"p = {p:.3f}: {what})")
+        line += "; " + "; ".join(parts)
+    print(line)
 
 
 def print_engine(result: dict) -> None:
@@ -368,6 +414,7 @@ def print_engine(result: dict) -> None:
         print(f"WIDE SPREAD: plain decoding against its own bracketing runs ranged {spans} over the passes (wider "
               f"than {WIDE:.2f}): the machine was busy or noisy, and a row within that of 0.97x cannot be told from "
               "it; rerun before trusting those rows")
+    print_goal(result["rows"])
     if result["dtype"] != "float32":
         print(f"same: greedy outputs equal plain decoding's in {result['dtype']}; there a verification forward and a "
               "one-token step round differently (README, Exactness), so a near-tie of the random target's logits can "
