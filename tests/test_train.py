@@ -452,6 +452,35 @@ def test_demo_marks_hardware_aware_by_the_paired_ratios():
     assert marked([0.6, 0.6, 0.6], [1.0, 1.0, 1.0], [0.9, 0.95, 0.93])  # below plain decoding
 
 
+def test_demo_states_the_goal_with_its_sign_test():
+    """After the tables, one line on the goal: the rows meeting it by the median
+    are counted, each other row is named with its repeats below 0.97x of the
+    faster of plain and fixed in the same repeat and the sign test's p, and the
+    line says that 3 repeats cannot show a row below beyond the noise."""
+    import io
+
+    from dspark.demo import BatchResult, ConfigResult, DemoResult, print_tables
+    from dspark.engine import RunMetrics
+
+    def batch(domain, size, fixed_ratios, aware_ratios):
+        b = BatchResult(domain, size, new_tokens=64)
+        b.configs = {name: ConfigResult(name, seconds=[1.0, 1.0, 1.0], tokens=64, ratios=ratios, metrics=RunMetrics())
+                     for name, ratios in (("plain decoding", []), ("fixed", fixed_ratios),
+                                          ("hardware-aware", aware_ratios))}
+        return b
+
+    batches = [batch("code", 1, [1.5, 1.5, 1.5], [1.60, 1.50, 1.55]),  # meets: at least the better (fixed)
+               batch("code", 16, [0.6, 0.6, 0.6], [0.90, 0.92, 0.99]),  # below plain decoding in 2 of 3
+               batch("text", 1, [1.2, 0.5, 0.5], [1.0, 1.0, 1.0])]  # 1.0 / 1.2 in one repeat: 1 of 3 below
+    out = io.StringIO()
+    print_tables(DemoResult("float32", batches=batches, load=[0.0, 0.0]), gamma=7, out=out)
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("goal hardware-aware"))
+    assert "2 of 3 rows meet it by the median" in line
+    assert "code batch 16 0.9200x (2 of 3 repeats below, sign test p = 0.500)" in line
+    assert "text batch" not in line and "code batch 1 " not in line
+    assert "with 3 repeats its smallest p is 0.125" in line
+
+
 def test_demo_costs_show_the_model_the_scheduler_decides_on():
     """The printed costs are the profile's raw medians and, in brackets where
     they differ, the table model HardwareAware schedules on (on a CPU the
