@@ -479,6 +479,14 @@ def test_demo_states_the_goal_with_its_sign_test():
     assert "code batch 16 0.9200x (2 of 3 repeats below, sign test p = 0.500)" in line
     assert "text batch" not in line and "code batch 1 " not in line
     assert "with 3 repeats its smallest p is 0.125" in line
+    for b in batches:  # 5 repeats: a sign test can reach p < 0.05, and the line does not ask for more
+        for name in ("fixed", "hardware-aware"):
+            b.configs[name].ratios = b.configs[name].ratios + b.configs[name].ratios[:2]
+    out = io.StringIO()
+    print_tables(DemoResult("float32", batches=batches, load=[0.0, 0.0]), gamma=7, out=out)
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("goal hardware-aware"))
+    assert "code batch 16 0.9200x (4 of 5 repeats below, sign test p = 0.188)" in line
+    assert "smallest p" not in line and "--repeats" not in line
 
 
 def test_demo_costs_show_the_model_the_scheduler_decides_on():

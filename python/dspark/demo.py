@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .corpus import DEMO_PROMPTS
-from .bench_engine import GOAL, goal_verdict
+from .bench_engine import GOAL, SIGNIFICANT, goal_verdict
 from .engine import RunMetrics, SamplingParams, SpeculativeEngine
 from .models import DSparkDrafter, TargetModel
 from .models.target import Batch
@@ -474,9 +474,11 @@ def print_tables(result: DemoResult, gamma: int, out=sys.stdout) -> None:
                 f"{judged} rows meet it by the median")
         if short:
             repeats = min(len(b.configs["hardware-aware"].ratios) for b in result.batches)
-            line += (f"; below: {'; '.join(short)} (a one-sided sign test over the repeats, as in bench engine; "
-                     f"with {repeats} repeats its smallest p is {0.5 ** repeats:.3f}, so showing a row below "
-                     "0.97x beyond the noise at p < 0.05 takes at least 5: --repeats 5)")
+            line += f"; below: {'; '.join(short)} (a one-sided sign test over the repeats, as in bench engine"
+            if 0.5 ** repeats >= SIGNIFICANT:
+                line += (f"; with {repeats} repeats its smallest p is {0.5 ** repeats:.3f}, so showing a row below "
+                         f"{GOAL:.2f}x beyond the noise at p < {SIGNIFICANT} takes at least 5: --repeats 5")
+            line += ")"
         say(line)
     say(f"load average {result.load[0]:.1f} at the start, {result.load[-1]:.1f} at the end ({os.cpu_count()} cores)")
     if wide:
