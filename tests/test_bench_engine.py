@@ -95,7 +95,7 @@ def test_goal_verdict_sign_test():
     """A row meets the goal by its median; below it, the sign test says whether
     the passes put it below beyond the run's noise (5 passes: only when all 5
     are below, p = 1/32)."""
-    from dspark.bench_engine import goal_verdict
+    from dspark.bench_engine import goal_verdict, repeats_to_show_below
 
     assert goal_verdict([0.90, 0.97, 1.10]) == ("meets", 1.0)  # the median reaches it
     assert goal_verdict([0.95, 0.96, 0.94, 0.90, 0.96]) == ("below", 1 / 32)
@@ -106,6 +106,7 @@ def test_goal_verdict_sign_test():
     assert goal_verdict([0.96], goal=0.97) == ("unclear", 0.5)
     with pytest.raises(ValueError, match="no ratios"):
         goal_verdict([])
+    assert repeats_to_show_below() == 5  # 2 ** -5 < 0.05 <= 2 ** -4
 
 
 def test_goal_verdict_error_rates():

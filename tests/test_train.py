@@ -478,7 +478,7 @@ def test_demo_states_the_goal_with_its_sign_test():
     assert "2 of 3 rows meet it by the median" in line
     assert "code batch 16 0.9200x (2 of 3 repeats below, sign test p = 0.500)" in line
     assert "text batch" not in line and "code batch 1 " not in line
-    assert "with 3 repeats its smallest p is 0.125" in line
+    assert "with 3 repeats its smallest p is 0.125" in line and "takes at least 5: --repeats 5" in line
     for b in batches:  # 5 repeats: a sign test can reach p < 0.05, and the line does not ask for more
         for name in ("fixed", "hardware-aware"):
             b.configs[name].ratios = b.configs[name].ratios + b.configs[name].ratios[:2]

@@ -199,6 +199,19 @@ def goal_verdict(ratios: Sequence[float], goal: float = GOAL) -> Tuple[str, floa
     return ("below" if p < SIGNIFICANT else "unclear"), p
 
 
+def shortfall(ratios: Sequence[float], p: float, trials: str = "passes") -> str:
+    """'k of n passes below, sign test p = ...' for a row :func:`goal_verdict`
+    did not find meeting the goal."""
+    below = sum(float(x) < GOAL for x in ratios)
+    return f"{below} of {len(ratios)} {trials} below, sign test p = {p:.3f}"
+
+
+def repeats_to_show_below() -> int:
+    """The fewest passes whose sign test can reach ``p < SIGNIFICANT`` (every one
+    below the goal: ``p = 2 ** -n``)."""
+    return math.floor(math.log2(1.0 / SIGNIFICANT)) + 1
+
+
 def fit_drafter(drafter: DSparkDrafter, quality: str, sequences: Sequence[Sequence[int]], seed: int = 0) -> None:
     """Makes a synthetic drafter good (the bigram head of the target's own
     greedy text), mediocre (the same with the successor of 40% of the tokens
@@ -380,10 +393,9 @@ def print_goal(rows: Sequence[dict], config: str = "hardware-aware") -> None:
     if short:
         parts = []
         for r, verdict, p in short:
-            n, k = len(r["speedup_passes"]), sum(x < GOAL for x in r["speedup_passes"])
             what = "below it beyond this run's noise" if verdict == "below" else "not beyond this run's noise"
-            parts.append(f"batch {r['R']} {r['drafter']} {r['speedup']:.4f}x ({k} of {n} passes below, sign test "
-                         f"p = {p:.3f}: {what})")
+            parts.append(f"batch {r['R']} {r['drafter']} {r['speedup']:.4f}x ({shortfall(r['speedup_passes'], p)}: "
+                         f"{what})")
         line += "; " + "; ".join(parts)
     print(line)
 
@@ -394,7 +406,7 @@ def print_engine(result: dict) -> None:
           f"{result['cpu_isa']}; greedy, {result['max_new_tokens']} new tokens per request; tok/s = median of "
           f"{result['repeats']} interleaved passes after a warm-up (spread = (max - min) / median); "
           "x plain = median over the passes of tok/s against the plain runs that bracket the pass (geometric "
-          "mean of the one before and the one after), with its range; * = below 0.97x")
+          f"mean of the one before and the one after), with its range; * = below {GOAL:.2f}x")
     header = (f"{'R':>3} {'drafter':9} {'config':32} {'tok/s':>8} {'spread':>7} {'x plain':>8} {'range':>11} "
               f"{'tau':>6} {'verified':>9} {'drafting':>9} {'same':>5}")
     print(header)
@@ -403,7 +415,7 @@ def print_engine(result: dict) -> None:
         same = "" if r["drafter"] == "-" else ("yes" if r["same_tokens"] else "NO")
         drafting = "" if r["drafter"] == "-" else f"{r['drafting_rounds']}/{r['rounds']}"
         lo, hi = r.get("speedup_range", [r["speedup"], r["speedup"]])
-        flag = "*" if r["speedup"] < 0.97 else " "
+        flag = "*" if r["speedup"] < GOAL else " "
         print(f"{r['R']:3d} {r['drafter']:9} {r['config']:32} {r['tokens_per_second']:8.1f} {r['spread']:6.0%} "
               f"{r['speedup']:7.2f}{flag} {lo:5.2f}-{hi:<5.2f} {r['tau']:6.2f} {r['verified_per_round']:9.2f} "
               f"{drafting:>9} {same:>5}")
@@ -412,8 +424,8 @@ def print_engine(result: dict) -> None:
     if noisy:
         spans = ", ".join(f"batch {R}: {lo:.2f}-{hi:.2f}x" for R, lo, hi in noisy)
         print(f"WIDE SPREAD: plain decoding against its own bracketing runs ranged {spans} over the passes (wider "
-              f"than {WIDE:.2f}): the machine was busy or noisy, and a row within that of 0.97x cannot be told from "
-              "it; rerun before trusting those rows")
+              f"than {WIDE:.2f}): the machine was busy or noisy, and a row within that of {GOAL:.2f}x cannot be told "
+              "from it; rerun before trusting those rows")
     print_goal(result["rows"])
     if result["dtype"] != "float32":
         print(f"same: greedy outputs equal plain decoding's in {result['dtype']}; there a verification forward and a "
