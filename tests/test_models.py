@@ -435,6 +435,117 @@ def test_float32_packing_measurement_returns_timings():
         assert d["packed_ms"] > 0 and d["blas_ms"] > 0
 
 
+def _three_projections(bias: bool, dtype: torch.dtype):
+    from dspark.models.common import FusingModule, Linear
+
+    class Projections(FusingModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = Linear(96, 64, bias=bias), Linear(96, 32, bias=bias), Linear(96, 40, bias=bias)
+
+        def fusable(self):
+            return self.a, self.b, self.c
+
+    return Projections().to(dtype)
+
+
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)])
+def test_fused_linears_equal_their_members_and_never_go_stale(monkeypatch, dtype, bias):
+    """Linears packed as one weight (FusedLinears) give each member's own
+    results; after a member's weight or bias changes, or under autograd, each
+    member runs on its own weight; copies come out unfused and compute the
+    same."""
+    import copy
+
+    from dspark.models.common import FusedLinears, pack_cpu_linears
+
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "on")
+    torch.manual_seed(3)
+    m = _three_projections(bias, dtype)
+    members = m.fusable()
+    if not FusedLinears.usable(members):
+        pytest.skip(f"this CPU or PyTorch cannot pack {dtype} weights")
+    assert pack_cpu_linears(m) == 3
+    assert m.fused is not None and all(layer.packed is None for layer in members)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for rows in (1, 8, 33):
+        x = torch.randn(rows, 96).to(dtype)
+        with torch.inference_mode():
+            outs = m.project(x)
+            assert [o.shape for o in outs] == [(rows, 64), (rows, 32), (rows, 40)]
+            for out, layer in zip(outs, members):
+                torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), **tol)
+            if dtype == torch.float32:  # one row at a time: the same values (no dependence on the other rows)
+                one = [m.project(x[i:i + 1]) for i in range(rows)]
+                for k in range(3):
+                    torch.testing.assert_close(torch.cat([o[k] for o in one]), outs[k], rtol=1e-6, atol=1e-6)
+    x = torch.randn(5, 96).to(dtype)
+    with torch.no_grad():
+        (members[1].bias if bias else members[1].weight).mul_(-1.0)  # the fused copy is stale now
+    with torch.inference_mode():
+        outs = m.project(x)
+        assert torch.equal(outs[1], torch.nn.functional.linear(x, members[1].weight, members[1].bias))
+    pack_cpu_linears(m)
+    x.requires_grad_(True)
+    sum(o.float().sum() for o in m.project(x)).backward()  # autograd: each member, with gradients
+    assert x.grad is not None and members[2].weight.grad is not None
+    twin = copy.deepcopy(m)
+    assert twin.fused is None and m.fused is not None
+    with torch.inference_mode():
+        for a, b in zip(twin.project(x.detach()), m.project(x.detach())):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_linears_fuse_only_when_alike(monkeypatch):
+    """Members of one fused weight need one dtype and input width, and all or
+    none with a bias; otherwise each is packed on its own."""
+    from dspark.models.common import FusedLinears, Linear, pack_cpu_linears
+
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "on")
+    m = _three_projections(True, torch.float32)
+    if not FusedLinears.usable(m.fusable()):
+        pytest.skip("this PyTorch has no oneDNN packed linear")
+    assert not FusedLinears.usable(m.fusable()[:1])
+    m.c = Linear(96, 40, bias=False)
+    assert not FusedLinears.usable(m.fusable())
+    m.c = Linear(80, 40, bias=True)
+    assert not FusedLinears.usable(m.fusable())
+    m.c = Linear(96, 40, bias=True).to(torch.bfloat16)
+    assert not FusedLinears.usable(m.fusable())
+    assert pack_cpu_linears(m) == 2 + int(m.c.packed is not None)
+    assert m.fused is None and m.a.packed is not None
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "off")
+    assert not FusedLinears.usable(_three_projections(True, torch.float32).fusable())
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_packed_target_matches_transformers(tmp_path, monkeypatch, kind):
+    """The target as the engine runs it on the CPU (q / k / v and gate / up each
+    one packed product, the rest packed one by one) gives transformers'
+    logits and hidden states."""
+    from dspark.models.common import FusingModule, PackedWeight, pack_cpu_linears
+
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "on")
+    hf = hf_model(tmp_path, kind, attention_bias=True)
+    with torch.no_grad():  # transformers starts biases at 0: random ones, so the fused bias is tested
+        for name, p in hf.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0.0, 0.1)
+    hf.save_pretrained(str(tmp_path))
+    model = TargetModel.load(tmp_path)
+    if not PackedWeight.usable(model.lm_head.weight):
+        pytest.skip("this PyTorch has no oneDNN packed linear")
+    layers = model.config.num_hidden_layers
+    assert pack_cpu_linears(model) == 7 * layers + 1
+    assert sum(m.fused is not None for m in model.modules() if isinstance(m, FusingModule)) == 2 * layers
+    logits, hidden = run_ragged(model, SEQUENCES, SPLIT, hidden_layers=(0,))
+    for r, seq in enumerate(SEQUENCES):
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq]), output_hidden_states=True)
+        torch.testing.assert_close(logits[r], ref.logits[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hidden[r][:, 0], ref.hidden_states[1][0], rtol=1e-4, atol=1e-4)
+
+
 def test_packed_layers_and_drafters_can_be_copied_and_pickled(monkeypatch):
     """A packed layer's oneDNN tensor has no storage: copies and pickles of a
     packed Linear (and of a drafter with packed LM head rows) come out unpacked

@@ -29,10 +29,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # torch's fused rms_norm computes x * rsqrt(mean(x^2) + eps) in float32
+        # (one call instead of six: a decoding step runs 61 of these); the
+        # weight then scales in the input dtype, as Llama rounds
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
 def _packing_available() -> bool:
@@ -48,6 +50,14 @@ def tensor_version(t: torch.Tensor) -> int:
         return t._version
     except RuntimeError:
         return -1
+
+
+def weight_source(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    """What identifies a parameter's current values without reading them: its
+    storage, in-place version, dtype and shape (None for a missing bias)."""
+    if t is None:
+        return None
+    return (t.data_ptr(), tensor_version(t), t.dtype, tuple(t.shape))
 
 
 def _bfloat16_packing_supported() -> bool:
@@ -83,11 +93,11 @@ class PackedWeight:
     """
 
     def __init__(self, weight: torch.Tensor, rows_hint: int = 8) -> None:
-        self.source = (weight.data_ptr(), tensor_version(weight), weight.dtype, tuple(weight.shape))
+        self.source = weight_source(weight)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
 
     def matches(self, weight: torch.Tensor) -> bool:
-        return self.source == (weight.data_ptr(), tensor_version(weight), weight.dtype, tuple(weight.shape))
+        return self.source == weight_source(weight)
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -218,10 +228,100 @@ class Linear(nn.Linear):
         return state
 
 
+class FusedLinears:
+    """Linears that read the same input (an attention layer's q / k / v, a gated
+    MLP's gate and up), run in CPU inference as one product on one packed
+    weight: their rows stacked, packed once (:class:`PackedWeight`).
+
+    Why: at the few rows of a decoding step a CPU linear costs a fixed
+    overhead per call besides its weight traffic; SmolLM2-135M's forward makes
+    211 of them. Three calls for q / k / v and two for gate / up become one
+    each (measured on a 2-core AMD EPYC, float32, together with the fused
+    RMSNorm: the target forward over 1 token 0.82x and over 8 tokens 0.87x
+    the time). Each output is the product of the same row of x with the same
+    weight row as before (the layout of the reduction does not depend on the
+    other rows; tests/test_models.py compares them).
+
+    The outputs are the members' outputs, in order, as views of one tensor.
+    The fused weight is used only while every member's weight and bias are
+    the ones it was made from, for CPU inference (as :func:`linear`)."""
+
+    def __init__(self, linears: Sequence["Linear"], rows_hint: int = 8) -> None:
+        self.sources = tuple(weight_source(t) for m in linears for t in (m.weight, m.bias))
+        self.sizes = [m.weight.shape[0] for m in linears]
+        with torch.no_grad():
+            self.bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+            self.packed = PackedWeight(torch.cat([m.weight.detach() for m in linears]), rows_hint)
+
+    @staticmethod
+    def usable(linears: Sequence["Linear"]) -> bool:
+        """Whether the linears can run as one product: two or more, each packable
+        (:meth:`PackedWeight.usable`), one dtype, device and input width, and
+        all with a bias or none."""
+        if len(linears) < 2 or not all(isinstance(m, Linear) for m in linears):
+            return False
+        first = linears[0].weight
+        return (all(m.weight.dtype == first.dtype and m.weight.device == first.device
+                    and m.weight.dim() == 2 and m.weight.shape[1] == first.shape[1] for m in linears)
+                and len({m.bias is None for m in linears}) == 1
+                and all(m.bias is None or m.bias.dtype == first.dtype for m in linears)
+                and all(PackedWeight.usable(m.weight) for m in linears))
+
+    def current(self, linears: Sequence["Linear"], x: torch.Tensor) -> bool:
+        """Whether the fused weight may serve this call: CPU inference on x of
+        the weights' dtype, every member unchanged since it was made."""
+        return (x.device.type == "cpu" and x.dtype == linears[0].weight.dtype
+                and not (torch.is_grad_enabled() and (x.requires_grad or linears[0].weight.requires_grad))
+                and self.sources == tuple(weight_source(t) for m in linears for t in (m.weight, m.bias)))
+
+    def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return self.packed(x, self.bias).split(self.sizes, dim=-1)
+
+
+class FusingModule(nn.Module):
+    """A module whose linears named by :meth:`fusable` read one input and run as
+    one product in CPU inference (:class:`FusedLinears`, made by
+    :func:`pack_cpu_linears`); elsewhere each runs on its own."""
+
+    fused: Optional[FusedLinears] = None
+
+    def fusable(self) -> Tuple["Linear", ...]:
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The outputs of the :meth:`fusable` linears on x, in order."""
+        members = self.fusable()
+        fused = self.fused
+        if fused is not None and fused.current(members, x):
+            return fused(x)
+        return tuple(m(x) for m in members)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())  # the packed tensor cannot be copied (see Linear)
+        state.pop("fused", None)
+        return state
+
+
 def pack_cpu_linears(module: nn.Module, rows_hint: int = 8) -> int:
-    """Packs every :class:`Linear` of `module` whose weight can be
-    (:meth:`PackedWeight.usable`); returns how many were packed."""
-    return sum(m.pack_cpu(rows_hint) for m in module.modules() if isinstance(m, Linear))
+    """Packs the linears of `module` for CPU inference where their weights can
+    be (:meth:`PackedWeight.usable`): each :class:`FusingModule`'s fusable
+    linears as one weight (:class:`FusedLinears`), every other :class:`Linear`
+    on its own. Returns how many linears were packed."""
+    grouped: set = set()
+    count = 0
+    for m in module.modules():
+        if isinstance(m, FusingModule):
+            members = m.fusable()
+            m.fused = FusedLinears(members, rows_hint) if FusedLinears.usable(members) else None
+            if m.fused is not None:
+                for member in members:
+                    member.packed = None  # served by the fused weight
+                    grouped.add(id(member))
+                count += len(members)
+    for m in module.modules():
+        if isinstance(m, Linear) and id(m) not in grouped:
+            count += m.pack_cpu(rows_hint)
+    return count
 
 
 class GemmaRMSNorm(nn.Module):

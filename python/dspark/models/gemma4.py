@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .common import CheckpointError, GemmaRMSNorm, Linear, activation, rope_inv_freq
+from .common import CheckpointError, FusingModule, GemmaRMSNorm, Linear, activation, rope_inv_freq
 
 MODEL_TYPES = ("gemma4", "gemma4_text")
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -232,8 +232,9 @@ def checkpoint_tensors(tensors: Dict[str, torch.Tensor], spec: Gemma4Spec) -> Di
 # ------------------------------------------------------------------ modules
 
 
-class GatedMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))``."""
+class GatedMLP(FusingModule):
+    """``down(act(gate(x)) * up(x))`` (gate and up as one product in CPU
+    inference: :class:`~dspark.models.common.FusedLinears`)."""
 
     def __init__(self, hidden: int, intermediate: int, act: str) -> None:
         super().__init__()
@@ -242,8 +243,12 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
         self.act = activation(act, "mlp")
 
+    def fusable(self) -> tuple:
+        return self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.project(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Gemma4Attention(nn.Module):

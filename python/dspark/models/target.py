@@ -23,7 +23,7 @@ from torch import nn
 from .. import ops
 from . import gemma4
 from .checkpoint import Checkpoint, Field, check_rope, read_config, size_field, validate_fields, validate_rope
-from .common import (CheckpointError, Linear, PagedKVCache, PathLike, RMSNorm, load_state, rope_inv_freq,
+from .common import (CheckpointError, FusingModule, Linear, PagedKVCache, PathLike, RMSNorm, load_state, rope_inv_freq,
                      save_safetensors, softcap)
 
 SUPPORTED = ("llama", "qwen3") + gemma4.MODEL_TYPES
@@ -197,7 +197,7 @@ class Batch:
     slots: torch.Tensor  # [T] int64 cache slots (-1: padding)
 
 
-class Attention(nn.Module):
+class Attention(FusingModule):
     def __init__(self, c: TargetConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -209,12 +209,16 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
 
+    def fusable(self) -> tuple:
+        return self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, batch: Batch, inv_freq: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = q.view(T, self.heads, self.head_dim)
+        k = k.view(T, self.kv_heads, self.head_dim)
+        v = v.view(T, self.kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.contiguous(), k.contiguous()
@@ -225,15 +229,19 @@ class Attention(nn.Module):
         return self.o_proj(out.view(T, self.heads * self.head_dim))
 
 
-class MLP(nn.Module):
+class MLP(FusingModule):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_proj = Linear(hidden, intermediate, bias=False)
         self.up_proj = Linear(hidden, intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
+    def fusable(self) -> tuple:
+        return self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.project(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
