@@ -546,6 +546,45 @@ def test_packed_target_matches_transformers(tmp_path, monkeypatch, kind):
         torch.testing.assert_close(hidden[r][:, 0], ref.hidden_states[1][0], rtol=1e-4, atol=1e-4)
 
 
+def test_packed_drafter_drafts_as_unpacked(tmp_path, monkeypatch):
+    """The drafter as the engine runs it on the CPU (the block's q / k / v one
+    packed product, k / v also packed alone for the context, gate / up one
+    product) writes the same context and drafts the same block as unpacked."""
+    from dspark.models.common import FusingModule, PackedWeight, pack_cpu_linears
+
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "on")
+    hf_model(tmp_path / "t")
+    target = TargetModel.load(tmp_path / "t")
+    drafter = random_drafter(target, seed=5, layers=2, draft_vocab=40)
+    if not PackedWeight.usable(target.lm_head.weight):
+        pytest.skip("this PyTorch has no oneDNN packed linear")
+    torch.manual_seed(0)
+    hidden = torch.randn(11, len(drafter.config.target_layer_ids), target.config.hidden_size)
+
+    def run():
+        cache = drafter.new_cache(8, 8, 2, 4)
+        for r in range(2):
+            cache.allocate(r, 16)
+        positions = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4])
+        requests = torch.tensor([0] * 6 + [1] * 5)
+        drafter.extend_context(hidden, positions, cache.slots(requests, positions), cache)
+        draft = drafter.draft(target, torch.tensor([5, 9]), torch.tensor([6, 5]), torch.tensor([0, 1]), cache)
+        return draft.hidden, draft.base_logits
+
+    with torch.inference_mode():
+        want = run()
+        pack_cpu_linears(target)
+        drafter.pack_cpu()
+        attentions = [layer.self_attn for layer in drafter.layers]
+        assert all(a.fused is not None and a.k_proj.packed is not None and a.v_proj.packed is not None
+                   for a in attentions)
+        assert all(layer.mlp.fused is not None and layer.mlp.gate_proj.packed is None for layer in drafter.layers)
+        assert sum(isinstance(m, FusingModule) and m.fused is not None for m in drafter.modules()) == 4
+        got = run()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_packed_layers_and_drafters_can_be_copied_and_pickled(monkeypatch):
     """A packed layer's oneDNN tensor has no storage: copies and pickles of a
     packed Linear (and of a drafter with packed LM head rows) come out unpacked

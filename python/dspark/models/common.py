@@ -281,9 +281,12 @@ class FusedLinears:
 class FusingModule(nn.Module):
     """A module whose linears named by :meth:`fusable` read one input and run as
     one product in CPU inference (:class:`FusedLinears`, made by
-    :func:`pack_cpu_linears`); elsewhere each runs on its own."""
+    :func:`pack_cpu_linears`); elsewhere each runs on its own. With
+    ``keep_members`` the members are also packed one by one, for a module that
+    calls some of them alone too."""
 
     fused: Optional[FusedLinears] = None
+    keep_members = False
 
     def fusable(self) -> Tuple["Linear", ...]:
         raise NotImplementedError
@@ -313,7 +316,7 @@ def pack_cpu_linears(module: nn.Module, rows_hint: int = 8) -> int:
         if isinstance(m, FusingModule):
             members = m.fusable()
             m.fused = FusedLinears(members, rows_hint) if FusedLinears.usable(members) else None
-            if m.fused is not None:
+            if m.fused is not None and not m.keep_members:
                 for member in members:
                     member.packed = None  # served by the fused weight
                     grouped.add(id(member))

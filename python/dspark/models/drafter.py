@@ -48,8 +48,9 @@ from ..calibration import STS
 from . import gemma4
 from .checkpoint import (Checkpoint, Field, check_rope, read_config, size_field, validate_fields,
                          validate_rope)
-from .common import (CheckpointError, GemmaRMSNorm, Linear, PackedWeight, PagedKVCache, PathLike, RMSNorm, activation,
-                     linear, load_state, pack_cpu_linears, rope_inv_freq, save_safetensors, softcap, tensor_version)
+from .common import (CheckpointError, FusingModule, GemmaRMSNorm, Linear, PackedWeight, PagedKVCache, PathLike,
+                     RMSNorm, activation, linear, load_state, pack_cpu_linears, rope_inv_freq, save_safetensors,
+                     softcap, tensor_version)
 from .target import TargetModel, attention_shape
 
 HEADS = ("vanilla", "gated", "rnn")
@@ -284,7 +285,11 @@ def _deepspec_fields(cfg: DrafterConfig, c: dict, get) -> None:
     activation(cfg.hidden_act, "drafter config.json")
 
 
-class DrafterAttention(nn.Module):
+class DrafterAttention(FusingModule):
+    # the block's q / k / v run as one product (block_qkv); the context
+    # features' k / v (context_kv) use k_proj and v_proj packed on their own
+    keep_members = True
+
     def __init__(self, c: DrafterConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -302,17 +307,29 @@ class DrafterAttention(nn.Module):
             self.v_norm = GemmaRMSNorm(self.head_dim, c.rms_norm_eps, with_scale=False)
         self.scale = 1.0 if gemma else 1.0 / math.sqrt(self.head_dim)
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """Queries (normed, not rotated) of x [n, d]."""
-        return self.q_norm(self.q_proj(x).view(x.shape[0], self.heads, self.head_dim)).contiguous()
-
     def context_kv(self, x: torch.Tensor):
         """Keys (normed, not rotated) and values of x [n, d] (context features or
         block states: the same projections)."""
         n = x.shape[0]
-        k = self.k_proj(x).view(n, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim) if hasattr(self, "v_proj") else k
-        k = self.k_norm(k)
+        k = self.k_proj(x)
+        return self._kv(n, k, self.v_proj(x) if hasattr(self, "v_proj") else k)
+
+    def fusable(self) -> tuple:
+        return (self.q_proj, self.k_proj) + ((self.v_proj,) if hasattr(self, "v_proj") else ())
+
+    def block_qkv(self, x: torch.Tensor):
+        """Queries (normed, not rotated) and :meth:`context_kv` of the same x
+        [n, d], the projections as one product where they are fused (CPU
+        inference)."""
+        n = x.shape[0]
+        projected = self.project(x)
+        q, k = projected[0], projected[1]
+        q = self.q_norm(q.view(n, self.heads, self.head_dim)).contiguous()
+        return (q,) + self._kv(n, k, projected[2] if len(projected) > 2 else k)
+
+    def _kv(self, n: int, k: torch.Tensor, v: torch.Tensor):
+        k = self.k_norm(k.view(n, self.kv_heads, self.head_dim))
+        v = v.view(n, self.kv_heads, self.head_dim)
         if hasattr(self, "v_norm"):
             v = self.v_norm(v)
         return k.contiguous(), v.contiguous()
@@ -602,8 +619,7 @@ class DSparkDrafter(nn.Module):
             attn = layer.self_attn
             a = layer.input_layernorm(x)
             n = a.shape[0]
-            q = attn.query(a)
-            k, v = attn.context_kv(a)
+            q, k, v = attn.block_qkv(a)
             ops.rope(q, k, positions, inv_freq=inv_freq)
             ops.append_kv(k, v, cache.k[index], cache.v[index], slots, validate=False)  # the block's keys, this round only
             out = ops.paged_attention(q, cache.k[index], cache.v[index], block_table, kv_lens, cu, mask="block",
