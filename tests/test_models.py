@@ -585,6 +585,35 @@ def test_packed_drafter_drafts_as_unpacked(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_target_refuses_a_bad_batch_naming_the_argument(tmp_path):
+    """The models launch their attention ops without the Python wrappers'
+    checks; a batch of the wrong dtypes or out-of-range slots, pages and
+    lengths still ends in a clean error naming the argument."""
+    hf_model(tmp_path)
+    model = TargetModel.load(tmp_path)
+    cache = model.new_cache(8, 8, 2, 4)
+    cache.allocate(0, 5)
+    positions = torch.arange(5)
+    good = dict(tokens=torch.tensor([1, 2, 3, 4, 5]), positions=positions,
+                cu_q=torch.tensor([0, 5], dtype=torch.int32), block_table=cache.block_table[:1],
+                kv_lens=torch.tensor([5], dtype=torch.int32),
+                slots=cache.slots(torch.zeros(5, dtype=torch.int64), positions))
+    want = model(Batch(**good), cache).logits
+    assert want.shape == (5, model.config.vocab_size)
+    bad = [(dict(slots=good["slots"].int()), TypeError, "slot_mapping"),
+           (dict(kv_lens=good["kv_lens"].long()), TypeError, "kv_lens"),
+           (dict(cu_q=good["cu_q"].long()), TypeError, "cu_q"),
+           (dict(block_table=good["block_table"].long()), TypeError, "block_table"),
+           (dict(slots=good["slots"] + 1000), ValueError, "slot"),
+           (dict(kv_lens=torch.tensor([100], dtype=torch.int32)), ValueError, "kv_lens"),
+           (dict(cu_q=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "cu_q"),
+           (dict(positions=positions.view(5, 1)), ValueError, "positions"),
+           (dict(block_table=torch.full((1, 4), 99, dtype=torch.int32)), ValueError, "block_table")]
+    for change, error, name in bad:
+        with pytest.raises(error, match=name):
+            model(Batch(**{**good, **change}), cache)
+
+
 def test_packed_layers_and_drafters_can_be_copied_and_pickled(monkeypatch):
     """A packed layer's oneDNN tensor has no storage: copies and pickles of a
     packed Linear (and of a drafter with packed LM head rows) come out unpacked

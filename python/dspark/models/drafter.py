@@ -45,6 +45,7 @@ from torch import nn
 
 from .. import ops
 from ..calibration import STS
+from ..ops.attention import _layer_attention
 from . import gemma4
 from .checkpoint import (Checkpoint, Field, check_rope, read_config, size_field, validate_fields,
                          validate_rope)
@@ -620,10 +621,9 @@ class DSparkDrafter(nn.Module):
             a = layer.input_layernorm(x)
             n = a.shape[0]
             q, k, v = attn.block_qkv(a)
-            ops.rope(q, k, positions, inv_freq=inv_freq)
-            ops.append_kv(k, v, cache.k[index], cache.v[index], slots, validate=False)  # the block's keys, this round only
-            out = ops.paged_attention(q, cache.k[index], cache.v[index], block_table, kv_lens, cu, mask="block",
-                                      scale=attn.scale, validate=False)
+            # the block's keys and values are written for this round only (the next round overwrites them)
+            out = _layer_attention(q, k, v, cache.k[index], cache.v[index], positions, slots, block_table, kv_lens, cu,
+                                   inv_freq, "block", attn.scale)
             x = layer.after_attention(x, attn.o_proj(out.view(n, attn.heads * attn.head_dim)))
         keep = gamma if num_positions is None else num_positions
         if not 1 <= keep <= gamma:

@@ -12,6 +12,7 @@ output), which feed the DSpark drafter's context. Gemma 4's specifics are in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from ..ops.attention import _layer_attention
 from . import gemma4
 from .checkpoint import Checkpoint, Field, check_rope, read_config, size_field, validate_fields, validate_rope
 from .common import (CheckpointError, FusingModule, Linear, PagedKVCache, PathLike, RMSNorm, load_state, rope_inv_freq,
@@ -221,11 +222,9 @@ class Attention(FusingModule):
         v = v.view(T, self.kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.contiguous(), k.contiguous()
-        ops.rope(q, k, batch.positions, inv_freq=inv_freq)
-        ops.append_kv(k, v.contiguous(), k_cache, v_cache, batch.slots, validate=False)
-        out = ops.paged_attention(q, k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_q, mask="causal",
-                                  validate=False)
+        out = _layer_attention(q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache, batch.positions,
+                               batch.slots, batch.block_table, batch.kv_lens, batch.cu_q, inv_freq, "causal",
+                               1.0 / math.sqrt(self.head_dim))
         return self.o_proj(out.view(T, self.heads * self.head_dim))
 
 
