@@ -489,6 +489,11 @@ def test_fused_linears_equal_their_members_and_never_go_stale(monkeypatch, dtype
     x.requires_grad_(True)
     sum(o.float().sum() for o in m.project(x)).backward()  # autograd: each member, with gradients
     assert x.grad is not None and members[2].weight.grad is not None
+    members[0].weight.requires_grad_(False)  # autograd through a later member only: still each on its own
+    members[2].weight.grad = None
+    sum(o.float().sum() for o in m.project(x.detach())).backward()
+    assert members[2].weight.grad is not None
+    members[0].weight.requires_grad_(True)
     twin = copy.deepcopy(m)
     assert twin.fused is None and m.fused is not None
     with torch.inference_mode():

@@ -311,9 +311,8 @@ class DrafterAttention(FusingModule):
     def context_kv(self, x: torch.Tensor):
         """Keys (normed, not rotated) and values of x [n, d] (context features or
         block states: the same projections)."""
-        n = x.shape[0]
         k = self.k_proj(x)
-        return self._kv(n, k, self.v_proj(x) if hasattr(self, "v_proj") else k)
+        return self._kv(k, self.v_proj(x) if hasattr(self, "v_proj") else k)
 
     def fusable(self) -> tuple:
         return (self.q_proj, self.k_proj) + ((self.v_proj,) if hasattr(self, "v_proj") else ())
@@ -322,13 +321,14 @@ class DrafterAttention(FusingModule):
         """Queries (normed, not rotated) and :meth:`context_kv` of the same x
         [n, d], the projections as one product where they are fused (CPU
         inference)."""
-        n = x.shape[0]
         projected = self.project(x)
         q, k = projected[0], projected[1]
-        q = self.q_norm(q.view(n, self.heads, self.head_dim)).contiguous()
-        return (q,) + self._kv(n, k, projected[2] if len(projected) > 2 else k)
+        q = self.q_norm(q.view(x.shape[0], self.heads, self.head_dim)).contiguous()
+        return (q,) + self._kv(k, projected[2] if len(projected) > 2 else k)
 
-    def _kv(self, n: int, k: torch.Tensor, v: torch.Tensor):
+    def _kv(self, k: torch.Tensor, v: torch.Tensor):
+        """Normed keys and values [n, H_kv, D] of the projections k and v [n, H_kv * D]."""
+        n = k.shape[0]
         k = self.k_norm(k.view(n, self.kv_heads, self.head_dim))
         v = v.view(n, self.kv_heads, self.head_dim)
         if hasattr(self, "v_norm"):

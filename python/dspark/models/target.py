@@ -202,6 +202,7 @@ class Attention(FusingModule):
     def __init__(self, c: TargetConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)  # as paged_attention's default
         self.q_proj = Linear(c.hidden_size, self.heads * self.head_dim, bias=c.attention_bias)
         self.k_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
         self.v_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
@@ -224,7 +225,7 @@ class Attention(FusingModule):
             q, k = self.q_norm(q), self.k_norm(k)
         out = _layer_attention(q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache, batch.positions,
                                batch.slots, batch.block_table, batch.kv_lens, batch.cu_q, inv_freq, "causal",
-                               1.0 / math.sqrt(self.head_dim))
+                               self.scale)
         return self.o_proj(out.view(T, self.heads * self.head_dim))
 
 
