@@ -350,13 +350,13 @@ def test_paged_cache_accounting():
 def test_packed_bfloat16_linear_equals_torch_and_never_goes_stale(rows):
     """A Linear packed for CPU inference gives torch's linear results; after its
     weight changes (or under autograd) it uses the weight itself."""
-    from dspark.models.common import Linear, PackedWeight
+    from dspark.models.common import Linear, cpu_weight_usable
 
     torch.manual_seed(rows)
     layer = Linear(96, 200, bias=True).to(torch.bfloat16)
     x = torch.randn(rows, 96).to(torch.bfloat16)
     packed = layer.pack_cpu()
-    assert packed == PackedWeight.usable(layer.weight)
+    assert packed == cpu_weight_usable(layer.weight)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-2,
                                    atol=1e-2)
@@ -400,28 +400,19 @@ def test_packed_float32_linear_equals_torch_where_enabled(monkeypatch, rows):
     assert not layer.pack_cpu() and layer.packed is None
 
 
-def test_float32_packing_setting_is_checked_and_auto_is_measured_once(monkeypatch):
+def test_float32_packing_setting_is_checked(monkeypatch):
+    """The older setting is still checked (the backend setting itself:
+    tests/test_linear.py)."""
     from dspark.models import common
 
+    monkeypatch.delenv("DSPARK_CPU_LINEAR", raising=False)
     monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "sometimes")
     with pytest.raises(ValueError, match="DSPARK_CPU_PACK_FLOAT32"):
         common.float32_packing_pays()
+    monkeypatch.setattr(common, "_float32_decision", {})
     monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "auto")
-    monkeypatch.setattr(common, "_float32_decision", {})
-    calls = []
-
-    def fake_measure():
-        calls.append(1)
-        return {"pays": True, "packed_ms": 1.0, "blas_ms": 2.0}
-
-    monkeypatch.setattr(common, "_measure_float32_packing", fake_measure)
-    assert common.float32_packing_report() == ""
-    assert common.float32_packing_pays() and common.float32_packing_pays()
-    assert len(calls) == 1
-    assert "packed 1.00 ms against BLAS 2.00 ms" in common.float32_packing_report()
-    monkeypatch.setattr(common, "_float32_decision", {})
     monkeypatch.setattr(common, "_measure_float32_packing",
-                        lambda: {"pays": False, "packed_ms": 3.0, "blas_ms": 2.0})
+                        lambda: {"backend": "blas", "pays": False, "dspark_ms": 3.0, "packed_ms": 3.0, "blas_ms": 2.0})
     assert not common.float32_packing_pays()
     assert "through BLAS" in common.float32_packing_report()
 
@@ -430,9 +421,12 @@ def test_float32_packing_measurement_returns_timings():
     from dspark.models import common
 
     d = common._measure_float32_packing()
-    assert isinstance(d["pays"], bool)
+    assert d["backend"] in common.FLOAT32_BACKENDS and d["pays"] == (d["backend"] == "onednn")
+    assert d["dspark_ms"] > 0 and d["blas_ms"] > 0
     if common._packing_available():
-        assert d["packed_ms"] > 0 and d["blas_ms"] > 0
+        assert d["packed_ms"] > 0
+    chosen = min(("dspark", "dspark_ms"), ("onednn", "packed_ms"), key=lambda c: d[c[1]])
+    assert d["backend"] == (chosen[0] if d[chosen[1]] < common._PACK_FLOAT32_GAIN * d["blas_ms"] else "blas")
 
 
 def _three_projections(bias: bool, dtype: torch.dtype):
@@ -523,14 +517,15 @@ def test_linears_fuse_only_when_alike(monkeypatch):
     assert not FusedLinears.usable(_three_projections(True, torch.float32).fusable())
 
 
+@pytest.mark.parametrize("backend", ["onednn", "dspark"])
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_packed_target_matches_transformers(tmp_path, monkeypatch, kind):
+def test_packed_target_matches_transformers(tmp_path, monkeypatch, kind, backend):
     """The target as the engine runs it on the CPU (q / k / v and gate / up each
-    one packed product, the rest packed one by one) gives transformers'
-    logits and hidden states."""
-    from dspark.models.common import FusingModule, PackedWeight, pack_cpu_linears
+    one product, the rest one by one; on oneDNN's packed weights or on
+    dspark's linear) gives transformers' logits and hidden states."""
+    from dspark.models.common import FusingModule, cpu_weight_usable, pack_cpu_linears
 
-    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "on")
+    monkeypatch.setenv("DSPARK_CPU_LINEAR", backend)
     hf = hf_model(tmp_path, kind, attention_bias=True)
     with torch.no_grad():  # transformers starts biases at 0: random ones, so the fused bias is tested
         for name, p in hf.named_parameters():
@@ -538,7 +533,7 @@ def test_packed_target_matches_transformers(tmp_path, monkeypatch, kind):
                 p.normal_(0.0, 0.1)
     hf.save_pretrained(str(tmp_path))
     model = TargetModel.load(tmp_path)
-    if not PackedWeight.usable(model.lm_head.weight):
+    if not cpu_weight_usable(model.lm_head.weight):
         pytest.skip("this PyTorch has no oneDNN packed linear")
     layers = model.config.num_hidden_layers
     assert pack_cpu_linears(model) == 7 * layers + 1

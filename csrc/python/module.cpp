@@ -228,6 +228,15 @@ void rope(TensorView q, TensorView k, TensorView positions, TensorView inv_freq,
   dspark::rope(a);
 }
 
+void linear(TensorView x, TensorView weight, TensorView bias, TensorView out) {
+  dspark::LinearArgs a;
+  a.x = x;
+  a.weight = weight;
+  a.bias = bias;
+  a.out = out;
+  dspark::linear(a);
+}
+
 py::tuple philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   const dspark::Philox4x32 r = dspark::philox4x32_10(c0, c1, c2, c3, k0, k1);
   return py::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
@@ -326,6 +335,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("window"), py::arg("out"), py::arg("lse"), py::arg("workspace"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("rope", &rope, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("inv_freq"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"),
         py::call_guard<py::gil_scoped_release>());
 
   // Shared numerics, exposed so that tests can compare them with the reference.

@@ -223,6 +223,23 @@ struct RopeArgs {
 };
 void rope(const RopeArgs& args);
 
+// ------------------------------------------------------------------ linear
+
+// out = x W^T (+ bias) on the CPU, accumulated in float32 and rounded once to
+// out's dtype. x [M, K] float32 / float16 / bfloat16 (unit stride along K,
+// any row stride); weight [N, K] float32 / float16 / bfloat16, contiguous (it
+// may be 16-bit under a float32 x: read as stored, widened in registers);
+// bias [N] (optional, any float dtype); out [M, N] of x's dtype, contiguous.
+// On AVX2 each output is its row's dot product in an order fixed by K
+// (csrc/cpu/gemm.h), not by M or N: a row's output has the same bits whichever
+// rows share the call (elsewhere the same to float32 rounding). The models' CPU linears (python/dspark/models)
+// call it where it is measured faster than oneDNN and BLAS; on CUDA the models
+// use torch's linear, and this op refuses CUDA tensors.
+struct LinearArgs {
+  TensorView x, weight, bias, out;
+};
+void linear(const LinearArgs& args);
+
 namespace cpu {
 void append_kv(const AppendKvArgs& args);
 void paged_attention(const PagedAttentionArgs& args);
@@ -231,6 +248,7 @@ void rejection_sample(const rejection::Problem& problem, const RejectionSampleAr
 void schedule_prefix(const SchedulePrefixArgs& args);
 void markov_sample(const MarkovSampleArgs& args);
 void confidence(const ConfidenceArgs& args);
+void linear(const LinearArgs& args);
 }  // namespace cpu
 namespace cuda {
 void append_kv(const AppendKvArgs& args);

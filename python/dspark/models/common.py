@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._ext import C
+from .._tensor import view as _tensor_view
+
 PathLike = Union[str, Path]
 
 
@@ -122,44 +125,123 @@ class PackedWeight:
         return weight.dtype == torch.float32 and float32_packing_pays()
 
 
-# float32 packing: "on", "off" or "auto" (measured once per process; DSPARK_CPU_PACK_FLOAT32 overrides)
+class DsparkWeight:
+    """A linear layer's weight served by dspark's own CPU product
+    (:func:`dspark.ops.linear`), read in place: no copy, no packing.
+
+    Why: on a CPU without AVX-512 (a 2-core AMD EPYC, AVX2), SmolLM2-135M's
+    linears back to back at 1 / 4 / 8 rows took 0.82x / 0.82x / 0.84x the time
+    of oneDNN's packed float32 matmul (interleaved, 12 repeats); there oneDNN
+    cannot pack bfloat16 weights at all, and torch's bfloat16 linear converts
+    the weight at every call. Where it is faster is measured
+    (:func:`float32_backend`); 16-bit weights take it where oneDNN cannot pack
+    them. On AVX2 an output row has the same bits whichever rows share the
+    call (the op's contract)."""
+
+    def __init__(self, weight: torch.Tensor, rows_hint: int = 8) -> None:
+        self.source = weight_source(weight)
+        self.weight = weight.detach()
+        self._view = _tensor_view(self.weight, "linear", "weight")
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        return self.source == weight_source(weight)
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.empty(x2.shape[0], self.weight.shape[0], dtype=x.dtype)
+        C.linear(_tensor_view(x2, "linear", "x"), self._view, _tensor_view(bias, "linear", "bias"),
+                 _tensor_view(y, "linear", "out"))
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def usable(weight: torch.Tensor) -> bool:
+        if weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] == 0:
+            return False
+        if weight.dtype == torch.float32:
+            return float32_backend() == "dspark"
+        # 16-bit weights: oneDNN's packed AMX / AVX512-BF16 matmul where it packs them, dspark's elsewhere
+        return weight.dtype in (torch.bfloat16, torch.float16) and not PackedWeight.usable(weight)
+
+
+CpuWeight = Union[PackedWeight, DsparkWeight]
+
+
+def cpu_weight(weight: torch.Tensor, rows_hint: int = 8) -> Optional[CpuWeight]:
+    """The weight laid out for this CPU's fastest linear (:class:`PackedWeight`
+    or :class:`DsparkWeight`), or None where torch's own linear serves it."""
+    if PackedWeight.usable(weight):
+        return PackedWeight(weight, rows_hint)
+    if DsparkWeight.usable(weight):
+        return DsparkWeight(weight, rows_hint)
+    return None
+
+
+def cpu_weight_usable(weight: torch.Tensor) -> bool:
+    """Whether :func:`cpu_weight` lays out ``weight`` (else torch's linear runs)."""
+    return PackedWeight.usable(weight) or DsparkWeight.usable(weight)
+
+
+# float32 linears: DSPARK_CPU_LINEAR = "dspark", "onednn", "blas" or "auto" (measured once per
+# process); the older DSPARK_CPU_PACK_FLOAT32 = "on" / "off" means "onednn" / "blas"
+LINEAR_ENV = "DSPARK_CPU_LINEAR"
 PACK_FLOAT32_ENV = "DSPARK_CPU_PACK_FLOAT32"
+FLOAT32_BACKENDS = ("dspark", "onednn", "blas")
 _PACK_FLOAT32_SHAPE = (16384, 1024)  # 64 MB in float32: larger than a CPU's last-level cache, as model weights are
 _PACK_FLOAT32_ROWS = (1, 8)  # a decoding step's and a verification's rows per request
 _PACK_FLOAT32_REPEATS = 5
-_PACK_FLOAT32_GAIN = 0.95  # packed must take under this share of the BLAS time
+_PACK_FLOAT32_GAIN = 0.95  # another product must take under this share of the BLAS time
 _float32_decision: Dict[str, object] = {}
 
 
-def float32_packing_pays() -> bool:
-    """Whether float32 linears run faster on oneDNN's packed weights than
-    through torch's BLAS on this CPU. ``DSPARK_CPU_PACK_FLOAT32`` = ``on`` /
-    ``off`` decides; ``auto`` (default) times both on a weight larger than the
-    cache (16384 x 1024) for 1 and 8 rows, interleaved, 5 repeats, and packs
-    when the packed median total is under 0.95 of the BLAS one. Measured once
-    per process (about 0.1-0.3 s); :func:`float32_packing_report` says what
-    was measured. Either way the products are the same up to summation order,
-    and plain and speculative decoding in one engine use the same path."""
+def float32_backend() -> str:
+    """Which product runs float32 linears on this CPU: ``"dspark"``
+    (:func:`dspark.ops.linear` on the weight as it is), ``"onednn"`` (oneDNN's
+    matmul on a packed copy) or ``"blas"`` (torch's linear, the BLAS it was
+    built with). ``DSPARK_CPU_LINEAR`` decides when set to one of them (the
+    older ``DSPARK_CPU_PACK_FLOAT32`` = ``on`` / ``off``: oneDNN / BLAS);
+    ``auto`` (default) times the three on a weight larger than the cache
+    (16384 x 1024) for 1 and 8 rows, interleaved, 5 repeats, and takes the
+    fastest median total, BLAS unless another is under 0.95 of it. Measured
+    once per process (about 0.2-0.5 s); :func:`float32_packing_report` says
+    what was measured. Every backend computes the same products up to
+    summation order, and plain and speculative decoding in one engine use
+    the same one."""
     import os
 
-    mode = os.environ.get(PACK_FLOAT32_ENV, "auto").strip().lower()
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"{PACK_FLOAT32_ENV} must be auto, on or off, got {mode!r}")
+    mode = os.environ.get(LINEAR_ENV, "auto").strip().lower()
+    if mode not in ("auto",) + FLOAT32_BACKENDS:
+        raise ValueError(f"{LINEAR_ENV} must be auto, dspark, onednn or blas, got {mode!r}")
+    if mode == "auto":
+        legacy = os.environ.get(PACK_FLOAT32_ENV, "auto").strip().lower()
+        if legacy not in ("auto", "on", "off"):
+            raise ValueError(f"{PACK_FLOAT32_ENV} must be auto, on or off, got {legacy!r}")
+        mode = {"on": "onednn", "off": "blas"}.get(legacy, "auto")
+    if mode == "onednn":
+        return "onednn" if _packing_available() else "blas"
     if mode != "auto":
-        return mode == "on" and _packing_available()
-    if "pays" not in _float32_decision:
+        return mode
+    if "backend" not in _float32_decision:
         _float32_decision.update(_measure_float32_packing())
-    return bool(_float32_decision["pays"])
+    return str(_float32_decision["backend"])
+
+
+def float32_packing_pays() -> bool:
+    """Whether float32 linears run on oneDNN's packed weights
+    (:func:`float32_backend` is ``"onednn"``)."""
+    return float32_backend() == "onednn"
 
 
 def float32_packing_report() -> str:
-    """One line on the float32 packing decision ("" before it was measured)."""
+    """One line on the float32 linear decision ("" before it was measured)."""
     d = _float32_decision
-    if "pays" not in d:
+    if "backend" not in d:
         return ""
-    return (f"float32 linears {'on oneDNN packed weights' if d['pays'] else 'through BLAS'} "
-            f"(measured: packed {d['packed_ms']:.2f} ms against BLAS {d['blas_ms']:.2f} ms for 1 + 8 rows "
-            f"of a {_PACK_FLOAT32_SHAPE[0]} x {_PACK_FLOAT32_SHAPE[1]} weight)")
+    where = {"dspark": "on dspark's own product", "onednn": "on oneDNN packed weights",
+             "blas": "through BLAS"}[str(d["backend"])]
+    return (f"float32 linears {where} (measured for 1 + 8 rows of a {_PACK_FLOAT32_SHAPE[0]} x "
+            f"{_PACK_FLOAT32_SHAPE[1]} weight: dspark {d['dspark_ms']:.2f} ms, oneDNN packed {d['packed_ms']:.2f} "
+            f"ms, BLAS {d['blas_ms']:.2f} ms)")
 
 
 def interleaved_medians(fns: Dict[object, Callable[[], object]], repeats: int) -> Dict[object, float]:
@@ -181,29 +263,40 @@ def interleaved_medians(fns: Dict[object, Callable[[], object]], repeats: int) -
 
 
 def _measure_float32_packing() -> Dict[str, object]:
-    if not _packing_available():
-        return {"pays": False, "packed_ms": float("nan"), "blas_ms": float("nan")}
+    """Times the float32 products as a model calls them: over weights of 64 MB
+    in all (larger than a CPU's last-level cache), each product right after a
+    small torch op on its input (in a forward a linear follows a norm or an
+    activation, whose thread pool is then still spinning: it takes cores from
+    another pool for a while, and that belongs in the comparison)."""
     gen = torch.Generator().manual_seed(0)
+    rows, cols = _PACK_FLOAT32_SHAPE
+    parts = 4
     with torch.inference_mode():
-        weight = torch.randn(_PACK_FLOAT32_SHAPE, generator=gen) * 0.02
-        packed = PackedWeight(weight, max(_PACK_FLOAT32_ROWS))
-        xs = [torch.randn(m, weight.shape[1], generator=gen) for m in _PACK_FLOAT32_ROWS]
+        weights = [torch.randn(rows // parts, cols, generator=gen) * 0.02 for _ in range(parts)]
+        xs = [torch.randn(m, cols, generator=gen) for m in _PACK_FLOAT32_ROWS]
+        products: Dict[str, List[Callable[[torch.Tensor], torch.Tensor]]] = {
+            "blas": [lambda x, w=w: F.linear(x, w) for w in weights],
+            "dspark": [lambda x, d=DsparkWeight(w): d(x, None) for w in weights]}
+        if _packing_available():
+            products["onednn"] = [lambda x, p=PackedWeight(w, max(_PACK_FLOAT32_ROWS)): p(x, None) for w in weights]
 
-        def blas() -> None:
-            for x in xs:
-                F.linear(x, weight)
+        def run(fns: List[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[], None]:
+            def go() -> None:
+                for x in xs:
+                    for fn in fns:
+                        fn(F.silu(x))
+            return go
 
-        def onednn() -> None:
-            for x in xs:
-                packed(x, None)
-
-        median = interleaved_medians({"blas": blas, "packed": onednn}, _PACK_FLOAT32_REPEATS)
-    b, p = median["blas"], median["packed"]
-    return {"pays": p < _PACK_FLOAT32_GAIN * b, "packed_ms": p * 1e3, "blas_ms": b * 1e3}
+        median = interleaved_medians({name: run(fns) for name, fns in products.items()}, _PACK_FLOAT32_REPEATS)
+    b = median["blas"]
+    best = min(median, key=median.get)
+    backend = best if best != "blas" and median[best] < _PACK_FLOAT32_GAIN * b else "blas"
+    return {"backend": backend, "pays": backend == "onednn", "dspark_ms": median["dspark"] * 1e3,
+            "packed_ms": median.get("onednn", float("nan")) * 1e3, "blas_ms": b * 1e3}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           packed: Optional[PackedWeight] = None) -> torch.Tensor:
+           packed: Optional[CpuWeight] = None) -> torch.Tensor:
     """F.linear, on the packed weight when it is current and the call is CPU inference."""
     if packed is not None and _serves_inference(x, (weight,)) and packed.matches(weight):
         return packed(x, bias)
@@ -215,14 +308,11 @@ class Linear(nn.Linear):
     on a :class:`PackedWeight` after :meth:`pack_cpu` (bfloat16 weights, and
     float32 ones where :func:`float32_packing_pays`)."""
 
-    packed: Optional[PackedWeight] = None
+    packed: Optional[CpuWeight] = None
 
     def pack_cpu(self, rows_hint: int = 8) -> bool:
-        if not PackedWeight.usable(self.weight):
-            self.packed = None
-            return False
-        self.packed = PackedWeight(self.weight, rows_hint)
-        return True
+        self.packed = cpu_weight(self.weight, rows_hint)
+        return self.packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed)
@@ -258,7 +348,7 @@ class FusedLinears:
         self.sizes = [m.weight.shape[0] for m in linears]
         with torch.no_grad():
             self.bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
-            self.packed = PackedWeight(torch.cat([m.weight.detach() for m in linears]), rows_hint)
+            self.packed = cpu_weight(torch.cat([m.weight.detach() for m in linears]), rows_hint)
 
     @staticmethod
     def usable(linears: Sequence["Linear"]) -> bool:
@@ -272,7 +362,7 @@ class FusedLinears:
                     and m.weight.dim() == 2 and m.weight.shape[1] == first.shape[1] for m in linears)
                 and len({m.bias is None for m in linears}) == 1
                 and all(m.bias is None or m.bias.dtype == first.dtype for m in linears)
-                and all(PackedWeight.usable(m.weight) for m in linears))
+                and all(cpu_weight_usable(m.weight) for m in linears))
 
     @staticmethod
     def _sources(linears: Sequence["Linear"]) -> tuple:

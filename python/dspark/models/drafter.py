@@ -49,7 +49,7 @@ from ..ops.attention import _layer_attention
 from . import gemma4
 from .checkpoint import (Checkpoint, Field, check_rope, read_config, size_field, validate_fields,
                          validate_rope)
-from .common import (CheckpointError, FusingModule, GemmaRMSNorm, Linear, PackedWeight, PagedKVCache, PathLike,
+from .common import (CheckpointError, FusingModule, GemmaRMSNorm, Linear, PagedKVCache, PathLike, cpu_weight,
                      RMSNorm, activation, linear, load_state, pack_cpu_linears, rope_inv_freq, save_safetensors,
                      softcap, tensor_version)
 from .target import TargetModel, attention_shape
@@ -676,7 +676,7 @@ class DSparkDrafter(nn.Module):
         if self._lm_rows.get("key") != key:
             with torch.inference_mode(False):  # drafting runs in inference mode; the cached rows outlive it
                 rows = weight.detach()[self.draft_vocab.long()].contiguous()
-            packed = PackedWeight(rows) if self._pack_rows and PackedWeight.usable(rows) else None
+            packed = cpu_weight(rows) if self._pack_rows else None
             self._lm_rows = {"key": key, "rows": rows, "packed": packed}
         return self._lm_rows["rows"]
 
@@ -689,7 +689,7 @@ class DSparkDrafter(nn.Module):
 
     def pack_cpu(self) -> int:
         """Packs the drafter's linear layers (and its LM head rows) for CPU
-        inference where :meth:`common.PackedWeight.usable`; returns how many
+        inference where :func:`common.cpu_weight` lays them out; returns how many
         layers were packed."""
         self._pack_rows = True
         self._lm_rows = {}

@@ -1,7 +1,8 @@
 """Public ops over PyTorch tensors, one module per op family (mirroring
 ``csrc/{cpu,cuda,ops}``): ``sampling`` (rejection_sample), ``markov``
 (markov_sample, confidence), ``schedule`` (schedule_prefix) and ``attention``
-(append_kv, paged_attention, rope); shared validation is in ``_common``.
+(append_kv, paged_attention, rope), and ``linear`` (the models' CPU product);
+shared validation is in ``_common``.
 
 Each op validates its arguments (TypeError / ValueError naming the argument),
 then runs the CPU or CUDA kernel of the extension on the tensors' device. Ops
@@ -14,6 +15,7 @@ host, so they can be captured in CUDA graphs.
 from __future__ import annotations
 
 from .attention import ATTENTION_MASKS, append_kv, paged_attention, rope, rope_inv_freq
+from .linear import linear
 from .markov import MARKOV_HEADS, ConfidenceOutput, MarkovOutput, confidence, markov_sample
 from .sampling import MAX_PADDING, RejectionOutput, rejection_sample
 from .schedule import SCHEDULE_MODES, ScheduleOutput, schedule_prefix
@@ -24,6 +26,7 @@ __all__ = [
     "MAX_PADDING",
     "SCHEDULE_MODES",
     "append_kv",
+    "linear",
     "paged_attention",
     "rope",
     "rope_inv_freq",

@@ -1,0 +1,204 @@
+"""dspark.ops.linear (csrc/{cpu,ops}/linear) and the models' CPU linears on
+it (models.common.DsparkWeight): against a float64 reference under every
+instruction set this CPU runs, for float32 and 16-bit weights and inputs;
+rows independent of the other rows of a call (bit for bit on AVX2); bad
+arguments end in errors naming them; the backend setting."""
+
+import pytest
+import torch
+
+import dspark
+from dspark import ops
+from dspark.ops.linear import _linear_launch
+
+ISAS = dspark.backends()["cpu"]["isas"]
+SHAPES = [(1, 7, 13), (3, 65, 576), (8, 200, 96), (33, 130, 1536), (5, 1, 1), (4, 16, 0), (0, 4, 4), (2, 0, 3)]
+
+
+@pytest.fixture
+def restore_isa():
+    before = dspark.cpu_isa()
+    yield
+    dspark.set_cpu_isa(before)
+
+
+def reference(x, w, b):
+    y = x.double() @ w.double().t()
+    return y + b.double() if b is not None else y
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_matches_a_float64_reference(restore_isa, isa, w_dtype):
+    """Each output is the float32-accumulated dot product of its row: within a
+    bound of the float64 one that grows with K (float32 summation), for every
+    shape, with and without bias, under every ISA this CPU runs."""
+    dspark.set_cpu_isa(isa)
+    g = torch.Generator().manual_seed(0)
+    for M, N, K in SHAPES:
+        x = torch.randn(M, K, generator=g)
+        w = torch.randn(N, K, generator=g).to(w_dtype)
+        for b in (None, torch.randn(N, generator=g)):
+            y = ops.linear(x, w, b)
+            assert y.shape == (M, N) and y.dtype == torch.float32
+            bound = 1e-6 * (K + 1) * (x.abs().max().item() if x.numel() else 1.0) * 4 + 1e-6
+            assert (y.double() - reference(x, w, b)).abs().max().item() <= bound if y.numel() else True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_with_16_bit_inputs_rounds_once(dtype):
+    """16-bit x: widened, accumulated in float32, rounded once to x's dtype: the
+    float64 result rounded, except where float32 summation sits on a rounding
+    boundary (then one unit in the last place)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 300, generator=g).to(dtype)
+    w = torch.randn(40, 300, generator=g).to(dtype)
+    b = torch.randn(40, generator=g).to(dtype)
+    y = ops.linear(x, w, b)
+    assert y.dtype == dtype
+    ref = reference(x, w, b).to(dtype)
+    ulp = (ref.float().abs() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10)).clamp(min=1e-3)
+    assert ((y.float() - ref.float()).abs() <= ulp).all()
+    assert (y == ref).float().mean().item() > 0.9
+
+
+def test_linear_takes_leading_dimensions_and_strided_rows():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 64, generator=g)
+    w = torch.randn(10, 64, generator=g)
+    torch.testing.assert_close(ops.linear(x, w), (x.double() @ w.double().t()).float(), rtol=1e-5, atol=1e-5)
+    wide = torch.randn(5, 100, generator=g)
+    rows = wide[:, :64]  # rows 100 elements apart
+    torch.testing.assert_close(ops.linear(rows, w), (rows.double() @ w.double().t()).float(), rtol=1e-5,
+                               atol=1e-5)
+    cols = torch.randn(64, 5, generator=g).t()  # unit stride along the rows, not along K: copied
+    torch.testing.assert_close(ops.linear(cols, w), (cols.double() @ w.double().t()).float(), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_row_does_not_depend_on_the_other_rows(restore_isa, isa):
+    """A row computed alone, or among 2 .. 33 rows, at any position: on AVX2 the
+    same bits (the order of an element's sum is fixed by K), elsewhere the
+    same to float32 rounding."""
+    dspark.set_cpu_isa(isa)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(97, 576, generator=g)
+    x = torch.randn(33, 576, generator=g)
+    for w_dtype in (torch.float32, torch.bfloat16):
+        wd = w.to(w_dtype)
+        alone = torch.cat([ops.linear(x[i:i + 1], wd) for i in range(33)])
+        for m in (2, 4, 5, 8, 33):
+            together = ops.linear(x[:m], wd)
+            if isa == "avx2":
+                assert torch.equal(together, alone[:m])
+            else:
+                torch.testing.assert_close(together, alone[:m], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: ops.linear("x", torch.ones(2, 2)), TypeError, "argument 'x' must be a torch.Tensor"),
+    (lambda: ops.linear(torch.ones(2, 3).long(), torch.ones(4, 3)), TypeError, "argument 'x' must be float32"),
+    (lambda: ops.linear(torch.ones(2, 3), torch.ones(4, 3).int()), TypeError, "argument 'weight' must be float32"),
+    (lambda: ops.linear(torch.ones(2, 3), torch.ones(4, 5)), ValueError, "argument 'weight' must have K = 3"),
+    (lambda: ops.linear(torch.ones(2, 3), torch.ones(4, 3, 1)), ValueError, "argument 'weight' must be 2-D"),
+    (lambda: ops.linear(torch.ones(2, 3), torch.ones(4, 3), torch.ones(5)), ValueError, "argument 'bias' must have"),
+    (lambda: ops.linear(torch.ones(()), torch.ones(4, 3)), ValueError, "argument 'x' must have at least 1"),
+    (lambda: ops.linear(torch.ones(2, 3), torch.ones(4, 3), torch.ones(4).bool()), TypeError, "argument 'bias'"),
+])
+def test_linear_refuses_bad_arguments_naming_them(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_the_kernel_checks_what_python_does_not():
+    """The launcher without Python checks (the models' path): the C++ layer
+    refuses every inconsistent tensor, naming it."""
+    x, w, out = torch.ones(2, 3), torch.ones(4, 3), torch.empty(2, 4)
+    shared = torch.ones(16)
+    cases = [
+        ((x, w, None, torch.empty(2, 4, dtype=torch.bfloat16)), TypeError, "'out' must have x's dtype"),
+        ((x, w, None, torch.empty(3, 4)), ValueError, "'out' must have M"),
+        ((x, w, None, torch.empty(4, 2).t()), ValueError, "'out' must be contiguous"),
+        ((x, torch.ones(3, 4).t(), None, out), ValueError, "'weight' must be contiguous"),
+        ((x, torch.ones(4, 2), None, out), ValueError, "'weight' must have K"),
+        ((x, w, torch.ones(3), out), ValueError, "'bias' must have N"),
+        ((shared[:6].view(2, 3), w, None, shared[:8].view(2, 4)), ValueError, "'out' is written by the op"),
+        ((torch.ones(2, 3, 1), w, None, out), ValueError, "'x' must have 2 dimensions"),
+    ]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            _linear_launch(*args)
+    _linear_launch(x, w, None, out)
+    assert torch.equal(out, torch.full((2, 4), 3.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_linear_refuses_cuda_tensors():
+    with pytest.raises(ValueError, match="CPU only"):
+        ops.linear(torch.ones(2, 3, device="cuda"), torch.ones(4, 3, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_linear_on_dspark_weights_equals_torch_and_never_goes_stale(monkeypatch, dtype):
+    """With DSPARK_CPU_LINEAR=dspark a float32 Linear runs on DsparkWeight (a
+    16-bit one does where oneDNN cannot pack it): torch's results to rounding;
+    after its weight changes, or under autograd, the weight itself."""
+    from dspark.models.common import DsparkWeight, Linear, PackedWeight
+
+    monkeypatch.setenv("DSPARK_CPU_LINEAR", "dspark")
+    torch.manual_seed(4)
+    layer = Linear(96, 200, bias=True).to(dtype)
+    if dtype != torch.float32 and PackedWeight.usable(layer.weight):
+        pytest.skip("this CPU packs 16-bit weights for oneDNN instead")
+    assert layer.pack_cpu() and isinstance(layer.packed, DsparkWeight)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for rows in (1, 8, 33):
+        x = torch.randn(rows, 96).to(dtype)
+        with torch.inference_mode():
+            y = layer(x)
+            assert torch.equal(y, layer.packed(x, layer.bias))  # it ran dspark's product
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), **tol)
+    x = torch.randn(5, 96).to(dtype)
+    with torch.no_grad():
+        layer.weight.mul_(-1.0)  # stale now
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    layer.pack_cpu()
+    y = layer(x.requires_grad_(True))
+    y.float().sum().backward()
+    assert x.grad is not None
+
+
+def test_the_float32_backend_setting(monkeypatch):
+    """DSPARK_CPU_LINEAR decides (checked); the older DSPARK_CPU_PACK_FLOAT32
+    on / off means oneDNN / BLAS; auto is measured once and reported."""
+    from dspark.models import common
+
+    monkeypatch.setenv("DSPARK_CPU_LINEAR", "fastest")
+    with pytest.raises(ValueError, match="DSPARK_CPU_LINEAR"):
+        common.float32_backend()
+    monkeypatch.setenv("DSPARK_CPU_LINEAR", "dspark")
+    assert common.float32_backend() == "dspark" and not common.float32_packing_pays()
+    assert common.DsparkWeight.usable(torch.ones(4, 4)) and not common.PackedWeight.usable(torch.ones(4, 4))
+    monkeypatch.setenv("DSPARK_CPU_LINEAR", "blas")
+    assert common.cpu_weight(torch.ones(4, 4)) is None
+    monkeypatch.setenv("DSPARK_CPU_LINEAR", "auto")
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "off")
+    assert common.float32_backend() == "blas"
+    monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "on")
+    assert common.float32_backend() == ("onednn" if common._packing_available() else "blas")
+    monkeypatch.delenv("DSPARK_CPU_PACK_FLOAT32")
+    monkeypatch.setattr(common, "_float32_decision", {})
+    calls = []
+
+    def fake_measure():
+        calls.append(1)
+        return {"backend": "dspark", "pays": False, "dspark_ms": 1.0, "packed_ms": 2.0, "blas_ms": 3.0}
+
+    monkeypatch.setattr(common, "_measure_float32_packing", fake_measure)
+    assert common.float32_packing_report() == ""
+    assert common.float32_backend() == "dspark" and common.float32_backend() == "dspark"
+    assert len(calls) == 1
+    assert "on dspark's own product" in common.float32_packing_report()
+    assert "dspark 1.00 ms, oneDNN packed 2.00 ms, BLAS 3.00 ms" in common.float32_packing_report()
