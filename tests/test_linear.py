@@ -192,7 +192,7 @@ def test_the_float32_backend_setting(monkeypatch):
     monkeypatch.setattr(common, "_float32_decision", {})
     calls = []
 
-    def fake_measure():
+    def fake_measure(shapes=None):
         calls.append(1)
         return {"backend": "dspark", "pays": False, "dspark_ms": 1.0, "packed_ms": 2.0, "blas_ms": 3.0}
 
@@ -202,3 +202,34 @@ def test_the_float32_backend_setting(monkeypatch):
     assert len(calls) == 1
     assert "on dspark's own product" in common.float32_packing_report()
     assert "dspark 1.00 ms, oneDNN packed 2.00 ms, BLAS 3.00 ms" in common.float32_packing_report()
+
+
+def test_the_float32_decision_is_measured_on_the_first_models_layer_shapes():
+    """The products a model runs (a fusing module's linears as one, the others
+    alone), without LM-head-sized ones, repeated to 64 MB or more; without
+    shapes, four 4096 x 1024 weights."""
+    from dspark.models import common
+    from dspark.models.common import FusingModule, Linear
+
+    class Block(FusingModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = Linear(64, 96, bias=False), Linear(64, 32, bias=False)
+            self.out = Linear(128, 64, bias=False)
+            self.head = Linear(64, 20000, bias=False)
+
+        def fusable(self):
+            return self.a, self.b
+
+    block = Block()
+    assert sorted(common.layer_shapes(block)) == [(64, 128), (128, 64), (20000, 64)]
+    block.keep_members = True
+    assert sorted(common.layer_shapes(block)) == [(32, 64), (64, 128), (96, 64), (128, 64), (20000, 64)]
+    weights, described = common._probe_weights(common.layer_shapes(Block()), torch.Generator().manual_seed(0))
+    assert {tuple(w.shape) for w in weights} == {(128, 64), (64, 128)}
+    total = sum(w.numel() * 4 for w in weights)
+    assert common._PROBE_BYTES <= total < common._PROBE_BYTES + 2 * 128 * 64 * 4
+    assert "layer shapes (64 x 128, 128 x 64)" in described
+    weights, described = common._probe_weights(None, torch.Generator().manual_seed(0))
+    assert [tuple(w.shape) for w in weights] == [(4096, 1024)] * 4 and described == common._PROBE_DEFAULT
+    assert common._probe_weights([(20000, 64)], torch.Generator())[1] == common._PROBE_DEFAULT

@@ -411,8 +411,8 @@ def test_float32_packing_setting_is_checked(monkeypatch):
         common.float32_packing_pays()
     monkeypatch.setattr(common, "_float32_decision", {})
     monkeypatch.setenv("DSPARK_CPU_PACK_FLOAT32", "auto")
-    monkeypatch.setattr(common, "_measure_float32_packing",
-                        lambda: {"backend": "blas", "pays": False, "dspark_ms": 3.0, "packed_ms": 3.0, "blas_ms": 2.0})
+    measured = {"backend": "blas", "pays": False, "dspark_ms": 3.0, "packed_ms": 3.0, "blas_ms": 2.0}
+    monkeypatch.setattr(common, "_measure_float32_packing", lambda shapes=None: measured)
     assert not common.float32_packing_pays()
     assert "through BLAS" in common.float32_packing_report()
 

@@ -50,12 +50,13 @@ def choose(name: str, device: Union[str, torch.device], target=None, gamma: int 
     """(dtype, reason) for ``--dtype name``; ``auto`` measures ``target`` (a
     float32 TargetModel on the CPU) when the CPU has native bfloat16. For
     float32 on the CPU the reason also says how its linears run
-    (``models.common.float32_packing_pays``)."""
+    (``models.common.float32_backend``, measured on ``target``'s layer shapes
+    when it is the first to ask)."""
     dtype, reason = _choose(name, device, target, gamma, repeats)
     if dtype == torch.float32 and torch.device(device).type == "cpu":
-        from .models.common import float32_packing_pays, float32_packing_report
+        from .models.common import float32_backend, float32_packing_report, layer_shapes
 
-        float32_packing_pays()
+        float32_backend(layer_shapes(target) if isinstance(target, torch.nn.Module) else None)
         report = float32_packing_report()
         if report:
             reason += f"; {report}"

@@ -142,17 +142,21 @@ class DsparkWeight:
         self.source = weight_source(weight)
         self.weight = weight.detach()
         self._view = _tensor_view(self.weight, "linear", "weight")
+        self._bias: Optional[torch.Tensor] = None  # the last bias seen (held), and its view
+        self._bias_view = None
 
     def matches(self, weight: torch.Tensor) -> bool:
         return self.source == weight_source(weight)
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        # about 10 us of Python a call at one row (a forward makes over 100):
+        # the weight's view is made once, the bias's once per bias tensor
+        if bias is not self._bias:
+            self._bias, self._bias_view = bias, _tensor_view(bias, "linear", "bias")
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = torch.empty(x2.shape[0], self.weight.shape[0], dtype=x.dtype)
-        C.linear(_tensor_view(x2, "linear", "x"), self._view, _tensor_view(bias, "linear", "bias"),
-                 _tensor_view(y, "linear", "out"))
-        return y.view(*lead, y.shape[-1])
+        C.linear(_tensor_view(x2, "linear", "x"), self._view, self._bias_view, _tensor_view(y, "linear", "out"))
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def usable(weight: torch.Tensor) -> bool:
@@ -188,23 +192,27 @@ LINEAR_ENV = "DSPARK_CPU_LINEAR"
 PACK_FLOAT32_ENV = "DSPARK_CPU_PACK_FLOAT32"
 FLOAT32_BACKENDS = ("dspark", "onednn", "blas")
 _PACK_FLOAT32_SHAPE = (16384, 1024)  # 64 MB in float32: larger than a CPU's last-level cache, as model weights are
+_PROBE_BYTES = _PACK_FLOAT32_SHAPE[0] * _PACK_FLOAT32_SHAPE[1] * 4
+_PROBE_DEFAULT = "four 4096 x 1024 weights"
+_PROBE_MAX_N = 16384  # larger products (LM heads, embeddings) are left out of a model's probe shapes
 _PACK_FLOAT32_ROWS = (1, 8)  # a decoding step's and a verification's rows per request
 _PACK_FLOAT32_REPEATS = 5
 _PACK_FLOAT32_GAIN = 0.95  # another product must take under this share of the BLAS time
 _float32_decision: Dict[str, object] = {}
 
 
-def float32_backend() -> str:
+def float32_backend(shapes: Optional[Sequence[Tuple[int, int]]] = None) -> str:
     """Which product runs float32 linears on this CPU: ``"dspark"``
     (:func:`dspark.ops.linear` on the weight as it is), ``"onednn"`` (oneDNN's
     matmul on a packed copy) or ``"blas"`` (torch's linear, the BLAS it was
     built with). ``DSPARK_CPU_LINEAR`` decides when set to one of them (the
     older ``DSPARK_CPU_PACK_FLOAT32`` = ``on`` / ``off``: oneDNN / BLAS);
-    ``auto`` (default) times the three on a weight larger than the cache
-    (16384 x 1024) for 1 and 8 rows, interleaved, 5 repeats, and takes the
-    fastest median total, BLAS unless another is under 0.95 of it. Measured
-    once per process (about 0.2-0.5 s); :func:`float32_packing_report` says
-    what was measured. Every backend computes the same products up to
+    ``auto`` (default) times the three for 1 and 8 rows over weights larger
+    than the cache (64 MB or more: of the layer ``shapes`` ``(N, K)`` of the
+    first model packed, :func:`pack_cpu_linears`, else four of 4096 x 1024),
+    interleaved, 5 repeats, and takes the fastest median total, BLAS unless
+    another is under 0.95 of it. Measured once per process (about 0.2-0.5 s);
+    :func:`float32_packing_report` says what was measured. Every backend computes the same products up to
     summation order, and plain and speculative decoding in one engine use
     the same one."""
     import os
@@ -222,7 +230,7 @@ def float32_backend() -> str:
     if mode != "auto":
         return mode
     if "backend" not in _float32_decision:
-        _float32_decision.update(_measure_float32_packing())
+        _float32_decision.update(_measure_float32_packing(shapes))
     return str(_float32_decision["backend"])
 
 
@@ -239,9 +247,8 @@ def float32_packing_report() -> str:
         return ""
     where = {"dspark": "on dspark's own product", "onednn": "on oneDNN packed weights",
              "blas": "through BLAS"}[str(d["backend"])]
-    return (f"float32 linears {where} (measured for 1 + 8 rows of a {_PACK_FLOAT32_SHAPE[0]} x "
-            f"{_PACK_FLOAT32_SHAPE[1]} weight: dspark {d['dspark_ms']:.2f} ms, oneDNN packed {d['packed_ms']:.2f} "
-            f"ms, BLAS {d['blas_ms']:.2f} ms)")
+    return (f"float32 linears {where} (measured for 1 + 8 rows over {d.get('weights', _PROBE_DEFAULT)}: "
+            f"dspark {d['dspark_ms']:.2f} ms, oneDNN packed {d['packed_ms']:.2f} ms, BLAS {d['blas_ms']:.2f} ms)")
 
 
 def interleaved_medians(fns: Dict[object, Callable[[], object]], repeats: int) -> Dict[object, float]:
@@ -262,18 +269,34 @@ def interleaved_medians(fns: Dict[object, Callable[[], object]], repeats: int) -
     return {key: statistics.median(ts) for key, ts in times.items()}
 
 
-def _measure_float32_packing() -> Dict[str, object]:
+def _probe_weights(shapes: Optional[Sequence[Tuple[int, int]]], gen: torch.Generator
+                   ) -> Tuple[List[torch.Tensor], str]:
+    """The probe's weights: the distinct layer ``shapes`` (``N < 16384``)
+    repeated until they hold 64 MB, else four of 4096 x 1024; and their
+    description."""
+    kept = sorted({(int(n), int(k)) for n, k in shapes or () if 0 < n < _PROBE_MAX_N and k > 0})
+    if not kept:
+        rows, cols = _PACK_FLOAT32_SHAPE
+        return [torch.randn(rows // 4, cols, generator=gen) * 0.02 for _ in range(4)], _PROBE_DEFAULT
+    per_round = sum(n * k * 4 for n, k in kept)
+    rounds = -(-_PROBE_BYTES // per_round)
+    weights = [torch.randn(n, k, generator=gen) * 0.02 for _ in range(rounds) for n, k in kept]
+    listed = ", ".join(f"{n} x {k}" for n, k in kept)
+    return weights, f"{len(weights)} weights of the model's layer shapes ({listed}), {rounds * per_round >> 20} MB"
+
+
+def _measure_float32_packing(shapes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, object]:
     """Times the float32 products as a model calls them: over weights of 64 MB
-    in all (larger than a CPU's last-level cache), each product right after a
-    small torch op on its input (in a forward a linear follows a norm or an
-    activation, whose thread pool is then still spinning: it takes cores from
-    another pool for a while, and that belongs in the comparison)."""
+    or more (larger than a CPU's last-level cache; :func:`_probe_weights`),
+    each product right after a small torch op on its input (in a forward a
+    linear follows a norm or an activation, whose thread pool is then still
+    spinning: it takes cores from another pool for a while, and that belongs
+    in the comparison)."""
     gen = torch.Generator().manual_seed(0)
-    rows, cols = _PACK_FLOAT32_SHAPE
-    parts = 4
     with torch.inference_mode():
-        weights = [torch.randn(rows // parts, cols, generator=gen) * 0.02 for _ in range(parts)]
-        xs = [torch.randn(m, cols, generator=gen) for m in _PACK_FLOAT32_ROWS]
+        weights, described = _probe_weights(shapes, gen)
+        widths = {w.shape[1] for w in weights}
+        xs = {k: [torch.randn(m, k, generator=gen) for m in _PACK_FLOAT32_ROWS] for k in widths}
         products: Dict[str, List[Callable[[torch.Tensor], torch.Tensor]]] = {
             "blas": [lambda x, w=w: F.linear(x, w) for w in weights],
             "dspark": [lambda x, d=DsparkWeight(w): d(x, None) for w in weights]}
@@ -282,9 +305,9 @@ def _measure_float32_packing() -> Dict[str, object]:
 
         def run(fns: List[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[], None]:
             def go() -> None:
-                for x in xs:
-                    for fn in fns:
-                        fn(F.silu(x))
+                for row in range(len(_PACK_FLOAT32_ROWS)):
+                    for fn, w in zip(fns, weights):
+                        fn(F.silu(xs[w.shape[1]][row]))
             return go
 
         median = interleaved_medians({name: run(fns) for name, fns in products.items()}, _PACK_FLOAT32_REPEATS)
@@ -292,7 +315,7 @@ def _measure_float32_packing() -> Dict[str, object]:
     best = min(median, key=median.get)
     backend = best if best != "blas" and median[best] < _PACK_FLOAT32_GAIN * b else "blas"
     return {"backend": backend, "pays": backend == "onednn", "dspark_ms": median["dspark"] * 1e3,
-            "packed_ms": median.get("onednn", float("nan")) * 1e3, "blas_ms": b * 1e3}
+            "packed_ms": median.get("onednn", float("nan")) * 1e3, "blas_ms": b * 1e3, "weights": described}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -405,11 +428,34 @@ class FusingModule(nn.Module):
         return state
 
 
+def layer_shapes(module: nn.Module) -> List[Tuple[int, int]]:
+    """The ``(N, K)`` of the float32 CPU products `module` runs: a
+    :class:`FusingModule`'s fusable linears as one (their rows stacked), every
+    other :class:`Linear` on its own."""
+    shapes, grouped = [], set()
+    for m in module.modules():
+        if isinstance(m, FusingModule):
+            members = m.fusable()
+            if all(isinstance(x, Linear) and x.weight.dtype == torch.float32 and x.weight.device.type == "cpu"
+                   for x in members) and len({x.weight.shape[1] for x in members}) == 1:
+                shapes.append((sum(x.weight.shape[0] for x in members), members[0].weight.shape[1]))
+                if not m.keep_members:
+                    grouped.update(id(x) for x in members)
+    for m in module.modules():
+        if (isinstance(m, Linear) and id(m) not in grouped and m.weight.dtype == torch.float32
+                and m.weight.device.type == "cpu"):
+            shapes.append(tuple(m.weight.shape))
+    return shapes
+
+
 def pack_cpu_linears(module: nn.Module, rows_hint: int = 8) -> int:
     """Packs the linears of `module` for CPU inference where their weights can
     be (:meth:`PackedWeight.usable`): each :class:`FusingModule`'s fusable
     linears as one weight (:class:`FusedLinears`), every other :class:`Linear`
     on its own. Returns how many linears were packed."""
+    shapes = layer_shapes(module)
+    if shapes:
+        float32_backend(shapes)  # measured on this model's shapes when it is the first to ask
     grouped: set = set()
     count = 0
     for m in module.modules():
