@@ -1,4 +1,4 @@
-"""``python -m dspark bench {sampling,markov,attention,scheduler} --quick`` on
+"""``python -m dspark bench {sampling,markov,attention,scheduler,linear} --quick`` on
 the CPU: each suite runs to the end and writes rows that hold what its table
 prints (positive timings of dspark and of its baseline, measured in the same
 run), with the shapes the README quotes."""
@@ -62,3 +62,16 @@ def test_bench_scheduler_times_and_simulates(tmp_path, capsys):
     assert {row["domain"] for row in results["simulation"]} >= {"code"}
     for row in results["simulation"]:
         assert positive(row["tokens_per_s"])
+
+
+def test_bench_linear_times_every_product_against_the_baseline(tmp_path, capsys):
+    results, printed = run_suite("linear", tmp_path, capsys)
+    products = {row["product"] for row in results["rows"]}
+    assert {"float32, BLAS", "float32, dspark", "bfloat16, torch", "bfloat16, dspark"} <= products
+    assert results["baseline"] in products
+    assert {row["rows"] for row in results["rows"]} == {1, 4, 8}
+    for row in results["rows"]:
+        assert positive(row["ms"]) and row["ratio_low"] <= row["ratio"] <= row["ratio_high"]
+        if row["product"] == results["baseline"]:
+            assert row["ratio"] == row["ratio_low"] == row["ratio_high"] == 1.0
+    assert "time against " + results["baseline"] in printed

@@ -527,6 +527,12 @@ def run(suite: str, quick: bool = False, json_path: Optional[str] = None, device
                                      target_dir=opts.get("target_dir"))
             print_round(result)
             results.append(result)
+    elif suite == "linear":
+        from .bench_linear import linear_benchmark, print_linear
+
+        result = linear_benchmark(quick=quick)
+        print_linear(result)
+        results = result
     elif suite == "drafters":
         from pathlib import Path
 

@@ -222,7 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = sub.add_parser("info", help="backends compiled into this build and usable now")
     info.set_defaults(func=_info)
     bench = sub.add_parser("bench", help="benchmarks that print tables")
-    bench.add_argument("suite", choices=["sampling", "markov", "scheduler", "attention", "engine", "round", "drafters"], help="which op family")
+    bench.add_argument("suite", choices=["sampling", "markov", "scheduler", "attention", "linear", "engine", "round", "drafters"], help="which op family")
     bench.add_argument("--quick", action="store_true", help="a few small shapes (smoke test)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--device", action="append", choices=["cpu", "cuda"],
