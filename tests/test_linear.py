@@ -233,3 +233,26 @@ def test_the_float32_decision_is_measured_on_the_first_models_layer_shapes():
     weights, described = common._probe_weights(None, torch.Generator().manual_seed(0))
     assert [tuple(w.shape) for w in weights] == [(4096, 1024)] * 4 and described == common._PROBE_DEFAULT
     assert common._probe_weights([(20000, 64)], torch.Generator())[1] == common._PROBE_DEFAULT
+
+
+@pytest.mark.parametrize("wide_ratio,want", [(1.05, "dspark"), (1.5, "rival")])
+def test_dspark_is_chosen_only_if_it_keeps_up_at_many_rows(monkeypatch, wide_ratio, want):
+    """Fastest at a step's 1 and 8 rows is not enough: at 64 rows (a prefill's)
+    dspark's product must take at most 1.1x its best rival's time."""
+    from dspark.models import common
+
+    calls = []
+
+    def timed(fns, repeats):
+        calls.append(sorted(fns))
+        if len(calls) == 1:  # the few-row passes: dspark first, then oneDNN, then BLAS
+            return {name: {"dspark": 1.0, "onednn": 2.0, "blas": 3.0}[name] for name in fns}
+        rival = next(name for name in fns if name != "dspark")
+        return {"dspark": wide_ratio, rival: 1.0}
+
+    monkeypatch.setattr(common, "interleaved_medians", timed)
+    d = common._measure_float32_packing([(64, 32)])
+    rival = "onednn" if common._packing_available() else "blas"
+    assert calls[1] == sorted(["dspark", rival])
+    assert d["backend"] == ("dspark" if want == "dspark" else rival)
+    assert set(d["wide_ms"]) == {"dspark", rival}

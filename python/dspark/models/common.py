@@ -195,6 +195,8 @@ _PACK_FLOAT32_SHAPE = (16384, 1024)  # 64 MB in float32: larger than a CPU's las
 _PROBE_BYTES = _PACK_FLOAT32_SHAPE[0] * _PACK_FLOAT32_SHAPE[1] * 4
 _PROBE_DEFAULT = "four 4096 x 1024 weights"
 _PROBE_MAX_N = 16384  # larger products (LM heads, embeddings) are left out of a model's probe shapes
+_PROBE_WIDE_ROWS = 64  # dspark's product is also timed at a prefill's many rows before it is chosen
+_PROBE_WIDE_SLACK = 1.1  # ... and must not take more than this share of its rival's time there
 _PACK_FLOAT32_ROWS = (1, 8)  # a decoding step's and a verification's rows per request
 _PACK_FLOAT32_REPEATS = 5
 _PACK_FLOAT32_GAIN = 0.95  # another product must take under this share of the BLAS time
@@ -211,7 +213,10 @@ def float32_backend(shapes: Optional[Sequence[Tuple[int, int]]] = None) -> str:
     than the cache (64 MB or more: of the layer ``shapes`` ``(N, K)`` of the
     first model packed, :func:`pack_cpu_linears`, else four of 4096 x 1024),
     interleaved, 5 repeats, and takes the fastest median total, BLAS unless
-    another is under 0.95 of it. Measured once per process (about 0.2-0.5 s);
+    another is under 0.95 of it; dspark's only if at 64 rows (a prefill's, a
+    large batch's) it also takes at most 1.1x its best rival's time, where
+    oneDNN's blocked matmul is far ahead of a product made for a step's few
+    rows. Measured once per process (about 0.2-0.5 s);
     :func:`float32_packing_report` says what was measured. Every backend computes the same products up to
     summation order, and plain and speculative decoding in one engine use
     the same one."""
@@ -311,11 +316,25 @@ def _measure_float32_packing(shapes: Optional[Sequence[Tuple[int, int]]] = None)
             return go
 
         median = interleaved_medians({name: run(fns) for name, fns in products.items()}, _PACK_FLOAT32_REPEATS)
-    b = median["blas"]
-    best = min(median, key=median.get)
-    backend = best if best != "blas" and median[best] < _PACK_FLOAT32_GAIN * b else "blas"
+        b = median["blas"]
+        best = min(median, key=median.get)
+        backend = best if best != "blas" and median[best] < _PACK_FLOAT32_GAIN * b else "blas"
+        wide: Dict[str, float] = {}
+        if backend == "dspark":
+            # dspark's product is made for a step's few rows; at a prefill's or a large batch's many rows
+            # oneDNN's (or BLAS's) blocked matmul is far ahead (measured 1.8x at 64 rows on an AVX2 CPU)
+            rival = min((n for n in median if n != "dspark"), key=median.get)
+            x64 = {k: torch.randn(_PROBE_WIDE_ROWS, k, generator=gen) for k in widths}
+
+            def wide_pass(fns: List[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[], None]:
+                return lambda: [fn(F.silu(x64[w.shape[1]])) for fn, w in zip(fns, weights)]
+
+            wide = interleaved_medians({n: wide_pass(products[n]) for n in ("dspark", rival)}, _PACK_FLOAT32_REPEATS)
+            if wide["dspark"] > _PROBE_WIDE_SLACK * wide[rival]:
+                backend = rival if rival != "blas" and median[rival] < _PACK_FLOAT32_GAIN * b else "blas"
     return {"backend": backend, "pays": backend == "onednn", "dspark_ms": median["dspark"] * 1e3,
-            "packed_ms": median.get("onednn", float("nan")) * 1e3, "blas_ms": b * 1e3, "weights": described}
+            "packed_ms": median.get("onednn", float("nan")) * 1e3, "blas_ms": b * 1e3, "weights": described,
+            "wide_ms": {n: t * 1e3 for n, t in wide.items()}}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -49,7 +49,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     by the number of rows: a row's result is the same, bit for bit, whichever
     other rows share the call (a verification round's rows compute what
     one-token steps compute); under AVX-512 the same to float32 rounding.
-    CPU tensors only; no autograd."""
+    Made for a decoding step's few rows (register blocks, no cache tiling):
+    at many rows a blocked matmul (oneDNN's) is faster. CPU tensors only; no
+    autograd."""
     op = "linear"
     x = require_tensor(op, "x", x)
     weight = require_tensor(op, "weight", weight)
