@@ -179,7 +179,7 @@ def test_the_float32_backend_setting(monkeypatch):
     with pytest.raises(ValueError, match="DSPARK_CPU_LINEAR"):
         common.float32_backend()
     monkeypatch.setenv("DSPARK_CPU_LINEAR", "dspark")
-    assert common.float32_backend() == "dspark" and not common.float32_packing_pays()
+    assert common.float32_backend() == "dspark" and not common.float32_packing_pays()  # as asked
     assert common.DsparkWeight.usable(torch.ones(4, 4)) and not common.PackedWeight.usable(torch.ones(4, 4))
     monkeypatch.setenv("DSPARK_CPU_LINEAR", "blas")
     assert common.cpu_weight(torch.ones(4, 4)) is None
@@ -193,66 +193,36 @@ def test_the_float32_backend_setting(monkeypatch):
     calls = []
 
     def fake_measure(shapes=None):
-        calls.append(1)
-        return {"backend": "dspark", "pays": False, "dspark_ms": 1.0, "packed_ms": 2.0, "blas_ms": 3.0}
+        calls.append(shapes)
+        return {"backend": "onednn", "pays": True, "packed_ms": 2.0, "blas_ms": 3.0, "weights": "four weights"}
 
     monkeypatch.setattr(common, "_measure_float32_packing", fake_measure)
     assert common.float32_packing_report() == ""
-    assert common.float32_backend() == "dspark" and common.float32_backend() == "dspark"
-    assert len(calls) == 1
-    assert "on dspark's own product" in common.float32_packing_report()
-    assert "dspark 1.00 ms, oneDNN packed 2.00 ms, BLAS 3.00 ms" in common.float32_packing_report()
+    assert common.float32_backend([(8, 4)]) == "onednn" and common.float32_backend() == "onednn"
+    assert calls == [[(8, 4)]]  # once, on the first caller's shapes
+    assert common.float32_packing_pays()
+    assert common.float32_packing_report() == ("float32 linears on oneDNN packed weights (measured for 1 + 8 rows "
+                                               "over four weights: oneDNN packed 2.00 ms, BLAS 3.00 ms)")
 
 
-def test_the_float32_decision_is_measured_on_the_first_models_layer_shapes():
-    """The products a model runs (a fusing module's linears as one, the others
-    alone), without LM-head-sized ones, repeated to 64 MB or more; without
-    shapes, four 4096 x 1024 weights."""
-    from dspark.models import common
-    from dspark.models.common import FusingModule, Linear
-
-    class Block(FusingModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = Linear(64, 96, bias=False), Linear(64, 32, bias=False)
-            self.out = Linear(128, 64, bias=False)
-            self.head = Linear(64, 20000, bias=False)
-
-        def fusable(self):
-            return self.a, self.b
-
-    block = Block()
-    assert sorted(common.layer_shapes(block)) == [(64, 128), (128, 64), (20000, 64)]
-    block.keep_members = True
-    assert sorted(common.layer_shapes(block)) == [(32, 64), (64, 128), (96, 64), (128, 64), (20000, 64)]
-    weights, described = common._probe_weights(common.layer_shapes(Block()), torch.Generator().manual_seed(0))
-    assert {tuple(w.shape) for w in weights} == {(128, 64), (64, 128)}
-    total = sum(w.numel() * 4 for w in weights)
-    assert common._PROBE_BYTES <= total < common._PROBE_BYTES + 2 * 128 * 64 * 4
-    assert "layer shapes (64 x 128, 128 x 64)" in described
-    weights, described = common._probe_weights(None, torch.Generator().manual_seed(0))
-    assert [tuple(w.shape) for w in weights] == [(4096, 1024)] * 4 and described == common._PROBE_DEFAULT
-    assert common._probe_weights([(20000, 64)], torch.Generator())[1] == common._PROBE_DEFAULT
-
-
-@pytest.mark.parametrize("wide_ratio,want", [(1.05, "dspark"), (1.5, "rival")])
-def test_dspark_is_chosen_only_if_it_keeps_up_at_many_rows(monkeypatch, wide_ratio, want):
-    """Fastest at a step's 1 and 8 rows is not enough: at 64 rows (a prefill's)
-    dspark's product must take at most 1.1x its best rival's time."""
+def test_auto_times_onednn_against_blas_and_never_takes_dspark(monkeypatch):
+    """dspark's float32 product is taken only when asked: auto times oneDNN
+    against BLAS (on the model's shapes) and packs when oneDNN is under 0.95
+    of BLAS."""
     from dspark.models import common
 
-    calls = []
+    timed = []
 
-    def timed(fns, repeats):
-        calls.append(sorted(fns))
-        if len(calls) == 1:  # the few-row passes: dspark first, then oneDNN, then BLAS
-            return {name: {"dspark": 1.0, "onednn": 2.0, "blas": 3.0}[name] for name in fns}
-        rival = next(name for name in fns if name != "dspark")
-        return {"dspark": wide_ratio, rival: 1.0}
+    def medians(fns, repeats):
+        timed.append(sorted(fns))
+        return {"blas": 1.0, "onednn": ratio}
 
-    monkeypatch.setattr(common, "interleaved_medians", timed)
-    d = common._measure_float32_packing([(64, 32)])
-    rival = "onednn" if common._packing_available() else "blas"
-    assert calls[1] == sorted(["dspark", rival])
-    assert d["backend"] == ("dspark" if want == "dspark" else rival)
-    assert set(d["wide_ms"]) == {"dspark", rival}
+    monkeypatch.setattr(common, "interleaved_medians", medians)
+    for ratio, want in ((0.9, "onednn"), (0.96, "blas")):
+        d = common._measure_float32_packing([(64, 32)])
+        if not common._packing_available():
+            assert d["backend"] == "blas" and not timed
+            return
+        assert d["backend"] == want and d["pays"] == (want == "onednn")
+        assert "64 x 32" in d["weights"]
+    assert timed == [["blas", "onednn"]] * 2

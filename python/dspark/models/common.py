@@ -129,14 +129,14 @@ class DsparkWeight:
     """A linear layer's weight served by dspark's own CPU product
     (:func:`dspark.ops.linear`), read in place: no copy, no packing.
 
-    Why: on a CPU without AVX-512 (a 2-core AMD EPYC, AVX2), SmolLM2-135M's
-    linears back to back at 1 / 4 / 8 rows took 0.82x / 0.82x / 0.84x the time
-    of oneDNN's packed float32 matmul (interleaved, 12 repeats); there oneDNN
-    cannot pack bfloat16 weights at all, and torch's bfloat16 linear converts
-    the weight at every call. Where it is faster is measured
-    (:func:`float32_backend`); 16-bit weights take it where oneDNN cannot pack
-    them. On AVX2 an output row has the same bits whichever rows share the
-    call (the op's contract)."""
+    It serves 16-bit weights where oneDNN cannot pack them (CPUs without
+    AVX-512): there torch's bfloat16 linear converts the weight at every
+    call, and over SmolLM2-135M's layers on a 2-core AMD EPYC (AVX2) took
+    1.77x / 2.77x oneDNN's float32 time at 4 / 8 rows and 6.4x at 64, where
+    this took 0.80x / 0.87x and 1.87x (``python -m dspark bench linear``).
+    Float32 weights take it only when ``DSPARK_CPU_LINEAR=dspark``
+    (:func:`float32_backend` says why). On AVX2 an output row has the same
+    bits whichever rows share the call (the op's contract)."""
 
     def __init__(self, weight: torch.Tensor, rows_hint: int = 8) -> None:
         self.source = weight_source(weight)
@@ -195,8 +195,6 @@ _PACK_FLOAT32_SHAPE = (16384, 1024)  # 64 MB in float32: larger than a CPU's las
 _PROBE_BYTES = _PACK_FLOAT32_SHAPE[0] * _PACK_FLOAT32_SHAPE[1] * 4
 _PROBE_DEFAULT = "four 4096 x 1024 weights"
 _PROBE_MAX_N = 16384  # larger products (LM heads, embeddings) are left out of a model's probe shapes
-_PROBE_WIDE_ROWS = 64  # dspark's product is also timed at a prefill's many rows before it is chosen
-_PROBE_WIDE_SLACK = 1.1  # ... and must not take more than this share of its rival's time there
 _PACK_FLOAT32_ROWS = (1, 8)  # a decoding step's and a verification's rows per request
 _PACK_FLOAT32_REPEATS = 5
 _PACK_FLOAT32_GAIN = 0.95  # another product must take under this share of the BLAS time
@@ -204,22 +202,24 @@ _float32_decision: Dict[str, object] = {}
 
 
 def float32_backend(shapes: Optional[Sequence[Tuple[int, int]]] = None) -> str:
-    """Which product runs float32 linears on this CPU: ``"dspark"``
-    (:func:`dspark.ops.linear` on the weight as it is), ``"onednn"`` (oneDNN's
-    matmul on a packed copy) or ``"blas"`` (torch's linear, the BLAS it was
-    built with). ``DSPARK_CPU_LINEAR`` decides when set to one of them (the
-    older ``DSPARK_CPU_PACK_FLOAT32`` = ``on`` / ``off``: oneDNN / BLAS);
-    ``auto`` (default) times the three for 1 and 8 rows over weights larger
-    than the cache (64 MB or more: of the layer ``shapes`` ``(N, K)`` of the
-    first model packed, :func:`pack_cpu_linears`, else four of 4096 x 1024),
-    interleaved, 5 repeats, and takes the fastest median total, BLAS unless
-    another is under 0.95 of it; dspark's only if at 64 rows (a prefill's, a
-    large batch's) it also takes at most 1.1x its best rival's time, where
-    oneDNN's blocked matmul is far ahead of a product made for a step's few
-    rows. Measured once per process (about 0.2-0.5 s);
-    :func:`float32_packing_report` says what was measured. Every backend computes the same products up to
-    summation order, and plain and speculative decoding in one engine use
-    the same one."""
+    """Which product runs float32 linears on this CPU: ``"onednn"`` (oneDNN's
+    matmul on a packed copy), ``"blas"`` (torch's linear, the BLAS it was
+    built with) or, only when asked, ``"dspark"`` (:func:`dspark.ops.linear`
+    on the weight as it is). ``DSPARK_CPU_LINEAR`` decides when set to one of
+    them (the older ``DSPARK_CPU_PACK_FLOAT32`` = ``on`` / ``off``: oneDNN /
+    BLAS); ``auto`` (default) times oneDNN against BLAS for 1 and 8 rows over
+    weights larger than the cache (64 MB or more: of the layer ``shapes``
+    ``(N, K)`` of the first model packed, :func:`pack_cpu_linears`, else four
+    of 4096 x 1024), interleaved, 5 repeats, and packs when oneDNN's median
+    total is under 0.95 of BLAS's. Measured once per process (about 0.2-0.5
+    s); :func:`float32_packing_report` says what was measured.
+
+    ``auto`` never takes dspark's float32 product: made for a step's few rows
+    (register blocks, no cache tiling), it saved 3-7 % of SmolLM2's forward at
+    1-8 tokens on an AVX2 CPU but cost 1.3-1.6x at 32-128 (a prefill, a large
+    batch's verification), and a timing of the few rows alone picked it on
+    noise. Every backend computes the same products up to summation order,
+    and plain and speculative decoding in one engine use the same one."""
     import os
 
     mode = os.environ.get(LINEAR_ENV, "auto").strip().lower()
@@ -250,10 +250,9 @@ def float32_packing_report() -> str:
     d = _float32_decision
     if "backend" not in d:
         return ""
-    where = {"dspark": "on dspark's own product", "onednn": "on oneDNN packed weights",
-             "blas": "through BLAS"}[str(d["backend"])]
+    where = "on oneDNN packed weights" if d["backend"] == "onednn" else "through BLAS"
     return (f"float32 linears {where} (measured for 1 + 8 rows over {d.get('weights', _PROBE_DEFAULT)}: "
-            f"dspark {d['dspark_ms']:.2f} ms, oneDNN packed {d['packed_ms']:.2f} ms, BLAS {d['blas_ms']:.2f} ms)")
+            f"oneDNN packed {d['packed_ms']:.2f} ms, BLAS {d['blas_ms']:.2f} ms)")
 
 
 def interleaved_medians(fns: Dict[object, Callable[[], object]], repeats: int) -> Dict[object, float]:
@@ -291,22 +290,22 @@ def _probe_weights(shapes: Optional[Sequence[Tuple[int, int]]], gen: torch.Gener
 
 
 def _measure_float32_packing(shapes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, object]:
-    """Times the float32 products as a model calls them: over weights of 64 MB
-    or more (larger than a CPU's last-level cache; :func:`_probe_weights`),
-    each product right after a small torch op on its input (in a forward a
-    linear follows a norm or an activation, whose thread pool is then still
-    spinning: it takes cores from another pool for a while, and that belongs
-    in the comparison)."""
+    """Times oneDNN's packed matmul against BLAS as a model calls them: over
+    weights of 64 MB or more (larger than a CPU's last-level cache;
+    :func:`_probe_weights`), each product right after a small torch op on its
+    input (in a forward a linear follows a norm or an activation, whose
+    thread pool is then still spinning)."""
     gen = torch.Generator().manual_seed(0)
+    if not _packing_available():
+        return {"backend": "blas", "pays": False, "packed_ms": float("nan"), "blas_ms": float("nan"),
+                "weights": "nothing (no oneDNN packed matmul in this PyTorch)"}
     with torch.inference_mode():
         weights, described = _probe_weights(shapes, gen)
         widths = {w.shape[1] for w in weights}
         xs = {k: [torch.randn(m, k, generator=gen) for m in _PACK_FLOAT32_ROWS] for k in widths}
         products: Dict[str, List[Callable[[torch.Tensor], torch.Tensor]]] = {
             "blas": [lambda x, w=w: F.linear(x, w) for w in weights],
-            "dspark": [lambda x, d=DsparkWeight(w): d(x, None) for w in weights]}
-        if _packing_available():
-            products["onednn"] = [lambda x, p=PackedWeight(w, max(_PACK_FLOAT32_ROWS)): p(x, None) for w in weights]
+            "onednn": [lambda x, p=PackedWeight(w, max(_PACK_FLOAT32_ROWS)): p(x, None) for w in weights]}
 
         def run(fns: List[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[], None]:
             def go() -> None:
@@ -316,25 +315,10 @@ def _measure_float32_packing(shapes: Optional[Sequence[Tuple[int, int]]] = None)
             return go
 
         median = interleaved_medians({name: run(fns) for name, fns in products.items()}, _PACK_FLOAT32_REPEATS)
-        b = median["blas"]
-        best = min(median, key=median.get)
-        backend = best if best != "blas" and median[best] < _PACK_FLOAT32_GAIN * b else "blas"
-        wide: Dict[str, float] = {}
-        if backend == "dspark":
-            # dspark's product is made for a step's few rows; at a prefill's or a large batch's many rows
-            # oneDNN's (or BLAS's) blocked matmul is far ahead (measured 1.8x at 64 rows on an AVX2 CPU)
-            rival = min((n for n in median if n != "dspark"), key=median.get)
-            x64 = {k: torch.randn(_PROBE_WIDE_ROWS, k, generator=gen) for k in widths}
-
-            def wide_pass(fns: List[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[], None]:
-                return lambda: [fn(F.silu(x64[w.shape[1]])) for fn, w in zip(fns, weights)]
-
-            wide = interleaved_medians({n: wide_pass(products[n]) for n in ("dspark", rival)}, _PACK_FLOAT32_REPEATS)
-            if wide["dspark"] > _PROBE_WIDE_SLACK * wide[rival]:
-                backend = rival if rival != "blas" and median[rival] < _PACK_FLOAT32_GAIN * b else "blas"
-    return {"backend": backend, "pays": backend == "onednn", "dspark_ms": median["dspark"] * 1e3,
-            "packed_ms": median.get("onednn", float("nan")) * 1e3, "blas_ms": b * 1e3, "weights": described,
-            "wide_ms": {n: t * 1e3 for n, t in wide.items()}}
+    b, p = median["blas"], median["onednn"]
+    backend = "onednn" if p < _PACK_FLOAT32_GAIN * b else "blas"
+    return {"backend": backend, "pays": backend == "onednn", "packed_ms": p * 1e3, "blas_ms": b * 1e3,
+            "weights": described}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
