@@ -7,8 +7,8 @@ runs them (q / k / v as one 960 x 576 weight, o 576 x 576, gate / up as one
 3072 x 576, down 576 x 1536), random weights (the time does not depend on
 the values), every layer's its own (425 MB in float32: read from memory, as
 in a forward). Each product follows a small torch op on its input (in a
-forward a linear follows a norm or an activation). For 1, 4 and 8 rows (a
-decoding step, and verifications at batch 1), the backends' passes over all
+forward a linear follows a norm or an activation). For 1, 4, 8 and 64 rows (a
+decoding step, verifications at batch 1, a prefill), the backends' passes over all
 layers are interleaved over the repeats so that a drift of the machine moves
 every entry alike; printed: the median per pass with its relative spread and
 the ratio of time to oneDNN's float32 (BLAS's where oneDNN cannot pack).
@@ -29,10 +29,10 @@ SMOLLM2_LAYER = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (N, K) of 
 SMOLLM2_LAYERS = 30
 
 
-def linear_benchmark(quick: bool = False, rows: Sequence[int] = (1, 4, 8), repeats: int = 7) -> dict:
+def linear_benchmark(quick: bool = False, rows: Sequence[int] = (1, 4, 8, 64), repeats: int = 7) -> dict:
     layers = 4 if quick else SMOLLM2_LAYERS
     if quick:
-        repeats = 3
+        rows, repeats = (1, 4, 8), 3
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, k, generator=gen) * 0.02 for _ in range(layers) for n, k in SMOLLM2_LAYER]
     halves = [w.to(torch.bfloat16) for w in weights]

@@ -131,9 +131,9 @@ class DsparkWeight:
 
     It serves 16-bit weights where oneDNN cannot pack them (CPUs without
     AVX-512): there torch's bfloat16 linear converts the weight at every
-    call, and over SmolLM2-135M's layers on a 2-core AMD EPYC (AVX2) took
-    1.77x / 2.77x oneDNN's float32 time at 4 / 8 rows and 6.4x at 64, where
-    this took 0.80x / 0.87x and 1.87x (``python -m dspark bench linear``).
+    call: over SmolLM2-135M's layers on a 2-core AMD EPYC (AVX2) it took
+    several times oneDNN's float32 time from 4 rows on, where this stays
+    near or under it up to 8 rows (``python -m dspark bench linear``).
     Float32 weights take it only when ``DSPARK_CPU_LINEAR=dspark``
     (:func:`float32_backend` says why). On AVX2 an output row has the same
     bits whichever rows share the call (the op's contract)."""
