@@ -6,8 +6,8 @@ The products are those of SmolLM2-135M-Instruct's 30 layers as the engine
 runs them (q / k / v as one 960 x 576 weight, o 576 x 576, gate / up as one
 3072 x 576, down 576 x 1536), random weights (the time does not depend on
 the values), every layer's its own (425 MB in float32: read from memory, as
-in a forward). Each product follows a small torch op on its input (in a
-forward a linear follows a norm or an activation). For 1, 4, 8 and 64 rows (a
+in a forward). Each product follows a small torch op on its input, as in a
+forward (``models.common.products_pass``). For 1, 4, 8 and 64 rows (a
 decoding step, verifications at batch 1, a prefill), the backends' passes over all
 layers are interleaved over the repeats so that a drift of the machine moves
 every entry alike; printed: the median per pass with its relative spread and
@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from .models.common import DsparkWeight, PackedWeight, _bfloat16_packing_supported, _packing_available
+from .models.common import (DsparkWeight, PackedWeight, _bfloat16_packing_supported, _packing_available,
+                            products_pass)
 
 SMOLLM2_LAYER = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (N, K) of one layer's products
 SMOLLM2_LAYERS = 30
@@ -52,16 +53,9 @@ def linear_benchmark(quick: bool = False, rows: Sequence[int] = (1, 4, 8, 64), r
             inputs = {dtype: {k: torch.randn(m, k, generator=gen).to(dtype) for _, k in SMOLLM2_LAYER}
                       for dtype in (torch.float32, torch.bfloat16)}
 
-            def make(name: str) -> Callable[[], None]:
-                xs = inputs[torch.float32 if name.startswith("float32") else torch.bfloat16]
-                fns = products[name]
-
-                def go() -> None:
-                    for fn, w in zip(fns, weights):
-                        fn(F.silu(xs[w.shape[1]]))
-                return go
-
-            passes = {name: make(name) for name in products}
+            passes = {name: products_pass(fns, weights,
+                                          [inputs[torch.float32 if name.startswith("float32") else torch.bfloat16]])
+                      for name, fns in products.items()}
             for go in passes.values():  # warm-up
                 go()
             times: Dict[str, List[float]] = {name: [] for name in passes}

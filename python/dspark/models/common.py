@@ -138,7 +138,7 @@ class DsparkWeight:
     (:func:`float32_backend` says why). On AVX2 an output row has the same
     bits whichever rows share the call (the op's contract)."""
 
-    def __init__(self, weight: torch.Tensor, rows_hint: int = 8) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         self.source = weight_source(weight)
         self.weight = weight.detach()
         self._view = _tensor_view(self.weight, "linear", "weight")
@@ -177,7 +177,7 @@ def cpu_weight(weight: torch.Tensor, rows_hint: int = 8) -> Optional[CpuWeight]:
     if PackedWeight.usable(weight):
         return PackedWeight(weight, rows_hint)
     if DsparkWeight.usable(weight):
-        return DsparkWeight(weight, rows_hint)
+        return DsparkWeight(weight)
     return None
 
 
@@ -273,6 +273,20 @@ def interleaved_medians(fns: Dict[object, Callable[[], object]], repeats: int) -
     return {key: statistics.median(ts) for key, ts in times.items()}
 
 
+def products_pass(products: Sequence[Callable[[torch.Tensor], torch.Tensor]], weights: Sequence[torch.Tensor],
+                  inputs: Sequence[Dict[int, torch.Tensor]]) -> Callable[[], None]:
+    """A pass as a forward makes them: for each input set (``{K: x}``), every
+    product on the input of its weight's width, right after a small torch op
+    on it (in a forward a linear follows a norm or an activation, whose
+    OpenMP workers are then still spinning and take cores from another
+    thread pool: that belongs in a comparison)."""
+    def go() -> None:
+        for xs in inputs:
+            for fn, w in zip(products, weights):
+                fn(F.silu(xs[w.shape[1]]))
+    return go
+
+
 def _probe_weights(shapes: Optional[Sequence[Tuple[int, int]]], gen: torch.Generator
                    ) -> Tuple[List[torch.Tensor], str]:
     """The probe's weights: the distinct layer ``shapes`` (``N < 16384``)
@@ -290,11 +304,9 @@ def _probe_weights(shapes: Optional[Sequence[Tuple[int, int]]], gen: torch.Gener
 
 
 def _measure_float32_packing(shapes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, object]:
-    """Times oneDNN's packed matmul against BLAS as a model calls them: over
-    weights of 64 MB or more (larger than a CPU's last-level cache;
-    :func:`_probe_weights`), each product right after a small torch op on its
-    input (in a forward a linear follows a norm or an activation, whose
-    thread pool is then still spinning)."""
+    """Times oneDNN's packed matmul against BLAS as a model calls them
+    (:func:`products_pass`) over weights of 64 MB or more (larger than a
+    CPU's last-level cache; :func:`_probe_weights`)."""
     gen = torch.Generator().manual_seed(0)
     if not _packing_available():
         return {"backend": "blas", "pays": False, "packed_ms": float("nan"), "blas_ms": float("nan"),
@@ -302,19 +314,12 @@ def _measure_float32_packing(shapes: Optional[Sequence[Tuple[int, int]]] = None)
     with torch.inference_mode():
         weights, described = _probe_weights(shapes, gen)
         widths = {w.shape[1] for w in weights}
-        xs = {k: [torch.randn(m, k, generator=gen) for m in _PACK_FLOAT32_ROWS] for k in widths}
+        inputs = [{k: torch.randn(m, k, generator=gen) for k in widths} for m in _PACK_FLOAT32_ROWS]
         products: Dict[str, List[Callable[[torch.Tensor], torch.Tensor]]] = {
             "blas": [lambda x, w=w: F.linear(x, w) for w in weights],
             "onednn": [lambda x, p=PackedWeight(w, max(_PACK_FLOAT32_ROWS)): p(x, None) for w in weights]}
-
-        def run(fns: List[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[], None]:
-            def go() -> None:
-                for row in range(len(_PACK_FLOAT32_ROWS)):
-                    for fn, w in zip(fns, weights):
-                        fn(F.silu(xs[w.shape[1]][row]))
-            return go
-
-        median = interleaved_medians({name: run(fns) for name, fns in products.items()}, _PACK_FLOAT32_REPEATS)
+        median = interleaved_medians({name: products_pass(fns, weights, inputs) for name, fns in products.items()},
+                                     _PACK_FLOAT32_REPEATS)
     b, p = median["blas"], median["onednn"]
     backend = "onednn" if p < _PACK_FLOAT32_GAIN * b else "blas"
     return {"backend": backend, "pays": backend == "onednn", "packed_ms": p * 1e3, "blas_ms": b * 1e3,
@@ -331,8 +336,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same checkpoint keys) that runs CPU inference
-    on a :class:`PackedWeight` after :meth:`pack_cpu` (bfloat16 weights, and
-    float32 ones where :func:`float32_packing_pays`)."""
+    on the weight :func:`cpu_weight` lays out after :meth:`pack_cpu` (oneDNN's
+    packed copy, or dspark's product), where it lays one out."""
 
     packed: Optional[CpuWeight] = None
 
@@ -453,7 +458,7 @@ def layer_shapes(module: nn.Module) -> List[Tuple[int, int]]:
 
 def pack_cpu_linears(module: nn.Module, rows_hint: int = 8) -> int:
     """Packs the linears of `module` for CPU inference where their weights can
-    be (:meth:`PackedWeight.usable`): each :class:`FusingModule`'s fusable
+    be (:func:`cpu_weight_usable`): each :class:`FusingModule`'s fusable
     linears as one weight (:class:`FusedLinears`), every other :class:`Linear`
     on its own. Returns how many linears were packed."""
     shapes = layer_shapes(module)

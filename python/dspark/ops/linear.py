@@ -1,6 +1,7 @@
 """linear: ``x W^T + b`` on the CPU with float32 accumulation
-(csrc/{cpu,ops}/linear), the product dspark's models run their CPU linears on
-where it is measured fastest (``models.common.cpu_linear_backend``)."""
+(csrc/{cpu,ops}/linear): the product dspark's models run 16-bit CPU weights on
+where oneDNN cannot pack them, and float32 ones when asked
+(``models.common.DsparkWeight``, ``models.common.float32_backend``)."""
 
 from __future__ import annotations
 
