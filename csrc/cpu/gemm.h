@@ -5,7 +5,9 @@
 // of A rows x W rows reads each W row once per block of A rows. The copy of
 // the selected instruction set runs (isa.h): AVX-512 16-wide FMAs in 4 x 4,
 // 2 x 8 and 1 x 8 blocks, AVX2 8-wide FMAs in 4 x 3, 2 x 4 and 1 x 4 blocks
-// (the next block's W rows prefetched on both), or a portable loop. On AVX2
+// (AVX-512 prefetches the next block's W rows at its start; AVX2 does so for
+// strided W and streams contiguous W, ldw == k, into L2 16 KB ahead from
+// inside the loop), or a portable loop. On AVX2
 // an element's sum does not depend on the block it falls in (its lanes run
 // along K in order, then the same horizontal sum), so its bits are the same
 // whatever M and N are and wherever it sits (tests/cpp/test_gemm.cpp). With
