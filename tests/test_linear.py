@@ -197,12 +197,71 @@ def test_the_float32_backend_setting(monkeypatch):
         return {"backend": "onednn", "pays": True, "packed_ms": 2.0, "blas_ms": 3.0, "weights": "four weights"}
 
     monkeypatch.setattr(common, "_measure_float32_packing", fake_measure)
+    monkeypatch.setattr(dspark._backends, "cpu_isa", lambda: "avx512")  # no few-row split
     assert common.float32_packing_report() == ""
     assert common.float32_backend([(8, 4)]) == "onednn" and common.float32_backend() == "onednn"
     assert calls == [[(8, 4)]]  # once, on the first caller's shapes
     assert common.float32_packing_pays()
     assert common.float32_packing_report() == ("float32 linears on oneDNN packed weights (measured for 1 + 8 rows "
                                                "over four weights: oneDNN packed 2.00 ms, BLAS 3.00 ms)")
+    monkeypatch.setattr(dspark._backends, "cpu_isa", lambda: "avx2")
+    assert common.float32_few_rows_backend() == "dspark" and common.float32_backend() == "onednn"
+    assert common.float32_packing_report().startswith("float32 linears on oneDNN packed weights, up to 16 rows on "
+                                                      "dspark's product (AVX2) (measured")
+    assert calls == [[(8, 4)]]
+
+
+@pytest.mark.parametrize("setting", ["dspark", "onednn", "blas"])
+def test_a_set_backend_serves_every_row_count(monkeypatch, setting):
+    """DSPARK_CPU_LINEAR set: one product for every row count, also on AVX2."""
+    from dspark.models import common
+
+    monkeypatch.setenv("DSPARK_CPU_LINEAR", setting)
+    monkeypatch.setattr(dspark._backends, "cpu_isa", lambda: "avx2")
+    assert common.float32_few_rows_backend() == common.float32_backend()
+    assert not common.SplitWeight.usable(torch.ones(4, 4))
+
+
+@pytest.mark.parametrize("many", ["onednn", "blas"])
+def test_a_split_weight_serves_few_rows_on_dspark_and_more_on_the_other(monkeypatch, many):
+    """Under auto on AVX2 a float32 Linear splits by the call's rows: up to
+    FEW_ROWS on dspark's product (bit for bit DsparkWeight's), above on
+    oneDNN's packed copy or BLAS (bit for bit theirs); 16-bit weights and
+    other ISAs do not split; a changed weight is not served."""
+    from dspark.models import common
+
+    monkeypatch.delenv("DSPARK_CPU_LINEAR", raising=False)
+    monkeypatch.delenv("DSPARK_CPU_PACK_FLOAT32", raising=False)
+    if many == "onednn" and not common._packing_available():
+        pytest.skip("this PyTorch has no oneDNN packed linear")
+    monkeypatch.setattr(common, "_float32_decision", {"backend": many, "packed_ms": 1.0, "blas_ms": 1.0})
+    monkeypatch.setattr(dspark._backends, "cpu_isa", lambda: "avx2")
+    torch.manual_seed(6)
+    layer = common.Linear(72, 40, bias=True)
+    assert layer.pack_cpu() and isinstance(layer.packed, common.SplitWeight)
+    split = layer.packed
+    assert (split.many is not None) == (many == "onednn")
+    reference = common.DsparkWeight(layer.weight)
+    with torch.inference_mode():
+        for rows in (1, 8, common.FEW_ROWS, common.FEW_ROWS + 1, 40):
+            x = torch.randn(rows, 72)
+            y = layer(x)
+            if rows <= common.FEW_ROWS:
+                assert torch.equal(y, reference(x, layer.bias))
+            elif many == "onednn":
+                assert torch.equal(y, split.many(x, layer.bias))
+            else:
+                assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        x3 = torch.randn(2, 4, 72)
+        assert torch.equal(layer(x3), reference(x3, layer.bias))  # 8 rows in all: dspark's
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+        assert not split.matches(layer.weight)
+        assert torch.equal(layer(x3), torch.nn.functional.linear(x3, layer.weight, layer.bias))
+    assert not common.SplitWeight.usable(torch.ones(4, 4, dtype=torch.bfloat16))
+    monkeypatch.setattr(dspark._backends, "cpu_isa", lambda: "avx512")
+    assert not common.SplitWeight.usable(torch.ones(4, 4))
 
 
 def test_auto_times_onednn_against_blas_and_never_takes_dspark(monkeypatch):

@@ -515,15 +515,23 @@ def test_linears_fuse_only_when_alike(monkeypatch):
     assert not FusedLinears.usable(_three_projections(True, torch.float32).fusable())
 
 
-@pytest.mark.parametrize("backend", ["onednn", "dspark"])
+@pytest.mark.parametrize("backend", ["onednn", "dspark", "split"])
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_packed_target_matches_transformers(tmp_path, monkeypatch, kind, backend):
     """The target as the engine runs it on the CPU (q / k / v and gate / up each
-    one product, the rest one by one; on oneDNN's packed weights or on
-    dspark's linear) gives transformers' logits and hidden states."""
+    one product, the rest one by one; on oneDNN's packed weights, on dspark's
+    linear, or split by rows between the two) gives transformers' logits and
+    hidden states."""
+    from dspark.models import common
     from dspark.models.common import FusingModule, cpu_weight_usable, pack_cpu_linears
 
-    monkeypatch.setenv("DSPARK_CPU_LINEAR", backend)
+    if backend == "split":  # SEQUENCES' prefill and steps take both sides of FEW_ROWS
+        monkeypatch.delenv("DSPARK_CPU_LINEAR", raising=False)
+        monkeypatch.delenv("DSPARK_CPU_PACK_FLOAT32", raising=False)
+        monkeypatch.setattr(common, "float32_few_rows_backend", lambda shapes=None: "dspark")
+        monkeypatch.setattr(common, "float32_backend", lambda shapes=None: "onednn")
+    else:
+        monkeypatch.setenv("DSPARK_CPU_LINEAR", backend)
     hf = hf_model(tmp_path, kind, attention_bias=True)
     with torch.no_grad():  # transformers starts biases at 0: random ones, so the fused bias is tested
         for name, p in hf.named_parameters():

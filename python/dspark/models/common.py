@@ -168,12 +168,51 @@ class DsparkWeight:
         return weight.dtype in (torch.bfloat16, torch.float16) and not PackedWeight.usable(weight)
 
 
-CpuWeight = Union[PackedWeight, DsparkWeight]
+class SplitWeight:
+    """A float32 weight served by two products by the call's rows: dspark's
+    (:class:`DsparkWeight`, in place) for up to :data:`FEW_ROWS` rows, a
+    decoding step's and a few requests' verification; oneDNN's packed copy
+    (``many``), or torch's BLAS linear when ``many`` is None, above (a
+    prefill, a large batch's verification).
+
+    Why: on a 2-core AMD EPYC (AVX2) SmolLM2-135M's float32 forward took
+    0.80-0.84x oneDNN's time at 1-16 tokens on dspark's product and
+    1.1-1.6x at 32-128 (``matmul_nt`` has register blocks, no cache tiling).
+    :func:`float32_few_rows_backend` decides whether it is used. Calls of up
+    to 16 rows get the same bits for a row whichever rows share them (AVX2),
+    so a one-token step and a verification agree there."""
+
+    def __init__(self, weight: torch.Tensor, many: Optional[PackedWeight]) -> None:
+        self.few = DsparkWeight(weight)
+        self.many = many
+        self.weight = self.few.weight
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        return self.few.matches(weight)
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if x.numel() <= FEW_ROWS * x.shape[-1]:
+            return self.few(x, bias)
+        if self.many is not None:
+            return self.many(x, bias)
+        return F.linear(x, self.weight, bias)
+
+    @staticmethod
+    def usable(weight: torch.Tensor) -> bool:
+        return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype == torch.float32
+                and weight.shape[1] > 0 and float32_backend() != "dspark"
+                and float32_few_rows_backend() == "dspark")
+
+
+CpuWeight = Union[PackedWeight, DsparkWeight, SplitWeight]
 
 
 def cpu_weight(weight: torch.Tensor, rows_hint: int = 8) -> Optional[CpuWeight]:
-    """The weight laid out for this CPU's fastest linear (:class:`PackedWeight`
-    or :class:`DsparkWeight`), or None where torch's own linear serves it."""
+    """The weight laid out for this CPU's fastest linear (:class:`PackedWeight`,
+    :class:`DsparkWeight` or :class:`SplitWeight` of the two), or None where
+    torch's own linear serves it."""
+    if SplitWeight.usable(weight):
+        return SplitWeight(weight, PackedWeight(weight, rows_hint) if PackedWeight.usable(weight) else None)
     if PackedWeight.usable(weight):
         return PackedWeight(weight, rows_hint)
     if DsparkWeight.usable(weight):
@@ -183,7 +222,7 @@ def cpu_weight(weight: torch.Tensor, rows_hint: int = 8) -> Optional[CpuWeight]:
 
 def cpu_weight_usable(weight: torch.Tensor) -> bool:
     """Whether :func:`cpu_weight` lays out ``weight`` (else torch's linear runs)."""
-    return PackedWeight.usable(weight) or DsparkWeight.usable(weight)
+    return SplitWeight.usable(weight) or PackedWeight.usable(weight) or DsparkWeight.usable(weight)
 
 
 # float32 linears: DSPARK_CPU_LINEAR = "dspark", "onednn", "blas" or "auto" (measured once per
@@ -198,7 +237,30 @@ _PROBE_MAX_N = 16384  # larger products (LM heads, embeddings) are left out of a
 _PACK_FLOAT32_ROWS = (1, 8)  # a decoding step's and a verification's rows per request
 _PACK_FLOAT32_REPEATS = 5
 _PACK_FLOAT32_GAIN = 0.95  # another product must take under this share of the BLAS time
+FEW_ROWS = 16  # rows up to which dspark's float32 product may serve a call (SplitWeight)
 _float32_decision: Dict[str, object] = {}
+
+
+def _linear_setting() -> str:
+    """``DSPARK_CPU_LINEAR`` (checked), the older ``DSPARK_CPU_PACK_FLOAT32``
+    mapped onto it: ``auto``, ``dspark``, ``onednn`` or ``blas``."""
+    import os
+
+    mode = os.environ.get(LINEAR_ENV, "auto").strip().lower()
+    if mode not in ("auto",) + FLOAT32_BACKENDS:
+        raise ValueError(f"{LINEAR_ENV} must be auto, dspark, onednn or blas, got {mode!r}")
+    if mode == "auto":
+        legacy = os.environ.get(PACK_FLOAT32_ENV, "auto").strip().lower()
+        if legacy not in ("auto", "on", "off"):
+            raise ValueError(f"{PACK_FLOAT32_ENV} must be auto, on or off, got {legacy!r}")
+        mode = {"on": "onednn", "off": "blas"}.get(legacy, "auto")
+    return mode
+
+
+def _float32_measured(shapes: Optional[Sequence[Tuple[int, int]]]) -> Dict[str, object]:
+    if "backend" not in _float32_decision:
+        _float32_decision.update(_measure_float32_packing(shapes))
+    return _float32_decision
 
 
 def float32_backend(shapes: Optional[Sequence[Tuple[int, int]]] = None) -> str:
@@ -214,29 +276,40 @@ def float32_backend(shapes: Optional[Sequence[Tuple[int, int]]] = None) -> str:
     total is under 0.95 of BLAS's. Measured once per process (about 0.2-0.5
     s); :func:`float32_packing_report` says what was measured.
 
-    ``auto`` never takes dspark's float32 product: made for a step's few rows
-    (register blocks, no cache tiling), it saved 3-7 % of SmolLM2's forward at
-    1-8 tokens on an AVX2 CPU but cost 1.3-1.6x at 32-128 (a prefill, a large
-    batch's verification), and a timing of the few rows alone picked it on
-    noise. Every backend computes the same products up to summation order,
-    and plain and speculative decoding in one engine use the same one."""
-    import os
-
-    mode = os.environ.get(LINEAR_ENV, "auto").strip().lower()
-    if mode not in ("auto",) + FLOAT32_BACKENDS:
-        raise ValueError(f"{LINEAR_ENV} must be auto, dspark, onednn or blas, got {mode!r}")
-    if mode == "auto":
-        legacy = os.environ.get(PACK_FLOAT32_ENV, "auto").strip().lower()
-        if legacy not in ("auto", "on", "off"):
-            raise ValueError(f"{PACK_FLOAT32_ENV} must be auto, on or off, got {legacy!r}")
-        mode = {"on": "onednn", "off": "blas"}.get(legacy, "auto")
+    For all rows ``auto`` never takes dspark's float32 product: made for a
+    step's few rows (register blocks, no cache tiling), it cost 1.1-1.6x
+    oneDNN's time in SmolLM2's forward at 32-128 tokens (a prefill, a large
+    batch's verification) on an AVX2 CPU; for up to :data:`FEW_ROWS` rows it
+    may (:func:`float32_few_rows_backend`). Every backend computes the same
+    products up to summation order, and plain and speculative decoding in one
+    engine use the same ones."""
+    mode = _linear_setting()
     if mode == "onednn":
         return "onednn" if _packing_available() else "blas"
     if mode != "auto":
         return mode
-    if "backend" not in _float32_decision:
-        _float32_decision.update(_measure_float32_packing(shapes))
-    return str(_float32_decision["backend"])
+    return str(_float32_measured(shapes)["backend"])
+
+
+def float32_few_rows_backend(shapes: Optional[Sequence[Tuple[int, int]]] = None) -> str:
+    """Which product runs float32 linears of up to :data:`FEW_ROWS` rows. A
+    set ``DSPARK_CPU_LINEAR`` fixes one product for every row count
+    (:func:`float32_backend`); under ``auto`` it is dspark's where its AVX2
+    kernels run (:func:`dspark.cpu_isa`), else :func:`float32_backend`'s.
+
+    Why by instruction set rather than by a timing: on an AMD EPYC (AVX2, 2
+    cores) dspark's product took 0.72-0.85x of oneDNN's time over SmolLM2's
+    layers at 1-8 rows (``python -m dspark bench linear``) and the whole
+    forward 0.80-0.84x at 1-16 tokens, but a start-up probe of 64 MB read
+    0.87-0.97x with a spread that flipped the choice between runs. The AVX2
+    kernels stream the weight a fixed distance ahead of the products
+    (csrc/cpu/kernels.inc); the AVX-512 ones have not been measured against
+    oneDNN at these rows, so they are not taken."""
+    if _linear_setting() != "auto":
+        return float32_backend(shapes)
+    from .._backends import cpu_isa
+
+    return "dspark" if cpu_isa() == "avx2" else float32_backend(shapes)
 
 
 def float32_packing_pays() -> bool:
@@ -251,6 +324,8 @@ def float32_packing_report() -> str:
     if "backend" not in d:
         return ""
     where = "on oneDNN packed weights" if d["backend"] == "onednn" else "through BLAS"
+    if float32_few_rows_backend() == "dspark":
+        where += f", up to {FEW_ROWS} rows on dspark's product (AVX2)"
     return (f"float32 linears {where} (measured for 1 + 8 rows over {d.get('weights', _PROBE_DEFAULT)}: "
             f"oneDNN packed {d['packed_ms']:.2f} ms, BLAS {d['blas_ms']:.2f} ms)")
 
