@@ -134,8 +134,9 @@ class DsparkWeight:
     call: over SmolLM2-135M's layers on a 2-core AMD EPYC (AVX2) it took
     several times oneDNN's float32 time from 4 rows on, where this stays
     near or under it up to 8 rows (``python -m dspark bench linear``).
-    Float32 weights take it only when ``DSPARK_CPU_LINEAR=dspark``
-    (:func:`float32_backend` says why). On AVX2 an output row has the same
+    Float32 weights take it for every row count only when
+    ``DSPARK_CPU_LINEAR=dspark`` (:func:`float32_backend` says why), and for
+    a few rows within a :class:`SplitWeight`. On AVX2 an output row has the same
     bits whichever rows share the call (the op's contract)."""
 
     def __init__(self, weight: torch.Tensor) -> None:

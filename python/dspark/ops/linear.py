@@ -1,7 +1,8 @@
 """linear: ``x W^T + b`` on the CPU with float32 accumulation
 (csrc/{cpu,ops}/linear): the product dspark's models run 16-bit CPU weights on
-where oneDNN cannot pack them, and float32 ones when asked
-(``models.common.DsparkWeight``, ``models.common.float32_backend``)."""
+where oneDNN cannot pack them, and float32 ones at a decoding step's few rows
+on AVX2 CPUs or when asked (``models.common.DsparkWeight``,
+``models.common.SplitWeight``, ``models.common.float32_few_rows_backend``)."""
 
 from __future__ import annotations
 
