@@ -62,7 +62,7 @@ DSPARK_TEST(matmul_nt_matches_a_double_reference_under_every_isa) {
   const cpu::Isa before = cpu::current_isa();
   for (cpu::Isa isa : runnable_isas()) {
     cpu::set_isa(isa);
-    for (int64_t m : {1, 2, 3, 4, 5, 7, 8, 9, 16})
+    for (int64_t m : {1, 2, 3, 4, 5, 7, 8, 9, 16, 17})
       for (int64_t n : {1, 3, 4, 5, 13, 50})
         for (int64_t k : {1, 7, 8, 17, 64, 577}) {
           const Problem p = make(m, n, k, static_cast<uint32_t>(m * 10007 + n * 101 + k));
