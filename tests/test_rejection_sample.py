@@ -72,6 +72,35 @@ def test_matches_reference_with_a_draft_vocabulary(mode, temperature, vocab, dra
     torch.testing.assert_close(out.soft_acceptance, ref.soft_acceptance, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["logits", "probs", "onehot"])
+def test_extra_outputs_do_not_change_the_committed_tokens(mode):
+    """The CPU backend skips work a greedy request's tokens do not read (its
+    draft rows' statistics without soft labels, its target rows' sums without
+    log-probabilities): greedy and sampled requests in one batch commit the
+    same tokens with and without those outputs, and the log-probabilities of
+    the greedy requests equal the reference's."""
+    b = sub_vocab_batch(12, 4099, 1000, 6, seed=41, agreement=0.7)
+    kw = b.kwargs(mode) if mode != "onehot" else {}
+    temps = torch.tensor([0.0, 1.0, 0.0, 0.7] * 3)
+    cu = b.cu_num_draft.tolist()
+    for r in range(0, 12, 2):  # the greedy requests' first drafts are the target's argmax: accepted
+        for k in range(min(2, cu[r + 1] - cu[r])):
+            b.draft_tokens[cu[r] + k] = b.target_logits[cu[r] + r + k].argmax()
+    plain = ops.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, temperature=temps, seed=8, **kw)
+    full = ops.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, temperature=temps, seed=8,
+                                return_soft_acceptance=True, return_logprobs=True, **kw)
+    assert torch.equal(plain.output_tokens, full.output_tokens)
+    assert torch.equal(plain.num_accepted, full.num_accepted)
+    ref = reference.rejection_sample(b.target_logits, b.draft_tokens, b.cu_num_draft, temperature=temps, seed=8,
+                                     return_soft_acceptance=True, return_logprobs=True, **kw)
+    greedy = temps == 0
+    committed = full.output_tokens[greedy] >= 0
+    assert (full.num_accepted[greedy] >= 1).sum() >= 4  # greedy drafts were accepted
+    torch.testing.assert_close(full.logprobs[greedy][committed], ref.logprobs[greedy][committed], atol=2e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(full.soft_acceptance, ref.soft_acceptance, atol=2e-6, rtol=0)
+
+
 def test_draft_vocabulary_equals_the_full_vocabulary_with_zero_outside():
     """A draft vocabulary gives the same committed tokens as the full-vocabulary
     call whose draft probabilities are 0 outside the map (draft_probs mode,

@@ -30,8 +30,13 @@ namespace {
 
 using namespace rejection;
 
-constexpr int64_t kChunksPerTask = 4;    // grain of the row x chunk loops
-constexpr int64_t kRequestsPerTask = 8;  // grain of the per-request loops
+constexpr int64_t kChunksPerTask = 4;  // grain of the row x chunk loops
+// Grain of the per-row and per-request loops: a row's statistics combine its
+// chunks' (tens of values), a request's decisions read a few entries per
+// draft, well under a microsecond each, and a parallel region costs tens of
+// microseconds (waking a worker) on the CPUs measured: these loops take the
+// pool only for batches of this many.
+constexpr int64_t kRequestsPerTask = 256;
 
 // ------------------------------------------------------- vectorised loops
 // (the copies of the selected instruction set: isa.h, kernels.inc)
@@ -70,9 +75,12 @@ Rows map_rows(const Problem& p) {
 }
 
 // greedy: a greedy request's target row (argmax at scale 1, sum at scale
-// log2(e): rejection.h, Log-probabilities).
+// log2(e): rejection.h, Log-probabilities). `sum`: whether the chunk's sum is
+// read; a greedy request's decisions and tokens read its target rows' argmax
+// only, so without log-probabilities its rows skip the rescaled exp pass
+// (their sum stays 0, and nothing reads it).
 ChunkStats chunk_stats(const void* row, DType dtype, int64_t begin, int64_t end, float scale,
-                       bool probs, bool greedy) {
+                       bool probs, bool greedy, bool sum = true) {
   alignas(64) float buf[kChunk];
   const int64_t n = end - begin;
   convert_to_float(static_cast<const char*>(row) + begin * static_cast<int64_t>(dtype_size(dtype)),
@@ -85,7 +93,9 @@ ChunkStats chunk_stats(const void* row, DType dtype, int64_t begin, int64_t end,
   } else {
     const uint32_t best = scale_and_max(buf, n, scale);
     c.max_arg = num::pack_arg(best, static_cast<uint32_t>(begin + first_index_of(buf, n, best)));
-    if (greedy) {
+    if (!sum) {
+      c.sum = 0;
+    } else if (greedy) {
       const uint32_t best_rescaled = scale_and_max(buf, n, num::kLog2e);  // buf <- rescaled(buf)
       c.sum = logit_sum(buf, n, num::from_orderable(best_rescaled));
     } else {
@@ -240,7 +250,13 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
   const Rows rows = map_rows(p);
 
   // 1. chunk statistics: target rows (chunks of V columns), then draft rows
-  //    (chunks of V_d columns)
+  //    (chunks of V_d columns). A greedy request reads its target rows' argmax
+  //    (and their sums for log-probabilities) and its draft rows' statistics
+  //    only for soft acceptance labels: without those its draft rows are
+  //    skipped and its target rows' sums left out (the outputs are the same;
+  //    the CUDA backend computes them all).
+  const bool greedy_sums = out_logprobs != nullptr;
+  const bool greedy_drafts = out_soft != nullptr;
   const int64_t target_jobs = nt * chunks;
   std::vector<ChunkStats> stats(static_cast<size_t>(target_jobs + nd * draft_chunks));
   parallel_for(target_jobs + nd * draft_chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
@@ -251,6 +267,11 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
       const int32_t r = is_target ? rows.target_request[static_cast<size_t>(local)]
                                   : rows.draft_request[static_cast<size_t>(local)];
       const float temperature = request_temperature(p, r);
+      const bool greedy = is_greedy(temperature);
+      if (!is_target && greedy && !greedy_drafts) {
+        stats[static_cast<size_t>(job)] = ChunkStats{0, 0};
+        continue;
+      }
       const float scale = logit_scale(temperature);
       const void* base = is_target ? p.target : p.draft;
       const DType dtype = is_target ? p.target_dtype : p.draft_dtype;
@@ -261,7 +282,7 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
       const int64_t columns = is_target ? V : Vd;
       stats[static_cast<size_t>(job)] =
           chunk_stats(row_ptr, dtype, c * kChunk, std::min(columns, (c + 1) * kChunk), scale, probs,
-                      is_target && is_greedy(temperature));
+                      is_target && greedy, !(is_target && greedy) || greedy_sums);
     }
   });
 
@@ -298,9 +319,11 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
       decision[static_cast<size_t>(r)] = decide(p, static_cast<int32_t>(r), target_stats, draft_stats);
   });
 
-  // 3. races
+  // 3. races (none when every request is greedy: no region is started)
   std::vector<RaceBest> race(static_cast<size_t>(R * chunks));
-  parallel_for(R * chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
+  const bool any_race = std::any_of(decision.begin(), decision.end(),
+                                    [](const Decision& d) { return d.kind != RaceKind::kNone; });
+  if (any_race) parallel_for(R * chunks, kChunksPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const int32_t r = static_cast<int32_t>(job / chunks);
       const int64_t c = job % chunks;
