@@ -268,6 +268,7 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
                                   : rows.draft_request[static_cast<size_t>(local)];
       const float temperature = request_temperature(p, r);
       const bool greedy = is_greedy(temperature);
+      const bool greedy_target = is_target && greedy;
       if (!is_target && greedy && !greedy_drafts) {
         stats[static_cast<size_t>(job)] = ChunkStats{0, 0};
         continue;
@@ -282,7 +283,7 @@ void rejection_sample(const Problem& p, const RejectionSampleArgs& args) {
       const int64_t columns = is_target ? V : Vd;
       stats[static_cast<size_t>(job)] =
           chunk_stats(row_ptr, dtype, c * kChunk, std::min(columns, (c + 1) * kChunk), scale, probs,
-                      is_target && greedy, !(is_target && greedy) || greedy_sums);
+                      greedy_target, /*sum=*/!greedy_target || greedy_sums);
     }
   });
 
